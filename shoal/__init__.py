@@ -1,0 +1,1 @@
+"""shoal: a service mesh control plane for Envoy."""

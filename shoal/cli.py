@@ -1,0 +1,310 @@
+"""The composition root: parses flags, builds and wires everything."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from aiohttp import web
+
+from shoal import envoy
+from shoal.model import proxy
+from shoal.observe import admin
+from shoal.registry import files
+from shoal.xds import cache, controller, server
+from shoal.xds.translate import bootstrap as bootstrap_config
+
+log = logging.getLogger("shoal")
+
+DEFAULT_XDS = "127.0.0.1:15010"
+DEFAULT_ADMIN = "127.0.0.1:15014"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return host or "127.0.0.1", int(port)
+
+
+@dataclass
+class ServeOptions:
+    registry: Path
+    xds_address: str = DEFAULT_XDS
+    admin_address: str = DEFAULT_ADMIN
+    state_dir: Path = Path(".shoal")
+    debounce_quiet: float = 0.1
+    debounce_max: float = 1.0
+
+
+@dataclass
+class ControlPlane:
+    """A running control plane: what it listens on and what it holds."""
+
+    xds_port: int
+    admin_port: int
+    registry: files.FolderRegistry
+    controller: controller.Controller
+    ads: server.AdsServer
+
+
+@contextlib.asynccontextmanager
+async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
+    """Start everything `shoal serve` runs; stop all of it on exit."""
+    registry = files.FolderRegistry(options.registry)
+    snapshots = cache.SnapshotCache(controller.Controller.key_of)
+    ctl = controller.Controller(
+        snapshots, controller.Debouncer(options.debounce_quiet, options.debounce_max)
+    )
+    ctl.update(registry.load())
+    ctl.rebuild()
+    ads = server.AdsServer(snapshots)
+
+    grpc_server = grpc.aio.server(
+        options=[
+            # Thousands of sidecars each hold one stream; gRPC's default cap
+            # on pending calls would refuse the ones past about a thousand.
+            ("grpc.max_concurrent_streams", 1 << 20),
+            ("grpc.server.max_pending_requests", 100_000),
+            ("grpc.server.max_pending_requests_hard_limit", 100_000),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+    )
+    grpc_server.add_generic_rpc_handlers((ads.handler(),))
+    xds_host, xds_port = _host_port(options.xds_address)
+    xds_port = grpc_server.add_insecure_port(f"{xds_host}:{xds_port}")
+    if xds_port == 0:
+        raise OSError(f"cannot listen on {options.xds_address}")
+    await grpc_server.start()
+
+    reports: dict[str, admin.Report] = {
+        "problems": lambda: [str(p) for p in registry.problems + ctl.problems],
+        "proxies": lambda: _proxies(ads),
+        "services": lambda: _services(ctl),
+    }
+    admin_app = admin.app(ready=lambda: True, reports=reports)
+    runner = web.AppRunner(admin_app, access_log=None)
+    await runner.setup()
+    admin_host, admin_port = _host_port(options.admin_address)
+    site = web.TCPSite(runner, admin_host, admin_port)
+    await site.start()
+    admin_port = runner.addresses[0][1]
+
+    stop_watch = asyncio.Event()
+    tasks = [
+        asyncio.create_task(ctl.run(), name="controller"),
+        asyncio.create_task(registry.watch(ctl.update, stop_watch), name="registry-watch"),
+    ]
+    try:
+        yield ControlPlane(xds_port, admin_port, registry, ctl, ads)
+    finally:
+        stop_watch.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await grpc_server.stop(grace=1)
+        await runner.cleanup()
+
+
+def _proxies(ads: server.AdsServer) -> list[dict[str, Any]]:
+    out = []
+    for conn in ads.connections.values():
+        out.append(
+            {
+                "id": conn.node_id,
+                "stream": conn.stream_id,
+                "peer": conn.peer,
+                "types": {
+                    t: {
+                        "sent": st.sent_version,
+                        "acked": st.acked_version,
+                        "nonce": st.nonce,
+                        "error": st.error,
+                    }
+                    for t, st in conn.types.items()
+                },
+            }
+        )
+    return out
+
+
+def _services(ctl: controller.Controller) -> dict[str, Any]:
+    state = ctl.state
+    return {
+        "version": state.version,
+        "services": {
+            str(k): {
+                "ports": [f"{p.port}/{p.protocol.value}" for p in s.ports],
+                "endpoints": [
+                    f"{e.address}:{e.port}{'' if e.ready else ' (not ready)'}"
+                    for e in state.endpoints.get(k, ())
+                ],
+            }
+            for k, s in sorted(state.services.items())
+        },
+    }
+
+
+async def _serve(options: ServeOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with control_plane(options) as cp:
+        state = cp.controller.state
+        print(
+            f"shoal: xDS on {_host_port(options.xds_address)[0]}:{cp.xds_port}, "
+            f"admin on http://{_host_port(options.admin_address)[0]}:{cp.admin_port}/ "
+            f"({len(state.services)} services from {options.registry})",
+            flush=True,
+        )
+        for problem in cp.registry.problems:
+            print(f"shoal: problem: {problem}", file=sys.stderr, flush=True)
+        await stop.wait()
+        print("shoal: stopping", flush=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.registry is None:
+        print("shoal serve: --registry DIR is required (Kubernetes mode is not built yet)")
+        return 2
+    options = ServeOptions(
+        registry=Path(args.registry),
+        xds_address=args.xds_address,
+        admin_address=args.admin_address,
+        state_dir=Path(args.state_dir),
+        debounce_quiet=args.debounce_quiet,
+        debounce_max=args.debounce_max,
+    )
+    if not options.registry.is_dir():
+        print(f"shoal serve: registry folder {options.registry} does not exist", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(options))
+
+
+def write_bootstrap(
+    out: Path,
+    s: proxy.Sidecar,
+    *,
+    xds: str,
+    admin_port: int,
+    node_id: str | None = None,
+) -> Path:
+    host, port = _host_port(xds)
+    config = bootstrap_config.sidecar(
+        s,
+        node_id=node_id or f"sidecar~{s.namespace}~{s.service}-{s.inbound_port}",
+        xds_host=host,
+        xds_port=port,
+        admin_port=admin_port,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    s = proxy.Sidecar(
+        namespace=args.namespace,
+        service=args.service,
+        service_account=args.service_account,
+        app_port=args.app_port,
+        inbound_port=args.inbound_port,
+        outbound_port=args.outbound_port,
+        inbound_address=args.inbound_address,
+    )
+    path = write_bootstrap(
+        Path(args.out),
+        s,
+        xds=args.xds,
+        admin_port=args.admin_port,
+        node_id=args.node_id,
+    )
+    print(f"wrote {path}; run: envoy -c {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shoal.demo import runner
+
+    registry = Path(args.registry) if args.registry else EXAMPLES / "demo"
+    return asyncio.run(
+        runner.run(
+            registry,
+            start_control_plane=lambda folder: control_plane(
+                ServeOptions(registry=folder, xds_address="127.0.0.1:0", admin_address="127.0.0.1:0")
+            ),
+            check=args.check,
+            workdir=Path(args.state_dir) / "demo",
+        )
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shoal", description="A service mesh control plane for Envoy.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the control plane")
+    serve.add_argument("--registry", metavar="DIR", help="folder of Kubernetes manifests")
+    serve.add_argument("--xds-address", default=DEFAULT_XDS, help=f"default {DEFAULT_XDS}")
+    serve.add_argument("--admin-address", default=DEFAULT_ADMIN, help=f"default {DEFAULT_ADMIN}")
+    serve.add_argument("--state-dir", default=".shoal", help="where the CA lives (default ./.shoal)")
+    serve.add_argument("--debounce-quiet", type=float, default=0.1, metavar="SECONDS",
+                       help="push after this long without changes (default 0.1)")
+    serve.add_argument("--debounce-max", type=float, default=1.0, metavar="SECONDS",
+                       help="but never later than this after the first change (default 1.0)")
+    serve.set_defaults(func=cmd_serve)
+
+    boot = sub.add_parser("bootstrap", help="write the Envoy bootstrap of one local sidecar")
+    boot.add_argument("--xds", default=DEFAULT_XDS, metavar="HOST:PORT")
+    boot.add_argument("--namespace", default="default")
+    boot.add_argument("--service", required=True)
+    boot.add_argument("--service-account", default="default")
+    boot.add_argument("--app-port", type=int, required=True, help="where the app listens")
+    boot.add_argument("--inbound-port", type=int, required=True,
+                      help="where the sidecar accepts calls from the mesh")
+    boot.add_argument("--inbound-address", default="127.0.0.1")
+    boot.add_argument("--outbound-port", type=int, required=True,
+                      help="127.0.0.1 port the app sends mesh calls to (routed by Host)")
+    boot.add_argument("--admin-port", type=int, required=True, help="Envoy admin, on 127.0.0.1")
+    boot.add_argument("--node-id", help="default sidecar~NS~SERVICE-INBOUNDPORT")
+    boot.add_argument("--state-dir", default=".shoal")
+    boot.add_argument("--out", required=True, metavar="DIR", help="writes DIR/envoy.yaml")
+    boot.set_defaults(func=cmd_bootstrap)
+
+    demo = sub.add_parser("demo", help="a running mesh with real Envoy sidecars")
+    demo.add_argument("--check", action="store_true",
+                      help="verify unattended and exit non-zero on any failure")
+    demo.add_argument("--registry", metavar="DIR", help="default examples/demo")
+    demo.add_argument("--state-dir", default=".shoal")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

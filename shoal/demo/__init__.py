@@ -1,0 +1,1 @@
+"""`shoal demo`: a small mesh of real apps behind real Envoy sidecars."""

@@ -1,0 +1,71 @@
+"""Tiny HTTP services for the demo: each says who it is and whom it called."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+
+@dataclass
+class App:
+    service: str
+    instance: str
+    version: str = "v1"
+    calls: tuple[str, ...] = ()  # Hosts it calls through its sidecar, e.g. "backend"
+    outbound_port: int = 0
+    served: int = 0
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.served += 1
+        self.seen_headers = [dict(request.headers)][-1:]
+        upstream = []
+        if self.calls:
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                for host in self.calls:
+                    upstream.append(await self._call(session, host, request))
+        return web.json_response(
+            {
+                "service": self.service,
+                "instance": self.instance,
+                "version": self.version,
+                "upstream": upstream,
+            }
+        )
+
+    async def _call(
+        self, session: aiohttp.ClientSession, host: str, request: web.Request
+    ) -> dict[str, object]:
+        # Trace context travels with the call, as a real app must do for
+        # traces to stitch across services.
+        forward = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower().startswith(("x-request-id", "x-b3-", "traceparent", "x-user"))
+        }
+        try:
+            async with session.get(
+                f"http://127.0.0.1:{self.outbound_port}/",
+                headers={"Host": host, **forward},
+            ) as r:
+                if r.content_type == "application/json":
+                    body: dict[str, object] = await r.json()
+                else:
+                    body = {"error": (await r.text()).strip()}
+                body["status"] = r.status
+                return body
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            return {"error": f"{type(err).__name__}: {err}", "status": 0}
+
+
+async def start(app: App, port: int) -> web.AppRunner:
+    application = web.Application()
+    application.router.add_route("*", "/{tail:.*}", app.handle)
+    runner = web.AppRunner(application, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner

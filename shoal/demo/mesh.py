@@ -1,0 +1,104 @@
+"""A local mesh of apps and Envoy sidecars on 127.0.0.1 (demo and tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+from shoal import envoy
+from shoal.demo import apps
+from shoal.model import proxy
+from shoal.xds.translate import bootstrap
+
+
+@dataclass
+class Workload:
+    sidecar: proxy.Sidecar
+    app: apps.App
+    envoy: envoy.EnvoyProcess
+    runner: web.AppRunner | None = None
+
+    @property
+    def outbound(self) -> str:
+        return f"http://127.0.0.1:{self.sidecar.outbound_port}"
+
+
+class LocalMesh:
+    """Starts workloads (app + sidecar) and stops every one of them."""
+
+    def __init__(self, workdir: Path, xds_port: int) -> None:
+        self.workdir = workdir
+        self.xds_port = xds_port
+        self.workloads: dict[str, Workload] = {}
+
+    async def add(
+        self,
+        name: str,
+        *,
+        namespace: str,
+        service: str,
+        inbound_port: int,
+        service_account: str = "default",
+        version: str = "v1",
+        calls: tuple[str, ...] = (),
+        wait: bool = True,
+    ) -> Workload:
+        s = proxy.Sidecar(
+            namespace=namespace,
+            service=service,
+            service_account=service_account,
+            app_port=envoy.free_port(),
+            inbound_port=inbound_port,
+            outbound_port=envoy.free_port(),
+        )
+        admin_port = envoy.free_port()
+        folder = self.workdir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        config = bootstrap.sidecar(
+            s,
+            node_id=f"sidecar~{namespace}~{name}",
+            xds_host="127.0.0.1",
+            xds_port=self.xds_port,
+            admin_port=admin_port,
+        )
+        path = folder / "envoy.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        app = apps.App(service, name, version, calls, s.outbound_port)
+        w = Workload(s, app, envoy.EnvoyProcess(path, admin_port))
+        self.workloads[name] = w
+        w.runner = await apps.start(app, s.app_port)
+        await w.envoy.start()
+        if wait:
+            await w.envoy.wait_ready()
+        return w
+
+    async def stop(self, name: str) -> None:
+        w = self.workloads.pop(name)
+        await w.envoy.stop()
+        if w.runner is not None:
+            await w.runner.cleanup()
+
+    async def close(self) -> None:
+        for name in list(self.workloads):
+            await self.stop(name)
+
+    def kill_all(self) -> None:
+        for w in self.workloads.values():
+            w.envoy.kill_now()
+
+
+async def get(
+    session: aiohttp.ClientSession, via: Workload, host: str, path: str = "/",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, object] | str]:
+    """A request from `via`'s app through its sidecar to `host`."""
+    async with session.get(
+        f"{via.outbound}{path}", headers={"Host": host, **(headers or {})}
+    ) as r:
+        if r.content_type == "application/json":
+            return r.status, await r.json()
+        return r.status, await r.text()

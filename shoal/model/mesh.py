@@ -1,0 +1,172 @@
+"""What the mesh is made of, independent of where it was read from.
+
+Everything here is immutable so that one snapshot can be shared by every
+translation that runs against it without copying or locking.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+CLUSTER_DOMAIN = "cluster.local"
+
+class FrozenMap(Mapping[str, str]):
+    """A read-only, hashable string map (labels, annotations).
+
+    Hashable so that model objects can key memo tables: translation of an
+    unchanged Service is looked up, not redone.
+    """
+
+    __slots__ = ("_items", "_hash")
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._items: dict[str, str] = dict(sorted(items.items())) if items else {}
+        self._hash: int | None = None
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(tuple(self._items.items()))
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FrozenMap):
+            return self._items == other._items
+        return isinstance(other, Mapping) and self._items == dict(other.items())
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
+
+
+_EMPTY = FrozenMap()
+
+
+def frozen_map(items: Mapping[str, str] | None = None) -> FrozenMap:
+    """A read-only copy, so a model object cannot be changed behind a snapshot."""
+    return FrozenMap(items) if items else _EMPTY
+
+
+class Protocol(enum.Enum):
+    HTTP = "http"
+    HTTP2 = "http2"
+    GRPC = "grpc"
+    TCP = "tcp"
+
+    @property
+    def is_http(self) -> bool:
+        return self is not Protocol.TCP
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServiceKey:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    """A port the Service offers to callers (the number in `Host: web:80`)."""
+
+    port: int
+    name: str = ""
+    protocol: Protocol = Protocol.HTTP
+    target_port: int | str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    namespace: str
+    name: str
+    ports: tuple[Port, ...]
+    annotations: FrozenMap = field(default=_EMPTY)
+    labels: FrozenMap = field(default=_EMPTY)
+    cluster_ip: str | None = None
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.name)
+
+    def port_named(self, name: str) -> Port | None:
+        return next((p for p in self.ports if p.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A workload identity; rendered as a SPIFFE ID."""
+
+    namespace: str
+    service_account: str
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+
+    @property
+    def spiffe_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    def __str__(self) -> str:
+        return self.spiffe_id
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One address:port that serves one port of a Service.
+
+    `port_name` ties it to the Service port it serves, as EndpointSlice port
+    names tie slice ports to Service ports in Kubernetes.
+    """
+
+    address: str
+    port: int
+    port_name: str = ""
+    ready: bool = True
+    labels: FrozenMap = field(default=_EMPTY)
+    service_account: str = "default"
+    pod: str | None = None
+    zone: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    name: str
+    labels: FrozenMap = field(default=_EMPTY)
+    annotations: FrozenMap = field(default=_EMPTY)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshState:
+    """One consistent view of the mesh. `version` grows with every change."""
+
+    version: int = 0
+    services: Mapping[ServiceKey, Service] = field(default_factory=dict)
+    endpoints: Mapping[ServiceKey, tuple[Endpoint, ...]] = field(default_factory=dict)
+    namespaces: Mapping[str, Namespace] = field(default_factory=dict)
+    service_accounts: frozenset[tuple[str, str]] = frozenset()
+
+    def endpoints_of(self, key: ServiceKey, port: Port) -> tuple[Endpoint, ...]:
+        """Endpoints serving `port`: matched by port name, as Kubernetes does."""
+        return tuple(e for e in self.endpoints.get(key, ()) if e.port_name == port.name)
+
+    def identities_of(self, key: ServiceKey) -> frozenset[Identity]:
+        return frozenset(
+            Identity(key.namespace, e.service_account) for e in self.endpoints.get(key, ())
+        )
+
+    def sorted_services(self) -> Iterable[Service]:
+        return (self.services[k] for k in sorted(self.services))

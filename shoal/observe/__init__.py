@@ -1,0 +1,1 @@
+"""Seeing the mesh: admin and debug endpoints. Reads state, never drives it."""

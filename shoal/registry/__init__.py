@@ -1,0 +1,1 @@
+"""Sources of the mesh model: a manifests folder, or (later) the Kubernetes API."""

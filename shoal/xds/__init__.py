@@ -1,0 +1,1 @@
+"""xDS: translation to Envoy protos, the resource cache and the ADS server."""

@@ -1,0 +1,63 @@
+"""Who a proxy is, from the node it sends on its first xDS request.
+
+`shoal bootstrap` writes these metadata keys into the Envoy bootstrap. The
+identity issue makes the client certificate, not this metadata, the source
+of truth for the service account.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shoal.model import proxy
+
+# Metadata keys, as `shoal bootstrap` writes them.
+NAMESPACE = "NAMESPACE"
+SERVICE = "SERVICE"
+SERVICE_ACCOUNT = "SERVICE_ACCOUNT"
+APP_PORT = "APP_PORT"
+INBOUND_PORT = "INBOUND_PORT"
+OUTBOUND_PORT = "OUTBOUND_PORT"
+INBOUND_ADDRESS = "INBOUND_ADDRESS"
+
+
+def _port(fields: Any, key: str) -> int:
+    if key not in fields:
+        raise ValueError(f"node metadata lacks {key}")
+    value = fields[key]
+    number = value.number_value if value.HasField("number_value") else None
+    if number is None and value.HasField("string_value") and value.string_value.isdigit():
+        number = int(value.string_value)
+    if number is None or number != int(number) or not 1 <= number <= 65535:
+        raise ValueError(f"node metadata {key} is not a port number")
+    return int(number)
+
+
+def _text(fields: Any, key: str, default: str | None = None) -> str:
+    if key not in fields or not fields[key].string_value:
+        if default is None:
+            raise ValueError(f"node metadata lacks {key}")
+        return default
+    return str(fields[key].string_value)
+
+
+def sidecar(node: Any) -> proxy.Sidecar:
+    """Parse node metadata; ValueError names the missing or bad key."""
+    fields = node.metadata.fields
+    return proxy.Sidecar(
+        namespace=_text(fields, NAMESPACE),
+        service=_text(fields, SERVICE),
+        service_account=_text(fields, SERVICE_ACCOUNT, "default"),
+        app_port=_port(fields, APP_PORT),
+        inbound_port=_port(fields, INBOUND_PORT),
+        outbound_port=_port(fields, OUTBOUND_PORT),
+        inbound_address=_text(fields, INBOUND_ADDRESS, "127.0.0.1"),
+    )
+
+
+def key(s: proxy.Sidecar) -> str:
+    """Proxies with equal keys get identical configuration."""
+    return (
+        f"{s.namespace}/{s.service}/{s.service_account}"
+        f"/{s.inbound_address}:{s.inbound_port}>{s.app_port}/out:{s.outbound_port}"
+    )

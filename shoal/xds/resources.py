@@ -1,0 +1,30 @@
+"""Envoy type URLs and the order pushes follow."""
+
+from __future__ import annotations
+
+_PREFIX = "type.googleapis.com/"
+LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+
+# Make before break: a secret before what uses it, a cluster before its
+# endpoints, both before a listener or route can point at them.
+PUSH_ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
+
+# State-of-the-world types where a response carries the complete set and a
+# missing name means deleted; the others are asked for by name.
+WILDCARD = frozenset({CLUSTER, LISTENER})
+
+SHORT = {
+    LISTENER: "LDS",
+    ROUTE: "RDS",
+    CLUSTER: "CDS",
+    ENDPOINT: "EDS",
+    SECRET: "SDS",
+}
+
+
+def short(type_url: str) -> str:
+    return SHORT.get(type_url, type_url.removeprefix(_PREFIX))

@@ -1,0 +1,74 @@
+"""The Envoy bootstrap of a local-mode sidecar: who it is and where xDS is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shoal.model import proxy
+from shoal.xds import node
+
+XDS_CLUSTER = "shoal-xds"
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def sidecar(
+    s: proxy.Sidecar,
+    *,
+    node_id: str,
+    xds_host: str,
+    xds_port: int,
+    admin_port: int,
+) -> dict[str, Any]:
+    """A bootstrap as plain data, ready for YAML or JSON."""
+    is_ip = all(part.isdigit() for part in xds_host.split(".")) or ":" in xds_host
+    return {
+        "node": {
+            "id": node_id,
+            "cluster": f"{s.service}.{s.namespace}",
+            "metadata": {
+                node.NAMESPACE: s.namespace,
+                node.SERVICE: s.service,
+                node.SERVICE_ACCOUNT: s.service_account,
+                node.APP_PORT: s.app_port,
+                node.INBOUND_PORT: s.inbound_port,
+                node.OUTBOUND_PORT: s.outbound_port,
+                node.INBOUND_ADDRESS: s.inbound_address,
+            },
+        },
+        "admin": {"address": _address("127.0.0.1", admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": XDS_CLUSTER,
+                    "type": "STATIC" if is_ip else "STRICT_DNS",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        _HTTP_OPTIONS: {
+                            "@type": f"type.googleapis.com/{_HTTP_OPTIONS}",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": XDS_CLUSTER,
+                        "endpoints": [
+                            {"lb_endpoints": [{"endpoint": {"address": _address(xds_host, xds_port)}}]}
+                        ],
+                    },
+                }
+            ]
+        },
+    }

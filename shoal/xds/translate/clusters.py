@@ -1,0 +1,82 @@
+"""Clusters: one EDS cluster per Service port, one static cluster to the app."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import wrappers_pb2
+
+from shoal.model import mesh, proxy
+from shoal.xds.translate import common, names
+
+CONNECT_TIMEOUT_S = 5.0
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# Envoy's defaults (1024 connections/requests per cluster) turn a busy service
+# into 503 overflows that look like app failures; the mesh should not be the
+# tightest limit. Users lower them per Service when they mean it.
+_UNLIMITED = 2**32 - 1
+
+
+def _thresholds() -> circuit_breaker_pb2.CircuitBreakers:
+    big = wrappers_pb2.UInt32Value(value=_UNLIMITED)
+    return circuit_breaker_pb2.CircuitBreakers(
+        thresholds=[
+            circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                max_connections=big, max_pending_requests=big, max_requests=big
+            )
+        ]
+    )
+
+
+def _protocol_options(protocol: mesh.Protocol) -> dict[str, object]:
+    if protocol not in (mesh.Protocol.HTTP2, mesh.Protocol.GRPC):
+        return {}
+    options = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    return {HTTP_PROTOCOL_OPTIONS: common.typed(options)}
+
+
+def outbound(service: mesh.Service, port: mesh.Port) -> cluster_pb2.Cluster:
+    """An EDS cluster for one port of a Service; endpoints come from EDS."""
+    name = names.outbound_cluster(service.key, port)
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
+            eds_config=common.ads(), service_name=name
+        ),
+        connect_timeout=common.duration(CONNECT_TIMEOUT_S),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        circuit_breakers=_thresholds(),
+        typed_extension_protocol_options=_protocol_options(port.protocol),
+    )
+
+
+def outbound_for_service(service: mesh.Service) -> list[cluster_pb2.Cluster]:
+    return [outbound(service, port) for port in service.ports]
+
+
+def inbound(sidecar: proxy.Sidecar, protocol: mesh.Protocol) -> cluster_pb2.Cluster:
+    """The app next to the sidecar, at a fixed local address."""
+    name = names.inbound_cluster(sidecar.app_port)
+    endpoint = endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(
+            address=common.socket_address("127.0.0.1", sidecar.app_port)
+        )
+    )
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=common.duration(CONNECT_TIMEOUT_S),
+        circuit_breakers=_thresholds(),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint])],
+        ),
+        typed_extension_protocol_options=_protocol_options(protocol),
+    )

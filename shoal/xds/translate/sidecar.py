@@ -1,0 +1,43 @@
+"""The per-proxy part of a local-mode sidecar's configuration.
+
+Everything shared by all proxies of a scope (clusters, endpoints, the
+outbound routes of a namespace) is translated once per Service by the
+controller; this module adds what only this sidecar has.
+"""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+
+from shoal.model import mesh, proxy
+from shoal.xds.translate import clusters, listeners, names, routes
+
+
+def inbound_protocol(sidecar: proxy.Sidecar, state: mesh.MeshState) -> mesh.Protocol:
+    """The sidecar's own Service decides whether inbound speaks HTTP or TCP."""
+    service = state.services.get(sidecar.service_key)
+    if service is None:
+        return mesh.Protocol.HTTP
+    port = routes.default_port(service) or service.ports[0]
+    return port.protocol
+
+
+def own_clusters(sidecar: proxy.Sidecar, state: mesh.MeshState) -> list[cluster_pb2.Cluster]:
+    return [clusters.inbound(sidecar, inbound_protocol(sidecar, state))]
+
+
+def own_listeners(sidecar: proxy.Sidecar, state: mesh.MeshState) -> list[listener_pb2.Listener]:
+    protocol = inbound_protocol(sidecar, state)
+    inbound_routes = routes.inbound(names.inbound_cluster(sidecar.app_port))
+    return [
+        listeners.inbound(sidecar, protocol, inbound_routes),
+        listeners.outbound(sidecar),
+    ]
+
+
+def outbound_routes(namespace: str, state: mesh.MeshState) -> route_pb2.RouteConfiguration:
+    """The outbound route table as seen from `namespace`."""
+    vhosts = [vh for svc in state.sorted_services() for vh in routes.virtual_hosts(svc, namespace)]
+    return routes.outbound(vhosts)
