@@ -17,7 +17,6 @@ import grpc
 import yaml
 from aiohttp import web
 
-from shoal import envoy
 from shoal.model import proxy
 from shoal.observe import admin
 from shoal.registry import files
@@ -246,7 +245,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         runner.run(
             registry,
             start_control_plane=lambda folder: control_plane(
-                ServeOptions(registry=folder, xds_address="127.0.0.1:0", admin_address="127.0.0.1:0")
+                ServeOptions(
+                    registry=folder, xds_address="127.0.0.1:0", admin_address="127.0.0.1:0"
+                )
             ),
             check=args.check,
             workdir=Path(args.state_dir) / "demo",
@@ -263,11 +264,23 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--registry", metavar="DIR", help="folder of Kubernetes manifests")
     serve.add_argument("--xds-address", default=DEFAULT_XDS, help=f"default {DEFAULT_XDS}")
     serve.add_argument("--admin-address", default=DEFAULT_ADMIN, help=f"default {DEFAULT_ADMIN}")
-    serve.add_argument("--state-dir", default=".shoal", help="where the CA lives (default ./.shoal)")
-    serve.add_argument("--debounce-quiet", type=float, default=0.1, metavar="SECONDS",
-                       help="push after this long without changes (default 0.1)")
-    serve.add_argument("--debounce-max", type=float, default=1.0, metavar="SECONDS",
-                       help="but never later than this after the first change (default 1.0)")
+    serve.add_argument(
+        "--state-dir", default=".shoal", help="where the CA lives (default ./.shoal)"
+    )
+    serve.add_argument(
+        "--debounce-quiet",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="push after this long without changes (default 0.1)",
+    )
+    serve.add_argument(
+        "--debounce-max",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="but never later than this after the first change (default 1.0)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     boot = sub.add_parser("bootstrap", help="write the Envoy bootstrap of one local sidecar")
@@ -276,11 +289,19 @@ def parser() -> argparse.ArgumentParser:
     boot.add_argument("--service", required=True)
     boot.add_argument("--service-account", default="default")
     boot.add_argument("--app-port", type=int, required=True, help="where the app listens")
-    boot.add_argument("--inbound-port", type=int, required=True,
-                      help="where the sidecar accepts calls from the mesh")
+    boot.add_argument(
+        "--inbound-port",
+        type=int,
+        required=True,
+        help="where the sidecar accepts calls from the mesh",
+    )
     boot.add_argument("--inbound-address", default="127.0.0.1")
-    boot.add_argument("--outbound-port", type=int, required=True,
-                      help="127.0.0.1 port the app sends mesh calls to (routed by Host)")
+    boot.add_argument(
+        "--outbound-port",
+        type=int,
+        required=True,
+        help="127.0.0.1 port the app sends mesh calls to (routed by Host)",
+    )
     boot.add_argument("--admin-port", type=int, required=True, help="Envoy admin, on 127.0.0.1")
     boot.add_argument("--node-id", help="default sidecar~NS~SERVICE-INBOUNDPORT")
     boot.add_argument("--state-dir", default=".shoal")
@@ -288,8 +309,9 @@ def parser() -> argparse.ArgumentParser:
     boot.set_defaults(func=cmd_bootstrap)
 
     demo = sub.add_parser("demo", help="a running mesh with real Envoy sidecars")
-    demo.add_argument("--check", action="store_true",
-                      help="verify unattended and exit non-zero on any failure")
+    demo.add_argument(
+        "--check", action="store_true", help="verify unattended and exit non-zero on any failure"
+    )
     demo.add_argument("--registry", metavar="DIR", help="default examples/demo")
     demo.add_argument("--state-dir", default=".shoal")
     demo.set_defaults(func=cmd_demo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -67,7 +68,9 @@ class EnvoyProcess:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             if self._proc is not None and self._proc.returncode is not None:
-                raise RuntimeError(f"envoy exited with {self._proc.returncode}; see {self.log_path}")
+                raise RuntimeError(
+                    f"envoy exited with {self._proc.returncode}; see {self.log_path}"
+                )
             if await asyncio.to_thread(self._ready_once):
                 return
             if asyncio.get_running_loop().time() > deadline:
@@ -98,7 +101,5 @@ class EnvoyProcess:
     def kill_now(self) -> None:
         """For finalizers that cannot await."""
         if self._proc is not None and self._proc.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -58,7 +57,7 @@ class App:
                     body = {"error": (await r.text()).strip()}
                 body["status"] = r.status
                 return body
-        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+        except (TimeoutError, aiohttp.ClientError) as err:
             return {"error": f"{type(err).__name__}: {err}", "status": 0}
 
 

@@ -92,13 +92,14 @@ class LocalMesh:
 
 
 async def get(
-    session: aiohttp.ClientSession, via: Workload, host: str, path: str = "/",
+    session: aiohttp.ClientSession,
+    via: Workload,
+    host: str,
+    path: str = "/",
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, object] | str]:
     """A request from `via`'s app through its sidecar to `host`."""
-    async with session.get(
-        f"{via.outbound}{path}", headers={"Host": host, **(headers or {})}
-    ) as r:
+    async with session.get(f"{via.outbound}{path}", headers={"Host": host, **(headers or {})}) as r:
         if r.content_type == "application/json":
             return r.status, await r.json()
         return r.status, await r.text()

@@ -163,7 +163,8 @@ async def scenario(local: mesh.LocalMesh, instances: list[Instance], report: Rep
         print(f"  40 requests: {ok} ok; {callee} instances answering: {dict(seen)}")
         report.check(ok == 40, "40 of 40 requests succeeded")
         report.check(
-            set(seen) == set(callees), f"round-robin reached every {callee} instance: {sorted(seen)}"
+            set(seen) == set(callees),
+            f"round-robin reached every {callee} instance: {sorted(seen)}",
         )
 
         gone = next(i for i in instances if i.service == callee and i.name == callees[-1])
@@ -177,7 +178,8 @@ async def scenario(local: mesh.LocalMesh, instances: list[Instance], report: Rep
         took = await _until(only_rest, 5)
         report.check(
             took is not None and took <= 2.0,
-            f"traffic left {gone.name} {took:.2f}s after the edit" if took is not None
+            f"traffic left {gone.name} {took:.2f}s after the edit"
+            if took is not None
             else f"traffic still reaches {gone.name} 5s after the edit",
         )
         gone.slice_file.write_text(original)
@@ -187,9 +189,7 @@ async def scenario(local: mesh.LocalMesh, instances: list[Instance], report: Rep
             return gone.name in seen
 
         took = await _until(back, 5)
-        report.check(
-            took is not None, f"{gone.name} back in rotation after restoring the file"
-        )
+        report.check(took is not None, f"{gone.name} back in rotation after restoring the file")
 
 
 async def run(
@@ -203,8 +203,10 @@ async def run(
     instances = prepare(registry, folder)
     report = Report()
     async with start_control_plane(folder) as cp:
-        print(f"shoal demo: control plane xDS on 127.0.0.1:{cp.xds_port}, "
-              f"admin on http://127.0.0.1:{cp.admin_port}/")
+        print(
+            f"shoal demo: control plane xDS on 127.0.0.1:{cp.xds_port}, "
+            f"admin on http://127.0.0.1:{cp.admin_port}/"
+        )
         print(f"shoal demo: manifests in {folder} (edit them: changes are live)")
         local = mesh.LocalMesh(workdir / "sidecars", cp.xds_port)
         try:
@@ -218,8 +220,10 @@ async def run(
                     version=i.version,
                     calls=i.calls,
                 )
-                print(f"  {i.name:<12} app :{w.sidecar.app_port}  sidecar in :{i.inbound_port}"
-                      f"  out :{w.sidecar.outbound_port}  envoy admin :{w.envoy.admin_port}")
+                print(
+                    f"  {i.name:<12} app :{w.sidecar.app_port}  sidecar in :{i.inbound_port}"
+                    f"  out :{w.sidecar.outbound_port}  envoy admin :{w.envoy.admin_port}"
+                )
             await scenario(local, instances, report)
             if report.failures:
                 print(f"\nshoal demo: {len(report.failures)} check(s) failed")
@@ -227,8 +231,10 @@ async def run(
                 print("\nshoal demo: every check passed")
             if not check:
                 entry = next(i for i in instances if i.calls)
-                print(f"\nThe mesh is up. Try:\n  curl http://127.0.0.1:{entry.inbound_port}/\n"
-                      "Press Ctrl-C to stop.")
+                print(
+                    f"\nThe mesh is up. Try:\n  curl http://127.0.0.1:{entry.inbound_port}/\n"
+                    "Press Ctrl-C to stop."
+                )
                 await _wait_for_signal()
         finally:
             await local.close()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 CLUSTER_DOMAIN = "cluster.local"
 
+
 class FrozenMap(Mapping[str, str]):
     """A read-only, hashable string map (labels, annotations).
 
@@ -20,7 +21,7 @@ class FrozenMap(Mapping[str, str]):
     unchanged Service is looked up, not redone.
     """
 
-    __slots__ = ("_items", "_hash")
+    __slots__ = ("_hash", "_items")
 
     def __init__(self, items: Mapping[str, str] | None = None) -> None:
         self._items: dict[str, str] = dict(sorted(items.items())) if items else {}

@@ -37,14 +37,19 @@ def load_file(path: Path, label: str) -> tuple[list[store.Sourced], list[problem
     objects: list[store.Sourced] = []
     try:
         text = path.read_text(encoding="utf-8")
-        docs = list(yaml.safe_load_all(text))
     except (OSError, UnicodeDecodeError) as err:
         return [], [problems.Problem(label, "file", f"cannot read: {err}")]
+    docs: list[object] = []
+    try:
+        for doc in yaml.safe_load_all(text):
+            docs.append(doc)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         reason = getattr(err, "problem", None) or str(err)
-        return [], [problems.Problem(label, "file", f"invalid YAML{where}: {reason}")]
+        found.append(
+            problems.Problem(f"{label}#{len(docs)}", "document", f"invalid YAML{where}: {reason}")
+        )
     for index, doc in enumerate(docs):
         if doc is None:
             continue
@@ -52,6 +57,7 @@ def load_file(path: Path, label: str) -> tuple[list[store.Sourced], list[problem
         try:
             obj = manifests.parse_object(doc)
             if obj is None:
+                assert isinstance(doc, dict)
                 log.info(
                     "ignoring %s %s in %s (not a kind the mesh reads)",
                     doc.get("apiVersion"),
@@ -140,9 +146,7 @@ class FolderRegistry:
             log.warning("manifest error: %s", problem)
         return self._state
 
-    async def watch(
-        self, on_change: Callable[[mesh.MeshState], None], stop: asyncio.Event
-    ) -> None:
+    async def watch(self, on_change: Callable[[mesh.MeshState], None], stop: asyncio.Event) -> None:
         """Reload on every change under the folder until `stop` is set."""
         import watchfiles
 

@@ -19,8 +19,6 @@ from typing import Any
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from shoal.xds import resources
-
 log = logging.getLogger(__name__)
 
 # Count of protobuf serializations; the benchmark reads it to show that a

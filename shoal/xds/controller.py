@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 
 from shoal.model import mesh, problems, proxy
 from shoal.xds import cache, node, resources
-from shoal.xds.translate import clusters, endpoints, refs, sidecar
+from shoal.xds.translate import clusters, endpoints, names, refs, sidecar
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,10 @@ class Controller:
         self._sidecars: dict[str, proxy.Sidecar] = {}
         self._service_memo: dict[mesh.Service, list[cache.Resource]] = {}
         self._endpoint_memo: dict[
-            tuple[mesh.Service, tuple[mesh.Endpoint, ...]], list[cache.Resource]
+            tuple[mesh.ServiceKey, mesh.Port, tuple[mesh.Endpoint, ...]], cache.Resource
+        ] = {}
+        self._own_memo: dict[
+            tuple[proxy.Sidecar, mesh.Protocol], tuple[cache.ResourceGroup, cache.ResourceGroup]
         ] = {}
         self._route_memo: dict[str, tuple[tuple[mesh.Service, ...], cache.Resource]] = {}
         self._shared: tuple[cache.ResourceGroup, cache.ResourceGroup] | None = None
@@ -115,7 +118,9 @@ class Controller:
         self._publish(key, self._sidecars[key], self._state, shared)
 
     def _on_idle(self, key: str) -> None:
-        self._sidecars.pop(key, None)
+        gone = self._sidecars.pop(key, None)
+        for memo_key in [k for k in self._own_memo if k[0] == gone]:
+            del self._own_memo[memo_key]
         self._cache.clear_snapshot(key)
 
     # -- building -------------------------------------------------------------
@@ -141,7 +146,9 @@ class Controller:
         self, state: mesh.MeshState
     ) -> tuple[cache.ResourceGroup, cache.ResourceGroup]:
         service_memo: dict[mesh.Service, list[cache.Resource]] = {}
-        endpoint_memo: dict[tuple[mesh.Service, tuple[mesh.Endpoint, ...]], list[cache.Resource]] = {}
+        endpoint_memo: dict[
+            tuple[mesh.ServiceKey, mesh.Port, tuple[mesh.Endpoint, ...]], cache.Resource
+        ] = {}
         cds: list[cache.Resource] = []
         eds: list[cache.Resource] = []
         for svc in state.sorted_services():
@@ -153,15 +160,14 @@ class Controller:
                 ]
             service_memo[svc] = built
             cds.extend(built)
-            eps = state.endpoints.get(svc.key, ())
-            assigned = self._endpoint_memo.get((svc, eps))
-            if assigned is None:
-                assigned = [
-                    _resource(resources.ENDPOINT, a.cluster_name, a)
-                    for a in endpoints.for_service(svc, eps)
-                ]
-            endpoint_memo[(svc, eps)] = assigned
-            eds.extend(assigned)
+            for port in svc.ports:
+                key = (svc.key, port, state.endpoints_of(svc.key, port))
+                assigned = self._endpoint_memo.get(key)
+                if assigned is None:
+                    cla = endpoints.load_assignment(names.outbound_cluster(svc.key, port), key[2])
+                    assigned = _resource(resources.ENDPOINT, cla.cluster_name, cla)
+                endpoint_memo[key] = assigned
+                eds.append(assigned)
         # Only what the current state uses is remembered, so memory follows
         # the mesh, not its history.
         self._service_memo = service_memo
@@ -186,13 +192,7 @@ class Controller:
         shared: tuple[cache.ResourceGroup, cache.ResourceGroup],
     ) -> None:
         shared_clusters, shared_endpoints = shared
-        own_clusters = cache.ResourceGroup(
-            _resource(resources.CLUSTER, c.name, c) for c in sidecar.own_clusters(s, state)
-        )
-        own_listeners = cache.ResourceGroup(
-            _resource(resources.LISTENER, item.name, item)
-            for item in sidecar.own_listeners(s, state)
-        )
+        own_clusters, own_listeners = self._own_groups(s, state)
         snapshot = cache.Snapshot(
             groups={
                 resources.CLUSTER: (shared_clusters, own_clusters),
@@ -202,6 +202,30 @@ class Controller:
             },
             label=f"mesh version {state.version}",
         )
+        self.publish(key, snapshot)
+
+    def _own_groups(
+        self, s: proxy.Sidecar, state: mesh.MeshState
+    ) -> tuple[cache.ResourceGroup, cache.ResourceGroup]:
+        """A sidecar's inbound cluster and listeners: they change only with
+        the sidecar itself or its Service's protocol."""
+        memo_key = (s, sidecar.inbound_protocol(s, state))
+        found = self._own_memo.get(memo_key)
+        if found is None:
+            found = (
+                cache.ResourceGroup(
+                    _resource(resources.CLUSTER, c.name, c) for c in sidecar.own_clusters(s, state)
+                ),
+                cache.ResourceGroup(
+                    _resource(resources.LISTENER, item.name, item)
+                    for item in sidecar.own_listeners(s, state)
+                ),
+            )
+            self._own_memo[memo_key] = found
+        return found
+
+    def publish(self, key: str, snapshot: cache.Snapshot) -> bool:
+        """Hand a snapshot to the cache if it is whole; else keep the last one."""
         missing = unresolved(snapshot)
         if missing:
             reason = "refers to missing " + ", ".join(
@@ -210,8 +234,9 @@ class Controller:
             problem = problems.Problem("translation", f"proxy config {key}", reason)
             self.problems.append(problem)
             log.error("not publishing %s: %s; proxies keep their last config", key, reason)
-            return
+            return False
         self._cache.set_snapshot(key, snapshot)
+        return True
 
 
 def unresolved(snapshot: cache.Snapshot) -> list[tuple[str, str]]:

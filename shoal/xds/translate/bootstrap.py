@@ -65,7 +65,11 @@ def sidecar(
                     "load_assignment": {
                         "cluster_name": XDS_CLUSTER,
                         "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _address(xds_host, xds_port)}}]}
+                            {
+                                "lb_endpoints": [
+                                    {"endpoint": {"address": _address(xds_host, xds_port)}}
+                                ]
+                            }
                         ],
                     },
                 }

@@ -9,7 +9,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
 from shoal.model import mesh
-from shoal.xds.translate import common, names
+from shoal.xds.translate import common
 
 
 def load_assignment(
@@ -45,16 +45,3 @@ def load_assignment(
             )
         )
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name, endpoints=localities)
-
-
-def for_service(
-    service: mesh.Service, endpoints: tuple[mesh.Endpoint, ...]
-) -> list[endpoint_pb2.ClusterLoadAssignment]:
-    """One assignment per Service port; endpoints match ports by name."""
-    return [
-        load_assignment(
-            names.outbound_cluster(service.key, port),
-            (e for e in endpoints if e.port_name == port.name),
-        )
-        for port in service.ports
-    ]

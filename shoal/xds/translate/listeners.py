@@ -30,7 +30,9 @@ def _http_manager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         # The router must be last: Envoy (and gRPC's xDS client) require it.
-        http_filters=[hcm_pb2.HttpFilter(name=ROUTER, typed_config=common.typed(router_pb2.Router()))],
+        http_filters=[
+            hcm_pb2.HttpFilter(name=ROUTER, typed_config=common.typed(router_pb2.Router()))
+        ],
         # One spelling per path, so routes (and later authorization rules)
         # see what the app will see.
         normalize_path=wrappers_pb2.BoolValue(value=True),

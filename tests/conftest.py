@@ -1,0 +1,63 @@
+"""Shared fixtures: a real control plane and real Envoy sidecars on 127.0.0.1."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shoal import cli
+from shoal.demo import mesh
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def registry_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "registry"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+async def control_plane(registry_dir: Path) -> AsyncIterator[cli.ControlPlane]:
+    """`shoal serve --registry` on free ports, with a short debounce."""
+    options = cli.ServeOptions(
+        registry=registry_dir,
+        xds_address="127.0.0.1:0",
+        admin_address="127.0.0.1:0",
+        debounce_quiet=0.05,
+        debounce_max=0.5,
+    )
+    async with cli.control_plane(options) as cp:
+        yield cp
+
+
+@pytest.fixture
+async def local_mesh(
+    tmp_path: Path, control_plane: cli.ControlPlane
+) -> AsyncIterator[mesh.LocalMesh]:
+    """Apps and Envoy sidecars, every one stopped when the test ends."""
+    m = mesh.LocalMesh(tmp_path / "sidecars", control_plane.xds_port)
+    try:
+        yield m
+    finally:
+        try:
+            await m.close()
+        finally:
+            m.kill_all()
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    """Write a manifest atomically, as editors and `kubectl` users do."""
+    path = folder / name
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def copy_example(name: str, target: Path) -> None:
+    shutil.copytree(EXAMPLES / name, target, dirs_exist_ok=True)

@@ -1,0 +1,228 @@
+"""Real Envoy sidecars carrying real HTTP between real apps, configured by shoal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from shoal import cli, envoy
+from shoal.demo import mesh
+from tests import manifests
+from tests.conftest import write
+from tests.e2e.helpers import ServeProcess, eventually, who_answers
+
+
+def _ports(n: int) -> list[int]:
+    return [envoy.free_port() for _ in range(n)]
+
+
+async def test_a_request_crosses_both_sidecars(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    a_in, b_in = _ports(2)
+    write(
+        registry_dir,
+        "a.yaml",
+        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
+    )
+    write(
+        registry_dir,
+        "b.yaml",
+        manifests.service("b") + "---\n" + manifests.endpoint_slice("b", "b", [b_in]),
+    )
+    await asyncio.sleep(0.3)  # past the debounce
+    a = await local_mesh.add(
+        "a-1", namespace="default", service="a", inbound_port=a_in, calls=("b",)
+    )
+    b = await local_mesh.add("b-1", namespace="default", service="b", inbound_port=b_in)
+    async with aiohttp.ClientSession() as session:
+        # Into a's sidecar from outside, then a's app -> a's sidecar -> b's sidecar -> b's app.
+        async with session.get(f"http://127.0.0.1:{a_in}/hello") as r:
+            assert r.status == 200
+            body = await r.json()
+            assert "x-envoy-upstream-service-time" in r.headers
+        assert body["instance"] == "a-1"
+        (up,) = body["upstream"]
+        assert (up["status"], up["instance"]) == (200, "b-1")
+        # b's app saw a request that came through Envoy (which adds a request id).
+        assert "x-request-id" in {k.lower() for k in b.app.seen_headers[0]}
+        for host in ("b", "b.default", "b.default.svc", "b.default.svc.cluster.local:80", "b:80"):
+            status, reply = await mesh.get(session, a, host)
+            assert status == 200 and isinstance(reply, dict) and reply["instance"] == "b-1", host
+        status, text = await mesh.get(session, a, "nope")
+        assert status == 404 and "no service in the mesh" in str(text)
+
+
+async def test_adding_and_removing_an_endpoint_moves_traffic_within_2s(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    a_in, b1_in, b2_in = _ports(3)
+    write(
+        registry_dir,
+        "a.yaml",
+        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
+    )
+    write(registry_dir, "b.yaml", manifests.service("b"))
+    write(registry_dir, "b1.yaml", manifests.endpoint_slice("b1", "b", [b1_in]))
+    await asyncio.sleep(0.3)
+    a = await local_mesh.add("a-1", namespace="default", service="a", inbound_port=a_in)
+    await local_mesh.add("b-1", namespace="default", service="b", inbound_port=b1_in)
+    await local_mesh.add("b-2", namespace="default", service="b", inbound_port=b2_in)
+    async with aiohttp.ClientSession() as session:
+        assert set(await who_answers(session, a, "b", 10)) == {"b-1"}
+
+        write(registry_dir, "b2.yaml", manifests.endpoint_slice("b2", "b", [b2_in]))
+
+        async def both() -> bool:
+            return set(await who_answers(session, a, "b", 6)) == {"b-1", "b-2"}
+
+        assert await eventually(both, 2.0) < 2.0
+
+        (registry_dir / "b1.yaml").unlink()
+
+        async def only_b2() -> bool:
+            return set(await who_answers(session, a, "b", 6)) == {"b-2"}
+
+        assert await eventually(only_b2, 2.0) < 2.0
+
+
+def _dump(w: mesh.Workload) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{w.envoy.admin}/config_dump?include_eds", timeout=5) as r:
+        data: dict[str, Any] = json.load(r)
+    return data
+
+
+def _shared_config(w: mesh.Workload) -> dict[str, Any]:
+    """Outbound clusters, their endpoints and routes: what every sidecar of a namespace shares."""
+    out: dict[str, Any] = {}
+    for section in _dump(w)["configs"]:
+        kind = section["@type"].rsplit(".", 1)[-1]
+        if kind == "ClustersConfigDump":
+            for c in section.get("dynamic_active_clusters", []):
+                if c["cluster"]["name"].startswith("outbound|"):
+                    # version_info is the CDS response's, which also covers the
+                    # proxy's own inbound cluster; the content must match.
+                    out[c["cluster"]["name"]] = c["cluster"]
+        elif kind == "RoutesConfigDump":
+            for rc in section.get("dynamic_route_configs", []):
+                out["route:" + rc["route_config"]["name"]] = (
+                    rc["version_info"],
+                    rc["route_config"],
+                )
+        elif kind == "EndpointsConfigDump":
+            for e in section.get("dynamic_endpoint_configs", []):
+                cfg = e["endpoint_config"]
+                if cfg["cluster_name"].startswith("outbound|"):
+                    out["eds:" + cfg["cluster_name"]] = (e.get("version_info"), cfg)
+    return out
+
+
+async def test_a_second_envoy_connecting_later_gets_the_same_config(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    a_in, b_in, c_in = _ports(3)
+    write(
+        registry_dir,
+        "a.yaml",
+        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
+    )
+    write(
+        registry_dir,
+        "b.yaml",
+        manifests.service("b") + "---\n" + manifests.endpoint_slice("b", "b", [b_in, c_in]),
+    )
+    await asyncio.sleep(0.3)
+    first = await local_mesh.add("a-1", namespace="default", service="a", inbound_port=a_in)
+    await asyncio.sleep(0.5)
+    later = await local_mesh.add(
+        "a-2", namespace="default", service="a", inbound_port=envoy.free_port()
+    )
+    one, two = _shared_config(first), _shared_config(later)
+    assert set(one) == {
+        "outbound|80||a.default.svc.cluster.local",
+        "outbound|80||b.default.svc.cluster.local",
+        "route:outbound",
+        "eds:outbound|80||a.default.svc.cluster.local",
+        "eds:outbound|80||b.default.svc.cluster.local",
+    }
+    assert one == two
+
+
+async def test_sidecars_outlive_a_killed_control_plane_and_resync_when_it_returns(
+    registry_dir: Path, tmp_path: Path
+) -> None:
+    a_in, b1_in, b2_in, xds = _ports(4)
+    write(
+        registry_dir,
+        "a.yaml",
+        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
+    )
+    write(
+        registry_dir,
+        "b.yaml",
+        manifests.service("b") + "---\n" + manifests.endpoint_slice("b1", "b", [b1_in]),
+    )
+    serve = ServeProcess(registry_dir, xds)
+    local = mesh.LocalMesh(tmp_path / "sidecars", xds)
+    try:
+        await serve.start()
+        a = await local.add("a-1", namespace="default", service="a", inbound_port=a_in)
+        await local.add("b-1", namespace="default", service="b", inbound_port=b1_in)
+        await local.add("b-2", namespace="default", service="b", inbound_port=b2_in)
+        envoy_pids = {
+            name: w.envoy._proc.pid for name, w in local.workloads.items() if w.envoy._proc
+        }
+        async with aiohttp.ClientSession() as session:
+            assert set(await who_answers(session, a, "b", 5)) == {"b-1"}
+
+            serve.kill()
+            await serve.wait()
+            # The data plane does not need the control plane to keep serving.
+            assert set(await who_answers(session, a, "b", 20)) == {"b-1"}
+
+            # The world changes while the control plane is down...
+            write(
+                registry_dir,
+                "b.yaml",
+                manifests.service("b") + "---\n" + manifests.endpoint_slice("b2", "b", [b2_in]),
+            )
+            await asyncio.sleep(1.0)
+            assert set(await who_answers(session, a, "b", 5)) == {"b-1"}
+
+            # ...and reaches the same Envoys when it comes back.
+            serve = ServeProcess(registry_dir, xds)
+            await serve.start()
+
+            async def moved() -> bool:
+                return set(await who_answers(session, a, "b", 4)) == {"b-2"}
+
+            await eventually(moved, 20.0)
+        assert {
+            n: w.envoy._proc.pid for n, w in local.workloads.items() if w.envoy._proc
+        } == envoy_pids
+    finally:
+        serve.kill()
+        await local.close()
+        local.kill_all()
+
+
+async def test_serve_stops_cleanly_on_sigterm(registry_dir: Path) -> None:
+    write(registry_dir, "a.yaml", manifests.service("a"))
+    serve = ServeProcess(registry_dir, envoy.free_port())
+    try:
+        await serve.start()
+        assert "1 services" in serve.banner
+        assert serve.proc is not None
+        serve.proc.send_signal(signal.SIGTERM)
+        assert await serve.wait() == 0
+        assert serve.proc.stdout is not None
+        rest = (await serve.proc.stdout.read()).decode()
+        assert "stopping" in rest
+    finally:
+        serve.kill()

@@ -1,0 +1,244 @@
+"""The manifests folder: parsing, errors with file/document/reason, last good kept."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from shoal.model import mesh
+from shoal.registry import files
+from tests import manifests
+from tests.conftest import write
+
+WEB = mesh.ServiceKey("default", "web")
+
+
+def _load(folder: Path) -> files.FolderRegistry:
+    registry = files.FolderRegistry(folder)
+    registry.load()
+    return registry
+
+
+def test_service_and_endpoint_slices_join_by_label(registry_dir: Path) -> None:
+    write(registry_dir, "web.yaml", manifests.service("web"))
+    write(registry_dir, "web-eps.yml", manifests.endpoint_slice("web", "web", [9001, 9002]))
+    registry = _load(registry_dir)
+    state = registry.state
+    assert registry.problems == []
+    assert state.services[WEB].ports == (mesh.Port(80, "http", mesh.Protocol.HTTP),)
+    eps = state.endpoints[WEB]
+    assert sorted(e.port for e in eps) == [9001, 9002]
+    assert all(e.ready and e.port_name == "http" for e in eps)
+
+
+def test_multi_document_files_and_nested_folders(registry_dir: Path) -> None:
+    (registry_dir / "team").mkdir()
+    write(
+        registry_dir / "team",
+        "all.yaml",
+        manifests.service("a", "shop") + "---\n" + manifests.service("b", "shop"),
+    )
+    state = _load(registry_dir).state
+    assert set(state.services) == {mesh.ServiceKey("shop", "a"), mesh.ServiceKey("shop", "b")}
+
+
+def test_namespace_and_service_account(registry_dir: Path) -> None:
+    write(
+        registry_dir,
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: x}}\n---\n"
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: cart, namespace: shop}\n",
+    )
+    state = _load(registry_dir).state
+    assert state.namespaces["shop"].labels == {"team": "x"}
+    assert ("shop", "cart") in state.service_accounts
+
+
+def test_pod_gives_endpoints_labels_and_service_account(registry_dir: Path) -> None:
+    write(registry_dir, "web.yaml", manifests.service("web"))
+    write(
+        registry_dir,
+        "pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, labels: {version: v2}}\n"
+        "spec: {serviceAccountName: web-sa}\n",
+    )
+    write(
+        registry_dir,
+        "slice.yaml",
+        manifests.endpoint_slice("web", "web", [9001]).replace(
+            "conditions:", "targetRef: {kind: Pod, name: web-1}\n    conditions:"
+        ),
+    )
+    (ep,) = _load(registry_dir).state.endpoints[WEB]
+    assert ep.labels == {"version": "v2"}
+    assert ep.service_account == "web-sa"
+    assert ep.pod == "web-1"
+
+
+def test_not_ready_endpoints_are_kept_but_marked(registry_dir: Path) -> None:
+    write(registry_dir, "web.yaml", manifests.service("web"))
+    write(registry_dir, "s.yaml", manifests.endpoint_slice("web", "web", [9001], ready=False))
+    (ep,) = _load(registry_dir).state.endpoints[WEB]
+    assert not ep.ready
+
+
+def test_other_kinds_are_ignored_with_a_log_line(
+    registry_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(
+        registry_dir,
+        "deploy.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n---\n"
+        + manifests.service("web"),
+    )
+    with caplog.at_level(logging.INFO):
+        registry = _load(registry_dir)
+    assert registry.problems == []
+    assert WEB in registry.state.services
+    lines = [r.getMessage() for r in caplog.records if "Deployment" in r.getMessage()]
+    assert len(lines) == 1 and "deploy.yaml#0" in lines[0]
+
+
+BROKEN = [
+    (
+        "bad yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
+        "#0",
+        "invalid YAML at line",
+    ),
+    (
+        "missing name",
+        "apiVersion: v1\nkind: Service\nmetadata: {namespace: default}\n"
+        "spec: {ports: [{port: 80}]}\n",
+        "#0",
+        "missing metadata.name",
+    ),
+    (
+        "port not an integer",
+        manifests.service("web").replace("port: 80", "port: eighty"),
+        "#0",
+        "spec.ports[0].port must be an integer, got 'eighty'",
+    ),
+    (
+        "port out of range",
+        manifests.service("web").replace("port: 80", "port: 70000"),
+        "#0",
+        "spec.ports[0].port 70000 is out of range",
+    ),
+    (
+        "bad name",
+        manifests.service("Web_1"),
+        "#0",
+        "metadata.name 'Web_1' is not a valid DNS name",
+    ),
+    (
+        "slice without service label",
+        manifests.endpoint_slice("web", "web", [9001]).replace(
+            "kubernetes.io/service-name: web", "app: web"
+        ),
+        "#0",
+        "missing label kubernetes.io/service-name",
+    ),
+    (
+        "slice address not an IP",
+        manifests.endpoint_slice("web", "web", [9001], address="not-an-ip"),
+        "#0",
+        "'not-an-ip' is not an IPv4",
+    ),
+    ("not a mapping", "- just\n- a list\n", "#0", "expected a mapping"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "where", "reason"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_errors_name_file_document_and_reason(
+    registry_dir: Path, case: str, text: str, where: str, reason: str
+) -> None:
+    write(registry_dir, "good.yaml", manifests.service("other"))
+    write(registry_dir, "broken.yaml", text)
+    registry = _load(registry_dir)
+    (problem,) = registry.problems
+    assert str(problem).startswith("broken.yaml" + where), str(problem)
+    assert reason in str(problem)
+    # The rest of the folder still applies.
+    assert mesh.ServiceKey("default", "other") in registry.state.services
+
+
+def test_slice_for_unknown_service_is_reported_and_the_rest_applies(registry_dir: Path) -> None:
+    write(registry_dir, "web.yaml", manifests.service("web"))
+    write(registry_dir, "ghost.yaml", manifests.endpoint_slice("ghost", "ghost", [9001]))
+    write(registry_dir, "eps.yaml", manifests.endpoint_slice("web", "web", [9002]))
+    registry = _load(registry_dir)
+    (problem,) = registry.problems
+    assert str(problem) == (
+        "ghost.yaml#0: EndpointSlice default/ghost-0: its Service default/ghost does not exist"
+    )
+    assert [e.port for e in registry.state.endpoints[WEB]] == [9002]
+
+
+def test_a_broken_edit_keeps_the_files_last_good_objects(registry_dir: Path) -> None:
+    write(registry_dir, "web.yaml", manifests.service("web", port=80))
+    write(registry_dir, "api.yaml", manifests.service("api", port=80))
+    registry = _load(registry_dir)
+    # One good change and one broken document in the same file: the file is a unit.
+    path = write(
+        registry_dir,
+        "web.yaml",
+        manifests.service("web", port=81)
+        + "---\n"
+        + manifests.service("web2").replace("port: 80", "port: x"),
+    )
+    write(registry_dir, "api.yaml", manifests.service("api", port=90))
+    state = registry.reload({path, registry_dir / "api.yaml"})
+    assert state.services[WEB].ports[0].port == 80
+    assert state.services[mesh.ServiceKey("default", "api")].ports[0].port == 90
+    assert [str(p) for p in registry.problems] == [
+        "web.yaml#1: Service default/web2: spec.ports[0].port must be an integer, got 'x'"
+    ]
+    # Fixed: applies, and the problem is gone.
+    write(registry_dir, "web.yaml", manifests.service("web", port=82))
+    state = registry.reload({path})
+    assert state.services[WEB].ports[0].port == 82
+    assert registry.problems == []
+
+
+def test_deleting_a_file_removes_its_objects(registry_dir: Path) -> None:
+    path = write(registry_dir, "web.yaml", manifests.service("web"))
+    registry = _load(registry_dir)
+    path.unlink()
+    assert WEB not in registry.reload({path}).services
+
+
+def test_same_object_in_two_files_is_reported(registry_dir: Path) -> None:
+    write(registry_dir, "a.yaml", manifests.service("web", port=80))
+    write(registry_dir, "b.yaml", manifests.service("web", port=81))
+    registry = _load(registry_dir)
+    assert registry.state.services[WEB].ports[0].port == 80
+    assert [str(p) for p in registry.problems] == [
+        "b.yaml#0: Service default/web: also defined in a.yaml#0; that one is used"
+    ]
+
+
+async def test_the_folder_is_watched_and_an_edit_is_live_within_a_second(
+    registry_dir: Path,
+) -> None:
+    registry = files.FolderRegistry(registry_dir)
+    registry.load()
+    seen: asyncio.Queue[mesh.MeshState] = asyncio.Queue()
+    stop = asyncio.Event()
+    task = asyncio.create_task(registry.watch(seen.put_nowait, stop))
+    try:
+        await asyncio.sleep(0.2)  # let the watcher arm
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        write(registry_dir, "web.yaml", manifests.service("web"))
+        while True:
+            state = await asyncio.wait_for(seen.get(), 1.0)
+            if WEB in state.services:
+                break
+        assert loop.time() - started < 1.0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)

@@ -1,0 +1,67 @@
+"""`shoal bootstrap` and `--help`: what a user types first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from shoal import cli, envoy
+
+
+def test_bootstrap_writes_a_config_envoy_accepts(tmp_path: Path) -> None:
+    code = cli.main(
+        [
+            "bootstrap",
+            "--xds",
+            "127.0.0.1:15010",
+            "--namespace",
+            "shop",
+            "--service",
+            "web",
+            "--app-port",
+            "8080",
+            "--inbound-port",
+            "15006",
+            "--outbound-port",
+            "15001",
+            "--admin-port",
+            "15000",
+            "--out",
+            str(tmp_path / "web"),
+        ]
+    )
+    assert code == 0
+    path = tmp_path / "web" / "envoy.yaml"
+    config = yaml.safe_load(path.read_text())
+    meta = config["node"]["metadata"]
+    assert meta["SERVICE"] == "web" and meta["APP_PORT"] == 8080
+    assert config["node"]["id"] == "sidecar~shop~web-15006"
+    result = subprocess.run(
+        [envoy.binary(), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_help_names_every_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "--help"], capture_output=True, text=True, timeout=30
+    ).stdout
+    for command in ("serve", "bootstrap", "demo"):
+        assert command in out
+
+
+def test_serve_refuses_a_missing_folder(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "serve", "--registry", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr

@@ -1,0 +1,116 @@
+"""The controller: debounce, serialize-once, and the consistency gate."""
+
+from __future__ import annotations
+
+import asyncio
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from google.protobuf import struct_pb2
+
+from shoal.model import mesh
+from shoal.xds import cache, controller, node, resources
+from shoal.xds.translate import refs
+from tests.xds import fixtures
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+async def test_debounce_waits_for_quiet() -> None:
+    t = FakeTime()
+    d = controller.Debouncer(0.1, 1.0, clock=t.clock, sleep=t.sleep)
+    d.touch()
+    t.now = 0.05
+    d.touch()
+    await d.settled()
+    assert abs(t.now - 0.15) < 1e-9
+
+
+async def test_debounce_never_waits_past_max_delay() -> None:
+    t = FakeTime()
+    d = controller.Debouncer(0.1, 1.0, clock=t.clock, sleep=t.sleep)
+
+    async def keep_touching() -> None:
+        while True:
+            d.touch()
+            await asyncio.sleep(0)
+
+    d.touch()
+    toucher = asyncio.create_task(keep_touching())
+    try:
+        await d.settled()
+    finally:
+        toucher.cancel()
+    assert 1.0 <= t.now < 1.1
+
+
+def _node(outbound_port: int) -> base_pb2.Node:
+    meta = struct_pb2.Struct()
+    meta.update(
+        {
+            node.NAMESPACE: "shop",
+            node.SERVICE: "web",
+            node.APP_PORT: 8080,
+            node.INBOUND_PORT: 15006,
+            node.OUTBOUND_PORT: outbound_port,
+        }
+    )
+    return base_pb2.Node(id=f"p{outbound_port}", metadata=meta)
+
+
+async def test_one_endpoint_change_serializes_one_resource_whatever_the_proxy_count() -> None:
+    snapshots = cache.SnapshotCache(controller.Controller.key_of)
+    ctl = controller.Controller(snapshots, controller.Debouncer(0.1, 1.0))
+    state = fixtures.state()
+    ctl.update(state)
+    ctl.rebuild()
+    watches = [snapshots.watch(_node(20000 + i), asyncio.Event()) for i in range(20)]
+    assert len(snapshots.keys()) == 20
+    before = {w.key: snapshots.get(w.key) for w in watches}
+
+    web = mesh.ServiceKey("shop", "web")
+    eps = (*state.endpoints[web][:-1], mesh.Endpoint("10.9.9.9", 9000, "grpc-api"))
+    changed = mesh.MeshState(
+        version=state.version + 1,
+        services=state.services,
+        endpoints={**state.endpoints, web: eps},
+    )
+    count = cache.serialization_count()
+    ctl.update(changed)
+    ctl.rebuild()
+    # One ClusterLoadAssignment changed: one serialization, not one per proxy.
+    assert cache.serialization_count() - count == 1
+    shared = {id(snapshots.get(w.key).groups[resources.ENDPOINT][0]) for w in watches}  # type: ignore[union-attr]
+    assert len(shared) == 1, "every proxy shares one endpoint group"
+    for w in watches:
+        new = snapshots.get(w.key)
+        assert new is not None and new is not before[w.key]
+
+
+def _cluster(name: str, eds: bool) -> cache.Resource:
+    c = cluster_pb2.Cluster(
+        name=name, type=cluster_pb2.Cluster.EDS if eds else cluster_pb2.Cluster.STATIC
+    )
+    return cache.Resource.from_message(resources.CLUSTER, name, c, refs.of(c))
+
+
+def test_an_inconsistent_snapshot_is_not_published_and_is_reported() -> None:
+    snapshots = cache.SnapshotCache(controller.Controller.key_of)
+    ctl = controller.Controller(snapshots, controller.Debouncer(0.1, 1.0))
+    good = cache.Snapshot({resources.CLUSTER: (cache.ResourceGroup([_cluster("s", False)]),)})
+    assert ctl.publish("k", good)
+    bad = cache.Snapshot({resources.CLUSTER: (cache.ResourceGroup([_cluster("e", True)]),)})
+    assert not ctl.publish("k", bad)
+    assert snapshots.get("k") is good
+    (problem,) = ctl.problems
+    assert "refers to missing EDS e" in str(problem)
