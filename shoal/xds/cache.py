@@ -90,17 +90,6 @@ class Resource:
         """`resources` (field 2) of a DiscoveryResponse, ready to concatenate."""
         return length_delimited(2, self.any_bytes)
 
-    @cached_property
-    def delta_field(self) -> bytes:
-        """`resources` (field 2) of a DeltaDiscoveryResponse: a Resource message
-        with name (3), version (1) and resource (2)."""
-        inner = (
-            length_delimited(3, self.name.encode())
-            + length_delimited(1, self.version.encode())
-            + length_delimited(2, self.any_bytes)
-        )
-        return length_delimited(2, inner)
-
     def as_any(self) -> any_pb2.Any:
         """For config dumps and tests; never on the push path."""
         return any_pb2.Any(type_url=self.type_url, value=self.body)

@@ -1,0 +1,78 @@
+"""The cache: pre-encoded bytes are exactly what protobuf would produce."""
+
+from __future__ import annotations
+
+import asyncio
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from shoal.xds import cache, resources
+
+
+def _cluster(name: str, timeout_s: int = 1) -> cache.Resource:
+    c = cluster_pb2.Cluster(name=name)
+    c.connect_timeout.seconds = timeout_s
+    return cache.Resource.from_message(resources.CLUSTER, name, c)
+
+
+def test_preencoded_response_parses_as_a_discovery_response() -> None:
+    view = cache.make_view([_cluster("b"), _cluster("a")])
+    body = (
+        cache.length_delimited(1, view.version.encode())
+        + view.encoded
+        + cache.length_delimited(4, resources.CLUSTER.encode())
+        + cache.length_delimited(5, b"7")
+    )
+    response = discovery_pb2.DiscoveryResponse.FromString(body)
+    assert response.version_info == view.version
+    assert response.type_url == resources.CLUSTER
+    assert response.nonce == "7"
+    names = []
+    for item in response.resources:
+        c = cluster_pb2.Cluster()
+        assert item.Unpack(c)
+        names.append(c.name)
+    assert names == ["a", "b"]
+    # And byte for byte what protobuf itself would write.
+    expected = discovery_pb2.DiscoveryResponse(
+        version_info=view.version,
+        resources=[r.as_any() for r in view.resources],
+        type_url=resources.CLUSTER,
+        nonce="7",
+    )
+    assert body == expected.SerializeToString()
+
+
+def test_versions_are_content_hashes() -> None:
+    assert _cluster("a").version == _cluster("a").version
+    assert _cluster("a").version != _cluster("a", timeout_s=2).version
+    v1 = cache.make_view([_cluster("a"), _cluster("b")]).version
+    v2 = cache.make_view([_cluster("b"), _cluster("a")]).version
+    assert v1 == v2
+    assert v1 != cache.make_view([_cluster("a")]).version
+
+
+def test_views_are_shared_between_equal_subscriptions() -> None:
+    group = cache.ResourceGroup([_cluster("a"), _cluster("b"), _cluster("c")])
+    one = group.view(frozenset({"a", "b"}))
+    two = group.view(frozenset({"b", "a"}))
+    assert one is two
+    assert [r.name for r in one.resources] == ["a", "b"]
+    assert [r.name for r in group.view(None).resources] == ["a", "b", "c"]
+
+
+async def test_watches_fire_on_their_key_only() -> None:
+    snapshots = cache.SnapshotCache(lambda node: str(node))
+    mine, other = asyncio.Event(), asyncio.Event()
+    w = snapshots.watch("k1", mine)
+    snapshots.watch("k2", other)
+    assert not mine.is_set()
+    snap = cache.Snapshot({resources.CLUSTER: (cache.ResourceGroup([_cluster("a")]),)})
+    snapshots.set_snapshot("k1", snap)
+    assert mine.is_set() and not other.is_set()
+    assert w.snapshot is snap
+    idle: list[str] = []
+    snapshots.on_idle = idle.append
+    snapshots.cancel(w)
+    assert idle == ["k1"]
