@@ -7,7 +7,7 @@ translation that runs against it without copying or locking.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -169,5 +169,5 @@ class MeshState:
             Identity(key.namespace, e.service_account) for e in self.endpoints.get(key, ())
         )
 
-    def sorted_services(self) -> Iterable[Service]:
-        return (self.services[k] for k in sorted(self.services))
+    def sorted_services(self) -> list[Service]:
+        return sorted(self.services.values(), key=lambda s: (s.namespace, s.name))

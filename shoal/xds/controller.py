@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import Message
@@ -67,6 +68,21 @@ class Debouncer:
         self._event.clear()
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What every proxy gets from one mesh state, built once per rebuild."""
+
+    state: mesh.MeshState
+    services: tuple[mesh.Service, ...]
+    clusters: cache.ResourceGroup
+    endpoints: cache.ResourceGroup
+    # Whether the shared groups' own references resolve among themselves;
+    # checked once, so a proxy's check costs its own resources only.
+    whole: bool
+    # Ids of groups (shared, or shared by a namespace) known to resolve.
+    verified: set[int]
+
+
 class Controller:
     def __init__(self, snapshots: cache.SnapshotCache, debouncer: Debouncer) -> None:
         self._cache = snapshots
@@ -80,8 +96,8 @@ class Controller:
         self._own_memo: dict[
             tuple[proxy.Sidecar, mesh.Protocol], tuple[cache.ResourceGroup, cache.ResourceGroup]
         ] = {}
-        self._route_memo: dict[str, tuple[tuple[mesh.Service, ...], cache.Resource]] = {}
-        self._shared: tuple[cache.ResourceGroup, cache.ResourceGroup] | None = None
+        self._route_memo: dict[str, tuple[tuple[mesh.Service, ...], cache.ResourceGroup]] = {}
+        self._shared: Shared | None = None
         self.problems: list[problems.Problem] = []
         self.builds = 0
         snapshots.on_watch = self._on_watch
@@ -114,8 +130,9 @@ class Controller:
         if key in self._sidecars:
             return
         self._sidecars[key] = node.sidecar(n)
-        shared = self._shared or self._build_shared(self._state)
-        self._publish(key, self._sidecars[key], self._state, shared)
+        if self._shared is None or self._shared.state is not self._state:
+            self._shared = self._build_shared(self._state)
+        self._publish(key, self._sidecars[key], self._shared)
 
     def _on_idle(self, key: str) -> None:
         gone = self._sidecars.pop(key, None)
@@ -131,8 +148,10 @@ class Controller:
         shared = self._build_shared(state)
         self._shared = shared
         self.problems = []
+        if not shared.whole:
+            return
         for key, s in self._sidecars.items():
-            self._publish(key, s, state, shared)
+            self._publish(key, s, shared)
         self.builds += 1
         log.info(
             "mesh version %d: %d services, %d proxies, built in %.1f ms",
@@ -142,16 +161,15 @@ class Controller:
             (time.perf_counter() - started) * 1000,
         )
 
-    def _build_shared(
-        self, state: mesh.MeshState
-    ) -> tuple[cache.ResourceGroup, cache.ResourceGroup]:
+    def _build_shared(self, state: mesh.MeshState) -> Shared:
         service_memo: dict[mesh.Service, list[cache.Resource]] = {}
         endpoint_memo: dict[
             tuple[mesh.ServiceKey, mesh.Port, tuple[mesh.Endpoint, ...]], cache.Resource
         ] = {}
         cds: list[cache.Resource] = []
         eds: list[cache.Resource] = []
-        for svc in state.sorted_services():
+        services = tuple(state.sorted_services())
+        for svc in services:
             built = self._service_memo.get(svc)
             if built is None:
                 built = [
@@ -172,37 +190,43 @@ class Controller:
         # the mesh, not its history.
         self._service_memo = service_memo
         self._endpoint_memo = endpoint_memo
-        return cache.ResourceGroup(cds), cache.ResourceGroup(eds)
+        cds_group, eds_group = cache.ResourceGroup(cds), cache.ResourceGroup(eds)
+        only_shared = cache.Snapshot(
+            {resources.CLUSTER: (cds_group,), resources.ENDPOINT: (eds_group,)}
+        )
+        whole = self._check(f"mesh version {state.version}", only_shared, skip=frozenset())
+        return Shared(state, services, cds_group, eds_group, whole, {id(cds_group), id(eds_group)})
 
-    def _routes_for(self, namespace: str, state: mesh.MeshState) -> cache.Resource:
-        services = tuple(state.sorted_services())
+    def _routes_for(self, namespace: str, shared: Shared) -> cache.ResourceGroup:
+        """The outbound routes of a namespace, shared by its proxies and
+        checked against the shared clusters once."""
         memo = self._route_memo.get(namespace)
-        if memo is not None and memo[0] == services:
-            return memo[1]
-        config = sidecar.outbound_routes(namespace, state)
-        built = _resource(resources.ROUTE, config.name, config)
-        self._route_memo[namespace] = (services, built)
-        return built
+        if memo is None or not (memo[0] is shared.services or memo[0] == shared.services):
+            config = sidecar.outbound_routes(namespace, shared.services)
+            group = cache.ResourceGroup([_resource(resources.ROUTE, config.name, config)])
+            memo = self._route_memo[namespace] = (shared.services, group)
+        group = memo[1]
+        if id(group) not in shared.verified:
+            routes_only = cache.Snapshot(
+                {resources.CLUSTER: (shared.clusters,), resources.ROUTE: (group,)}
+            )
+            if not unresolved(routes_only, frozenset({id(shared.clusters)})):
+                shared.verified.add(id(group))
+        return group
 
-    def _publish(
-        self,
-        key: str,
-        s: proxy.Sidecar,
-        state: mesh.MeshState,
-        shared: tuple[cache.ResourceGroup, cache.ResourceGroup],
-    ) -> None:
-        shared_clusters, shared_endpoints = shared
-        own_clusters, own_listeners = self._own_groups(s, state)
+    def _publish(self, key: str, s: proxy.Sidecar, shared: Shared) -> None:
+        own_clusters, own_listeners = self._own_groups(s, shared.state)
         snapshot = cache.Snapshot(
             groups={
-                resources.CLUSTER: (shared_clusters, own_clusters),
-                resources.ENDPOINT: (shared_endpoints,),
+                resources.CLUSTER: (shared.clusters, own_clusters),
+                resources.ENDPOINT: (shared.endpoints,),
                 resources.LISTENER: (own_listeners,),
-                resources.ROUTE: (cache.ResourceGroup([self._routes_for(s.namespace, state)]),),
+                resources.ROUTE: (self._routes_for(s.namespace, shared),),
             },
-            label=f"mesh version {state.version}",
+            label=f"mesh version {shared.state.version}",
         )
-        self.publish(key, snapshot)
+        if self._check(key, snapshot, skip=frozenset(shared.verified)):
+            self._cache.set_snapshot(key, snapshot)
 
     def _own_groups(
         self, s: proxy.Sidecar, state: mesh.MeshState
@@ -226,25 +250,35 @@ class Controller:
 
     def publish(self, key: str, snapshot: cache.Snapshot) -> bool:
         """Hand a snapshot to the cache if it is whole; else keep the last one."""
-        missing = unresolved(snapshot)
-        if missing:
-            reason = "refers to missing " + ", ".join(
-                f"{resources.short(t)} {n}" for t, n in missing[:5]
-            )
-            problem = problems.Problem("translation", f"proxy config {key}", reason)
-            self.problems.append(problem)
-            log.error("not publishing %s: %s; proxies keep their last config", key, reason)
+        if not self._check(key, snapshot, skip=frozenset()):
             return False
         self._cache.set_snapshot(key, snapshot)
         return True
 
+    def _check(self, subject: str, snapshot: cache.Snapshot, skip: frozenset[int]) -> bool:
+        missing = unresolved(snapshot, skip)
+        if not missing:
+            return True
+        reason = "refers to missing " + ", ".join(
+            f"{resources.short(t)} {n}" for t, n in missing[:5]
+        )
+        self.problems.append(problems.Problem("translation", subject, reason))
+        log.error("not publishing %s: %s; proxies keep their last config", subject, reason)
+        return False
 
-def unresolved(snapshot: cache.Snapshot) -> list[tuple[str, str]]:
-    """Every reference in the snapshot that names nothing in it."""
-    missing: list[tuple[str, str]] = []
-    for type_url in resources.PUSH_ORDER:
-        for r in snapshot.resources(type_url):
-            for ref_type, ref_name in r.refs:
-                if snapshot.get(ref_type, ref_name) is None:
-                    missing.append((ref_type, ref_name))
-    return sorted(set(missing))
+
+def unresolved(
+    snapshot: cache.Snapshot, skip: frozenset[int] = frozenset()
+) -> list[tuple[str, str]]:
+    """Every reference in the snapshot that names nothing in it, leaving out
+    groups (by id) already known to resolve."""
+    missing: set[tuple[str, str]] = set()
+    for groups in snapshot.groups.values():
+        for group in groups:
+            if id(group) in skip:
+                continue
+            for r in group:
+                for ref in r.refs:
+                    if snapshot.get(*ref) is None:
+                        missing.add(ref)
+    return sorted(missing)

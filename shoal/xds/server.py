@@ -257,14 +257,18 @@ class AdsServer:
         before any route may send traffic to it."""
         for t in resources.PUSH_ORDER[: resources.PUSH_ORDER.index(upto)]:
             st = conn.types.get(t)
-            if st is None or st.sent is None or t in resources.WILDCARD:
+            if t in resources.WILDCARD or (st is not None and st.sent is None):
                 continue
             wanted = {
                 n
                 for (rt, n) in self._sent_refs_before(conn, t)
                 if rt == t and snapshot.get(t, n) is not None
             }
-            if wanted and (st.names is None or not wanted <= st.sent.names):
+            if not wanted:
+                continue
+            # A type not subscribed to at all is not asked for yet either: a
+            # client may ACK clusters before it asks for their endpoints.
+            if st is None or st.sent is None or st.names is None or not wanted <= st.sent.names:
                 return True
         return False
 

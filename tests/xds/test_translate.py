@@ -65,7 +65,9 @@ def test_golden_listeners() -> None:
 
 
 def test_golden_routes() -> None:
-    check_golden("local_routes", [sidecar.outbound_routes("shop", fixtures.state())])
+    check_golden(
+        "local_routes", [sidecar.outbound_routes("shop", fixtures.state().sorted_services())]
+    )
 
 
 def test_translation_is_deterministic() -> None:
@@ -75,7 +77,7 @@ def test_translation_is_deterministic() -> None:
 
 
 def test_hosts_with_and_without_port_route_to_the_cluster() -> None:
-    config = sidecar.outbound_routes("shop", fixtures.state())
+    config = sidecar.outbound_routes("shop", fixtures.state().sorted_services())
     web = {vh.name: vh for vh in config.virtual_hosts}["web.shop.svc.cluster.local:80"]
     assert set(web.domains) == {
         "web",
@@ -91,7 +93,7 @@ def test_hosts_with_and_without_port_route_to_the_cluster() -> None:
 
 
 def test_short_names_only_within_the_callers_namespace() -> None:
-    config = sidecar.outbound_routes("shop", fixtures.state())
+    config = sidecar.outbound_routes("shop", fixtures.state().sorted_services())
     domains = {d for vh in config.virtual_hosts for d in vh.domains}
     assert "invoices.billing" in domains
     assert "invoices" not in domains
@@ -101,7 +103,7 @@ def test_short_names_only_within_the_callers_namespace() -> None:
 
 
 def test_tcp_ports_get_no_http_route_and_unknown_hosts_get_a_clear_404() -> None:
-    config = sidecar.outbound_routes("shop", fixtures.state())
+    config = sidecar.outbound_routes("shop", fixtures.state().sorted_services())
     assert not any("db" in vh.name for vh in config.virtual_hosts)
     last = config.virtual_hosts[-1]
     assert list(last.domains) == ["*"]

@@ -7,6 +7,8 @@ controller; this module adds what only this sidecar has.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
@@ -37,7 +39,9 @@ def own_listeners(sidecar: proxy.Sidecar, state: mesh.MeshState) -> list[listene
     ]
 
 
-def outbound_routes(namespace: str, state: mesh.MeshState) -> route_pb2.RouteConfiguration:
+def outbound_routes(
+    namespace: str, services: Iterable[mesh.Service]
+) -> route_pb2.RouteConfiguration:
     """The outbound route table as seen from `namespace`."""
-    vhosts = [vh for svc in state.sorted_services() for vh in routes.virtual_hosts(svc, namespace)]
+    vhosts = [vh for svc in services for vh in routes.virtual_hosts(svc, namespace)]
     return routes.outbound(vhosts)
