@@ -201,6 +201,7 @@ def write_bootstrap(
     xds: str,
     admin_port: int,
     node_id: str | None = None,
+    delta: bool = False,
 ) -> Path:
     host, port = _host_port(xds)
     config = bootstrap_config.sidecar(
@@ -209,6 +210,7 @@ def write_bootstrap(
         xds_host=host,
         xds_port=port,
         admin_port=admin_port,
+        delta=delta,
     )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "envoy.yaml"
@@ -232,6 +234,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         xds=args.xds,
         admin_port=args.admin_port,
         node_id=args.node_id,
+        delta=args.delta,
     )
     print(f"wrote {path}; run: envoy -c {path}")
     return 0
@@ -305,6 +308,9 @@ def parser() -> argparse.ArgumentParser:
     boot.add_argument("--admin-port", type=int, required=True, help="Envoy admin, on 127.0.0.1")
     boot.add_argument("--node-id", help="default sidecar~NS~SERVICE-INBOUNDPORT")
     boot.add_argument("--state-dir", default=".shoal")
+    boot.add_argument(
+        "--delta", action="store_true", help="incremental (delta) xDS instead of state of the world"
+    )
     boot.add_argument("--out", required=True, metavar="DIR", help="writes DIR/envoy.yaml")
     boot.set_defaults(func=cmd_bootstrap)
 

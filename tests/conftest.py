@@ -35,12 +35,19 @@ async def control_plane(registry_dir: Path) -> AsyncIterator[cli.ControlPlane]:
         yield cp
 
 
+@pytest.fixture(params=["sotw", "delta"])
+def xds_mode(request: pytest.FixtureRequest) -> str:
+    """Every end-to-end test runs with both state-of-the-world and delta Envoys."""
+    mode: str = request.param
+    return mode
+
+
 @pytest.fixture
 async def local_mesh(
-    tmp_path: Path, control_plane: cli.ControlPlane
+    tmp_path: Path, control_plane: cli.ControlPlane, xds_mode: str
 ) -> AsyncIterator[mesh.LocalMesh]:
     """Apps and Envoy sidecars, every one stopped when the test ends."""
-    m = mesh.LocalMesh(tmp_path / "sidecars", control_plane.xds_port)
+    m = mesh.LocalMesh(tmp_path / "sidecars", control_plane.xds_port, delta=xds_mode == "delta")
     try:
         yield m
     finally:

@@ -30,9 +30,10 @@ class Workload:
 class LocalMesh:
     """Starts workloads (app + sidecar) and stops every one of them."""
 
-    def __init__(self, workdir: Path, xds_port: int) -> None:
+    def __init__(self, workdir: Path, xds_port: int, *, delta: bool = False) -> None:
         self.workdir = workdir
         self.xds_port = xds_port
+        self.delta = delta
         self.workloads: dict[str, Workload] = {}
 
     async def add(
@@ -64,6 +65,7 @@ class LocalMesh:
             xds_host="127.0.0.1",
             xds_port=self.xds_port,
             admin_port=admin_port,
+            delta=self.delta,
         )
         path = folder / "envoy.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))

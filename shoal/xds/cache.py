@@ -90,6 +90,17 @@ class Resource:
         """`resources` (field 2) of a DiscoveryResponse, ready to concatenate."""
         return length_delimited(2, self.any_bytes)
 
+    @cached_property
+    def delta_field(self) -> bytes:
+        """`resources` (field 2) of a DeltaDiscoveryResponse: a Resource
+        message with version (1), resource (2) and name (3)."""
+        inner = (
+            length_delimited(1, self.version.encode())
+            + length_delimited(2, self.any_bytes)
+            + length_delimited(3, self.name.encode())
+        )
+        return length_delimited(2, inner)
+
     def as_any(self) -> any_pb2.Any:
         """For config dumps and tests; never on the push path."""
         return any_pb2.Any(type_url=self.type_url, value=self.body)
@@ -98,13 +109,17 @@ class Resource:
 @dataclass(frozen=True, eq=False)
 class View:
     """What one response of a type carries: resources, their combined version
-    and their pre-encoded fields."""
+    and their pre-encoded fields. A view over several groups keeps its parts,
+    so work on it (encoding, diffs) is done per shared part, once."""
 
     version: str
     resources: tuple[Resource, ...]
+    parts: tuple[View, ...] = ()
 
     @cached_property
     def encoded(self) -> bytes:
+        if self.parts:
+            return b"".join(p.encoded for p in self.parts)
         return b"".join(r.sotw_field for r in self.resources)
 
     @cached_property
@@ -113,12 +128,22 @@ class View:
 
     @cached_property
     def refs(self) -> frozenset[tuple[str, str]]:
+        if self.parts:
+            return frozenset().union(*(p.refs for p in self.parts))
         return frozenset(ref for r in self.resources for ref in r.refs)
 
 
 def make_view(items: Iterable[Resource]) -> View:
     ordered = tuple(sorted(items, key=lambda r: r.name))
     return View(content_version(*(f"{r.name}={r.version}" for r in ordered)), ordered)
+
+
+def composite(parts: Sequence[View]) -> View:
+    """One view over disjoint parts, in O(parts) for the version."""
+    if len(parts) == 1:
+        return parts[0]
+    resources = tuple(r for p in parts for r in p.resources)
+    return View(content_version(*(p.version for p in parts)), resources, tuple(parts))
 
 
 class ResourceGroup:
@@ -174,10 +199,7 @@ class Snapshot:
         found = self._views.get(key)
         if found is None:
             parts = [g.view(names) for g in self.groups.get(type_url, ())]
-            if len(parts) == 1:
-                found = parts[0]
-            else:
-                found = make_view(r for p in parts for r in p.resources)
+            found = composite(parts) if parts else make_view(())
             if len(self._views) > 64:
                 self._views.clear()
             self._views[key] = found

@@ -28,3 +28,11 @@ SHORT = {
 
 def short(type_url: str) -> str:
     return SHORT.get(type_url, type_url.removeprefix(_PREFIX))
+
+
+def earlier_than(type_url: str) -> tuple[str, ...]:
+    return PUSH_ORDER[: PUSH_ORDER.index(type_url)]
+
+
+def later_than(type_url: str) -> tuple[str, ...]:
+    return PUSH_ORDER[PUSH_ORDER.index(type_url) + 1 :]

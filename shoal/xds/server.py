@@ -1,9 +1,11 @@
-"""Aggregated Discovery Service over grpc.aio (state of the world).
+"""Aggregated Discovery Service over grpc.aio: state of the world and delta.
 
 Follows Envoy's `api/xds_protocol.rst`: versions and nonces per type, ACK and
 NACK, stale nonces ignored, named subscriptions remembered so a resource that
-appears later is pushed, and pushes ordered make-before-break. The server
-reads snapshots from the cache and never builds configuration.
+appears later is pushed, and pushes ordered make-before-break. Both protocol
+variants share one per-type state machine; they differ only in how a change
+is put on the wire. The server reads snapshots from the cache and never
+builds configuration.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -26,12 +28,14 @@ log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 SOTW_METHOD = "StreamAggregatedResources"
+DELTA_METHOD = "DeltaAggregatedResources"
 KNOWN_TYPES = frozenset(resources.PUSH_ORDER)
 # Requests waiting to be handled on one stream. Envoy sends about one request
 # per response; a client that floods more than this is misbehaving.
 MAX_QUEUED_REQUESTS = 256
 MAX_NAMES = 100_000
 MAX_NAME_LENGTH = 1024
+_EMPTY = cache.View("", ())
 
 
 @dataclass
@@ -39,16 +43,29 @@ class TypeState:
     """What one stream has asked for, been sent and acknowledged of one type."""
 
     type_url: str
-    names: frozenset[str] | None  # None: everything (wildcard)
-    sent: cache.View | None = None
-    sent_version: str = ""
+    wildcard: bool
+    names: frozenset[str] = frozenset()
+    # What the client holds (its last ACKed state) and what is on its way.
+    held: cache.View = _EMPTY
+    pending: cache.View | None = None
     nonce: str = ""
-    in_flight: bool = False
+    sent_version: str = ""
     sent_at: float = 0.0
     acked_version: str = ""
     acked_at: float = 0.0
     nacked_version: str = ""
     error: str = ""
+    # Delta: subscribed names already reported as absent.
+    told_absent: frozenset[str] = frozenset()
+
+    @property
+    def in_flight(self) -> bool:
+        return self.pending is not None
+
+    @property
+    def subscription(self) -> frozenset[str] | None:
+        """None for everything (wildcard)."""
+        return None if self.wildcard else self.names
 
 
 @dataclass
@@ -60,20 +77,45 @@ class Connection:
     cluster: str
     key: str
     peer: str
+    delta: bool
     connected_at: float
     types: dict[str, TypeState] = field(default_factory=dict)
     nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    inbox: collections.deque[discovery_pb2.DiscoveryRequest] = field(
-        default_factory=collections.deque
-    )
+    inbox: collections.deque[Any] = field(default_factory=collections.deque)
     closed: bool = False
+    watch: cache.Watch | None = None
+
+    @property
+    def snapshot(self) -> cache.Snapshot | None:
+        return self.watch.snapshot if self.watch is not None else None
 
 
 class StreamError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Listener(Protocol):
+    """Told of what happens on streams (metrics, logs of a fleet)."""
+
+    def pushed(self, type_url: str, resources: int, delta: bool) -> None: ...
+    def nacked(self, type_url: str) -> None: ...
+
+
+class _NoListener:
+    def pushed(self, type_url: str, resources: int, delta: bool) -> None:
+        pass
+
+    def nacked(self, type_url: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Diff:
+    changed: tuple[cache.Resource, ...]
+    removed: tuple[str, ...]
 
 
 class AdsServer:
@@ -85,29 +127,46 @@ class AdsServer:
         *,
         clock: Callable[[], float] = time.time,
         write_timeout: float = 30.0,
+        listener: Listener | None = None,
     ) -> None:
         self._cache = snapshots
         self._clock = clock
         self._write_timeout = write_timeout
+        self._listener = listener or _NoListener()
         self._ids = itertools.count(1)
         self.connections: dict[int, Connection] = {}
         self.nacks_total = 0
         self.pushes_total = 0
+        # Work shared by every stream that is in the same place: the same
+        # diff between two views, the same names a set of clusters needs.
+        self._diffs: dict[tuple[cache.View, cache.View], Diff] = {}
+        self._wanted: dict[tuple[str, tuple[cache.View, ...], cache.Snapshot], frozenset[str]] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.stream_stream_rpc_method_handler(
+        sotw = grpc.stream_stream_rpc_method_handler(
             self._stream_sotw,
             request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
             # Responses are assembled from pre-encoded bytes (see cache.py).
-            response_serializer=lambda b: b,
+            response_serializer=_identity,
         )
-        return grpc.method_handlers_generic_handler(ADS_SERVICE, {SOTW_METHOD: method})
+        delta = grpc.stream_stream_rpc_method_handler(
+            self._stream_delta,
+            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+            response_serializer=_identity,
+        )
+        return grpc.method_handlers_generic_handler(
+            ADS_SERVICE, {SOTW_METHOD: sotw, DELTA_METHOD: delta}
+        )
 
     # -- the stream --------------------------------------------------------
 
-    async def _stream_sotw(
-        self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Any
-    ) -> None:
+    async def _stream_sotw(self, requests: AsyncIterator[Any], context: Any) -> None:
+        await self._stream(requests, context, delta=False)
+
+    async def _stream_delta(self, requests: AsyncIterator[Any], context: Any) -> None:
+        await self._stream(requests, context, delta=True)
+
+    async def _stream(self, requests: AsyncIterator[Any], context: Any, *, delta: bool) -> None:
         try:
             first = await anext(aiter(requests))
         except StopAsyncIteration:
@@ -122,23 +181,38 @@ class AdsServer:
             cluster=first.node.cluster,
             key="",
             peer=context.peer(),
+            delta=delta,
             connected_at=self._clock(),
         )
         try:
-            watch = self._cache.watch(first.node, conn.wake)
+            conn.watch = self._cache.watch(first.node, conn.wake)
         except ValueError as err:
             log.warning("rejecting proxy %s: %s", first.node.id, err)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {first.node.id}: {err}")
-        conn.key = watch.key
+        assert conn.watch is not None
+        conn.key = conn.watch.key
         self.connections[conn.stream_id] = conn
-        log.info("proxy %s connected (stream %d, %s)", conn.node_id, conn.stream_id, conn.peer)
+        log.info(
+            "proxy %s connected (stream %d, %s, %s)",
+            conn.node_id,
+            conn.stream_id,
+            "delta" if delta else "state of the world",
+            conn.peer,
+        )
         reader = asyncio.create_task(self._read(requests, conn))
         conn.inbox.append(first)
+        on_request = self._on_delta_request if delta else self._on_sotw_request
         try:
             while True:
                 while conn.inbox:
-                    self._on_request(conn, conn.inbox.popleft())
-                snapshot = watch.snapshot
+                    request = conn.inbox.popleft()
+                    if request is _OVERFLOW:
+                        raise StreamError(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"more than {MAX_QUEUED_REQUESTS} requests queued without answer",
+                        )
+                    on_request(conn, request)
+                snapshot = conn.snapshot
                 if snapshot is not None:
                     await self._send_pending(conn, snapshot, context)
                 if conn.closed and not conn.inbox:
@@ -150,18 +224,16 @@ class AdsServer:
             await context.abort(err.code, str(err))
         finally:
             reader.cancel()
-            self._cache.cancel(watch)
+            self._cache.cancel(conn.watch)
             self.connections.pop(conn.stream_id, None)
             log.info("proxy %s disconnected (stream %d)", conn.node_id, conn.stream_id)
 
-    async def _read(
-        self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], conn: Connection
-    ) -> None:
+    async def _read(self, requests: AsyncIterator[Any], conn: Connection) -> None:
         try:
             async for request in requests:
                 if len(conn.inbox) >= MAX_QUEUED_REQUESTS:
                     conn.inbox.clear()
-                    conn.inbox.append(_overflow_marker())
+                    conn.inbox.append(_OVERFLOW)
                     conn.wake.set()
                     return
                 conn.inbox.append(request)
@@ -172,113 +244,186 @@ class AdsServer:
             conn.closed = True
             conn.wake.set()
 
-    def _on_request(self, conn: Connection, request: discovery_pb2.DiscoveryRequest) -> None:
-        type_url = request.type_url
-        if type_url == _OVERFLOW:
-            raise StreamError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"more than {MAX_QUEUED_REQUESTS} requests queued without being answered",
-            )
+    # -- requests ------------------------------------------------------------
+
+    def _serves(self, conn: Connection, type_url: str) -> bool:
+        """Whether this server serves the type; an unknown one is noted once."""
         if not type_url:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "a request without type_url")
-        if type_url not in KNOWN_TYPES:
-            if type_url not in conn.types:
-                log.info("proxy %s asked for unserved type %s; ignored", conn.node_id, type_url)
-                conn.types[type_url] = TypeState(type_url, names=frozenset())
+        if type_url in KNOWN_TYPES:
+            return True
+        if type_url not in conn.types:
+            log.info("proxy %s asked for unserved type %s; ignored", conn.node_id, type_url)
+            conn.types[type_url] = TypeState(type_url, wildcard=False)
+        return False
+
+    def _on_sotw_request(self, conn: Connection, request: Any) -> None:
+        type_url = request.type_url
+        _check_names(request.resource_names)
+        if not self._serves(conn, type_url):
             return
-        _check_names(request)
+        names = request.resource_names
+        # Legacy wildcard: an empty name list on LDS or CDS means everything.
+        wildcard = type_url in resources.WILDCARD and (not names or "*" in names)
         state = conn.types.get(type_url)
         if state is None:
-            state = conn.types[type_url] = TypeState(type_url, names=None)
-            # A reconnecting client says what it already has: if it is still
-            # current, there is nothing to send.
-            state.sent_version = state.acked_version = request.version_info
+            state = conn.types[type_url] = TypeState(type_url, wildcard, frozenset(names))
+            snapshot = conn.snapshot
+            if request.version_info and snapshot is not None:
+                # A reconnecting client says what it already has: if that is
+                # still current, there is nothing to send.
+                current = snapshot.view(type_url, state.subscription)
+                if current.version == request.version_info:
+                    state.held = current
+                    state.acked_version = current.version
         nonce = request.response_nonce
         if nonce:
             if nonce != state.nonce:
                 return  # stale: answers a response that has been superseded
-            state.in_flight = False
-            if request.HasField("error_detail"):
-                self._on_nack(conn, state, request)
-            else:
-                state.acked_version = request.version_info
-                state.acked_at = self._clock()
-                state.error = ""
-                state.nacked_version = ""
-        state.names = _subscription(type_url, request.resource_names)
+            self._on_answer(conn, state, request)
+        state.wildcard = wildcard
+        if state.names != frozenset(names):
+            state.names = frozenset(names)
 
-    def _on_nack(
-        self, conn: Connection, state: TypeState, request: discovery_pb2.DiscoveryRequest
-    ) -> None:
-        if state.nacked_version != state.sent_version:
-            self.nacks_total += 1
-            log.error(
-                "proxy %s rejected %s version %s: %s",
-                conn.node_id,
-                resources.short(state.type_url),
-                state.sent_version,
-                request.error_detail.message,
-            )
-        state.nacked_version = state.sent_version
-        state.error = request.error_detail.message
+    def _on_delta_request(self, conn: Connection, request: Any) -> None:
+        type_url = request.type_url
+        _check_names(request.resource_names_subscribe)
+        _check_names(request.resource_names_unsubscribe)
+        if not self._serves(conn, type_url):
+            return
+        state = conn.types.get(type_url)
+        if state is None:
+            # Legacy wildcard: a first request naming nothing on LDS or CDS.
+            wildcard = type_url in resources.WILDCARD and not request.resource_names_subscribe
+            state = conn.types[type_url] = TypeState(type_url, wildcard=wildcard)
+            if request.initial_resource_versions:
+                _check_names(request.initial_resource_versions)
+                state.held = cache.make_view(
+                    cache.Resource(type_url, name, b"", version)
+                    for name, version in request.initial_resource_versions.items()
+                )
+        # Subscription changes are deltas and apply whatever the nonce; only
+        # the ACK or NACK is tied to the latest response.
+        if request.response_nonce and request.response_nonce == state.nonce:
+            self._on_answer(conn, state, request)
+        subscribe = set(request.resource_names_subscribe)
+        unsubscribe = set(request.resource_names_unsubscribe)
+        if "*" in subscribe:
+            state.wildcard = True
+        if "*" in unsubscribe:
+            state.wildcard = False
+        if subscribe or unsubscribe:
+            state.names = frozenset((state.names | subscribe) - unsubscribe - {"*"})
+            state.told_absent -= subscribe
+            dropped = unsubscribe & state.held.names
+            if dropped and not state.wildcard:
+                # The client forgets what it unsubscribed from.
+                state.held = cache.make_view(
+                    r for r in state.held.resources if r.name not in dropped
+                )
+
+    def _on_answer(self, conn: Connection, state: TypeState, request: Any) -> None:
+        """The request answers our latest response of its type: ACK or NACK."""
+        sent = state.pending
+        state.pending = None
+        now = self._clock()
+        if request.HasField("error_detail"):
+            if state.nacked_version != state.sent_version:
+                self.nacks_total += 1
+                self._listener.nacked(state.type_url)
+                log.error(
+                    "proxy %s rejected %s version %s: %s",
+                    conn.node_id,
+                    resources.short(state.type_url),
+                    state.sent_version,
+                    request.error_detail.message,
+                )
+            state.nacked_version = state.sent_version
+            state.error = request.error_detail.message
+            return
+        if sent is not None:
+            state.held = sent
+        state.acked_version = state.held.version
+        state.acked_at = now
+        state.error = ""
+        state.nacked_version = ""
 
     # -- what to send ------------------------------------------------------
 
     def _desired(self, conn: Connection, state: TypeState, snapshot: cache.Snapshot) -> cache.View:
-        view = snapshot.view(state.type_url, state.names)
-        if state.names is not None or state.sent is None:
+        view = snapshot.view(state.type_url, state.subscription)
+        if not state.wildcard or view.version == state.held.version:
+            return view
+        removed = self._diff(state.held, view).removed
+        if not removed:
             return view
         # Make before break: a resource the proxy still needs (a route still
         # names the cluster) stays until what needs it has moved on.
-        needed = self._referenced_after(conn, state.type_url)
+        held_elsewhere = self._held_refs(conn, resources.later_than(state.type_url))
+        gone = set(removed)
         kept = [
             r
-            for r in state.sent.resources
-            if r.name not in view.names and (state.type_url, r.name) in needed
+            for r in state.held.resources
+            if r.name in gone and (state.type_url, r.name) in held_elsewhere
         ]
         if not kept:
             return view
+        if len(kept) == len(removed) and not self._diff(state.held, view).changed:
+            return state.held  # nothing may go yet, and nothing else changed
         return cache.make_view([*view.resources, *kept])
 
-    def _referenced_after(self, conn: Connection, type_url: str) -> frozenset[tuple[str, str]]:
-        later = resources.PUSH_ORDER[resources.PUSH_ORDER.index(type_url) + 1 :]
-        refs: set[tuple[str, str]] = set()
-        for t in later:
+    @staticmethod
+    def _held_refs(conn: Connection, types: Iterable[str]) -> frozenset[tuple[str, str]]:
+        refs: frozenset[tuple[str, str]] = frozenset()
+        for t in types:
             st = conn.types.get(t)
-            if st is not None and st.sent is not None:
-                refs |= st.sent.refs
-        return frozenset(refs)
+            if st is not None and st.held.refs:
+                refs = refs | st.held.refs if refs else st.held.refs
+        return refs
 
     def _waiting_for_subscription(
         self, conn: Connection, upto: str, snapshot: cache.Snapshot
     ) -> bool:
         """True while the proxy has yet to ask for (or receive) a named
-        resource that something already sent refers to: a cluster's endpoints
-        before any route may send traffic to it."""
-        for t in resources.PUSH_ORDER[: resources.PUSH_ORDER.index(upto)]:
-            st = conn.types.get(t)
-            if t in resources.WILDCARD or (st is not None and st.sent is None):
+        resource that something it already holds refers to: a cluster's
+        endpoints before any route may send traffic to it. A client may ACK
+        clusters before it asks for their endpoints, so a type not yet
+        subscribed to counts as not asked for."""
+        for t in resources.earlier_than(upto):
+            if t in resources.WILDCARD:
                 continue
-            wanted = {
-                n
-                for (rt, n) in self._sent_refs_before(conn, t)
-                if rt == t and snapshot.get(t, n) is not None
-            }
+            st = conn.types.get(t)
+            wanted = self._wanted_names(conn, t, snapshot)
             if not wanted:
                 continue
-            # A type not subscribed to at all is not asked for yet either: a
-            # client may ACK clusters before it asks for their endpoints.
-            if st is None or st.sent is None or st.names is None or not wanted <= st.sent.names:
+            if st is None or not (st.wildcard or wanted <= st.names):
+                return True
+            if not wanted <= st.held.names:
                 return True
         return False
 
-    def _sent_refs_before(self, conn: Connection, type_url: str) -> frozenset[tuple[str, str]]:
-        refs: set[tuple[str, str]] = set()
-        for t in resources.PUSH_ORDER[: resources.PUSH_ORDER.index(type_url)]:
-            st = conn.types.get(t)
-            if st is not None and st.sent is not None:
-                refs |= st.sent.refs
-        return frozenset(refs)
+    def _wanted_names(self, conn: Connection, t: str, snapshot: cache.Snapshot) -> frozenset[str]:
+        """Names of type `t` that what the client holds refers to and that exist."""
+        held = tuple(
+            st.held
+            for e in resources.earlier_than(t)
+            if (st := conn.types.get(e)) is not None and st.held.refs
+        )
+        if not held:
+            return frozenset()
+        key = (t, held, snapshot)
+        found = self._wanted.get(key)
+        if found is None:
+            found = frozenset(
+                n
+                for view in held
+                for (rt, n) in view.refs
+                if rt == t and snapshot.get(t, n) is not None
+            )
+            if len(self._wanted) > 1024:
+                self._wanted.clear()
+            self._wanted[key] = found
+        return found
 
     async def _send_pending(self, conn: Connection, snapshot: cache.Snapshot, context: Any) -> None:
         for type_url in resources.PUSH_ORDER:
@@ -287,15 +432,31 @@ class AdsServer:
                 continue
             if state.in_flight:
                 return  # later types wait for this one's ACK
+            view = self._desired(conn, state, snapshot)
+            if view.version == state.nacked_version:
+                continue
+            if view.version == state.held.version and not (
+                conn.delta and self._absent(state, view)
+            ):
+                continue
             if self._waiting_for_subscription(conn, type_url, snapshot):
                 return
-            view = self._desired(conn, state, snapshot)
-            if view.version in (state.sent_version, state.nacked_version):
-                continue
-            await self._send(conn, state, view, context)
+            if conn.delta:
+                if not await self._send_delta(conn, state, view, context):
+                    continue
+            else:
+                await self._send_sotw(conn, state, view, context)
             return
 
-    async def _send(
+    @staticmethod
+    def _absent(state: TypeState, view: cache.View) -> frozenset[str]:
+        """Delta: names asked for that do not exist and that the client has
+        not been told of yet."""
+        if state.wildcard or not state.names:
+            return frozenset()
+        return state.names - view.names - state.told_absent
+
+    async def _send_sotw(
         self, conn: Connection, state: TypeState, view: cache.View, context: Any
     ) -> None:
         nonce = str(next(conn.nonces))
@@ -305,18 +466,77 @@ class AdsServer:
             + cache.length_delimited(4, state.type_url.encode())
             + cache.length_delimited(5, nonce.encode())
         )
-        state.sent = view
+        await self._write(conn, state, view, nonce, body, len(view.resources), context)
+
+    def _diff(self, held: cache.View, want: cache.View) -> Diff:
+        """What changes from `held` to `want`; done part by part when both
+        are made of parts, so streams sharing parts share the work."""
+        key = (held, want)
+        found = self._diffs.get(key)
+        if found is not None:
+            return found
+        if held.parts and len(held.parts) == len(want.parts):
+            pieces = [self._diff(h, w) for h, w in zip(held.parts, want.parts, strict=True)]
+            changed = tuple(r for p in pieces for r in p.changed)
+            removed = {n for p in pieces for n in p.removed}
+            # A name may move between parts: removed from one, added to another.
+            removed -= {r.name for r in changed}
+            found = Diff(changed, tuple(sorted(removed)))
+        else:
+            before = {r.name: r.version for r in held.resources}
+            changed = tuple(r for r in want.resources if before.get(r.name) != r.version)
+            found = Diff(changed, tuple(sorted(before.keys() - want.names)))
+        if len(self._diffs) > 4096:
+            self._diffs.clear()
+        self._diffs[key] = found
+        return found
+
+    async def _send_delta(
+        self, conn: Connection, state: TypeState, view: cache.View, context: Any
+    ) -> bool:
+        diff = self._diff(state.held, view)
+        absent = self._absent(state, view)
+        removed = sorted({*diff.removed, *absent})
+        if not diff.changed and not removed:
+            state.held = view  # the same content under another version
+            state.acked_version = view.version
+            return False
+        state.told_absent |= absent | (frozenset(diff.removed) & state.names)
+        nonce = str(next(conn.nonces))
+        body = b"".join(
+            (
+                cache.length_delimited(1, view.version.encode()),
+                *(r.delta_field for r in diff.changed),
+                cache.length_delimited(4, state.type_url.encode()),
+                *(cache.length_delimited(6, name.encode()) for name in removed),
+                cache.length_delimited(5, nonce.encode()),
+            )
+        )
+        await self._write(conn, state, view, nonce, body, len(diff.changed), context)
+        return True
+
+    async def _write(
+        self,
+        conn: Connection,
+        state: TypeState,
+        view: cache.View,
+        nonce: str,
+        body: bytes,
+        count: int,
+        context: Any,
+    ) -> None:
+        state.pending = view
         state.sent_version = view.version
         state.nonce = nonce
-        state.in_flight = True
         state.sent_at = self._clock()
         self.pushes_total += 1
+        self._listener.pushed(state.type_url, count, conn.delta)
         log.debug(
             "proxy %s: %s version %s (%d resources, nonce %s)",
             conn.node_id,
             resources.short(state.type_url),
             view.version,
-            len(view.resources),
+            count,
             nonce,
         )
         try:
@@ -328,29 +548,24 @@ class AdsServer:
             ) from err
 
 
-_OVERFLOW = "shoal.internal/overflow"
+_OVERFLOW = object()
 
 
-def _overflow_marker() -> discovery_pb2.DiscoveryRequest:
-    return discovery_pb2.DiscoveryRequest(type_url=_OVERFLOW)
+def _identity(body: bytes) -> bytes:
+    return body
 
 
-def _subscription(type_url: str, names: Any) -> frozenset[str] | None:
-    """Legacy wildcard: an empty name list on a wildcard type means all."""
-    if type_url in resources.WILDCARD and (not names or "*" in names):
-        return None
-    return frozenset(names)
-
-
-def _check_names(request: discovery_pb2.DiscoveryRequest) -> None:
-    if len(request.resource_names) > MAX_NAMES:
-        raise StreamError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"{len(request.resource_names)} resource names in one request (limit {MAX_NAMES})",
-        )
-    for name in request.resource_names:
+def _check_names(names: Iterable[str]) -> None:
+    count = 0
+    for name in names:
+        count += 1
         if len(name) > MAX_NAME_LENGTH:
             raise StreamError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"a resource name of {len(name)} characters (limit {MAX_NAME_LENGTH})",
             )
+    if count > MAX_NAMES:
+        raise StreamError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{count} resource names in one request (limit {MAX_NAMES})",
+        )

@@ -155,7 +155,7 @@ async def test_a_second_envoy_connecting_later_gets_the_same_config(
 
 
 async def test_sidecars_outlive_a_killed_control_plane_and_resync_when_it_returns(
-    registry_dir: Path, tmp_path: Path
+    registry_dir: Path, tmp_path: Path, xds_mode: str
 ) -> None:
     a_in, b1_in, b2_in, xds = _ports(4)
     write(
@@ -169,7 +169,7 @@ async def test_sidecars_outlive_a_killed_control_plane_and_resync_when_it_return
         manifests.service("b") + "---\n" + manifests.endpoint_slice("b1", "b", [b1_in]),
     )
     serve = ServeProcess(registry_dir, xds)
-    local = mesh.LocalMesh(tmp_path / "sidecars", xds)
+    local = mesh.LocalMesh(tmp_path / "sidecars", xds, delta=xds_mode == "delta")
     try:
         await serve.start()
         a = await local.add("a-1", namespace="default", service="a", inbound_port=a_in)

@@ -22,6 +22,7 @@ def sidecar(
     xds_host: str,
     xds_port: int,
     admin_port: int,
+    delta: bool = False,
 ) -> dict[str, Any]:
     """A bootstrap as plain data, ready for YAML or JSON."""
     is_ip = all(part.isdigit() for part in xds_host.split(".")) or ":" in xds_host
@@ -42,7 +43,7 @@ def sidecar(
         "admin": {"address": _address("127.0.0.1", admin_port)},
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
                 "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
