@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +20,12 @@ from typing import Any
 import grpc
 import yaml
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from shoal.model import proxy
-from shoal.observe import admin
+from shoal.observe import admin, metrics
 from shoal.registry import files
-from shoal.xds import cache, controller, server
+from shoal.xds import cache, controller, csds, server, status
 from shoal.xds.translate import bootstrap as bootstrap_config
 
 log = logging.getLogger("shoal")
@@ -68,7 +73,28 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     )
     ctl.update(registry.load())
     ctl.rebuild()
-    ads = server.AdsServer(snapshots)
+    metric_registry = CollectorRegistry()
+    ads = server.AdsServer(snapshots, listener=metrics.XdsMetrics(metric_registry))
+    metric_registry.register(
+        metrics.Gauges(
+            {
+                "shoal_xds_connected_streams": (
+                    "ADS streams open now",
+                    lambda: len(ads.connections),
+                ),
+                "shoal_mesh_services": ("Services in the mesh", lambda: len(ctl.state.services)),
+                "shoal_mesh_endpoints": (
+                    "Endpoints in the mesh",
+                    lambda: sum(len(e) for e in ctl.state.endpoints.values()),
+                ),
+                "shoal_mesh_version": ("Version of the mesh state", lambda: ctl.state.version),
+                "shoal_config_problems": (
+                    "Problems in the input, each reported with its object and reason",
+                    lambda: len(registry.problems) + len(ctl.problems),
+                ),
+            }
+        )
+    )
 
     grpc_server = grpc.aio.server(
         options=[
@@ -82,6 +108,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         ]
     )
     grpc_server.add_generic_rpc_handlers((ads.handler(),))
+    csds.register(grpc_server, ads)
     xds_host, xds_port = _host_port(options.xds_address)
     xds_port = grpc_server.add_insecure_port(f"{xds_host}:{xds_port}")
     if xds_port == 0:
@@ -90,10 +117,15 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
 
     reports: dict[str, admin.Report] = {
         "problems": lambda: [str(p) for p in registry.problems + ctl.problems],
-        "proxies": lambda: _proxies(ads),
+        "syncz": lambda: status.proxies(ads),
         "services": lambda: _services(ctl),
     }
-    admin_app = admin.app(ready=lambda: True, reports=reports)
+    admin_app = admin.app(
+        ready=lambda: True,
+        reports=reports,
+        queries={"config_dump": lambda q: _config_dump(ads, q)},
+        metrics=lambda: metrics.render(metric_registry),
+    )
     runner = web.AppRunner(admin_app, access_log=None)
     await runner.setup()
     admin_host, admin_port = _host_port(options.admin_address)
@@ -117,26 +149,12 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         await runner.cleanup()
 
 
-def _proxies(ads: server.AdsServer) -> list[dict[str, Any]]:
-    out = []
-    for conn in ads.connections.values():
-        out.append(
-            {
-                "id": conn.node_id,
-                "stream": conn.stream_id,
-                "peer": conn.peer,
-                "types": {
-                    t: {
-                        "sent": st.sent_version,
-                        "acked": st.acked_version,
-                        "nonce": st.nonce,
-                        "error": st.error,
-                    }
-                    for t, st in conn.types.items()
-                },
-            }
-        )
-    return out
+def _config_dump(ads: server.AdsServer, query: Mapping[str, str]) -> Any:
+    proxy_id = query.get("proxy")
+    if not proxy_id:
+        raise ValueError("name a proxy: /debug/config_dump?proxy=ID")
+    conn = status.find(ads, proxy_id)
+    return status.config_dump(conn) if conn is not None else None
 
 
 def _services(ctl: controller.Controller) -> dict[str, Any]:
@@ -258,6 +276,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _fetch(admin_address: str, path: str) -> Any:
+    host, port = _host_port(admin_address)
+    url = f"http://{host}:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as err:
+        detail = json.loads(err.read() or b"{}").get("error", err.reason)
+        raise SystemExit(f"shoal: {url}: {detail}") from err
+    except (urllib.error.URLError, OSError) as err:
+        raise SystemExit(
+            f"shoal: cannot reach the control plane admin at {admin_address}: {err}"
+        ) from err
+
+
+STATUS_TYPES = ("CDS", "LDS", "EDS", "RDS", "SDS")
+
+
+def format_proxy_status(proxies: list[dict[str, Any]]) -> str:
+    """A table like `istioctl proxy-status`, then the error of every NACK."""
+    shown_types = [
+        t
+        for t in STATUS_TYPES
+        if t != "SDS"
+        or any(
+            x["type"] == "SDS" and x["status"] != "NOT SENT" for p in proxies for x in p["types"]
+        )
+    ]
+    header = ["NAME", "CLUSTER", "MODE", *shown_types, "MESH", "CONNECTED"]
+    rows = [header]
+    errors = []
+    for p in proxies:
+        by_type = {x["type"]: x for x in p["types"]}
+        cells = [p["id"], p["cluster"], p["mode"]]
+        for t in shown_types:
+            x = by_type.get(t)
+            cells.append(x["status"] if x else "NOT SENT")
+            if x and x["error"]:
+                errors.append(f"{p['id']}: {t} version {x['sent']} rejected: {x['error']}")
+        cells += [p["mesh"], f"{p['connected_s']:.0f}s"]
+        rows.append([str(c) for c in cells])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if len(rows) == 1:
+        lines.append("(no proxies connected)")
+    return "\n".join(lines + (["", *errors] if errors else []))
+
+
+def cmd_proxy_status(args: argparse.Namespace) -> int:
+    proxies: list[dict[str, Any]] = _fetch(args.admin, "/debug/syncz")
+    if args.proxy:
+        proxies = [p for p in proxies if p["id"] == args.proxy or p["id"].startswith(args.proxy)]
+        if not proxies:
+            print(f"shoal: no connected proxy {args.proxy!r}", file=sys.stderr)
+            return 1
+    print(format_proxy_status(proxies))
+    stale = any(x["status"] in ("NACKED",) for p in proxies for x in p["types"])
+    return 1 if stale else 0
+
+
+def cmd_config_dump(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"proxy": args.proxy})
+    dump: dict[str, Any] = _fetch(args.admin, f"/debug/config_dump?{query}")
+    if args.type:
+        dump["types"] = {k: v for k, v in dump["types"].items() if k == args.type.upper()}
+    print(json.dumps(dump, indent=2, sort_keys=True))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shoal", description="A service mesh control plane for Envoy.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -313,6 +400,27 @@ def parser() -> argparse.ArgumentParser:
     )
     boot.add_argument("--out", required=True, metavar="DIR", help="writes DIR/envoy.yaml")
     boot.set_defaults(func=cmd_bootstrap)
+
+    ps = sub.add_parser("proxy-status", help="every connected proxy's sync state per xDS type")
+    ps.add_argument("proxy", nargs="?", help="only this proxy (id or unique prefix)")
+    ps.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="HOST:PORT",
+        help=f"control plane admin address (default {DEFAULT_ADMIN})",
+    )
+    ps.set_defaults(func=cmd_proxy_status)
+
+    dump = sub.add_parser("config-dump", help="what the control plane last sent a proxy, as JSON")
+    dump.add_argument("proxy", help="proxy id (or unique prefix), as proxy-status shows it")
+    dump.add_argument("--type", choices=["cds", "eds", "lds", "rds", "sds"], help="only one type")
+    dump.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="HOST:PORT",
+        help=f"control plane admin address (default {DEFAULT_ADMIN})",
+    )
+    dump.set_defaults(func=cmd_config_dump)
 
     demo = sub.add_parser("demo", help="a running mesh with real Envoy sidecars")
     demo.add_argument(

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
 Report = Callable[[], Any]
+# A report that takes the request's query parameters; None means "not found".
+Query = Callable[[Mapping[str, str]], Any]
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def app(*, ready: Callable[[], bool], reports: dict[str, Report]) -> web.Application:
-    """`/ready` for probes; `/debug/<name>` serves each report as JSON."""
+def app(
+    *,
+    ready: Callable[[], bool],
+    reports: Mapping[str, Report],
+    queries: Mapping[str, Query] | None = None,
+    metrics: Callable[[], bytes] | None = None,
+) -> web.Application:
+    """`/ready` for probes, `/metrics` for Prometheus, `/debug/<name>` as JSON."""
+    queries = queries or {}
 
     async def ready_handler(_: web.Request) -> web.Response:
         ok = ready()
@@ -23,7 +34,8 @@ def app(*, ready: Callable[[], bool], reports: dict[str, Report]) -> web.Applica
 
     async def index(_: web.Request) -> web.Response:
         lines = ["shoal control plane", "", "/ready", "/healthz"]
-        lines += [f"/debug/{name}" for name in sorted(reports)]
+        lines += ["/metrics"] if metrics else []
+        lines += [f"/debug/{name}" for name in sorted({*reports, *queries})]
         return web.Response(text="\n".join(lines) + "\n")
 
     def report_handler(report: Report) -> Callable[[web.Request], Any]:
@@ -32,12 +44,33 @@ def app(*, ready: Callable[[], bool], reports: dict[str, Report]) -> web.Applica
 
         return handle
 
+    def query_handler(query: Query) -> Callable[[web.Request], Any]:
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                found = query(request.query)
+            except ValueError as err:
+                return web.json_response({"error": str(err)}, status=400)
+            if found is None:
+                return web.json_response({"error": "not found"}, status=404)
+            return web.json_response(found, dumps=_dumps)
+
+        return handle
+
     application = web.Application()
     application.router.add_get("/", index)
     application.router.add_get("/ready", ready_handler)
     application.router.add_get("/healthz", healthz)
+    if metrics is not None:
+        render = metrics
+
+        async def metrics_handler(_: web.Request) -> web.Response:
+            return web.Response(body=render(), headers={"Content-Type": PROMETHEUS_TEXT})
+
+        application.router.add_get("/metrics", metrics_handler)
     for name, report in reports.items():
         application.router.add_get(f"/debug/{name}", report_handler(report))
+    for name, query in queries.items():
+        application.router.add_get(f"/debug/{name}", query_handler(query))
     return application
 
 

@@ -1,0 +1,151 @@
+"""Every connected proxy's sync state, per type, as `shoal proxy-status` shows it.
+
+SYNCED: the proxy ACKed what the control plane wants it to have now.
+STALE: a response is on its way, or the control plane has moved on and the
+push has not gone out yet. NACKED: the proxy rejected the last version.
+NOT SENT: nothing of that type was sent (or asked for) on this stream.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from google.protobuf import json_format
+
+from shoal.xds import cache, resources, server
+
+SYNCED = "SYNCED"
+STALE = "STALE"
+NACKED = "NACKED"
+NOT_SENT = "NOT SENT"
+
+
+@dataclass(frozen=True)
+class TypeStatus:
+    type_url: str
+    status: str
+    sent_version: str
+    acked_version: str
+    nonce: str
+    sent_at: float
+    acked_at: float
+    error: str
+    resources: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "type": resources.short(self.type_url),
+            "status": self.status,
+            "sent": self.sent_version,
+            "acked": self.acked_version,
+            "nonce": self.nonce,
+            "sent_at": self.sent_at,
+            "acked_at": self.acked_at,
+            "error": self.error,
+            "resources": self.resources,
+        }
+
+
+def of_type(state: server.TypeState | None, snapshot: cache.Snapshot | None) -> str:
+    if state is None or (not state.sent_version and not state.acked_version):
+        return NOT_SENT
+    if state.error and state.nacked_version == state.sent_version:
+        return NACKED
+    if state.in_flight:
+        return STALE
+    if snapshot is not None and state.type_url in resources.PUSH_ORDER:
+        wanted = snapshot.view(state.type_url, state.subscription).version
+        if wanted != state.held.version:
+            return STALE
+    return SYNCED
+
+
+def type_status(conn: server.Connection, type_url: str) -> TypeStatus:
+    state = conn.types.get(type_url)
+    snapshot = conn.snapshot
+    if state is None:
+        return TypeStatus(type_url, NOT_SENT, "", "", "", 0.0, 0.0, "", 0)
+    shown = state.pending or state.held
+    return TypeStatus(
+        type_url,
+        of_type(state, snapshot),
+        state.sent_version,
+        state.acked_version,
+        state.nonce,
+        state.sent_at,
+        state.acked_at,
+        state.error,
+        len(shown.resources),
+    )
+
+
+def proxies(ads: server.AdsServer, now: float | None = None) -> list[dict[str, object]]:
+    """One entry per connected stream, sorted by proxy id."""
+    now = time.time() if now is None else now
+    out: list[dict[str, object]] = []
+    for conn in sorted(ads.connections.values(), key=lambda c: (c.node_id, c.stream_id)):
+        snapshot = conn.snapshot
+        out.append(
+            {
+                "id": conn.node_id,
+                "cluster": conn.cluster,
+                "stream": conn.stream_id,
+                "peer": conn.peer,
+                "mode": "delta" if conn.delta else "sotw",
+                "connected_s": round(now - conn.connected_at, 1),
+                "mesh": snapshot.label if snapshot is not None else "",
+                "types": [
+                    type_status(conn, t).as_dict()
+                    for t in resources.PUSH_ORDER
+                    if t in conn.types or t != resources.SECRET
+                ],
+            }
+        )
+    return out
+
+
+def find(ads: server.AdsServer, proxy_id: str) -> server.Connection | None:
+    """The newest stream of a proxy (by exact id, else a unique prefix)."""
+    conns = sorted(ads.connections.values(), key=lambda c: c.stream_id)
+    exact = [c for c in conns if c.node_id == proxy_id]
+    if exact:
+        return exact[-1]
+    prefixed = {c.node_id for c in conns if c.node_id.startswith(proxy_id)}
+    if len(prefixed) == 1:
+        return [c for c in conns if c.node_id in prefixed][-1]
+    return None
+
+
+REDACTED = "[redacted: private key material is never dumped]"
+
+
+def _resource_json(r: cache.Resource) -> object:
+    if r.type_url == resources.SECRET:
+        return {"name": r.name, "secret": REDACTED}
+    try:
+        return json_format.MessageToDict(r.as_any(), preserving_proto_field_name=True)
+    except (TypeError, KeyError, json_format.Error):
+        # A type this process never imported: still show that it is there.
+        return {"name": r.name, "version": r.version, "bytes": len(r.body)}
+
+
+def config_dump(conn: server.Connection) -> dict[str, object]:
+    """What the control plane last sent this proxy, type by type."""
+    types: dict[str, object] = {}
+    for type_url in resources.PUSH_ORDER:
+        state = conn.types.get(type_url)
+        if state is None:
+            continue
+        shown = type_status(conn, type_url)
+        view = state.pending or state.held
+        types[resources.short(type_url)] = {
+            **shown.as_dict(),
+            "resources": [_resource_json(r) for r in view.resources],
+        }
+    return {
+        "id": conn.node_id,
+        "stream": conn.stream_id,
+        "mode": "delta" if conn.delta else "sotw",
+        "types": types,
+    }
