@@ -9,6 +9,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shoal.model import routing
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 CLUSTER_DOMAIN = "cluster.local"
@@ -100,6 +104,10 @@ class Service:
     annotations: FrozenMap = field(default=_EMPTY)
     labels: FrozenMap = field(default=_EMPTY)
     cluster_ip: str | None = None
+    # Namespaces whose proxies may call it ("*": every namespace).
+    export_to: frozenset[str] = frozenset({"*"})
+    # (namespace, name or "*") its own workloads call; None: no narrowing.
+    dependencies: frozenset[tuple[str, str]] | None = None
 
     @property
     def key(self) -> ServiceKey:
@@ -159,6 +167,8 @@ class MeshState:
     endpoints: Mapping[ServiceKey, tuple[Endpoint, ...]] = field(default_factory=dict)
     namespaces: Mapping[str, Namespace] = field(default_factory=dict)
     service_accounts: frozenset[tuple[str, str]] = frozenset()
+    # Routing of Services that have more than "all to my own endpoints".
+    routes: Mapping[ServiceKey, routing.ServiceRoute] = field(default_factory=dict)
 
     def endpoints_of(self, key: ServiceKey, port: Port) -> tuple[Endpoint, ...]:
         """Endpoints serving `port`: matched by port name, as Kubernetes does."""

@@ -30,3 +30,19 @@ class Sidecar:
     @property
     def identity(self) -> mesh.Identity:
         return mesh.Identity(self.namespace, self.service_account)
+
+
+@dataclass(frozen=True, slots=True)
+class Proxyless:
+    """A gRPC application speaking xDS itself: no ports of its own, only
+    what it may call."""
+
+    namespace: str
+    service: str = ""
+
+    @property
+    def service_key(self) -> mesh.ServiceKey:
+        return mesh.ServiceKey(self.namespace, self.service)
+
+
+Proxy = Sidecar | Proxyless

@@ -6,10 +6,12 @@ Services by label, endpoints to their Pods) and reports what does not join.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from shoal.model import mesh, problems
+from shoal.model import mesh, problems, routing
+from shoal.registry import annotations as notes
 from shoal.registry import manifests
 
 
@@ -25,6 +27,12 @@ class ObjectStore:
     def __init__(self) -> None:
         self._by_source: dict[str, tuple[Sourced, ...]] = {}
         self._version = 0
+        # What a Service's annotations last said when they were valid: a
+        # typo in one annotation must not undo that Service's routing.
+        self._good_scope: dict[
+            mesh.ServiceKey, tuple[frozenset[str], frozenset[tuple[str, str]] | None]
+        ] = {}
+        self._good_routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
 
     def replace_source(self, source: str, objects: Iterable[Sourced]) -> None:
         """Set everything one source (a file, a watch) contributes, atomically."""
@@ -55,6 +63,7 @@ class ObjectStore:
                 chosen[item.obj.key] = item
 
         services: dict[mesh.ServiceKey, mesh.Service] = {}
+        sources: dict[mesh.ServiceKey, str] = {}
         namespaces: dict[str, mesh.Namespace] = {}
         accounts: set[tuple[str, str]] = set()
         pods: dict[tuple[str, str], manifests.PodInfo] = {}
@@ -65,6 +74,7 @@ class ObjectStore:
                 if obj.type == manifests.SERVICE:
                     svc = manifests.to_service(obj)
                     services[svc.key] = svc
+                    sources[svc.key] = item.source
                 elif obj.type == manifests.NAMESPACE:
                     namespaces[obj.name] = manifests.to_namespace(obj)
                 elif obj.type == manifests.SERVICE_ACCOUNT:
@@ -87,6 +97,10 @@ class ObjectStore:
             except manifests.ManifestError as err:
                 found.append(problems.Problem(item.source, str(obj), str(err)))
 
+        for key, svc in list(services.items()):
+            services[key] = self._scoped(svc, sources[key], found)
+        routes = self._routes(services, sources, found)
+
         self._version += 1
         state = mesh.MeshState(
             version=self._version,
@@ -94,5 +108,55 @@ class ObjectStore:
             endpoints={k: tuple(v) for k, v in endpoints.items()},
             namespaces=namespaces,
             service_accounts=frozenset(accounts),
+            routes=routes,
         )
         return state, sorted(found)
+
+    def _scoped(
+        self, svc: mesh.Service, source: str, found: list[problems.Problem]
+    ) -> mesh.Service:
+        try:
+            good = (
+                notes.export_to(svc.annotations),
+                notes.dependencies(svc.annotations, svc.namespace),
+            )
+        except notes.AnnotationError as err:
+            kept = self._good_scope.get(svc.key)
+            found.append(problems.Problem(source, f"Service {svc.key}", _kept(err, kept)))
+            if kept is None:
+                return svc
+            good = kept
+        self._good_scope[svc.key] = good
+        return dataclasses.replace(svc, export_to=good[0], dependencies=good[1])
+
+    def _routes(
+        self,
+        services: dict[mesh.ServiceKey, mesh.Service],
+        sources: dict[mesh.ServiceKey, str],
+        found: list[problems.Problem],
+    ) -> dict[mesh.ServiceKey, routing.ServiceRoute]:
+        routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
+        for key, svc in services.items():
+            try:
+                route = notes.service_route(svc, services)
+            except notes.AnnotationError as err:
+                kept = self._good_routes.get(key)
+                if kept is not None and not kept.backends() <= services.keys():
+                    kept = None  # its backends are gone: it cannot stay
+                found.append(problems.Problem(sources[key], f"Service {key}", _kept(err, kept)))
+                if kept is not None:
+                    routes[key] = kept
+                continue
+            if route is None:
+                self._good_routes.pop(key, None)
+            else:
+                routes[key] = self._good_routes[key] = route
+        for gone in self._good_routes.keys() - services.keys():
+            del self._good_routes[gone]
+        return routes
+
+
+def _kept(err: Exception, kept: object) -> str:
+    return f"{err}; " + (
+        "its last good configuration stays in force" if kept is not None else "ignored"
+    )

@@ -11,14 +11,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import Message
 
-from shoal.model import mesh, problems, proxy
+from shoal.model import mesh, problems, proxy, scope
 from shoal.xds import cache, node, resources
-from shoal.xds.translate import clusters, endpoints, names, refs, sidecar
+from shoal.xds.translate import clusters, endpoints, names, proxyless, refs, sidecar
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,24 @@ class Debouncer:
         self._event.clear()
 
 
-@dataclass(frozen=True)
+Scope = frozenset[mesh.ServiceKey]
+
+
+@dataclass
 class Shared:
-    """What every proxy gets from one mesh state, built once per rebuild."""
+    """What proxies share, built once per mesh state and memoized per scope."""
 
     state: mesh.MeshState
     services: tuple[mesh.Service, ...]
-    clusters: cache.ResourceGroup
-    endpoints: cache.ResourceGroup
-    # Whether the shared groups' own references resolve among themselves;
-    # checked once, so a proxy's check costs its own resources only.
+    clusters: dict[mesh.ServiceKey, list[cache.Resource]]
+    endpoints: dict[mesh.ServiceKey, list[cache.Resource]]
+    # Whether clusters and endpoints resolve among themselves (checked once).
     whole: bool
-    # Ids of groups (shared, or shared by a namespace) known to resolve.
-    verified: set[int]
+    # Ids of groups known to resolve, so a proxy's check costs its own part.
+    verified: set[int] = field(default_factory=set)
+    scopes: dict[tuple[str, frozenset[tuple[str, str]] | None], Scope] = field(default_factory=dict)
+    groups: dict[tuple[Any, ...], cache.ResourceGroup] = field(default_factory=dict)
+    memo_used: set[tuple[Any, ...]] = field(default_factory=set)
 
 
 class Controller:
@@ -88,7 +93,7 @@ class Controller:
         self._cache = snapshots
         self._debouncer = debouncer
         self._state = mesh.MeshState()
-        self._sidecars: dict[str, proxy.Sidecar] = {}
+        self._proxies: dict[str, proxy.Proxy] = {}
         self._service_memo: dict[mesh.Service, list[cache.Resource]] = {}
         self._endpoint_memo: dict[
             tuple[mesh.ServiceKey, mesh.Port, tuple[mesh.Endpoint, ...]], cache.Resource
@@ -96,16 +101,18 @@ class Controller:
         self._own_memo: dict[
             tuple[proxy.Sidecar, mesh.Protocol], tuple[cache.ResourceGroup, cache.ResourceGroup]
         ] = {}
-        self._route_memo: dict[str, tuple[tuple[mesh.Service, ...], cache.ResourceGroup]] = {}
+        # Route tables outlive a rebuild when nothing they depend on changed.
+        self._route_memo: dict[tuple[Any, ...], tuple[Any, cache.ResourceGroup]] = {}
         self._shared: Shared | None = None
         self.problems: list[problems.Problem] = []
         self.builds = 0
+        self.last_build_seconds = 0.0
         snapshots.on_watch = self._on_watch
         snapshots.on_idle = self._on_idle
 
     @staticmethod
     def key_of(n: Any) -> str:
-        return node.key(node.sidecar(n))
+        return node.key(node.parse(n))
 
     @property
     def state(self) -> mesh.MeshState:
@@ -127,15 +134,16 @@ class Controller:
     # -- proxies coming and going -------------------------------------------
 
     def _on_watch(self, key: str, n: Any) -> None:
-        if key in self._sidecars:
+        if key in self._proxies:
             return
-        self._sidecars[key] = node.sidecar(n)
+        self._proxies[key] = node.parse(n)
         if self._shared is None or self._shared.state is not self._state:
             self._shared = self._build_shared(self._state)
-        self._publish(key, self._sidecars[key], self._shared)
+        if self._shared.whole:
+            self._publish(key, self._proxies[key], self._shared)
 
     def _on_idle(self, key: str) -> None:
-        gone = self._sidecars.pop(key, None)
+        gone = self._proxies.pop(key, None)
         for memo_key in [k for k in self._own_memo if k[0] == gone]:
             del self._own_memo[memo_key]
         self._cache.clear_snapshot(key)
@@ -145,20 +153,20 @@ class Controller:
     def rebuild(self) -> None:
         state = self._state
         started = time.perf_counter()
-        shared = self._build_shared(state)
-        self._shared = shared
         self.problems = []
-        if not shared.whole:
-            return
-        for key, s in self._sidecars.items():
-            self._publish(key, s, shared)
+        shared = self._shared = self._build_shared(state)
+        if shared.whole:
+            for key, p in self._proxies.items():
+                self._publish(key, p, shared)
+            self._route_memo = {k: self._route_memo[k] for k in shared.memo_used}
         self.builds += 1
+        self.last_build_seconds = time.perf_counter() - started
         log.info(
             "mesh version %d: %d services, %d proxies, built in %.1f ms",
             state.version,
             len(state.services),
-            len(self._sidecars),
-            (time.perf_counter() - started) * 1000,
+            len(self._proxies),
+            self.last_build_seconds * 1000,
         )
 
     def _build_shared(self, state: mesh.MeshState) -> Shared:
@@ -166,8 +174,8 @@ class Controller:
         endpoint_memo: dict[
             tuple[mesh.ServiceKey, mesh.Port, tuple[mesh.Endpoint, ...]], cache.Resource
         ] = {}
-        cds: list[cache.Resource] = []
-        eds: list[cache.Resource] = []
+        by_service_clusters: dict[mesh.ServiceKey, list[cache.Resource]] = {}
+        by_service_endpoints: dict[mesh.ServiceKey, list[cache.Resource]] = {}
         services = tuple(state.sorted_services())
         for svc in services:
             built = self._service_memo.get(svc)
@@ -176,8 +184,8 @@ class Controller:
                     _resource(resources.CLUSTER, c.name, c)
                     for c in clusters.outbound_for_service(svc)
                 ]
-            service_memo[svc] = built
-            cds.extend(built)
+            service_memo[svc] = by_service_clusters[svc.key] = built
+            assigned_all = []
             for port in svc.ports:
                 key = (svc.key, port, state.endpoints_of(svc.key, port))
                 assigned = self._endpoint_memo.get(key)
@@ -185,46 +193,141 @@ class Controller:
                     cla = endpoints.load_assignment(names.outbound_cluster(svc.key, port), key[2])
                     assigned = _resource(resources.ENDPOINT, cla.cluster_name, cla)
                 endpoint_memo[key] = assigned
-                eds.append(assigned)
+                assigned_all.append(assigned)
+            by_service_endpoints[svc.key] = assigned_all
         # Only what the current state uses is remembered, so memory follows
         # the mesh, not its history.
         self._service_memo = service_memo
         self._endpoint_memo = endpoint_memo
-        cds_group, eds_group = cache.ResourceGroup(cds), cache.ResourceGroup(eds)
+        shared = Shared(state, services, by_service_clusters, by_service_endpoints, whole=True)
+        everything = self._scoped_groups(shared, None)
         only_shared = cache.Snapshot(
-            {resources.CLUSTER: (cds_group,), resources.ENDPOINT: (eds_group,)}
+            {resources.CLUSTER: (everything[0],), resources.ENDPOINT: (everything[1],)}
         )
-        whole = self._check(f"mesh version {state.version}", only_shared, skip=frozenset())
-        return Shared(state, services, cds_group, eds_group, whole, {id(cds_group), id(eds_group)})
+        shared.whole = self._check(f"mesh version {state.version}", only_shared, frozenset())
+        if shared.whole:
+            shared.verified |= {id(everything[0]), id(everything[1])}
+        return shared
 
-    def _routes_for(self, namespace: str, shared: Shared) -> cache.ResourceGroup:
-        """The outbound routes of a namespace, shared by its proxies and
-        checked against the shared clusters once."""
-        memo = self._route_memo.get(namespace)
-        if memo is None or not (memo[0] is shared.services or memo[0] == shared.services):
-            config = sidecar.outbound_routes(namespace, shared.services)
-            group = cache.ResourceGroup([_resource(resources.ROUTE, config.name, config)])
-            memo = self._route_memo[namespace] = (shared.services, group)
-        group = memo[1]
-        if id(group) not in shared.verified:
-            routes_only = cache.Snapshot(
-                {resources.CLUSTER: (shared.clusters,), resources.ROUTE: (group,)}
+    # -- scopes ---------------------------------------------------------------
+
+    def _scope(self, p: proxy.Proxy, shared: Shared) -> Scope | None:
+        """The Services a proxy may call; None when that is all of them."""
+        own = shared.state.services.get(p.service_key)
+        dependencies = own.dependencies if own is not None else None
+        memo_key = (p.namespace, dependencies)
+        if memo_key not in shared.scopes:
+            shared.scopes[memo_key] = scope.visible(
+                shared.services, shared.state.routes, p.namespace, dependencies
             )
-            if not unresolved(routes_only, frozenset({id(shared.clusters)})):
-                shared.verified.add(id(group))
-        return group
+        found = shared.scopes[memo_key]
+        return None if len(found) == len(shared.services) else found
 
-    def _publish(self, key: str, s: proxy.Sidecar, shared: Shared) -> None:
-        own_clusters, own_listeners = self._own_groups(s, shared.state)
-        snapshot = cache.Snapshot(
-            groups={
-                resources.CLUSTER: (shared.clusters, own_clusters),
-                resources.ENDPOINT: (shared.endpoints,),
+    def _visible(self, shared: Shared, in_scope: Scope | None) -> tuple[mesh.Service, ...]:
+        if in_scope is None:
+            return shared.services
+        return tuple(s for s in shared.services if s.key in in_scope)
+
+    def _scoped_groups(
+        self, shared: Shared, in_scope: Scope | None
+    ) -> tuple[cache.ResourceGroup, cache.ResourceGroup]:
+        """Clusters and endpoints of a scope, shared by every proxy in it."""
+        key = ("clusters", in_scope)
+        if key not in shared.groups:
+            visible = self._visible(shared, in_scope)
+            shared.groups[key] = cache.ResourceGroup(
+                r for s in visible for r in shared.clusters[s.key]
+            )
+            shared.groups[("endpoints", in_scope)] = cache.ResourceGroup(
+                r for s in visible for r in shared.endpoints[s.key]
+            )
+            if in_scope is not None:
+                # A scope is closed over route backends, so its clusters'
+                # endpoints are in it: it resolves if the whole mesh does.
+                shared.verified |= {
+                    id(shared.groups[key]),
+                    id(shared.groups[("endpoints", in_scope)]),
+                }
+        return shared.groups[key], shared.groups[("endpoints", in_scope)]
+
+    def _memo_group(
+        self,
+        shared: Shared,
+        key: tuple[Any, ...],
+        inputs: Any,
+        build: Callable[[], list[cache.Resource]],
+    ) -> cache.ResourceGroup:
+        """A group rebuilt only when `inputs` changed."""
+        shared.memo_used.add(key)
+        memo = self._route_memo.get(key)
+        if memo is None or not (memo[0] is inputs or memo[0] == inputs):
+            memo = self._route_memo[key] = (inputs, cache.ResourceGroup(build()))
+        return memo[1]
+
+    def _verify(self, shared: Shared, group: cache.ResourceGroup, against: cache.Snapshot) -> None:
+        if id(group) not in shared.verified and not unresolved(against, frozenset(shared.verified)):
+            shared.verified.add(id(group))
+
+    # -- one proxy --------------------------------------------------------------
+
+    def _publish(self, key: str, p: proxy.Proxy, shared: Shared) -> None:
+        in_scope = self._scope(p, shared)
+        scoped_clusters, scoped_endpoints = self._scoped_groups(shared, in_scope)
+        visible = self._visible(shared, in_scope)
+        state = shared.state
+        # Route tables depend on the visible Services (annotations included)
+        # and on the routes between them.
+        inputs = (visible, state.routes)
+        if isinstance(p, proxy.Proxyless):
+            listeners = self._memo_group(
+                shared,
+                ("proxyless-lds", p.namespace, in_scope),
+                inputs,
+                lambda: [
+                    _resource(resources.LISTENER, item.name, item)
+                    for item in proxyless.listeners(visible, p.namespace)
+                ],
+            )
+            route_group = self._memo_group(
+                shared,
+                ("proxyless-rds", in_scope),
+                inputs,
+                lambda: [
+                    _resource(resources.ROUTE, rc.name, rc)
+                    for rc in proxyless.route_configs(visible, state)
+                ],
+            )
+            groups: dict[str, tuple[cache.ResourceGroup, ...]] = {
+                resources.CLUSTER: (scoped_clusters,),
+                resources.ENDPOINT: (scoped_endpoints,),
+                resources.LISTENER: (listeners,),
+                resources.ROUTE: (route_group,),
+            }
+        else:
+            own_clusters, own_listeners = self._own_groups(p, state)
+            route_group = self._memo_group(
+                shared,
+                ("outbound", p.namespace, in_scope),
+                inputs,
+                lambda: [
+                    _resource(resources.ROUTE, config.name, config)
+                    for config in [sidecar.outbound_routes(p.namespace, visible, state)]
+                ],
+            )
+            groups = {
+                resources.CLUSTER: (scoped_clusters, own_clusters),
+                resources.ENDPOINT: (scoped_endpoints,),
                 resources.LISTENER: (own_listeners,),
-                resources.ROUTE: (self._routes_for(s.namespace, shared),),
-            },
-            label=f"mesh version {shared.state.version}",
+                resources.ROUTE: (route_group,),
+            }
+        self._verify(
+            shared,
+            route_group,
+            cache.Snapshot(
+                {resources.CLUSTER: (scoped_clusters,), resources.ROUTE: (route_group,)}
+            ),
         )
+        snapshot = cache.Snapshot(groups=groups, label=f"mesh version {state.version}")
         if self._check(key, snapshot, skip=frozenset(shared.verified)):
             self._cache.set_snapshot(key, snapshot)
 

@@ -19,6 +19,8 @@ APP_PORT = "APP_PORT"
 INBOUND_PORT = "INBOUND_PORT"
 OUTBOUND_PORT = "OUTBOUND_PORT"
 INBOUND_ADDRESS = "INBOUND_ADDRESS"
+# Set by `shoal bootstrap --grpc`: a gRPC application with no sidecar.
+PROXYLESS = "PROXYLESS"
 
 
 def _port(fields: Any, key: str) -> int:
@@ -55,8 +57,22 @@ def sidecar(node: Any) -> proxy.Sidecar:
     )
 
 
-def key(s: proxy.Sidecar) -> str:
+def parse(node: Any) -> proxy.Proxy:
+    """A sidecar or a proxyless gRPC client; ValueError names what is wrong."""
+    fields = node.metadata.fields
+    if PROXYLESS in fields and (
+        fields[PROXYLESS].bool_value or fields[PROXYLESS].string_value == "true"
+    ):
+        return proxy.Proxyless(
+            namespace=_text(fields, NAMESPACE), service=_text(fields, SERVICE, "")
+        )
+    return sidecar(node)
+
+
+def key(s: proxy.Proxy) -> str:
     """Proxies with equal keys get identical configuration."""
+    if isinstance(s, proxy.Proxyless):
+        return f"proxyless/{s.namespace}/{s.service}"
     return (
         f"{s.namespace}/{s.service}/{s.service_account}"
         f"/{s.inbound_address}:{s.inbound_port}>{s.app_port}/out:{s.outbound_port}"

@@ -46,7 +46,7 @@ def test_sidecar_bootstrap_is_valid(tmp_path: Path) -> None:
 def test_translated_resources_are_valid_envoy_config(tmp_path: Path) -> None:
     state = fixtures.state()
     s = fixtures.sidecar()
-    routes = sidecar.outbound_routes(s.namespace, state.sorted_services())
+    routes = sidecar.outbound_routes(s.namespace, state.sorted_services(), state)
     listeners = []
     for listener in sidecar.own_listeners(s, state):
         # RDS is served over ADS at run time; inline it so Envoy checks the routes too.

@@ -65,9 +65,12 @@ def test_golden_listeners() -> None:
 
 
 def test_golden_routes() -> None:
-    check_golden(
-        "local_routes", [sidecar.outbound_routes("shop", fixtures.state().sorted_services())]
-    )
+    check_golden("local_routes", [_routes("shop")])
+
+
+def _routes(namespace: str) -> Message:
+    state = fixtures.state()
+    return sidecar.outbound_routes(namespace, state.sorted_services(), state)
 
 
 def test_translation_is_deterministic() -> None:
@@ -77,7 +80,7 @@ def test_translation_is_deterministic() -> None:
 
 
 def test_hosts_with_and_without_port_route_to_the_cluster() -> None:
-    config = sidecar.outbound_routes("shop", fixtures.state().sorted_services())
+    config = _routes("shop")
     web = {vh.name: vh for vh in config.virtual_hosts}["web.shop.svc.cluster.local:80"]
     assert set(web.domains) == {
         "web",
@@ -93,7 +96,7 @@ def test_hosts_with_and_without_port_route_to_the_cluster() -> None:
 
 
 def test_short_names_only_within_the_callers_namespace() -> None:
-    config = sidecar.outbound_routes("shop", fixtures.state().sorted_services())
+    config = _routes("shop")
     domains = {d for vh in config.virtual_hosts for d in vh.domains}
     assert "invoices.billing" in domains
     assert "invoices" not in domains
@@ -103,7 +106,7 @@ def test_short_names_only_within_the_callers_namespace() -> None:
 
 
 def test_tcp_ports_get_no_http_route_and_unknown_hosts_get_a_clear_404() -> None:
-    config = sidecar.outbound_routes("shop", fixtures.state().sorted_services())
+    config = _routes("shop")
     assert not any("db" in vh.name for vh in config.virtual_hosts)
     last = config.virtual_hosts[-1]
     assert list(last.domains) == ["*"]

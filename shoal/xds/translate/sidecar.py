@@ -40,8 +40,9 @@ def own_listeners(sidecar: proxy.Sidecar, state: mesh.MeshState) -> list[listene
 
 
 def outbound_routes(
-    namespace: str, services: Iterable[mesh.Service]
+    namespace: str, visible: Iterable[mesh.Service], state: mesh.MeshState
 ) -> route_pb2.RouteConfiguration:
-    """The outbound route table as seen from `namespace`."""
-    vhosts = [vh for svc in services for vh in routes.virtual_hosts(svc, namespace)]
+    """The outbound route table as seen from `namespace`, for the Services
+    in scope."""
+    vhosts = [vh for svc in visible for vh in routes.virtual_hosts(svc, namespace, state)]
     return routes.outbound(vhosts)
