@@ -236,7 +236,30 @@ def write_bootstrap(
     return path
 
 
+SIDECAR_PORTS = ("app_port", "inbound_port", "outbound_port", "admin_port")
+
+
 def cmd_bootstrap(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.grpc:
+        host, port = _host_port(args.xds)
+        config = bootstrap_config.grpc_client(
+            args.namespace,
+            args.service or "",
+            node_id=args.node_id or f"grpc~{args.namespace}~{args.service or 'client'}",
+            xds_host=host,
+            xds_port=port,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "grpc-bootstrap.json"
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        print(f"wrote {path}; run the app with GRPC_XDS_BOOTSTRAP={path} and dial xds:///SERVICE")
+        return 0
+    missing = [f"--{n.replace('_', '-')}" for n in SIDECAR_PORTS if getattr(args, n) is None]
+    if missing or not args.service:
+        missing = missing if args.service else ["--service", *missing]
+        print(f"shoal bootstrap: a sidecar needs {', '.join(missing)}", file=sys.stderr)
+        return 2
     s = proxy.Sidecar(
         namespace=args.namespace,
         service=args.service,
@@ -247,7 +270,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         inbound_address=args.inbound_address,
     )
     path = write_bootstrap(
-        Path(args.out),
+        out,
         s,
         xds=args.xds,
         admin_port=args.admin_port,
@@ -373,30 +396,36 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
 
-    boot = sub.add_parser("bootstrap", help="write the Envoy bootstrap of one local sidecar")
+    boot = sub.add_parser(
+        "bootstrap",
+        help="write the Envoy bootstrap of one local sidecar (or, with --grpc, of a gRPC app)",
+    )
     boot.add_argument("--xds", default=DEFAULT_XDS, metavar="HOST:PORT")
     boot.add_argument("--namespace", default="default")
-    boot.add_argument("--service", required=True)
+    boot.add_argument("--service", help="the Service this workload serves (required for a sidecar)")
     boot.add_argument("--service-account", default="default")
-    boot.add_argument("--app-port", type=int, required=True, help="where the app listens")
+    boot.add_argument("--app-port", type=int, help="where the app listens")
     boot.add_argument(
         "--inbound-port",
         type=int,
-        required=True,
         help="where the sidecar accepts calls from the mesh",
     )
     boot.add_argument("--inbound-address", default="127.0.0.1")
     boot.add_argument(
         "--outbound-port",
         type=int,
-        required=True,
         help="127.0.0.1 port the app sends mesh calls to (routed by Host)",
     )
-    boot.add_argument("--admin-port", type=int, required=True, help="Envoy admin, on 127.0.0.1")
+    boot.add_argument("--admin-port", type=int, help="Envoy admin, on 127.0.0.1")
     boot.add_argument("--node-id", help="default sidecar~NS~SERVICE-INBOUNDPORT")
     boot.add_argument("--state-dir", default=".shoal")
     boot.add_argument(
         "--delta", action="store_true", help="incremental (delta) xDS instead of state of the world"
+    )
+    boot.add_argument(
+        "--grpc",
+        action="store_true",
+        help="write DIR/grpc-bootstrap.json for a proxyless gRPC app instead of a sidecar",
     )
     boot.add_argument("--out", required=True, metavar="DIR", help="writes DIR/envoy.yaml")
     boot.set_defaults(func=cmd_bootstrap)

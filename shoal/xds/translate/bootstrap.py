@@ -77,3 +77,28 @@ def sidecar(
             ]
         },
     }
+
+
+def grpc_client(
+    namespace: str, service: str, *, node_id: str, xds_host: str, xds_port: int
+) -> dict[str, Any]:
+    """A GRPC_XDS_BOOTSTRAP file for a proxyless gRPC application."""
+    return {
+        "xds_servers": [
+            {
+                "server_uri": f"{xds_host}:{xds_port}",
+                "channel_creds": [{"type": "insecure"}],
+                "server_features": ["xds_v3"],
+            }
+        ],
+        "node": {
+            "id": node_id,
+            "cluster": f"{service}.{namespace}" if service else namespace,
+            "metadata": {
+                node.PROXYLESS: True,
+                node.NAMESPACE: namespace,
+                node.SERVICE: service,
+            },
+            "locality": {},
+        },
+    }
