@@ -1,0 +1,118 @@
+"""Bad clients are handled on their own stream and never slow the others."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
+from shoal import cli
+from shoal.xds import cache, controller, resources, server, status
+from tests.conftest import write
+from tests.xds.test_ads_protocol import (
+    CDS,
+    Request,
+    ads_stream,
+    make_node,
+    service_manifest,
+)
+
+
+@pytest.fixture
+def registry_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "registry"
+    folder.mkdir()
+    write(folder, "alpha.yaml", service_manifest("alpha", 9001))
+    return folder
+
+
+async def test_an_unserved_type_is_ignored_and_the_stream_goes_on(
+    control_plane: cli.ControlPlane,
+) -> None:
+    async with ads_stream(control_plane.xds_port, make_node("curious")) as client:
+        await client.request("type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig")
+        await client.expect_nothing(0.3)
+        await client.request(CDS)
+        response = await client.recv()
+        assert response.type_url == CDS
+
+
+async def test_a_client_that_never_acks_holds_only_itself(
+    control_plane: cli.ControlPlane, registry_dir: Path
+) -> None:
+    port = control_plane.xds_port
+    async with (
+        ads_stream(port, make_node("mute")) as mute,
+        ads_stream(port, make_node("good")) as good,
+    ):
+        await mute.request(CDS)
+        await mute.recv()  # and never answered
+        await good.request(CDS)
+        await good.ack(await good.recv())
+
+        write(registry_dir, "beta.yaml", service_manifest("beta", 9002))
+        update = await good.recv()
+        assert any("beta" in r.value.decode(errors="replace") for r in update.resources)
+        await mute.expect_nothing(0.5)
+        (conn,) = [c for c in control_plane.ads.connections.values() if c.node_id == "mute"]
+        assert status.type_status(conn, CDS).status == status.STALE
+
+
+@pytest.fixture
+async def slow_server() -> AsyncIterator[tuple[int, cache.SnapshotCache, server.AdsServer]]:
+    snapshots = cache.SnapshotCache(controller.Controller.key_of)
+    ads = server.AdsServer(snapshots, write_timeout=1.0)
+    grpc_server = grpc.aio.server()
+    grpc_server.add_generic_rpc_handlers((ads.handler(),))
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        yield port, snapshots, ads
+    finally:
+        await grpc_server.stop(grace=None)
+
+
+async def test_a_client_that_stops_reading_holds_one_response_at_most(
+    slow_server: tuple[int, cache.SnapshotCache, server.AdsServer],
+) -> None:
+    """Nothing is queued per stream beyond the one response awaiting its ACK:
+    a client that stops reading costs one response of memory, however many
+    changes follow, and healthy streams are not slowed."""
+    port, snapshots, ads = slow_server
+    key = controller.Controller.key_of(make_node("any"))
+
+    def publish(generation: int) -> None:
+        # About 3 MB of clusters: more than flow control lets through unread.
+        group = cache.ResourceGroup(
+            cache.Resource.from_message(
+                CDS, f"c{i}", cluster_pb2.Cluster(name=f"c{i}-{generation}" + "x" * 800)
+            )
+            for i in range(4_000)
+        )
+        snapshots.set_snapshot(key, cache.Snapshot({resources.CLUSTER: (group,)}))
+
+    publish(0)
+    options = [("grpc.max_receive_message_length", -1)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        stuck = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+        await stuck.write(Request(node=make_node("stuck"), type_url=CDS))  # and never reads
+        await asyncio.sleep(0.2)
+        async with ads_stream(port, make_node("healthy")) as healthy:
+            await healthy.request(CDS)
+            first = await healthy.recv()
+            for generation in (1, 2, 3):
+                await healthy.ack(first)
+                publish(generation)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                first = await healthy.recv()
+                assert loop.time() - started < 1.0, "a stuck stream slowed a healthy one"
+            (conn,) = [c for c in ads.connections.values() if c.node_id == "stuck"]
+            assert conn.types[CDS].nonce == "1", "more than one response queued for it"
+            assert conn.types[CDS].in_flight
+        stuck.cancel()
