@@ -350,7 +350,7 @@ def format_proxy_status(proxies: list[dict[str, Any]]) -> str:
 def cmd_proxy_status(args: argparse.Namespace) -> int:
     proxies: list[dict[str, Any]] = _fetch(args.admin, "/debug/syncz")
     if args.proxy:
-        proxies = [p for p in proxies if p["id"] == args.proxy or p["id"].startswith(args.proxy)]
+        proxies = [p for p in proxies if args.proxy in p["id"]]
         if not proxies:
             print(f"shoal: no connected proxy {args.proxy!r}", file=sys.stderr)
             return 1
@@ -431,7 +431,7 @@ def parser() -> argparse.ArgumentParser:
     boot.set_defaults(func=cmd_bootstrap)
 
     ps = sub.add_parser("proxy-status", help="every connected proxy's sync state per xDS type")
-    ps.add_argument("proxy", nargs="?", help="only this proxy (id or unique prefix)")
+    ps.add_argument("proxy", nargs="?", help="only this proxy (its id, or part of it)")
     ps.add_argument(
         "--admin",
         default=DEFAULT_ADMIN,
@@ -441,7 +441,9 @@ def parser() -> argparse.ArgumentParser:
     ps.set_defaults(func=cmd_proxy_status)
 
     dump = sub.add_parser("config-dump", help="what the control plane last sent a proxy, as JSON")
-    dump.add_argument("proxy", help="proxy id (or unique prefix), as proxy-status shows it")
+    dump.add_argument(
+        "proxy", help="proxy id as proxy-status shows it, or a part of it naming one proxy"
+    )
     dump.add_argument("--type", choices=["cds", "eds", "lds", "rds", "sds"], help="only one type")
     dump.add_argument(
         "--admin",

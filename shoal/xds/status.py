@@ -106,14 +106,19 @@ def proxies(ads: server.AdsServer, now: float | None = None) -> list[dict[str, o
 
 
 def find(ads: server.AdsServer, proxy_id: str) -> server.Connection | None:
-    """The newest stream of a proxy (by exact id, else a unique prefix)."""
+    """The newest stream of a proxy: by exact id, else by a part of the id
+    (`frontend-1`, `sidecar~demo~front`) that names one proxy only."""
     conns = sorted(ads.connections.values(), key=lambda c: c.stream_id)
-    exact = [c for c in conns if c.node_id == proxy_id]
-    if exact:
-        return exact[-1]
-    prefixed = {c.node_id for c in conns if c.node_id.startswith(proxy_id)}
-    if len(prefixed) == 1:
-        return [c for c in conns if c.node_id in prefixed][-1]
+    for matches in (
+        lambda c: c.node_id == proxy_id,
+        lambda c: c.node_id.startswith(proxy_id),
+        lambda c: proxy_id in c.node_id,
+    ):
+        found = [c for c in conns if matches(c)]
+        if len({c.node_id for c in found}) == 1:
+            return found[-1]
+        if found:
+            return None  # ambiguous
     return None
 
 
