@@ -292,6 +292,7 @@ class AdsServer:
         if not self._serves(conn, type_url):
             return
         state = conn.types.get(type_url)
+        first = state is None
         if state is None:
             # Legacy wildcard: a first request naming nothing on LDS or CDS.
             wildcard = type_url in resources.WILDCARD and not request.resource_names_subscribe
@@ -315,12 +316,19 @@ class AdsServer:
         if subscribe or unsubscribe:
             state.names = frozenset((state.names | subscribe) - unsubscribe - {"*"})
             state.told_absent -= subscribe
-            dropped = unsubscribe & state.held.names
-            if dropped and not state.wildcard:
-                # The client forgets what it unsubscribed from.
-                state.held = cache.make_view(
-                    r for r in state.held.resources if r.name not in dropped
-                )
+            # The client forgets what it unsubscribed from. A name it
+            # subscribes to again must be sent again, even unchanged: it may
+            # have forgotten it (xds_protocol.rst, "Subscribing to
+            # Resources"); not on the first request, whose
+            # initial_resource_versions say what it does hold.
+            dropped = set() if state.wildcard else unsubscribe & state.held.names
+            if not first:
+                dropped |= subscribe & state.held.names
+            if dropped:
+                state.held = _without(state.held, dropped)
+                if state.pending is not None:
+                    # Not restored by the ACK of a response already sent.
+                    state.pending = _without(state.pending, dropped)
 
     def _on_answer(self, conn: Connection, state: TypeState, request: Any) -> None:
         """The request answers our latest response of its type: ACK or NACK."""
@@ -549,6 +557,11 @@ class AdsServer:
 
 
 _OVERFLOW = object()
+
+
+def _without(view: cache.View, names: Iterable[str]) -> cache.View:
+    gone = set(names)
+    return cache.make_view(r for r in view.resources if r.name not in gone)
 
 
 def _identity(body: bytes) -> bytes:
