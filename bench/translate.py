@@ -188,7 +188,7 @@ async def run(services: int, proxies: int, profile: cProfile.Profile | None) -> 
 
     # Proxies connect first (to an empty mesh), as a server's streams would.
     events = [asyncio.Event() for _ in range(proxies)]
-    watches = [snapshots.watch(proxy_node(i), e) for i, e in enumerate(events)]
+    watches = [snapshots.watch(cache.Client(proxy_node(i)), e) for i, e in enumerate(events)]
     if len(set(snapshots.watched_keys())) != proxies:
         raise SystemExit("proxies do not have distinct snapshot keys")
     for e in events:

@@ -108,6 +108,10 @@ class Service:
     export_to: frozenset[str] = frozenset({"*"})
     # (namespace, name or "*") its own workloads call; None: no narrowing.
     dependencies: frozenset[tuple[str, str]] | None = None
+    # "strict" or "permissive" mutual TLS on its inbound; None: its namespace's.
+    mtls: str | None = None
+    # Callers allowed, as (namespace, service account or "*"); None: everyone.
+    allow: frozenset[tuple[str, str]] | None = None
 
     @property
     def key(self) -> ServiceKey:

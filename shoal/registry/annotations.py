@@ -17,6 +17,9 @@ DEPENDENCIES = PREFIX + "dependencies"
 SPLIT = PREFIX + "split"
 ROUTE_HEADERS = PREFIX + "route-headers"
 ROUTING = (SPLIT, ROUTE_HEADERS)
+MTLS = PREFIX + "mtls"
+ALLOW = PREFIX + "allow"
+MTLS_MODES = ("strict", "permissive")
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -147,3 +150,29 @@ def service_route(
                 which = SPLIT if not rule.headers else ROUTE_HEADERS
                 raise AnnotationError(which, f"backend Service {backend.service} does not exist")
     return routing.ServiceRoute(service.key, tuple(rules), source="annotations")
+
+
+def mtls(annotations: Mapping[str, str]) -> str | None:
+    value = annotations.get(MTLS)
+    if value is None:
+        return None
+    mode = value.strip().lower()
+    if mode not in MTLS_MODES:
+        raise AnnotationError(MTLS, f"{value!r} is not one of {', '.join(MTLS_MODES)}")
+    return mode
+
+
+def allow(annotations: Mapping[str, str]) -> frozenset[tuple[str, str]] | None:
+    """Callers allowed: `ns/sa` or `ns/*`, comma separated."""
+    value = annotations.get(ALLOW)
+    if value is None:
+        return None
+    out: set[tuple[str, str]] = set()
+    for item in _names(value):
+        ns, slash, account = item.partition("/")
+        if not slash or not _NAME.match(ns) or not (account == "*" or _NAME.match(account)):
+            raise AnnotationError(ALLOW, f"{item!r} is not NAMESPACE/SERVICEACCOUNT or NAMESPACE/*")
+        out.add((ns, account))
+    if not out:
+        raise AnnotationError(ALLOW, "names no caller; remove it to allow everyone")
+    return frozenset(out)

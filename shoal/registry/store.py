@@ -7,7 +7,7 @@ Services by label, endpoints to their Pods) and reports what does not join.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from shoal.model import mesh, problems, routing
@@ -29,9 +29,7 @@ class ObjectStore:
         self._version = 0
         # What a Service's annotations last said when they were valid: a
         # typo in one annotation must not undo that Service's routing.
-        self._good_scope: dict[
-            mesh.ServiceKey, tuple[frozenset[str], frozenset[tuple[str, str]] | None]
-        ] = {}
+        self._good_notes: dict[mesh.ServiceKey, dict[str, object]] = {}
         self._good_routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
 
     def replace_source(self, source: str, objects: Iterable[Sourced]) -> None:
@@ -115,19 +113,25 @@ class ObjectStore:
     def _scoped(
         self, svc: mesh.Service, source: str, found: list[problems.Problem]
     ) -> mesh.Service:
-        try:
-            good = (
-                notes.export_to(svc.annotations),
-                notes.dependencies(svc.annotations, svc.namespace),
-            )
-        except notes.AnnotationError as err:
-            kept = self._good_scope.get(svc.key)
-            found.append(problems.Problem(source, f"Service {svc.key}", _kept(err, kept)))
-            if kept is None:
-                return svc
-            good = kept
-        self._good_scope[svc.key] = good
-        return dataclasses.replace(svc, export_to=good[0], dependencies=good[1])
+        """Scope and security annotations, each falling back to its last good
+        value (or its default) when malformed."""
+        parsers: dict[str, Callable[[], object]] = {
+            "export_to": lambda: notes.export_to(svc.annotations),
+            "dependencies": lambda: notes.dependencies(svc.annotations, svc.namespace),
+            "mtls": lambda: notes.mtls(svc.annotations),
+            "allow": lambda: notes.allow(svc.annotations),
+        }
+        good = self._good_notes.setdefault(svc.key, {})
+        values: dict[str, object] = {}
+        for field_name, parse in parsers.items():
+            try:
+                values[field_name] = good[field_name] = parse()
+            except notes.AnnotationError as err:
+                kept = good.get(field_name)
+                found.append(problems.Problem(source, f"Service {svc.key}", _kept(err, kept)))
+                if kept is not None:
+                    values[field_name] = kept
+        return dataclasses.replace(svc, **values)  # type: ignore[arg-type]
 
     def _routes(
         self,
@@ -153,6 +157,8 @@ class ObjectStore:
                 routes[key] = self._good_routes[key] = route
         for gone in self._good_routes.keys() - services.keys():
             del self._good_routes[gone]
+        for gone in self._good_notes.keys() - services.keys():
+            del self._good_notes[gone]
         return routes
 
 

@@ -230,7 +230,17 @@ class Watch:
         return self._cache.get(self.key)
 
 
-NodeKey = Callable[[Any], str]
+@dataclass(frozen=True)
+class Client:
+    """Who is asking: the node it sent, and the SPIFFE ID its TLS client
+    certificate proves (None on an insecure channel). Only the latter is
+    evidence; the node is what the proxy claims."""
+
+    node: Any
+    identity: str | None = None
+
+
+NodeKey = Callable[[Client], str]
 
 
 class SnapshotCache:
@@ -245,11 +255,11 @@ class SnapshotCache:
         self._key_of = key_of
         self._snapshots: dict[str, Snapshot] = {}
         self._watches: dict[str, set[Watch]] = {}
-        self.on_watch: Callable[[str, Any], None] | None = None
+        self.on_watch: Callable[[str, Client], None] | None = None
         self.on_idle: Callable[[str], None] | None = None
 
-    def key_of(self, node: Any) -> str:
-        return self._key_of(node)
+    def key_of(self, client: Client) -> str:
+        return self._key_of(client)
 
     def get(self, key: str) -> Snapshot | None:
         return self._snapshots.get(key)
@@ -268,14 +278,14 @@ class SnapshotCache:
     def watched_keys(self) -> list[str]:
         return [k for k, ws in self._watches.items() if ws]
 
-    def watch(self, node: Any, changed: asyncio.Event) -> Watch:
-        """Set `changed` whenever the snapshot for `node` changes. Raises
-        ValueError for a node the configuration side cannot place."""
-        key = self._key_of(node)
+    def watch(self, client: Client, changed: asyncio.Event) -> Watch:
+        """Set `changed` whenever the snapshot for `client` changes. Raises
+        ValueError for a client the configuration side cannot place."""
+        key = self._key_of(client)
         w = Watch(self, key, changed)
         self._watches.setdefault(key, set()).add(w)
         if self.on_watch is not None:
-            self.on_watch(key, node)
+            self.on_watch(key, client)
         if key in self._snapshots:
             w.changed.set()
         return w

@@ -12,13 +12,22 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf.message import Message
 
 from shoal.model import mesh, problems, proxy, scope
 from shoal.xds import cache, node, resources
-from shoal.xds.translate import clusters, endpoints, names, proxyless, refs, sidecar
+from shoal.xds.translate import (
+    clusters,
+    endpoints,
+    listeners,
+    names,
+    proxyless,
+    refs,
+    secrets,
+    sidecar,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +97,46 @@ class Shared:
     memo_used: set[tuple[Any, ...]] = field(default_factory=set)
 
 
+class Identities(Protocol):
+    """Workload certificates, as the controller needs them. Present when
+    the mesh speaks mutual TLS (that is, when xDS itself is authenticated)."""
+
+    trust_domain: str
+
+    def get(self, namespace: str, service_account: str) -> KeyPairLike: ...
+    def trust_bundle(self) -> bytes: ...
+    def forget(self, namespace: str, service_account: str) -> None: ...
+
+
+class KeyPairLike(Protocol):
+    @property
+    def cert_pem(self) -> bytes: ...
+    @property
+    def key_pem(self) -> bytes: ...
+
+
 class Controller:
-    def __init__(self, snapshots: cache.SnapshotCache, debouncer: Debouncer) -> None:
+    def __init__(
+        self,
+        snapshots: cache.SnapshotCache,
+        debouncer: Debouncer,
+        identities: Identities | None = None,
+    ) -> None:
         self._cache = snapshots
         self._debouncer = debouncer
+        self._identities = identities
+        self._secret_memo: dict[tuple[str, str], tuple[bytes, bytes, cache.ResourceGroup]] = {}
         self._state = mesh.MeshState()
         self._proxies: dict[str, proxy.Proxy] = {}
-        self._service_memo: dict[mesh.Service, list[cache.Resource]] = {}
+        self._service_memo: dict[
+            tuple[mesh.Service, frozenset[str] | None], list[cache.Resource]
+        ] = {}
         self._endpoint_memo: dict[
             tuple[mesh.ServiceKey, mesh.Port, tuple[mesh.Endpoint, ...]], cache.Resource
         ] = {}
         self._own_memo: dict[
-            tuple[proxy.Sidecar, mesh.Protocol], tuple[cache.ResourceGroup, cache.ResourceGroup]
+            tuple[proxy.Sidecar, mesh.Protocol, listeners.InboundSecurity | None],
+            tuple[cache.ResourceGroup, cache.ResourceGroup],
         ] = {}
         # Route tables outlive a rebuild when nothing they depend on changed.
         self._route_memo: dict[tuple[Any, ...], tuple[Any, cache.ResourceGroup]] = {}
@@ -111,8 +148,8 @@ class Controller:
         snapshots.on_idle = self._on_idle
 
     @staticmethod
-    def key_of(n: Any) -> str:
-        return node.key(node.parse(n))
+    def key_of(client: cache.Client) -> str:
+        return node.key(node.parse(client.node, client.identity))
 
     @property
     def state(self) -> mesh.MeshState:
@@ -133,10 +170,10 @@ class Controller:
 
     # -- proxies coming and going -------------------------------------------
 
-    def _on_watch(self, key: str, n: Any) -> None:
+    def _on_watch(self, key: str, client: cache.Client) -> None:
         if key in self._proxies:
             return
-        self._proxies[key] = node.parse(n)
+        self._proxies[key] = node.parse(client.node, client.identity)
         if self._shared is None or self._shared.state is not self._state:
             self._shared = self._build_shared(self._state)
         if self._shared.whole:
@@ -170,7 +207,7 @@ class Controller:
         )
 
     def _build_shared(self, state: mesh.MeshState) -> Shared:
-        service_memo: dict[mesh.Service, list[cache.Resource]] = {}
+        service_memo: dict[tuple[mesh.Service, frozenset[str] | None], list[cache.Resource]] = {}
         endpoint_memo: dict[
             tuple[mesh.ServiceKey, mesh.Port, tuple[mesh.Endpoint, ...]], cache.Resource
         ] = {}
@@ -178,13 +215,14 @@ class Controller:
         by_service_endpoints: dict[mesh.ServiceKey, list[cache.Resource]] = {}
         services = tuple(state.sorted_services())
         for svc in services:
-            built = self._service_memo.get(svc)
+            peers = self._peers(svc, state)
+            built = self._service_memo.get((svc, peers))
             if built is None:
                 built = [
                     _resource(resources.CLUSTER, c.name, c)
-                    for c in clusters.outbound_for_service(svc)
+                    for c in clusters.outbound_for_service(svc, peers)
                 ]
-            service_memo[svc] = by_service_clusters[svc.key] = built
+            service_memo[(svc, peers)] = by_service_clusters[svc.key] = built
             assigned_all = []
             for port in svc.ports:
                 key = (svc.key, port, state.endpoints_of(svc.key, port))
@@ -197,6 +235,11 @@ class Controller:
             by_service_endpoints[svc.key] = assigned_all
         # Only what the current state uses is remembered, so memory follows
         # the mesh, not its history.
+        if self._identities is not None:
+            for svc in services:  # plain-text variants, for proxyless clients
+                plain = self._service_memo.get((svc, None))
+                if plain is not None:
+                    service_memo[(svc, None)] = plain
         self._service_memo = service_memo
         self._endpoint_memo = endpoint_memo
         shared = Shared(state, services, by_service_clusters, by_service_endpoints, whole=True)
@@ -208,6 +251,37 @@ class Controller:
         if shared.whole:
             shared.verified |= {id(everything[0]), id(everything[1])}
         return shared
+
+    def _peers(self, svc: mesh.Service, state: mesh.MeshState) -> frozenset[str] | None:
+        """SPIFFE IDs a caller must see on the other end; None without mTLS."""
+        if self._identities is None:
+            return None
+        domain = self._identities.trust_domain
+        accounts = {e.service_account for e in state.endpoints.get(svc.key, ())} or {"default"}
+        return frozenset(f"spiffe://{domain}/ns/{svc.namespace}/sa/{sa}" for sa in accounts)
+
+    def _secrets(self, s: proxy.Sidecar) -> cache.ResourceGroup | None:
+        """The workload certificate and trust bundle of a sidecar's identity,
+        shared by every proxy of that identity and rebuilt on rotation."""
+        if self._identities is None:
+            return None
+        identity = (s.namespace, s.service_account)
+        pair = self._identities.get(*identity)
+        bundle = self._identities.trust_bundle()
+        memo = self._secret_memo.get(identity)
+        if memo is None or memo[0] is not pair.cert_pem or memo[1] != bundle:
+            group = cache.ResourceGroup(
+                [
+                    _resource(
+                        resources.SECRET,
+                        secrets.WORKLOAD,
+                        secrets.workload(pair.cert_pem, pair.key_pem),
+                    ),
+                    _resource(resources.SECRET, secrets.TRUST_BUNDLE, secrets.trust_bundle(bundle)),
+                ]
+            )
+            memo = self._secret_memo[identity] = (pair.cert_pem, bundle, group)
+        return memo[2]
 
     # -- scopes ---------------------------------------------------------------
 
@@ -249,6 +323,28 @@ class Controller:
                     id(shared.groups[("endpoints", in_scope)]),
                 }
         return shared.groups[key], shared.groups[("endpoints", in_scope)]
+
+    def _plain_clusters(
+        self, shared: Shared, in_scope: Scope | None, visible: tuple[mesh.Service, ...]
+    ) -> cache.ResourceGroup:
+        key = ("plain-clusters", in_scope)
+        if key not in shared.groups:
+            built = []
+            for svc in visible:
+                memo = self._service_memo.get((svc, None))
+                if memo is None:
+                    memo = self._service_memo[(svc, None)] = [
+                        _resource(resources.CLUSTER, c.name, c)
+                        for c in clusters.outbound_for_service(svc)
+                    ]
+                built.extend(memo)
+            group = shared.groups[key] = cache.ResourceGroup(built)
+            shared.verified.add(id(group))
+        return shared.groups[key]
+
+    def refresh(self) -> None:
+        """Something outside the mesh state changed (a certificate): rebuild."""
+        self._debouncer.touch()
 
     def _memo_group(
         self,
@@ -297,6 +393,10 @@ class Controller:
                     for rc in proxyless.route_configs(visible, state)
                 ],
             )
+            if self._identities is not None:
+                # gRPC's xDS client takes TLS only from certificate providers,
+                # not SDS: proxyless clients call in plain text for now.
+                scoped_clusters = self._plain_clusters(shared, in_scope, visible)
             groups: dict[str, tuple[cache.ResourceGroup, ...]] = {
                 resources.CLUSTER: (scoped_clusters,),
                 resources.ENDPOINT: (scoped_endpoints,),
@@ -305,6 +405,7 @@ class Controller:
             }
         else:
             own_clusters, own_listeners = self._own_groups(p, state)
+            secret_group = self._secrets(p)
             route_group = self._memo_group(
                 shared,
                 ("outbound", p.namespace, in_scope),
@@ -320,6 +421,8 @@ class Controller:
                 resources.LISTENER: (own_listeners,),
                 resources.ROUTE: (route_group,),
             }
+            if secret_group is not None:
+                groups[resources.SECRET] = (secret_group,)
         self._verify(
             shared,
             route_group,
@@ -336,7 +439,12 @@ class Controller:
     ) -> tuple[cache.ResourceGroup, cache.ResourceGroup]:
         """A sidecar's inbound cluster and listeners: they change only with
         the sidecar itself or its Service's protocol."""
-        memo_key = (s, sidecar.inbound_protocol(s, state))
+        security = (
+            sidecar.security(s, state, self._identities.trust_domain)
+            if self._identities is not None
+            else None
+        )
+        memo_key = (s, sidecar.inbound_protocol(s, state), security)
         found = self._own_memo.get(memo_key)
         if found is None:
             found = (
@@ -345,7 +453,7 @@ class Controller:
                 ),
                 cache.ResourceGroup(
                     _resource(resources.LISTENER, item.name, item)
-                    for item in sidecar.own_listeners(s, state)
+                    for item in sidecar.own_listeners(s, state, security)
                 ),
             )
             self._own_memo[memo_key] = found

@@ -57,8 +57,41 @@ def sidecar(node: Any) -> proxy.Sidecar:
     )
 
 
-def parse(node: Any) -> proxy.Proxy:
-    """A sidecar or a proxyless gRPC client; ValueError names what is wrong."""
+def parse_spiffe(spiffe_id: str) -> tuple[str, str, str]:
+    """(trust domain, namespace, service account) of a workload SPIFFE ID."""
+    rest = spiffe_id.removeprefix("spiffe://")
+    parts = rest.split("/")
+    if (
+        rest == spiffe_id
+        or len(parts) != 5
+        or parts[1] != "ns"
+        or parts[3] != "sa"
+        or not all(parts)
+    ):
+        raise ValueError(f"{spiffe_id!r} is not a workload identity (spiffe://TD/ns/NS/sa/SA)")
+    return parts[0], parts[2], parts[4]
+
+
+def parse(node: Any, identity: str | None = None) -> proxy.Proxy:
+    """A sidecar or a proxyless gRPC client; ValueError names what is wrong.
+
+    With a certificate identity, the namespace and service account are the
+    certificate's: a proxy cannot claim another workload's identity in its
+    metadata. A claim that differs is refused outright."""
+    found = _parse(node)
+    if identity is None:
+        return found
+    _, namespace, account = parse_spiffe(identity)
+    claimed = getattr(found, "service_account", account)
+    if found.namespace != namespace or claimed != account:
+        raise PermissionError(
+            f"node metadata claims namespace {found.namespace!r} and service account "
+            f"{claimed!r}, but its certificate is {identity}"
+        )
+    return found
+
+
+def _parse(node: Any) -> proxy.Proxy:
     fields = node.metadata.fields
     if PROXYLESS in fields and (
         fields[PROXYLESS].bool_value or fields[PROXYLESS].string_value == "true"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
+from cryptography import x509
 from envoy.service.discovery.v3 import discovery_pb2
 
 from shoal.xds import cache, resources
@@ -185,7 +186,11 @@ class AdsServer:
             connected_at=self._clock(),
         )
         try:
-            conn.watch = self._cache.watch(first.node, conn.wake)
+            client = cache.Client(first.node, peer_identity(context))
+            conn.watch = self._cache.watch(client, conn.wake)
+        except PermissionError as err:
+            log.warning("refusing proxy %s: %s", first.node.id, err)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {first.node.id}: {err}")
         except ValueError as err:
             log.warning("rejecting proxy %s: %s", first.node.id, err)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {first.node.id}: {err}")
@@ -557,6 +562,21 @@ class AdsServer:
 
 
 _OVERFLOW = object()
+
+
+def peer_identity(context: Any) -> str | None:
+    """The SPIFFE ID in the client certificate of a TLS stream, if any."""
+    auth = context.auth_context() or {}
+    for pem in auth.get("x509_pem_cert", ()):
+        cert = x509.load_pem_x509_certificate(pem)
+        try:
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            continue
+        for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith("spiffe://"):
+                return str(uri)
+    return None
 
 
 def _without(view: cache.View, names: Iterable[str]) -> cache.View:

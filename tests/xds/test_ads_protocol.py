@@ -607,7 +607,7 @@ async def test_response_bytes_parse_as_discovery_response(
         cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.STATIC) for name in ("one", "two")
     ]
     snapshots.set_snapshot(
-        snapshots.key_of(n),
+        snapshots.key_of(cache.Client(n)),
         cache.Snapshot(
             groups={
                 CDS: (

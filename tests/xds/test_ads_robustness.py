@@ -84,7 +84,7 @@ async def test_a_client_that_stops_reading_holds_one_response_at_most(
     a client that stops reading costs one response of memory, however many
     changes follow, and healthy streams are not slowed."""
     port, snapshots, ads = slow_server
-    key = controller.Controller.key_of(make_node("any"))
+    key = controller.Controller.key_of(cache.Client(make_node("any")))
 
     def publish(generation: int) -> None:
         # About 3 MB of clusters: more than flow control lets through unread.

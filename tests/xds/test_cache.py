@@ -63,10 +63,10 @@ def test_views_are_shared_between_equal_subscriptions() -> None:
 
 
 async def test_watches_fire_on_their_key_only() -> None:
-    snapshots = cache.SnapshotCache(lambda node: str(node))
+    snapshots = cache.SnapshotCache(lambda client: str(client.node))
     mine, other = asyncio.Event(), asyncio.Event()
-    w = snapshots.watch("k1", mine)
-    snapshots.watch("k2", other)
+    w = snapshots.watch(cache.Client("k1"), mine)
+    snapshots.watch(cache.Client("k2"), other)
     assert not mine.is_set()
     snap = cache.Snapshot({resources.CLUSTER: (cache.ResourceGroup([_cluster("a")]),)})
     snapshots.set_snapshot("k1", snap)

@@ -74,7 +74,7 @@ async def test_one_endpoint_change_serializes_one_resource_whatever_the_proxy_co
     state = fixtures.state()
     ctl.update(state)
     ctl.rebuild()
-    watches = [snapshots.watch(_node(20000 + i), asyncio.Event()) for i in range(20)]
+    watches = [snapshots.watch(cache.Client(_node(20000 + i)), asyncio.Event()) for i in range(20)]
     assert len(snapshots.keys()) == 20
     before = {w.key: snapshots.get(w.key) for w in watches}
 

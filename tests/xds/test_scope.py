@@ -41,7 +41,7 @@ class Mesh:
         self.ctl.rebuild()
 
     def proxy(self, namespace: str, service: str, outbound: int = 15001) -> cache.Snapshot:
-        w = self.snapshots.watch(_node(namespace, service, outbound), asyncio.Event())
+        w = self.snapshots.watch(cache.Client(_node(namespace, service, outbound)), asyncio.Event())
         snap = self.snapshots.get(w.key)
         assert snap is not None
         return snap

@@ -9,7 +9,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import wrappers_pb2
 
 from shoal.model import mesh, proxy
-from shoal.xds.translate import common, names
+from shoal.xds.translate import common, names, tls
 
 CONNECT_TIMEOUT_S = 5.0
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -41,10 +41,15 @@ def _protocol_options(protocol: mesh.Protocol) -> dict[str, object]:
     return {HTTP_PROTOCOL_OPTIONS: common.typed(options)}
 
 
-def outbound(service: mesh.Service, port: mesh.Port) -> cluster_pb2.Cluster:
-    """An EDS cluster for one port of a Service; endpoints come from EDS."""
+def outbound(
+    service: mesh.Service, port: mesh.Port, peers: frozenset[str] | None = None
+) -> cluster_pb2.Cluster:
+    """An EDS cluster for one port of a Service; endpoints come from EDS.
+
+    With `peers` (the SPIFFE IDs behind the Service), calls are mutual TLS
+    and the server must prove one of those identities."""
     name = names.outbound_cluster(service.key, port)
-    return cluster_pb2.Cluster(
+    cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
@@ -55,10 +60,15 @@ def outbound(service: mesh.Service, port: mesh.Port) -> cluster_pb2.Cluster:
         circuit_breakers=_thresholds(),
         typed_extension_protocol_options=_protocol_options(port.protocol),
     )
+    if peers is not None:
+        cluster.transport_socket.CopyFrom(tls.upstream(service.key.fqdn, peers))
+    return cluster
 
 
-def outbound_for_service(service: mesh.Service) -> list[cluster_pb2.Cluster]:
-    return [outbound(service, port) for port in service.ports]
+def outbound_for_service(
+    service: mesh.Service, peers: frozenset[str] | None = None
+) -> list[cluster_pb2.Cluster]:
+    return [outbound(service, port, peers) for port in service.ports]
 
 
 def inbound(sidecar: proxy.Sidecar, protocol: mesh.Protocol) -> cluster_pb2.Cluster:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from envoy.config.core.v3 import address_pb2, config_source_pb2
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 
@@ -30,3 +30,7 @@ def typed(message: Message) -> any_pb2.Any:
     out = any_pb2.Any()
     out.Pack(message)
     return out
+
+
+def bool_value(value: bool) -> wrappers_pb2.BoolValue:
+    return wrappers_pb2.BoolValue(value=value)

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import wrappers_pb2
 
 from shoal.model import mesh, proxy
-from shoal.xds.translate import common, names
+from shoal.xds.translate import common, names, tls
 
 HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 ROUTER = "envoy.filters.http.router"
+RBAC = "envoy.filters.http.rbac"
+TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 
 
 def _http_manager(
@@ -25,13 +33,15 @@ def _http_manager(
     *,
     rds: str | None = None,
     route_config: route_pb2.RouteConfiguration | None = None,
+    before_router: list[hcm_pb2.HttpFilter] | None = None,
 ) -> listener_components_pb2.Filter:
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         # The router must be last: Envoy (and gRPC's xDS client) require it.
         http_filters=[
-            hcm_pb2.HttpFilter(name=ROUTER, typed_config=common.typed(router_pb2.Router()))
+            *(before_router or []),
+            hcm_pb2.HttpFilter(name=ROUTER, typed_config=common.typed(router_pb2.Router())),
         ],
         # One spelling per path, so routes (and later authorization rules)
         # see what the app will see.
@@ -52,23 +62,85 @@ def _tcp_proxy(stat_prefix: str, cluster: str) -> listener_components_pb2.Filter
     )
 
 
+@dataclass(frozen=True)
+class InboundSecurity:
+    """Mutual TLS on the inbound listener, and who may call."""
+
+    permissive: bool = False  # also accept plain text, for migration
+    # SPIFFE IDs allowed to call; a trailing "*" matches a prefix. None: all.
+    allow: tuple[str, ...] | None = None
+
+
+def _rbac(allow: tuple[str, ...]) -> hcm_pb2.HttpFilter:
+    principals = []
+    for pattern in allow:
+        matcher = (
+            string_pb2.StringMatcher(prefix=pattern[:-1])
+            if pattern.endswith("*")
+            else string_pb2.StringMatcher(exact=pattern)
+        )
+        principals.append(
+            rbac_pb2.Principal(
+                authenticated=rbac_pb2.Principal.Authenticated(principal_name=matcher)
+            )
+        )
+    rules = rbac_pb2.RBAC(
+        action=rbac_pb2.RBAC.ALLOW,
+        policies={
+            "shoal.io/allow": rbac_pb2.Policy(
+                permissions=[rbac_pb2.Permission(any=True)], principals=principals
+            )
+        },
+    )
+    return hcm_pb2.HttpFilter(
+        name=RBAC, typed_config=common.typed(rbac_filter_pb2.RBAC(rules=rules))
+    )
+
+
 def inbound(
-    sidecar: proxy.Sidecar, protocol: mesh.Protocol, route_config: route_pb2.RouteConfiguration
+    sidecar: proxy.Sidecar,
+    protocol: mesh.Protocol,
+    route_config: route_pb2.RouteConfiguration,
+    security: InboundSecurity | None = None,
 ) -> listener_pb2.Listener:
-    """Accept calls from the mesh and hand them to the app."""
+    """Accept calls from the mesh and hand them to the app.
+
+    With `security`, callers present a certificate of the mesh CA (TLS 1.3);
+    in permissive mode, plain-text callers are served too, on a second
+    filter chain chosen by sniffing the first bytes for a TLS handshake."""
     name = names.inbound_listener(sidecar.inbound_port)
     cluster = names.inbound_cluster(sidecar.app_port)
+    extra = [_rbac(security.allow)] if security is not None and security.allow is not None else []
     chain_filter = (
-        _http_manager("inbound", route_config=route_config)
+        _http_manager("inbound", route_config=route_config, before_router=extra)
         if protocol.is_http
         else _tcp_proxy("inbound", cluster)
     )
-    return listener_pb2.Listener(
+    listener = listener_pb2.Listener(
         name=name,
         address=common.socket_address(sidecar.inbound_address, sidecar.inbound_port),
-        filter_chains=[listener_components_pb2.FilterChain(filters=[chain_filter])],
         traffic_direction=base_pb2.INBOUND,
     )
+    if security is None:
+        listener.filter_chains.append(listener_components_pb2.FilterChain(filters=[chain_filter]))
+        return listener
+    mtls = listener_components_pb2.FilterChain(
+        name="inbound-mtls", filters=[chain_filter], transport_socket=tls.downstream()
+    )
+    if not security.permissive:
+        listener.filter_chains.append(mtls)
+        return listener
+    mtls.filter_chain_match.transport_protocol = "tls"
+    listener.listener_filters.append(
+        listener_components_pb2.ListenerFilter(
+            name=TLS_INSPECTOR, typed_config=common.typed(tls_inspector_pb2.TlsInspector())
+        )
+    )
+    listener.filter_chains.append(mtls)
+    listener.default_filter_chain.CopyFrom(
+        listener_components_pb2.FilterChain(name="inbound-plaintext", filters=[chain_filter])
+    )
+    return listener
 
 
 def outbound(sidecar: proxy.Sidecar) -> listener_pb2.Listener:

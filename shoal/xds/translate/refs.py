@@ -11,6 +11,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf.message import Message
 
 from shoal.xds import resources
@@ -32,11 +33,32 @@ def _route_refs(config: route_pb2.RouteConfiguration) -> Iterator[Ref]:
                 yield (resources.CLUSTER, mirror.cluster)
 
 
+def _secret_refs(socket: object) -> Iterator[Ref]:
+    """SDS secrets a TLS transport socket names."""
+    typed = getattr(socket, "typed_config", None)
+    if typed is None:
+        return
+    for kind in (tls_pb2.UpstreamTlsContext, tls_pb2.DownstreamTlsContext):
+        if typed.Is(kind.DESCRIPTOR):
+            context = kind()
+            typed.Unpack(context)
+            common = context.common_tls_context
+            for sds in common.tls_certificate_sds_secret_configs:
+                yield (resources.SECRET, sds.name)
+            if common.HasField("validation_context_sds_secret_config"):
+                yield (resources.SECRET, common.validation_context_sds_secret_config.name)
+            combined = common.combined_validation_context
+            if combined.HasField("validation_context_sds_secret_config"):
+                yield (resources.SECRET, combined.validation_context_sds_secret_config.name)
+
+
 def _listener_refs(listener: listener_pb2.Listener) -> Iterator[Ref]:
     chains = [*listener.filter_chains]
     if listener.HasField("default_filter_chain"):
         chains.append(listener.default_filter_chain)
     for chain in chains:
+        if chain.HasField("transport_socket"):
+            yield from _secret_refs(chain.transport_socket)
         for f in chain.filters:
             if f.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
                 manager = hcm_pb2.HttpConnectionManager()
@@ -57,6 +79,8 @@ def _listener_refs(listener: listener_pb2.Listener) -> Iterator[Ref]:
 
 
 def _cluster_refs(cluster: cluster_pb2.Cluster) -> Iterator[Ref]:
+    if cluster.HasField("transport_socket"):
+        yield from _secret_refs(cluster.transport_socket)
     if cluster.type == cluster_pb2.Cluster.EDS:
         yield (resources.ENDPOINT, cluster.eds_cluster_config.service_name or cluster.name)
 

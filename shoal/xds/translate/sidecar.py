@@ -30,11 +30,37 @@ def own_clusters(sidecar: proxy.Sidecar, state: mesh.MeshState) -> list[cluster_
     return [clusters.inbound(sidecar, inbound_protocol(sidecar, state))]
 
 
-def own_listeners(sidecar: proxy.Sidecar, state: mesh.MeshState) -> list[listener_pb2.Listener]:
+def security(
+    sidecar: proxy.Sidecar, state: mesh.MeshState, trust_domain: str
+) -> listeners.InboundSecurity:
+    """mTLS mode (the Service's, else its namespace's, else strict) and the
+    callers its Service admits."""
+    service = state.services.get(sidecar.service_key)
+    mode = service.mtls if service is not None else None
+    if mode is None:
+        namespace = state.namespaces.get(sidecar.namespace)
+        note = namespace.annotations.get(MTLS_ANNOTATION, "") if namespace else ""
+        mode = note.strip().lower() or "strict"
+    allow = None
+    if service is not None and service.allow is not None:
+        allow = tuple(
+            sorted(f"spiffe://{trust_domain}/ns/{ns}/sa/{account}" for ns, account in service.allow)
+        )
+    return listeners.InboundSecurity(permissive=mode == "permissive", allow=allow)
+
+
+MTLS_ANNOTATION = "shoal.io/mtls"
+
+
+def own_listeners(
+    sidecar: proxy.Sidecar,
+    state: mesh.MeshState,
+    inbound_security: listeners.InboundSecurity | None = None,
+) -> list[listener_pb2.Listener]:
     protocol = inbound_protocol(sidecar, state)
     inbound_routes = routes.inbound(names.inbound_cluster(sidecar.app_port))
     return [
-        listeners.inbound(sidecar, protocol, inbound_routes),
+        listeners.inbound(sidecar, protocol, inbound_routes, inbound_security),
         listeners.outbound(sidecar),
     ]
 

@@ -1,0 +1,1 @@
+"""The mesh's certificate authority: roots, workload and bootstrap certificates."""
