@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import signal
+import socket
 import sys
 import urllib.error
 import urllib.parse
@@ -18,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from shoal import sidecar_files
 from shoal.model import proxy
 from shoal.observe import admin, metrics
 from shoal.registry import files
+from shoal.sds import ca, workloads
 from shoal.xds import cache, controller, csds, server, status
 from shoal.xds.translate import bootstrap as bootstrap_config
 
@@ -50,6 +53,14 @@ class ServeOptions:
     state_dir: Path = Path(".shoal")
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
+    trust_domain: str = "cluster.local"
+    workload_ttl: datetime.timedelta = ca.WORKLOAD_TTL
+    insecure_xds: bool = False
+    # Names clients may use to reach xDS, for the serving certificate.
+    xds_hosts: tuple[str, ...] = ()
+    ca_cert: Path | None = None
+    ca_key: Path | None = None
+    ca_chain: Path | None = None
 
 
 @dataclass
@@ -61,6 +72,8 @@ class ControlPlane:
     registry: files.FolderRegistry
     controller: controller.Controller
     ads: server.AdsServer
+    authority: ca.Authority | None
+    certificates: workloads.WorkloadCertificates | None
 
 
 @contextlib.asynccontextmanager
@@ -68,9 +81,19 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     """Start everything `shoal serve` runs; stop all of it on exit."""
     registry = files.FolderRegistry(options.registry)
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ctl = controller.Controller(
-        snapshots, controller.Debouncer(options.debounce_quiet, options.debounce_max)
+    authority = None if options.insecure_xds else load_authority(options)
+    certificates = (
+        workloads.WorkloadCertificates(authority, ttl=options.workload_ttl)
+        if authority is not None
+        else None
     )
+    ctl = controller.Controller(
+        snapshots,
+        controller.Debouncer(options.debounce_quiet, options.debounce_max),
+        certificates,
+    )
+    if certificates is not None:
+        certificates.on_change = lambda _: ctl.refresh()
     ctl.update(registry.load())
     ctl.rebuild()
     metric_registry = CollectorRegistry()
@@ -110,7 +133,12 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     grpc_server.add_generic_rpc_handlers((ads.handler(),))
     csds.register(grpc_server, ads)
     xds_host, xds_port = _host_port(options.xds_address)
-    xds_port = grpc_server.add_insecure_port(f"{xds_host}:{xds_port}")
+    if authority is None:
+        xds_port = grpc_server.add_insecure_port(f"{xds_host}:{xds_port}")
+    else:
+        xds_port = grpc_server.add_secure_port(
+            f"{xds_host}:{xds_port}", xds_credentials(authority, options, xds_host)
+        )
     if xds_port == 0:
         raise OSError(f"cannot listen on {options.xds_address}")
     await grpc_server.start()
@@ -136,10 +164,15 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     stop_watch = asyncio.Event()
     tasks = [
         asyncio.create_task(ctl.run(), name="controller"),
+        *(
+            [asyncio.create_task(certificates.run(), name="certificates")]
+            if certificates is not None
+            else []
+        ),
         asyncio.create_task(registry.watch(ctl.update, stop_watch), name="registry-watch"),
     ]
     try:
-        yield ControlPlane(xds_port, admin_port, registry, ctl, ads)
+        yield ControlPlane(xds_port, admin_port, registry, ctl, ads, authority, certificates)
     finally:
         stop_watch.set()
         for t in tasks:
@@ -147,6 +180,39 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         await asyncio.gather(*tasks, return_exceptions=True)
         await grpc_server.stop(grace=1)
         await runner.cleanup()
+
+
+INSECURE_WARNING = (
+    "shoal: WARNING: plain-text xDS for {what}: anyone who can reach the control "
+    "plane can read the mesh's configuration and claim any workload; no workload "
+    "certificates are served and traffic between sidecars is not encrypted."
+)
+
+
+def load_authority(options: ServeOptions) -> ca.Authority:
+    """The operator's CA if given, else the root in the state directory."""
+    if options.ca_cert is not None and options.ca_key is not None:
+        signer = ca.load_plugin(options.ca_cert, options.ca_key, options.ca_chain)
+    else:
+        signer, created = ca.load_or_create(options.state_dir, options.trust_domain)
+        if created:
+            log.info("created the mesh root CA in %s", options.state_dir / "ca")
+    return ca.Authority(signer, trust_domain=options.trust_domain)
+
+
+def xds_credentials(
+    authority: ca.Authority, options: ServeOptions, host: str
+) -> grpc.ServerCredentials:
+    """TLS for xDS: the control plane's own certificate, and a client
+    certificate from the mesh CA required of every proxy."""
+    hosts = {host, "localhost", "127.0.0.1", socket.gethostname(), *options.xds_hosts}
+    hosts.discard("0.0.0.0")
+    serving = authority.serving(sorted(hosts))
+    return grpc.ssl_server_credentials(
+        [(serving.key_pem, serving.cert_pem)],
+        root_certificates=authority.trust_bundle,
+        require_client_auth=True,
+    )
 
 
 def _config_dump(ads: server.AdsServer, query: Mapping[str, str]) -> Any:
@@ -181,8 +247,11 @@ async def _serve(options: ServeOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with control_plane(options) as cp:
         state = cp.controller.state
+        security = (
+            "plain text" if cp.authority is None else f"mTLS, trust domain {options.trust_domain}"
+        )
         print(
-            f"shoal: xDS on {_host_port(options.xds_address)[0]}:{cp.xds_port}, "
+            f"shoal: xDS on {_host_port(options.xds_address)[0]}:{cp.xds_port} ({security}), "
             f"admin on http://{_host_port(options.admin_address)[0]}:{cp.admin_port}/ "
             f"({len(state.services)} services from {options.registry})",
             flush=True,
@@ -205,35 +274,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir),
         debounce_quiet=args.debounce_quiet,
         debounce_max=args.debounce_max,
+        trust_domain=args.trust_domain,
+        workload_ttl=datetime.timedelta(seconds=args.workload_cert_ttl),
+        insecure_xds=args.insecure_xds,
+        xds_hosts=tuple(args.xds_host),
+        ca_cert=Path(args.ca_cert) if args.ca_cert else None,
+        ca_key=Path(args.ca_key) if args.ca_key else None,
+        ca_chain=Path(args.ca_chain) if args.ca_chain else None,
     )
+    if options.insecure_xds:
+        print(INSECURE_WARNING.format(what="every proxy"), file=sys.stderr, flush=True)
     if not options.registry.is_dir():
         print(f"shoal serve: registry folder {options.registry} does not exist", file=sys.stderr)
         return 2
     return asyncio.run(_serve(options))
-
-
-def write_bootstrap(
-    out: Path,
-    s: proxy.Sidecar,
-    *,
-    xds: str,
-    admin_port: int,
-    node_id: str | None = None,
-    delta: bool = False,
-) -> Path:
-    host, port = _host_port(xds)
-    config = bootstrap_config.sidecar(
-        s,
-        node_id=node_id or f"sidecar~{s.namespace}~{s.service}-{s.inbound_port}",
-        xds_host=host,
-        xds_port=port,
-        admin_port=admin_port,
-        delta=delta,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "envoy.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 SIDECAR_PORTS = ("app_port", "inbound_port", "outbound_port", "admin_port")
@@ -269,15 +323,37 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         outbound_port=args.outbound_port,
         inbound_address=args.inbound_address,
     )
-    path = write_bootstrap(
+    authority = None
+    if args.insecure_xds:
+        print(INSECURE_WARNING.format(what="this sidecar"), file=sys.stderr)
+    else:
+        authority = load_authority(
+            ServeOptions(
+                registry=Path("."),
+                state_dir=Path(args.state_dir),
+                trust_domain=args.trust_domain,
+                ca_cert=Path(args.ca_cert) if args.ca_cert else None,
+                ca_key=Path(args.ca_key) if args.ca_key else None,
+                ca_chain=Path(args.ca_chain) if args.ca_chain else None,
+            )
+        )
+    host, port = _host_port(args.xds)
+    path = sidecar_files.write(
         out,
         s,
-        xds=args.xds,
+        xds_host=host,
+        xds_port=port,
         admin_port=args.admin_port,
         node_id=args.node_id,
         delta=args.delta,
+        authority=authority,
     )
-    print(f"wrote {path}; run: envoy -c {path}")
+    extra = (
+        ""
+        if authority is None
+        else f" (xDS client certificate: {authority.spiffe_id(s.namespace, s.service_account)})"
+    )
+    print(f"wrote {path}{extra}; run: envoy -c {path}")
     return 0
 
 
@@ -290,7 +366,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             registry,
             start_control_plane=lambda folder: control_plane(
                 ServeOptions(
-                    registry=folder, xds_address="127.0.0.1:0", admin_address="127.0.0.1:0"
+                    registry=folder,
+                    xds_address="127.0.0.1:0",
+                    admin_address="127.0.0.1:0",
+                    state_dir=Path(args.state_dir),
                 )
             ),
             check=args.check,
@@ -368,6 +447,24 @@ def cmd_config_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def _identity_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-domain",
+        default="cluster.local",
+        help="SPIFFE trust domain (default cluster.local)",
+    )
+    p.add_argument(
+        "--insecure-xds",
+        action="store_true",
+        help="plain-text xDS, no mTLS in the mesh: for debugging only (prints a warning)",
+    )
+    p.add_argument(
+        "--ca-cert", metavar="PEM", help="plug-in CA: a root or intermediate certificate"
+    )
+    p.add_argument("--ca-key", metavar="PEM", help="plug-in CA: its private key")
+    p.add_argument("--ca-chain", metavar="PEM", help="plug-in CA: intermediates up to the root")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shoal", description="A service mesh control plane for Envoy.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -393,6 +490,21 @@ def parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="SECONDS",
         help="but never later than this after the first change (default 1.0)",
+    )
+    _identity_flags(serve)
+    serve.add_argument(
+        "--workload-cert-ttl",
+        type=float,
+        default=ca.WORKLOAD_TTL.total_seconds(),
+        metavar="SECONDS",
+        help="lifetime of workload certificates, renewed at half of it (default 86400)",
+    )
+    serve.add_argument(
+        "--xds-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name or address sidecars use to reach xDS (for its certificate)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -422,6 +534,7 @@ def parser() -> argparse.ArgumentParser:
     boot.add_argument(
         "--delta", action="store_true", help="incremental (delta) xDS instead of state of the world"
     )
+    _identity_flags(boot)
     boot.add_argument(
         "--grpc",
         action="store_true",

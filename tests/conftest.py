@@ -22,14 +22,25 @@ def registry_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def control_plane(registry_dir: Path) -> AsyncIterator[cli.ControlPlane]:
+def xds_security() -> str:
+    """mTLS, as `shoal serve` runs by default. Suites that speak the xDS
+    protocol itself with a bare client override this with "insecure"."""
+    return "mtls"
+
+
+@pytest.fixture
+async def control_plane(
+    registry_dir: Path, tmp_path: Path, xds_security: str
+) -> AsyncIterator[cli.ControlPlane]:
     """`shoal serve --registry` on free ports, with a short debounce."""
     options = cli.ServeOptions(
         registry=registry_dir,
         xds_address="127.0.0.1:0",
         admin_address="127.0.0.1:0",
+        state_dir=tmp_path / "state",
         debounce_quiet=0.05,
         debounce_max=0.5,
+        insecure_xds=xds_security == "insecure",
     )
     async with cli.control_plane(options) as cp:
         yield cp
@@ -47,7 +58,12 @@ async def local_mesh(
     tmp_path: Path, control_plane: cli.ControlPlane, xds_mode: str
 ) -> AsyncIterator[mesh.LocalMesh]:
     """Apps and Envoy sidecars, every one stopped when the test ends."""
-    m = mesh.LocalMesh(tmp_path / "sidecars", control_plane.xds_port, delta=xds_mode == "delta")
+    m = mesh.LocalMesh(
+        tmp_path / "sidecars",
+        control_plane.xds_port,
+        delta=xds_mode == "delta",
+        authority=control_plane.authority,
+    )
     try:
         yield m
     finally:

@@ -6,13 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import yaml
 from aiohttp import web
 
-from shoal import envoy
+from shoal import envoy, sidecar_files
 from shoal.demo import apps
 from shoal.model import proxy
-from shoal.xds.translate import bootstrap
+from shoal.sds import ca
 
 
 @dataclass
@@ -30,10 +29,18 @@ class Workload:
 class LocalMesh:
     """Starts workloads (app + sidecar) and stops every one of them."""
 
-    def __init__(self, workdir: Path, xds_port: int, *, delta: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        xds_port: int,
+        *,
+        delta: bool = False,
+        authority: ca.Authority | None = None,
+    ) -> None:
         self.workdir = workdir
         self.xds_port = xds_port
         self.delta = delta
+        self.authority = authority
         self.workloads: dict[str, Workload] = {}
 
     async def add(
@@ -57,18 +64,16 @@ class LocalMesh:
             outbound_port=envoy.free_port(),
         )
         admin_port = envoy.free_port()
-        folder = self.workdir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        config = bootstrap.sidecar(
+        path = sidecar_files.write(
+            self.workdir / name,
             s,
-            node_id=f"sidecar~{namespace}~{name}",
             xds_host="127.0.0.1",
             xds_port=self.xds_port,
             admin_port=admin_port,
+            node_id=f"sidecar~{namespace}~{name}",
             delta=self.delta,
+            authority=self.authority,
         )
-        path = folder / "envoy.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
         app = apps.App(service, name, version, calls, s.outbound_port)
         w = Workload(s, app, envoy.EnvoyProcess(path, admin_port))
         self.workloads[name] = w

@@ -54,6 +54,10 @@ class WorkloadCertificates:
         self._wake = asyncio.Event()
         self.renewals = 0
 
+    @property
+    def trust_domain(self) -> str:
+        return self.authority.trust_domain
+
     def get(self, namespace: str, service_account: str) -> ca.KeyPair:
         identity = (namespace, service_account)
         found = self._issued.get(identity)

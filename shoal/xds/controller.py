@@ -101,7 +101,8 @@ class Identities(Protocol):
     """Workload certificates, as the controller needs them. Present when
     the mesh speaks mutual TLS (that is, when xDS itself is authenticated)."""
 
-    trust_domain: str
+    @property
+    def trust_domain(self) -> str: ...
 
     def get(self, namespace: str, service_account: str) -> KeyPairLike: ...
     def trust_bundle(self) -> bytes: ...
@@ -490,6 +491,8 @@ def unresolved(
                 continue
             for r in group:
                 for ref in r.refs:
-                    if snapshot.get(*ref) is None:
+                    # A partial snapshot (the shared groups alone) is checked
+                    # only for the types it has; secrets are per proxy.
+                    if ref[0] in snapshot.groups and snapshot.get(*ref) is None:
                         missing.add(ref)
     return sorted(missing)

@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from shoal.demo import mesh
+from shoal.sds import ca
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float) -> float:
@@ -46,11 +47,14 @@ async def who_answers(
 class ServeProcess:
     """`shoal serve` as a separate process, killable like a crashed control plane."""
 
-    def __init__(self, registry: Path, xds_port: int) -> None:
+    def __init__(self, registry: Path, xds_port: int, state_dir: Path) -> None:
         self.registry = registry
         self.xds_port = xds_port
+        self.state_dir = state_dir
         self.proc: asyncio.subprocess.Process | None = None
         self.banner = ""
+        self.output: list[str] = []
+        self._drain: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -66,13 +70,27 @@ class ServeProcess:
             f"127.0.0.1:{self.xds_port}",
             "--admin-address",
             "127.0.0.1:0",
+            "--state-dir",
+            str(self.state_dir),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
         self.banner = line.decode()
-        assert f"xDS on 127.0.0.1:{self.xds_port}" in self.banner, self.banner
+        # Keep reading, or a full pipe would stall the control plane.
+        self._drain = asyncio.create_task(self._read_rest())
+        assert f"xDS on 127.0.0.1:{self.xds_port} (mTLS" in self.banner, self.banner
+
+    def authority(self) -> ca.Authority:
+        """The CA the process created (or found) in its state directory."""
+        root, _ = ca.load_or_create(self.state_dir, "cluster.local")
+        return ca.Authority(root)
+
+    async def _read_rest(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.output.append(line.decode())
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -80,4 +98,7 @@ class ServeProcess:
 
     async def wait(self) -> int:
         assert self.proc is not None
-        return await asyncio.wait_for(self.proc.wait(), 10)
+        code = await asyncio.wait_for(self.proc.wait(), 10)
+        if self._drain is not None:
+            await asyncio.wait_for(self._drain, 5)
+        return code

@@ -42,8 +42,9 @@ async def test_a_request_crosses_both_sidecars(
     )
     b = await local_mesh.add("b-1", namespace="default", service="b", inbound_port=b_in)
     async with aiohttp.ClientSession() as session:
-        # Into a's sidecar from outside, then a's app -> a's sidecar -> b's sidecar -> b's app.
-        async with session.get(f"http://127.0.0.1:{a_in}/hello") as r:
+        # a's sidecar (out) -> a's sidecar (in, mTLS) -> a's app -> a's sidecar
+        # -> b's sidecar (mTLS) -> b's app.
+        async with session.get(f"{a.outbound}/hello", headers={"Host": "a"}) as r:
             assert r.status == 200
             body = await r.json()
             assert "x-envoy-upstream-service-time" in r.headers
@@ -168,10 +169,12 @@ async def test_sidecars_outlive_a_killed_control_plane_and_resync_when_it_return
         "b.yaml",
         manifests.service("b") + "---\n" + manifests.endpoint_slice("b1", "b", [b1_in]),
     )
-    serve = ServeProcess(registry_dir, xds)
+    state = tmp_path / "state"
+    serve = ServeProcess(registry_dir, xds, state)
     local = mesh.LocalMesh(tmp_path / "sidecars", xds, delta=xds_mode == "delta")
     try:
         await serve.start()
+        local.authority = serve.authority()
         a = await local.add("a-1", namespace="default", service="a", inbound_port=a_in)
         await local.add("b-1", namespace="default", service="b", inbound_port=b1_in)
         await local.add("b-2", namespace="default", service="b", inbound_port=b2_in)
@@ -196,7 +199,7 @@ async def test_sidecars_outlive_a_killed_control_plane_and_resync_when_it_return
             assert set(await who_answers(session, a, "b", 5)) == {"b-1"}
 
             # ...and reaches the same Envoys when it comes back.
-            serve = ServeProcess(registry_dir, xds)
+            serve = ServeProcess(registry_dir, xds, state)
             await serve.start()
 
             async def moved() -> bool:
@@ -212,17 +215,15 @@ async def test_sidecars_outlive_a_killed_control_plane_and_resync_when_it_return
         local.kill_all()
 
 
-async def test_serve_stops_cleanly_on_sigterm(registry_dir: Path) -> None:
+async def test_serve_stops_cleanly_on_sigterm(registry_dir: Path, tmp_path: Path) -> None:
     write(registry_dir, "a.yaml", manifests.service("a"))
-    serve = ServeProcess(registry_dir, envoy.free_port())
+    serve = ServeProcess(registry_dir, envoy.free_port(), tmp_path / "state")
     try:
         await serve.start()
         assert "1 services" in serve.banner
         assert serve.proc is not None
         serve.proc.send_signal(signal.SIGTERM)
         assert await serve.wait() == 0
-        assert serve.proc.stdout is not None
-        rest = (await serve.proc.stdout.read()).decode()
-        assert "stopping" in rest
+        assert "shoal: stopping\n" in serve.output
     finally:
         serve.kill()

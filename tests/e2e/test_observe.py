@@ -77,7 +77,7 @@ async def test_proxy_status_config_dump_and_csds_show_synced_envoys(
     missing = await asyncio.to_thread(shoal, "config-dump", "nobody", "--admin", admin)
     assert missing.returncode != 0 and "not found" in missing.stderr
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{control_plane.xds_port}") as channel:
+    async with _channel(control_plane, "shoal-system", "admin") as channel:
         stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
         everyone = await stub.FetchClientStatus(csds_pb2.ClientStatusRequest())
         assert {c.node.id for c in everyone.config} == {
@@ -97,8 +97,13 @@ async def test_proxy_status_config_dump_and_csds_show_synced_envoys(
         by_type: dict[str, set[int]] = {}
         for item in config_a.generic_xds_configs:
             by_type.setdefault(item.type_url, set()).add(item.config_status)
-            assert item.xds_config.type_url == item.type_url
+            if item.type_url == resources.SECRET:
+                # Listed, never dumped: no key material leaves over CSDS.
+                assert not item.HasField("xds_config")
+            else:
+                assert item.xds_config.type_url == item.type_url
         assert set(by_type) == {
+            resources.SECRET,
             resources.CLUSTER,
             resources.ENDPOINT,
             resources.LISTENER,
@@ -110,6 +115,18 @@ async def test_proxy_status_config_dump_and_csds_show_synced_envoys(
     assert "shoal_xds_connected_streams 2.0" in text
     assert f'shoal_xds_pushes_total{{mode="{xds_mode}",type="CDS"}}' in text
     assert "shoal_mesh_services 2.0" in text
+
+
+def _channel(cp: cli.ControlPlane, namespace: str, account: str) -> grpc.aio.Channel:
+    """A TLS channel to xDS with a client certificate of the mesh CA."""
+    assert cp.authority is not None
+    pair = cp.authority.workload(namespace, account)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=cp.authority.trust_bundle,
+        private_key=pair.key_pem,
+        certificate_chain=pair.cert_pem,
+    )
+    return grpc.aio.secure_channel(f"127.0.0.1:{cp.xds_port}", creds)
 
 
 def _get(url: str) -> str:
@@ -143,7 +160,7 @@ async def test_a_nack_shows_in_proxy_status_with_envoys_error(
         while (item := await requests.get()) is not None:
             yield item
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{control_plane.xds_port}") as channel:
+    async with _channel(control_plane, "default", "default") as channel:
         stream = channel.stream_stream(
             f"/{server.ADS_SERVICE}/{server.SOTW_METHOD}",
             request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,

@@ -147,3 +147,9 @@ async def test_weighted_and_header_routes_reach_a_proxyless_grpc_client(
     direct = await _run_client(bootstrap, "xds:///greeter-b.default.svc.cluster.local:50051", 20)
     assert direct == {"greeter-b": 20}
     assert control_plane.ads.nacks_total == 0
+
+
+@pytest.fixture
+def xds_security() -> str:
+    """This suite speaks the xDS protocol with a bare client: plain text."""
+    return "insecure"

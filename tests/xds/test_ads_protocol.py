@@ -647,3 +647,9 @@ async def test_response_bytes_parse_as_discovery_response(
         cluster.DiscardUnknownFields()
         assert cluster.SerializeToString(deterministic=True) == resource.value
     assert got == made
+
+
+@pytest.fixture
+def xds_security() -> str:
+    """This suite speaks the xDS protocol with a bare client: plain text."""
+    return "insecure"

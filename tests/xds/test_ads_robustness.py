@@ -116,3 +116,9 @@ async def test_a_client_that_stops_reading_holds_one_response_at_most(
             assert conn.types[CDS].nonce == "1", "more than one response queued for it"
             assert conn.types[CDS].in_flight
         stuck.cancel()
+
+
+@pytest.fixture
+def xds_security() -> str:
+    """This suite speaks the xDS protocol with a bare client: plain text."""
+    return "insecure"

@@ -109,7 +109,12 @@ def test_an_inconsistent_snapshot_is_not_published_and_is_reported() -> None:
     ctl = controller.Controller(snapshots, controller.Debouncer(0.1, 1.0))
     good = cache.Snapshot({resources.CLUSTER: (cache.ResourceGroup([_cluster("s", False)]),)})
     assert ctl.publish("k", good)
-    bad = cache.Snapshot({resources.CLUSTER: (cache.ResourceGroup([_cluster("e", True)]),)})
+    bad = cache.Snapshot(
+        {
+            resources.CLUSTER: (cache.ResourceGroup([_cluster("e", True)]),),
+            resources.ENDPOINT: (cache.ResourceGroup(),),
+        }
+    )
     assert not ctl.publish("k", bad)
     assert snapshots.get("k") is good
     (problem,) = ctl.problems

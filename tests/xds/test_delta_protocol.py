@@ -697,3 +697,9 @@ async def test_long_name_after_a_good_start_ends_the_stream(port: int) -> None:
         await client.request(EDS, [LONG])
         err = await client.status()
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+def xds_security() -> str:
+    """This suite speaks the xDS protocol with a bare client: plain text."""
+    return "insecure"

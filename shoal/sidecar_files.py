@@ -1,0 +1,67 @@
+"""Writing what one local sidecar needs on disk: its Envoy bootstrap and,
+with mTLS, its xDS client certificate, key (0600) and the trust bundle."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import yaml
+
+from shoal.model import proxy
+from shoal.sds import ca
+from shoal.xds.translate import bootstrap
+
+# The xDS client certificate proves the sidecar's identity to the control
+# plane; workload certificates (short-lived) then come over SDS.
+BOOTSTRAP_TTL = datetime.timedelta(days=90)
+CERT, KEY, ROOTS = "xds-cert.pem", "xds-key.pem", "root-cert.pem"
+
+
+def write(
+    out: Path,
+    s: proxy.Sidecar,
+    *,
+    xds_host: str,
+    xds_port: int,
+    admin_port: int,
+    node_id: str | None = None,
+    delta: bool = False,
+    authority: ca.Authority | None = None,
+) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    tls = None
+    if authority is not None:
+        key = ca.new_key()
+        cert = authority.issue(
+            key.public_key(),
+            uri=authority.spiffe_id(s.namespace, s.service_account),
+            ttl=BOOTSTRAP_TTL,
+            server=False,
+        )
+        write_private(out / KEY, ca.key_pem(key))
+        (out / CERT).write_bytes(cert)
+        (out / ROOTS).write_bytes(authority.trust_bundle)
+        tls = bootstrap.XdsTls(
+            str((out / CERT).resolve()), str((out / KEY).resolve()), str((out / ROOTS).resolve())
+        )
+    config = bootstrap.sidecar(
+        s,
+        node_id=node_id or f"sidecar~{s.namespace}~{s.service}-{s.inbound_port}",
+        xds_host=xds_host,
+        xds_port=xds_port,
+        admin_port=admin_port,
+        delta=delta,
+        tls=tls,
+    )
+    path = out / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
