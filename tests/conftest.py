@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,8 +30,14 @@ def xds_security() -> str:
 
 
 @pytest.fixture
+def workload_ttl() -> datetime.timedelta:
+    """Lifetime of workload certificates; rotation tests shorten it."""
+    return datetime.timedelta(hours=24)
+
+
+@pytest.fixture
 async def control_plane(
-    registry_dir: Path, tmp_path: Path, xds_security: str
+    registry_dir: Path, tmp_path: Path, xds_security: str, workload_ttl: datetime.timedelta
 ) -> AsyncIterator[cli.ControlPlane]:
     """`shoal serve --registry` on free ports, with a short debounce."""
     options = cli.ServeOptions(
@@ -41,6 +48,7 @@ async def control_plane(
         debounce_quiet=0.05,
         debounce_max=0.5,
         insecure_xds=xds_security == "insecure",
+        workload_ttl=workload_ttl,
     )
     async with cli.control_plane(options) as cp:
         yield cp

@@ -34,6 +34,7 @@ def _http_manager(
     rds: str | None = None,
     route_config: route_pb2.RouteConfiguration | None = None,
     before_router: list[hcm_pb2.HttpFilter] | None = None,
+    tell_caller: bool = False,
 ) -> listener_components_pb2.Filter:
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
@@ -48,6 +49,11 @@ def _http_manager(
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
     )
+    if tell_caller:
+        # The app learns who called (x-forwarded-client-cert: ...;URI=spiffe://...),
+        # and a caller cannot forge it: whatever it sent is replaced.
+        manager.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+        manager.set_current_client_cert_details.uri = True
     if rds is not None:
         manager.rds.CopyFrom(hcm_pb2.Rds(config_source=common.ads(), route_config_name=rds))
     elif route_config is not None:
@@ -112,7 +118,12 @@ def inbound(
     cluster = names.inbound_cluster(sidecar.app_port)
     extra = [_rbac(security.allow)] if security is not None and security.allow is not None else []
     chain_filter = (
-        _http_manager("inbound", route_config=route_config, before_router=extra)
+        _http_manager(
+            "inbound",
+            route_config=route_config,
+            before_router=extra,
+            tell_caller=security is not None,
+        )
         if protocol.is_http
         else _tcp_proxy("inbound", cluster)
     )
