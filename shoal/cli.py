@@ -27,7 +27,7 @@ from shoal import sidecar_files
 from shoal.model import proxy
 from shoal.observe import admin, metrics
 from shoal.registry import files
-from shoal.sds import ca, workloads
+from shoal.sds import ca, report, workloads
 from shoal.xds import cache, controller, csds, server, status
 from shoal.xds.translate import bootstrap as bootstrap_config
 
@@ -148,6 +148,15 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         "syncz": lambda: status.proxies(ads),
         "services": lambda: _services(ctl),
     }
+    if authority is not None and certificates is not None:
+        reports["ca"] = lambda: report.status(
+            authority,
+            certificates,
+            {
+                c.node_id: status.held_secret(c, "default")
+                for c in sorted(ads.connections.values(), key=lambda c: c.stream_id)
+            },
+        )
     admin_app = admin.app(
         ready=lambda: True,
         reports=reports,
@@ -438,6 +447,32 @@ def cmd_proxy_status(args: argparse.Namespace) -> int:
     return 1 if stale else 0
 
 
+def cmd_ca_status(args: argparse.Namespace) -> int:
+    found: dict[str, Any] = _fetch(args.admin, "/debug/ca")
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    print(f"trust domain {found['trust_domain']}")
+    print(f"signing with {found['signer']['subject']} (serial {found['signer']['serial']})")
+    for root in found["roots"]:
+        print(f"trusted root {root['subject']}, valid until {root['not_after']}")
+    print(
+        f"workload certificates: {found['workload_ttl_s']:.0f}s lifetime, "
+        f"{found['renewals']} renewals so far"
+    )
+    for w in found["workloads"]:
+        print(
+            f"  {w['identity']}  serial {w['serial'][:16]}  until {w['not_after']}  "
+            f"renews {w['renew_at']}"
+        )
+        for proxy_id in w["proxies"]:
+            print(f"    held by {proxy_id}")
+    for serial, proxies in found["proxies_on_older_certificates"].items():
+        what = "no certificate yet" if serial == "none" else f"older certificate {serial[:16]}"
+        print(f"  {what}: {', '.join(proxies)}")
+    return 0
+
+
 def cmd_config_dump(args: argparse.Namespace) -> int:
     query = urllib.parse.urlencode({"proxy": args.proxy})
     dump: dict[str, Any] = _fetch(args.admin, f"/debug/config_dump?{query}")
@@ -565,6 +600,15 @@ def parser() -> argparse.ArgumentParser:
         help=f"control plane admin address (default {DEFAULT_ADMIN})",
     )
     dump.set_defaults(func=cmd_config_dump)
+
+    ca_cmd = sub.add_parser("ca", help="the mesh certificate authority")
+    ca_sub = ca_cmd.add_subparsers(dest="ca_command", required=True)
+    ca_status = ca_sub.add_parser(
+        "status", help="roots, expiries, and which proxies hold which certificate"
+    )
+    ca_status.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT")
+    ca_status.add_argument("--json", action="store_true")
+    ca_status.set_defaults(func=cmd_ca_status)
 
     demo = sub.add_parser("demo", help="a running mesh with real Envoy sidecars")
     demo.add_argument(

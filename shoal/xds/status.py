@@ -154,3 +154,14 @@ def config_dump(conn: server.Connection) -> dict[str, object]:
         "mode": "delta" if conn.delta else "sotw",
         "types": types,
     }
+
+
+def held_secret(conn: server.Connection, name: str) -> bytes | None:
+    """The body of a secret as the proxy last acknowledged it."""
+    state = conn.types.get(resources.SECRET)
+    if state is None:
+        return None
+    for r in state.held.resources:
+        if r.name == name:
+            return r.body
+    return None

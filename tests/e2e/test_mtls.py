@@ -6,6 +6,8 @@ import asyncio
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -97,6 +99,26 @@ async def test_sidecars_speak_tls13_with_spiffe_identities(
             if "uri" in san
         }
         assert sans == {f"{TD}/{account}"}, (account, sans)
+
+    # shoal ca status names each identity and the proxy that holds its certificate.
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "shoal.cli",
+            "ca",
+            "status",
+            "--admin",
+            f"127.0.0.1:{control_plane.admin_port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"{TD}/a-sa" in out.stdout and "held by sidecar~default~a-1" in out.stdout
+    assert "BEGIN" not in out.stdout  # no key (or certificate) material printed
 
     stats = await asyncio.to_thread(_admin, b, "/stats?filter=ssl")
     versions = {

@@ -1,0 +1,60 @@
+"""`shoal ca status`: roots, issued certificates, and who holds which."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from cryptography import x509
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+from shoal.sds import ca, workloads
+
+
+def _describe(cert: x509.Certificate) -> dict[str, object]:
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "serial": f"{cert.serial_number:x}",
+        "not_before": cert.not_valid_before_utc.isoformat(timespec="seconds"),
+        "not_after": cert.not_valid_after_utc.isoformat(timespec="seconds"),
+    }
+
+
+def serial_of_secret(body: bytes) -> str | None:
+    """The serial of the leaf certificate in a serialized SDS Secret."""
+    secret = secret_pb2.Secret.FromString(body)
+    chain = secret.tls_certificate.certificate_chain.inline_bytes
+    if not chain:
+        return None
+    return f"{x509.load_pem_x509_certificate(chain).serial_number:x}"
+
+
+def status(
+    authority: ca.Authority,
+    certificates: workloads.WorkloadCertificates,
+    held: Mapping[str, bytes | None],
+) -> dict[str, object]:
+    """`held` maps proxy ids to the workload Secret each last ACKed."""
+    roots: Iterable[x509.Certificate] = x509.load_pem_x509_certificates(authority.trust_bundle)
+    holders: dict[str, list[str]] = {}
+    for proxy_id, body in held.items():
+        serial = serial_of_secret(body) if body else None
+        holders.setdefault(serial or "none", []).append(proxy_id)
+    return {
+        "trust_domain": authority.trust_domain,
+        "signer": _describe(authority.signer.cert),
+        "roots": [_describe(r) for r in roots],
+        "workload_ttl_s": certificates.ttl.total_seconds(),
+        "renewals": certificates.renewals,
+        "workloads": [
+            {
+                "identity": authority.spiffe_id(*i.identity),
+                "serial": f"{i.serial:x}",
+                "not_after": i.pair.not_after.isoformat(timespec="seconds"),
+                "renew_at": i.renew_at.isoformat(timespec="seconds"),
+                "proxies": sorted(holders.pop(f"{i.serial:x}", [])),
+            }
+            for i in certificates.issued()
+        ],
+        # Proxies holding a certificate the CA has since replaced (or none).
+        "proxies_on_older_certificates": {k: sorted(v) for k, v in holders.items()},
+    }
