@@ -8,6 +8,7 @@ what changed only; every proxy then shares the same Resource objects.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -127,6 +128,9 @@ class Controller:
         self._debouncer = debouncer
         self._identities = identities
         self._secret_memo: dict[tuple[str, str], tuple[bytes, bytes, cache.ResourceGroup]] = {}
+        self._bundle: tuple[bytes, cache.Resource] | None = None
+        # Proxy keys per identity: its key material goes when the last one does.
+        self._identity_users: collections.Counter[tuple[str, str]] = collections.Counter()
         self._state = mesh.MeshState()
         self._proxies: dict[str, proxy.Proxy] = {}
         self._service_memo: dict[
@@ -174,7 +178,9 @@ class Controller:
     def _on_watch(self, key: str, client: cache.Client) -> None:
         if key in self._proxies:
             return
-        self._proxies[key] = node.parse(client.node, client.identity)
+        found = self._proxies[key] = node.parse(client.node, client.identity)
+        if isinstance(found, proxy.Sidecar):
+            self._identity_users[(found.namespace, found.service_account)] += 1
         if self._shared is None or self._shared.state is not self._state:
             self._shared = self._build_shared(self._state)
         if self._shared.whole:
@@ -185,6 +191,15 @@ class Controller:
         for memo_key in [k for k in self._own_memo if k[0] == gone]:
             del self._own_memo[memo_key]
         self._cache.clear_snapshot(key)
+        if isinstance(gone, proxy.Sidecar):
+            identity = (gone.namespace, gone.service_account)
+            self._identity_users[identity] -= 1
+            if self._identity_users[identity] <= 0:
+                del self._identity_users[identity]
+                # No key material is kept for workloads that are gone.
+                self._secret_memo.pop(identity, None)
+                if self._identities is not None:
+                    self._identities.forget(*identity)
 
     # -- building -------------------------------------------------------------
 
@@ -278,11 +293,18 @@ class Controller:
                         secrets.WORKLOAD,
                         secrets.workload(pair.cert_pem, pair.key_pem),
                     ),
-                    _resource(resources.SECRET, secrets.TRUST_BUNDLE, secrets.trust_bundle(bundle)),
+                    self._bundle_resource(bundle),
                 ]
             )
             memo = self._secret_memo[identity] = (pair.cert_pem, bundle, group)
         return memo[2]
+
+    def _bundle_resource(self, bundle: bytes) -> cache.Resource:
+        """The trust bundle is the same for everyone: serialized once."""
+        if self._bundle is None or self._bundle[0] != bundle:
+            secret = secrets.trust_bundle(bundle)
+            self._bundle = (bundle, _resource(resources.SECRET, secret.name, secret))
+        return self._bundle[1]
 
     # -- scopes ---------------------------------------------------------------
 
