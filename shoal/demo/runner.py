@@ -159,6 +159,24 @@ async def scenario(local: mesh.LocalMesh, instances: list[Instance], report: Rep
                 upstream.get("status") == 200 and upstream.get("service") == callee,
                 f"{entry.service}'s app reached {callee} through both sidecars",
             )
+        callee_apps = [local.workloads[n].app for n in callees]
+        xfcc = next(
+            (
+                v
+                for app in callee_apps
+                for h in app.seen_headers
+                for k, v in h.items()
+                if k.lower() == "x-forwarded-client-cert"
+            ),
+            "",
+        )
+        caller = xfcc.rpartition("URI=")[2].split(";")[0] if "URI=" in xfcc else ""
+        if caller:
+            print(f"  {callee} saw its caller over mutual TLS as {caller}")
+        report.check(
+            caller.endswith(f"/ns/{entry.namespace}/sa/{entry.service_account}"),
+            f"{callee}'s sidecar verified {entry.service}'s certificate (mTLS, SPIFFE ID)",
+        )
         ok, seen = await _burst(session, url, 40)
         print(f"  40 requests: {ok} ok; {callee} instances answering: {dict(seen)}")
         report.check(ok == 40, "40 of 40 requests succeeded")
