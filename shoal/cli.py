@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
 import signal
 import socket
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from shoal.model import proxy
 from shoal.observe import admin, metrics
 from shoal.registry import files
 from shoal.sds import ca, report, workloads
+from shoal.sds import rotation as rotation_mod
 from shoal.xds import cache, controller, csds, server, status
 from shoal.xds.translate import bootstrap as bootstrap_config
 
@@ -61,6 +64,8 @@ class ServeOptions:
     ca_cert: Path | None = None
     ca_key: Path | None = None
     ca_chain: Path | None = None
+    # How long each step of a root rotation waits for proxies to catch up.
+    root_rotation_step_timeout: float = 60.0
 
 
 @dataclass
@@ -133,11 +138,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     grpc_server.add_generic_rpc_handlers((ads.handler(),))
     csds.register(grpc_server, ads)
     xds_host, xds_port = _host_port(options.xds_address)
-    if authority is None:
+    if certificates is None:
         xds_port = grpc_server.add_insecure_port(f"{xds_host}:{xds_port}")
     else:
         xds_port = grpc_server.add_secure_port(
-            f"{xds_host}:{xds_port}", xds_credentials(authority, options, xds_host)
+            f"{xds_host}:{xds_port}", xds_credentials(certificates, options, xds_host)
         )
     if xds_port == 0:
         raise OSError(f"cannot listen on {options.xds_address}")
@@ -157,11 +162,35 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 for c in sorted(ads.connections.values(), key=lambda c: c.stream_id)
             },
         )
+    actions: dict[str, Callable[[], Awaitable[Any]]] = {}
+    background: set[asyncio.Task[Any]] = set()
+    if certificates is not None and options.ca_cert is None:
+        rotation = rotation_mod.RootRotation(
+            options.state_dir,
+            certificates,
+            lambda: _held_for_rotation(ads),
+            step_timeout=options.root_rotation_step_timeout,
+        )
+
+        async def rotate_root() -> dict[str, Any]:
+            if rotation.running:
+                raise RuntimeError(
+                    f"a root rotation is already running ({rotation.progress.phase})"
+                )
+            task = asyncio.create_task(rotation.run(), name="root-rotation")
+            background.add(task)
+            task.add_done_callback(background.discard)
+            await asyncio.sleep(0)
+            return {"started": True, "phase": rotation.progress.phase}
+
+        actions["ca/rotate-root"] = rotate_root
+        reports["ca/rotation"] = lambda: dataclasses.asdict(rotation.progress)
     admin_app = admin.app(
         ready=lambda: True,
         reports=reports,
         queries={"config_dump": lambda q: _config_dump(ads, q)},
         metrics=lambda: metrics.render(metric_registry),
+        actions=actions,
     )
     runner = web.AppRunner(admin_app, access_log=None)
     await runner.setup()
@@ -187,6 +216,8 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for t in background:
+            t.cancel()
         await grpc_server.stop(grace=1)
         await runner.cleanup()
 
@@ -206,22 +237,49 @@ def load_authority(options: ServeOptions) -> ca.Authority:
         signer, created = ca.load_or_create(options.state_dir, options.trust_domain)
         if created:
             log.info("created the mesh root CA in %s", options.state_dir / "ca")
-    return ca.Authority(signer, trust_domain=options.trust_domain)
+    authority = ca.Authority(signer, trust_domain=options.trust_domain)
+    authority.retired = ca.load_retired(options.state_dir)
+    return authority
 
 
 def xds_credentials(
-    authority: ca.Authority, options: ServeOptions, host: str
+    certificates: workloads.WorkloadCertificates, options: ServeOptions, host: str
 ) -> grpc.ServerCredentials:
     """TLS for xDS: the control plane's own certificate, and a client
-    certificate from the mesh CA required of every proxy."""
+    certificate from the mesh CA required of every proxy. The accepted roots
+    follow a root rotation without a restart."""
+    authority = certificates.authority
     hosts = {host, "localhost", "127.0.0.1", socket.gethostname(), *options.xds_hosts}
     hosts.discard("0.0.0.0")
-    serving = authority.serving(sorted(hosts))
-    return grpc.ssl_server_credentials(
-        [(serving.key_pem, serving.cert_pem)],
-        root_certificates=authority.trust_bundle,
-        require_client_auth=True,
+    # Signed by the oldest root still trusted, which every sidecar trusts.
+    signer = ca.Authority(authority.retired[0]) if authority.retired else authority
+    serving = signer.serving(sorted(hosts))
+    pairs = [(serving.key_pem, serving.cert_pem)]
+    current = [authority.xds_trust]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        trust = certificates.authority.xds_trust
+        if trust == current[0]:
+            return None
+        current[0] = trust
+        return grpc.ssl_server_certificate_configuration(pairs, root_certificates=trust)
+
+    return grpc.dynamic_ssl_server_credentials(
+        grpc.ssl_server_certificate_configuration(pairs, root_certificates=current[0]),
+        fetch,  # type: ignore[arg-type]  # gRPC documents None as "no change"
+        require_client_authentication=True,
     )
+
+
+def _held_for_rotation(
+    ads: server.AdsServer,
+) -> dict[str, tuple[bytes | None, bytes | None]]:
+    out: dict[str, tuple[bytes | None, bytes | None]] = {}
+    for conn in ads.connections.values():
+        bundle = status.held_secret(conn, "ROOTCA")
+        cert = status.held_secret(conn, "default")
+        out[conn.node_id] = (bundle, report.chain_of_secret(cert) if cert else None)
+    return out
 
 
 def _config_dump(ads: server.AdsServer, query: Mapping[str, str]) -> Any:
@@ -473,6 +531,41 @@ def cmd_ca_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _post(admin_address: str, path: str) -> Any:
+    host, port = _host_port(admin_address)
+    request = urllib.request.Request(f"http://{host}:{port}{path}", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as err:
+        detail = json.loads(err.read() or b"{}").get("error", err.reason)
+        raise SystemExit(f"shoal: {detail}") from err
+    except (urllib.error.URLError, OSError) as err:
+        raise SystemExit(
+            f"shoal: cannot reach the control plane admin at {admin_address}: {err}"
+        ) from err
+
+
+def cmd_ca_rotate_root(args: argparse.Namespace) -> int:
+    _post(args.admin, "/ca/rotate-root")
+    print("root rotation started: the new root is trusted beside the old one")
+    if not args.wait:
+        print(f"follow it with: shoal ca status --admin {args.admin}")
+        return 0
+    seen = ""
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        progress: dict[str, Any] = _fetch(args.admin, "/debug/ca/rotation")
+        if progress["phase"] != seen:
+            seen = progress["phase"]
+            print(f"  {seen}")
+        if seen == "done":
+            return 0
+        time.sleep(0.2)
+    print(f"shoal: still {seen} after {args.timeout:.0f}s; waiting on {progress['laggards']}")
+    return 1
+
+
 def cmd_config_dump(args: argparse.Namespace) -> int:
     query = urllib.parse.urlencode({"proxy": args.proxy})
     dump: dict[str, Any] = _fetch(args.admin, f"/debug/config_dump?{query}")
@@ -609,6 +702,14 @@ def parser() -> argparse.ArgumentParser:
     ca_status.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT")
     ca_status.add_argument("--json", action="store_true")
     ca_status.set_defaults(func=cmd_ca_status)
+    rotate = ca_sub.add_parser(
+        "rotate-root",
+        help="new root trusted beside the old, workloads moved to it, then the old one dropped",
+    )
+    rotate.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT")
+    rotate.add_argument("--wait", action="store_true", help="until every step is done")
+    rotate.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    rotate.set_defaults(func=cmd_ca_rotate_root)
 
     demo = sub.add_parser("demo", help="a running mesh with real Envoy sidecars")
     demo.add_argument(

@@ -4,7 +4,6 @@ with mTLS, its xDS client certificate, key (0600) and the trust bundle."""
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 
 import yaml
@@ -40,9 +39,9 @@ def write(
             ttl=BOOTSTRAP_TTL,
             server=False,
         )
-        write_private(out / KEY, ca.key_pem(key))
+        ca.write_private(out / KEY, ca.key_pem(key))
         (out / CERT).write_bytes(cert)
-        (out / ROOTS).write_bytes(authority.trust_bundle)
+        (out / ROOTS).write_bytes(authority.xds_trust)
         tls = bootstrap.XdsTls(
             str((out / CERT).resolve()), str((out / KEY).resolve()), str((out / ROOTS).resolve())
         )
@@ -58,10 +57,3 @@ def write(
     path = out / "envoy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +21,7 @@ def app(
     reports: Mapping[str, Report],
     queries: Mapping[str, Query] | None = None,
     metrics: Callable[[], bytes] | None = None,
+    actions: Mapping[str, Callable[[], Awaitable[Any]]] | None = None,
 ) -> web.Application:
     """`/ready` for probes, `/metrics` for Prometheus, `/debug/<name>` as JSON."""
     queries = queries or {}
@@ -71,6 +72,20 @@ def app(
         application.router.add_get(f"/debug/{name}", report_handler(report))
     for name, query in queries.items():
         application.router.add_get(f"/debug/{name}", query_handler(query))
+
+    def action_handler(action: Callable[[], Awaitable[Any]]) -> Callable[[web.Request], Any]:
+        async def handle(_: web.Request) -> web.Response:
+            try:
+                result = await action()
+            except RuntimeError as err:
+                return web.json_response({"error": str(err)}, status=409)
+            return web.json_response(result, status=202, dumps=_dumps)
+
+        return handle
+
+    # Changes go by POST only, and the admin address is 127.0.0.1 by default.
+    for name, action in (actions or {}).items():
+        application.router.add_post(f"/{name}", action_handler(action))
     return application
 
 

@@ -78,7 +78,7 @@ def spiffe_ids(cert: x509.Certificate) -> list[str]:
     ]
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -106,6 +106,9 @@ class Authority:
         self._cert = signer.cert
         self._extra_roots = tuple(extra_roots)
         self._clock = clock
+        # Roots no longer used in the mesh but still trusted on the xDS
+        # channel, where sidecars bootstrapped under them still connect.
+        self.retired: tuple[KeyPair, ...] = ()
 
     def __repr__(self) -> str:
         return f"Authority({self._cert.subject.rfc4514_string()}, trust domain {self.trust_domain})"
@@ -124,6 +127,12 @@ class Authority:
         """Every root a peer may chain to: during a root rotation, old and new."""
         roots = [self.root_pem, *self._extra_roots]
         return b"".join(dict.fromkeys(roots))
+
+    @property
+    def xds_trust(self) -> bytes:
+        """Roots the xDS channel accepts and that a sidecar's bootstrap trusts."""
+        retired = [r.cert_pem for r in self.retired]
+        return b"".join(dict.fromkeys([*retired, self.trust_bundle]))
 
     def _chain(self) -> bytes:
         """Issued certificates carry the signer and its intermediates."""
@@ -306,9 +315,21 @@ def load_or_create(
     root = new_root(trust_domain, clock=clock)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    _write_private(key_path, root.key_pem)
+    write_private(key_path, root.key_pem)
     cert_path.write_bytes(root.cert_pem)
     return root, True
+
+
+def load_retired(state_dir: Path) -> tuple[KeyPair, ...]:
+    """Roots retired by a rotation, still valid, oldest first."""
+    folder = state_dir / "ca" / "retired"
+    out = []
+    for cert_path in sorted(folder.glob("*-cert.pem")) if folder.is_dir() else []:
+        key_path = cert_path.with_name(cert_path.name.replace("-cert.pem", "-key.pem"))
+        pair = KeyPair(cert_path.read_bytes(), key_path.read_bytes())
+        if pair.not_after > utcnow():
+            out.append(pair)
+    return tuple(sorted(out, key=lambda p: p.not_before))
 
 
 def load_plugin(cert: Path, key: Path, chain: Path | None = None) -> KeyPair:

@@ -19,6 +19,12 @@ def _describe(cert: x509.Certificate) -> dict[str, object]:
     }
 
 
+def chain_of_secret(body: bytes) -> bytes | None:
+    """The certificate chain PEM in a serialized SDS Secret."""
+    chain = secret_pb2.Secret.FromString(body).tls_certificate.certificate_chain.inline_bytes
+    return bytes(chain) if chain else None
+
+
 def serial_of_secret(body: bytes) -> str | None:
     """The serial of the leaf certificate in a serialized SDS Secret."""
     secret = secret_pb2.Secret.FromString(body)

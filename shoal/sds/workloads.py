@@ -101,12 +101,14 @@ class WorkloadCertificates:
             self.on_change(due)
         return due
 
-    def reissue_all(self, authority: ca.Authority) -> None:
-        """Move every workload to a new signing authority (root rotation)."""
+    def set_authority(self, authority: ca.Authority, *, reissue: bool) -> None:
+        """A new trust bundle (pushed to every proxy) and, with `reissue`,
+        new certificates for every workload from the new signer."""
         self.authority = authority
         everyone = set(self._issued)
-        for identity in everyone:
-            self._issue(identity)
+        if reissue:
+            for identity in everyone:
+                self._issue(identity)
         self.on_change(everyone)
 
     def next_renewal(self) -> datetime.datetime | None:

@@ -13,6 +13,11 @@ SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
 # endpoints, both before a listener or route can point at them.
 PUSH_ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
+# Types that only complete what is warming (a cluster's endpoints, a
+# certificate). Envoy may hold its CDS ACK until new clusters have warmed,
+# so these must flow while a CDS response is still unacknowledged.
+WARMING = frozenset({SECRET, ENDPOINT})
+
 # State-of-the-world types where a response carries the complete set and a
 # missing name means deleted; the others are asked for by name.
 WILDCARD = frozenset({CLUSTER, LISTENER})

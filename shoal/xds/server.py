@@ -264,6 +264,16 @@ class AdsServer:
 
     def _on_sotw_request(self, conn: Connection, request: Any) -> None:
         type_url = request.type_url
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "proxy %s asks %s version %r nonce %r for %d names%s",
+                conn.node_id,
+                resources.short(type_url),
+                request.version_info,
+                request.response_nonce,
+                len(request.resource_names),
+                " (NACK)" if request.HasField("error_detail") else "",
+            )
         _check_names(request.resource_names)
         if not self._serves(conn, type_url):
             return
@@ -439,12 +449,19 @@ class AdsServer:
         return found
 
     async def _send_pending(self, conn: Connection, snapshot: cache.Snapshot, context: Any) -> None:
+        held_back = False
         for type_url in resources.PUSH_ORDER:
             state = conn.types.get(type_url)
             if state is None:
                 continue
             if state.in_flight:
-                return  # later types wait for this one's ACK
+                # Listeners and routes wait for this one's ACK; endpoints and
+                # secrets do not: Envoy may ACK clusters only once they warm,
+                # and they warm on exactly those.
+                held_back = held_back or type_url not in resources.WARMING
+                continue
+            if held_back and type_url not in resources.WARMING:
+                continue
             view = self._desired(conn, state, snapshot)
             if view.version == state.nacked_version:
                 continue

@@ -227,3 +227,30 @@ async def test_serve_stops_cleanly_on_sigterm(registry_dir: Path, tmp_path: Path
         assert "shoal: stopping\n" in serve.output
     finally:
         serve.kill()
+
+
+async def test_a_service_created_later_is_routable_within_2s(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    # A new cluster: Envoy holds its CDS ACK until the cluster has warmed,
+    # which needs the cluster's endpoints (and, with mTLS, its secrets).
+    a_in, n_in = _ports(2)
+    write(
+        registry_dir,
+        "a.yaml",
+        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
+    )
+    await asyncio.sleep(0.3)
+    a = await local_mesh.add("a-1", namespace="default", service="a", inbound_port=a_in)
+    await local_mesh.add("new-1", namespace="default", service="new", inbound_port=n_in)
+    write(
+        registry_dir,
+        "new.yaml",
+        manifests.service("new") + "---\n" + manifests.endpoint_slice("new", "new", [n_in]),
+    )
+    async with aiohttp.ClientSession() as session:
+
+        async def routable() -> bool:
+            return set(await who_answers(session, a, "new", 2)) == {"new-1"}
+
+        assert await eventually(routable, 2.0) < 2.0

@@ -1,0 +1,106 @@
+"""Rotating the root under traffic: old and new trusted side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+from cryptography import x509
+
+from shoal import cli, envoy
+from shoal.demo import mesh
+from shoal.sds import ca
+from tests.conftest import write
+from tests.e2e.helpers import eventually
+from tests.e2e.test_mtls import _pair, workload
+
+
+async def test_root_rotation_under_traffic_drops_no_request(
+    registry_dir: Path,
+    control_plane: cli.ControlPlane,
+    local_mesh: mesh.LocalMesh,
+    tmp_path: Path,
+) -> None:
+    a, _ = await _pair(registry_dir, local_mesh)
+    certificates = control_plane.certificates
+    assert certificates is not None
+    old_root = certificates.authority.signer.cert
+    failures: list[str] = []
+    ok = 0
+    done = asyncio.Event()
+
+    async def traffic() -> None:
+        nonlocal ok
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while not done.is_set():
+                try:
+                    status, body = await mesh.get(session, a, "b")
+                    if status == 200:
+                        ok += 1
+                    else:
+                        failures.append(f"{status}: {body}")
+                except aiohttp.ClientError as err:
+                    failures.append(repr(err))
+                await asyncio.sleep(0.01)
+
+    runner = asyncio.create_task(traffic())
+    try:
+        await asyncio.sleep(0.5)
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "shoal.cli",
+                "ca",
+                "rotate-root",
+                "--wait",
+                "--admin",
+                f"127.0.0.1:{control_plane.admin_port}",
+                "--timeout",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        for phase in ("trusting-both", "re-issuing", "dropping-old", "done"):
+            assert phase in result.stdout
+        await asyncio.sleep(1.0)  # traffic on the new root alone
+    finally:
+        done.set()
+        await runner
+    assert failures == [], failures[:5]
+    assert ok > 100
+
+    authority = certificates.authority
+    new_root = authority.signer.cert
+    assert new_root.serial_number != old_root.serial_number
+    # The mesh trusts the new root only; b's certificate comes from it.
+    assert x509.load_pem_x509_certificates(authority.trust_bundle) == [new_root]
+    held = certificates.get("default", "b-sa")
+    held.cert.verify_directly_issued_by(new_root)
+    # On disk: the new root is the root, the old one is retired.
+    state = tmp_path / "state"
+    on_disk, _ = ca.load_or_create(state, "cluster.local")
+    assert on_disk.cert.serial_number == new_root.serial_number
+    assert [r.cert.serial_number for r in ca.load_retired(state)] == [old_root.serial_number]
+
+    # A sidecar bootstrapped after the rotation joins and talks to the others.
+    c_in = envoy.free_port()
+    write(registry_dir, "c.yaml", workload("c", "c-sa", c_in))
+    await asyncio.sleep(0.3)
+    c = await local_mesh.add(
+        "c-1", namespace="default", service="c", inbound_port=c_in, service_account="c-sa"
+    )
+    async with aiohttp.ClientSession() as session:
+        assert (await mesh.get(session, c, "b"))[0] == 200
+
+        async def a_reaches_c() -> bool:
+            return (await mesh.get(session, a, "c"))[0] == 200
+
+        assert await eventually(a_reaches_c, 3.0) < 3.0
