@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint unit bench clean
 
-$(STAMP): pyproject.toml
+PROTOS := $(wildcard protos/shoal/_gen/*.proto)
+
+$(STAMP): pyproject.toml $(PROTOS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from shoal import sidecar_files
 from shoal.model import proxy
 from shoal.observe import admin, metrics
 from shoal.registry import files
-from shoal.sds import ca, report, workloads
+from shoal.sds import ca, join, report, workloads
 from shoal.sds import rotation as rotation_mod
 from shoal.xds import cache, controller, csds, server, status
 from shoal.xds.translate import bootstrap as bootstrap_config
@@ -66,6 +66,8 @@ class ServeOptions:
     ca_chain: Path | None = None
     # How long each step of a root rotation waits for proxies to catch up.
     root_rotation_step_timeout: float = 60.0
+    # Where machines outside join with a token and a CSR ("" for nowhere).
+    join_address: str = "127.0.0.1:15012"
 
 
 @dataclass
@@ -79,6 +81,7 @@ class ControlPlane:
     ads: server.AdsServer
     authority: ca.Authority | None
     certificates: workloads.WorkloadCertificates | None
+    join_port: int = 0
 
 
 @contextlib.asynccontextmanager
@@ -162,7 +165,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 for c in sorted(ads.connections.values(), key=lambda c: c.stream_id)
             },
         )
-    actions: dict[str, Callable[[], Awaitable[Any]]] = {}
+    actions: dict[str, admin.Action] = {}
     background: set[asyncio.Task[Any]] = set()
     if certificates is not None and options.ca_cert is None:
         rotation = rotation_mod.RootRotation(
@@ -172,7 +175,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             step_timeout=options.root_rotation_step_timeout,
         )
 
-        async def rotate_root() -> dict[str, Any]:
+        async def rotate_root(_: Mapping[str, str]) -> dict[str, Any]:
             if rotation.running:
                 raise RuntimeError(
                     f"a root rotation is already running ({rotation.progress.phase})"
@@ -185,6 +188,31 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
 
         actions["ca/rotate-root"] = rotate_root
         reports["ca/rotation"] = lambda: dataclasses.asdict(rotation.progress)
+    join_server = None
+    join_port = 0
+    if certificates is not None and options.join_address:
+        tokens = join.JoinTokens()
+        join_server = grpc.aio.server(options=join.server_options())
+        join.register(join_server, join.CertificateService(lambda: certificates.authority, tokens))
+        join_host, join_port = _host_port(options.join_address)
+        serving = certificates.authority.serving(
+            sorted({join_host, "localhost", "127.0.0.1", socket.gethostname(), *options.xds_hosts})
+        )
+        join_port = join_server.add_secure_port(
+            f"{join_host}:{join_port}",
+            grpc.ssl_server_credentials([(serving.key_pem, serving.cert_pem)]),
+        )
+        await join_server.start()
+
+        async def join_token(query: Mapping[str, str]) -> dict[str, Any]:
+            namespace, account = query.get("namespace", ""), query.get("service_account", "")
+            if not namespace or not account:
+                raise ValueError("name the identity: ?namespace=NS&service_account=SA")
+            ttl = float(query.get("ttl", "600"))
+            token = tokens.mint(namespace, account, datetime.timedelta(seconds=ttl))
+            return {"token": token, "expires_in_s": ttl, "join_port": join_port}
+
+        actions["ca/join-token"] = join_token
     admin_app = admin.app(
         ready=lambda: True,
         reports=reports,
@@ -210,7 +238,9 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         asyncio.create_task(registry.watch(ctl.update, stop_watch), name="registry-watch"),
     ]
     try:
-        yield ControlPlane(xds_port, admin_port, registry, ctl, ads, authority, certificates)
+        yield ControlPlane(
+            xds_port, admin_port, registry, ctl, ads, authority, certificates, join_port
+        )
     finally:
         stop_watch.set()
         for t in tasks:
@@ -218,6 +248,8 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         await asyncio.gather(*tasks, return_exceptions=True)
         for t in background:
             t.cancel()
+        if join_server is not None:
+            await join_server.stop(grace=None)
         await grpc_server.stop(grace=1)
         await runner.cleanup()
 
@@ -345,6 +377,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workload_ttl=datetime.timedelta(seconds=args.workload_cert_ttl),
         insecure_xds=args.insecure_xds,
         xds_hosts=tuple(args.xds_host),
+        join_address=args.join_address,
         ca_cert=Path(args.ca_cert) if args.ca_cert else None,
         ca_key=Path(args.ca_key) if args.ca_key else None,
         ca_chain=Path(args.ca_chain) if args.ca_chain else None,
@@ -355,6 +388,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"shoal serve: registry folder {options.registry} does not exist", file=sys.stderr)
         return 2
     return asyncio.run(_serve(options))
+
+
+async def _join(
+    args: argparse.Namespace, s: proxy.Sidecar, ca_root: bytes
+) -> sidecar_files.XdsCredentials:
+    """Make a key here, send only a CSR, get the xDS certificate back."""
+    key = ca.new_key()
+    spiffe_id = f"spiffe://{args.trust_domain}/ns/{s.namespace}/sa/{s.service_account}"
+    csr = ca.csr(key, spiffe_id)
+    try:
+        answer = await join.join(args.join, args.token, csr, ca_root)
+    except grpc.aio.AioRpcError as err:
+        raise SystemExit(f"shoal bootstrap: join refused: {err.details()}") from err
+    return sidecar_files.XdsCredentials(
+        answer.certificate_chain_pem, ca.key_pem(key), answer.xds_trust_pem
+    )
 
 
 SIDECAR_PORTS = ("app_port", "inbound_port", "outbound_port", "admin_port")
@@ -391,7 +440,13 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         inbound_address=args.inbound_address,
     )
     authority = None
-    if args.insecure_xds:
+    credentials = None
+    if args.join:
+        if not args.token or not args.ca_root:
+            print("shoal bootstrap: --join needs --token and --ca-root", file=sys.stderr)
+            return 2
+        credentials = asyncio.run(_join(args, s, Path(args.ca_root).read_bytes()))
+    elif args.insecure_xds:
         print(INSECURE_WARNING.format(what="this sidecar"), file=sys.stderr)
     else:
         authority = load_authority(
@@ -414,7 +469,11 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         node_id=args.node_id,
         delta=args.delta,
         authority=authority,
+        credentials=credentials,
     )
+    if credentials is not None:
+        joined = f"spiffe://{args.trust_domain}/ns/{s.namespace}/sa/{s.service_account}"
+        print(f"joined as {joined}: the private key was made here and stays here")
     extra = (
         ""
         if authority is None
@@ -437,6 +496,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     xds_address="127.0.0.1:0",
                     admin_address="127.0.0.1:0",
                     state_dir=Path(args.state_dir),
+                    join_address="127.0.0.1:0",
                 )
             ),
             check=args.check,
@@ -546,6 +606,20 @@ def _post(admin_address: str, path: str) -> Any:
         ) from err
 
 
+def cmd_ca_join_token(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode(
+        {"namespace": args.namespace, "service_account": args.service_account, "ttl": args.ttl}
+    )
+    minted: dict[str, Any] = _post(args.admin, f"/ca/join-token?{query}")
+    print(minted["token"])
+    print(
+        f"single use, for spiffe identity ns/{args.namespace}/sa/{args.service_account}, "
+        f"expires in {minted['expires_in_s']:.0f}s; join port {minted['join_port']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_ca_rotate_root(args: argparse.Namespace) -> int:
     _post(args.admin, "/ca/rotate-root")
     print("root rotation started: the new root is trusted beside the old one")
@@ -628,6 +702,12 @@ def parser() -> argparse.ArgumentParser:
         help="lifetime of workload certificates, renewed at half of it (default 86400)",
     )
     serve.add_argument(
+        "--join-address",
+        default="127.0.0.1:15012",
+        metavar="HOST:PORT",
+        help="where machines join with a token and a CSR (default 127.0.0.1:15012; '' for off)",
+    )
+    serve.add_argument(
         "--xds-host",
         action="append",
         default=[],
@@ -663,6 +743,9 @@ def parser() -> argparse.ArgumentParser:
         "--delta", action="store_true", help="incremental (delta) xDS instead of state of the world"
     )
     _identity_flags(boot)
+    boot.add_argument("--join", metavar="HOST:PORT", help="join from another machine (CA port)")
+    boot.add_argument("--token", help="with --join: a token from `shoal ca join-token`")
+    boot.add_argument("--ca-root", metavar="PEM", help="with --join: the mesh root to verify by")
     boot.add_argument(
         "--grpc",
         action="store_true",
@@ -710,6 +793,14 @@ def parser() -> argparse.ArgumentParser:
     rotate.add_argument("--wait", action="store_true", help="until every step is done")
     rotate.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
     rotate.set_defaults(func=cmd_ca_rotate_root)
+    token = ca_sub.add_parser(
+        "join-token", help="a single-use token for one identity to join from another machine"
+    )
+    token.add_argument("--namespace", required=True)
+    token.add_argument("--service-account", required=True)
+    token.add_argument("--ttl", type=float, default=600.0, metavar="SECONDS")
+    token.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT")
+    token.set_defaults(func=cmd_ca_join_token)
 
     demo = sub.add_parser("demo", help="a running mesh with real Envoy sidecars")
     demo.add_argument(

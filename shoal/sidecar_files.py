@@ -4,6 +4,7 @@ with mTLS, its xDS client certificate, key (0600) and the trust bundle."""
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -18,6 +19,25 @@ BOOTSTRAP_TTL = datetime.timedelta(days=90)
 CERT, KEY, ROOTS = "xds-cert.pem", "xds-key.pem", "root-cert.pem"
 
 
+@dataclass(frozen=True)
+class XdsCredentials:
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    trust_pem: bytes = b""
+
+
+def issue(authority: ca.Authority, s: proxy.Sidecar) -> XdsCredentials:
+    """On the control plane's machine: issue directly from the CA."""
+    key = ca.new_key()
+    cert = authority.issue(
+        key.public_key(),
+        uri=authority.spiffe_id(s.namespace, s.service_account),
+        ttl=BOOTSTRAP_TTL,
+        server=False,
+    )
+    return XdsCredentials(cert, ca.key_pem(key), authority.xds_trust)
+
+
 def write(
     out: Path,
     s: proxy.Sidecar,
@@ -28,20 +48,16 @@ def write(
     node_id: str | None = None,
     delta: bool = False,
     authority: ca.Authority | None = None,
+    credentials: XdsCredentials | None = None,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tls = None
-    if authority is not None:
-        key = ca.new_key()
-        cert = authority.issue(
-            key.public_key(),
-            uri=authority.spiffe_id(s.namespace, s.service_account),
-            ttl=BOOTSTRAP_TTL,
-            server=False,
-        )
-        ca.write_private(out / KEY, ca.key_pem(key))
-        (out / CERT).write_bytes(cert)
-        (out / ROOTS).write_bytes(authority.xds_trust)
+    if credentials is None and authority is not None:
+        credentials = issue(authority, s)
+    if credentials is not None:
+        ca.write_private(out / KEY, credentials.key_pem)
+        (out / CERT).write_bytes(credentials.cert_pem)
+        (out / ROOTS).write_bytes(credentials.trust_pem)
         tls = bootstrap.XdsTls(
             str((out / CERT).resolve()), str((out / KEY).resolve()), str((out / ROOTS).resolve())
         )

@@ -45,6 +45,7 @@ async def control_plane(
         xds_address="127.0.0.1:0",
         admin_address="127.0.0.1:0",
         state_dir=tmp_path / "state",
+        join_address="127.0.0.1:0",
         debounce_quiet=0.05,
         debounce_max=0.5,
         insecure_xds=xds_security == "insecure",

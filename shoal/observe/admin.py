@@ -12,6 +12,9 @@ Report = Callable[[], Any]
 # A report that takes the request's query parameters; None means "not found".
 Query = Callable[[Mapping[str, str]], Any]
 
+# A change, by POST, with the query parameters.
+Action = Callable[[Mapping[str, str]], Awaitable[Any]]
+
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -21,7 +24,7 @@ def app(
     reports: Mapping[str, Report],
     queries: Mapping[str, Query] | None = None,
     metrics: Callable[[], bytes] | None = None,
-    actions: Mapping[str, Callable[[], Awaitable[Any]]] | None = None,
+    actions: Mapping[str, Action] | None = None,
 ) -> web.Application:
     """`/ready` for probes, `/metrics` for Prometheus, `/debug/<name>` as JSON."""
     queries = queries or {}
@@ -73,10 +76,12 @@ def app(
     for name, query in queries.items():
         application.router.add_get(f"/debug/{name}", query_handler(query))
 
-    def action_handler(action: Callable[[], Awaitable[Any]]) -> Callable[[web.Request], Any]:
-        async def handle(_: web.Request) -> web.Response:
+    def action_handler(action: Action) -> Callable[[web.Request], Any]:
+        async def handle(request: web.Request) -> web.Response:
             try:
-                result = await action()
+                result = await action(request.query)
+            except ValueError as err:
+                return web.json_response({"error": str(err)}, status=400)
             except RuntimeError as err:
                 return web.json_response({"error": str(err)}, status=409)
             return web.json_response(result, status=202, dumps=_dumps)

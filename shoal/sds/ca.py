@@ -338,3 +338,16 @@ def load_plugin(cert: Path, key: Path, chain: Path | None = None) -> KeyPair:
     if not pair.cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
         raise CAError(f"{cert} is not a CA certificate")
     return pair
+
+
+def csr(key: ec.EllipticCurvePrivateKey, spiffe_id: str) -> bytes:
+    """A certificate signing request for one SPIFFE ID."""
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return request.public_bytes(serialization.Encoding.PEM)

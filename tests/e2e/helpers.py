@@ -72,6 +72,8 @@ class ServeProcess:
             "127.0.0.1:0",
             "--state-dir",
             str(self.state_dir),
+            "--join-address",
+            "127.0.0.1:0",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )

@@ -1,0 +1,1 @@
+"""Code generated from protos/ by grpcio-tools at build time (make)."""
