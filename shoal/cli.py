@@ -505,15 +505,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
-def _fetch(admin_address: str, path: str) -> Any:
+def _fetch(admin_address: str, path: str, method: str = "GET") -> Any:
+    """A JSON answer from the control plane's admin endpoint, or a clear exit."""
     host, port = _host_port(admin_address)
     url = f"http://{host}:{port}{path}"
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(request, timeout=10) as r:
             return json.load(r)
     except urllib.error.HTTPError as err:
         detail = json.loads(err.read() or b"{}").get("error", err.reason)
-        raise SystemExit(f"shoal: {url}: {detail}") from err
+        raise SystemExit(f"shoal: {path.split('?')[0]}: {detail}") from err
     except (urllib.error.URLError, OSError) as err:
         raise SystemExit(
             f"shoal: cannot reach the control plane admin at {admin_address}: {err}"
@@ -592,18 +594,7 @@ def cmd_ca_status(args: argparse.Namespace) -> int:
 
 
 def _post(admin_address: str, path: str) -> Any:
-    host, port = _host_port(admin_address)
-    request = urllib.request.Request(f"http://{host}:{port}{path}", method="POST", data=b"")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as r:
-            return json.load(r)
-    except urllib.error.HTTPError as err:
-        detail = json.loads(err.read() or b"{}").get("error", err.reason)
-        raise SystemExit(f"shoal: {detail}") from err
-    except (urllib.error.URLError, OSError) as err:
-        raise SystemExit(
-            f"shoal: cannot reach the control plane admin at {admin_address}: {err}"
-        ) from err
+    return _fetch(admin_address, path, method="POST")
 
 
 def cmd_ca_join_token(args: argparse.Namespace) -> int:
