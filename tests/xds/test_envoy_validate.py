@@ -13,7 +13,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import json_format
 
 from shoal import envoy
-from shoal.xds.translate import bootstrap, clusters, sidecar
+from shoal.xds.translate import bootstrap, clusters, listeners, sidecar
 from tests.xds import fixtures
 
 
@@ -73,3 +73,27 @@ def test_validate_rejects_a_broken_config(tmp_path: Path) -> None:
     config = _bootstrap()
     config["static_resources"]["clusters"].append({"name": "x", "type": "NOT_A_TYPE"})
     assert validate(config, tmp_path).returncode != 0
+
+
+def test_mtls_listeners_and_clusters_are_valid(tmp_path: Path) -> None:
+    state = fixtures.state()
+    s = fixtures.sidecar()
+    config = _bootstrap()
+    for permissive in (False, True):
+        security = listeners.InboundSecurity(
+            permissive=permissive, allow=("spiffe://cluster.local/ns/shop/sa/*",)
+        )
+        (inbound, _) = sidecar.own_listeners(s, state, security)
+        inbound.name += f"-{permissive}"
+        inbound.address.socket_address.port_value += int(permissive)
+        config["static_resources"].setdefault("listeners", []).append(
+            json_format.MessageToDict(inbound)
+        )
+    peers = frozenset({"spiffe://cluster.local/ns/shop/sa/web"})
+    config["static_resources"]["clusters"] += [
+        json_format.MessageToDict(c)
+        for svc in state.sorted_services()
+        for c in clusters.outbound_for_service(svc, peers)
+    ] + [json_format.MessageToDict(c) for c in sidecar.own_clusters(s, state)]
+    result = validate(config, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

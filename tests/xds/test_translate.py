@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from shoal.model import mesh
-from shoal.xds.translate import clusters, endpoints, names, routes, sidecar
+from shoal.xds.translate import clusters, endpoints, listeners, names, routes, sidecar
 from tests.xds import fixtures
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
@@ -145,3 +146,36 @@ def test_not_ready_endpoints_are_left_out_and_localities_are_weighted() -> None:
 def test_default_port_for_a_bare_host(ports: list[mesh.Port], expected: int) -> None:
     port = routes.default_port(mesh.Service("ns", "s", tuple(ports)))
     assert port is not None and port.port == expected
+
+
+PEERS = frozenset({"spiffe://cluster.local/ns/shop/sa/web"})
+
+
+def _mtls_listeners(permissive: bool, allow: tuple[str, ...] | None) -> list[Message]:
+    security = listeners.InboundSecurity(permissive=permissive, allow=allow)
+    return list(sidecar.own_listeners(fixtures.sidecar(), fixtures.state(), security))
+
+
+def test_golden_mtls_listeners_and_clusters() -> None:
+    check_golden(
+        "mtls_listeners",
+        _mtls_listeners(False, ("spiffe://cluster.local/ns/shop/sa/*",))
+        + _mtls_listeners(True, None)[:1],
+    )
+    web = fixtures.state().services[mesh.ServiceKey("shop", "web")]
+    check_golden("mtls_clusters", list(clusters.outbound_for_service(web, PEERS)))
+
+
+def test_permissive_comes_from_the_service_else_its_namespace() -> None:
+    state = fixtures.state()
+    s = fixtures.sidecar()
+    assert not sidecar.security(s, state, "cluster.local").permissive
+    namespaces = {
+        "shop": mesh.Namespace("shop", annotations=mesh.frozen_map({"shoal.io/mtls": "permissive"}))
+    }
+    in_permissive_ns = dataclasses.replace(state, namespaces=namespaces)
+    assert sidecar.security(s, in_permissive_ns, "cluster.local").permissive
+    web = mesh.ServiceKey("shop", "web")
+    strict_web = dataclasses.replace(state.services[web], mtls="strict")
+    overridden = dataclasses.replace(in_permissive_ns, services={**state.services, web: strict_web})
+    assert not sidecar.security(s, overridden, "cluster.local").permissive
