@@ -97,6 +97,13 @@ class Port:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    consecutive_5xx: int = 5
+    ejection_s: float = 30.0
+    max_ejection_percent: int = 50
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     namespace: str
     name: str
@@ -112,6 +119,8 @@ class Service:
     mtls: str | None = None
     # Callers allowed, as (namespace, service account or "*"); None: everyone.
     allow: frozenset[tuple[str, str]] | None = None
+    # Eject an endpoint after this many consecutive 5xx, for this long.
+    outlier: OutlierPolicy | None = None
 
     @property
     def key(self) -> ServiceKey:

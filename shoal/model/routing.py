@@ -40,12 +40,43 @@ class RouteRule:
 
 
 @dataclass(frozen=True, slots=True)
+class Retry:
+    attempts: int
+    retry_on: str = "5xx,reset,connect-failure"
+    per_try_timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Injected failures, each applied to a share (percent) of requests."""
+
+    abort_status: int | None = None
+    abort_percent: float = 0.0
+    delay_s: float | None = None
+    delay_percent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    service: mesh.ServiceKey
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceRoute:
     """The routing of one Service; its last rule matches everything."""
 
     service: mesh.ServiceKey
     rules: tuple[RouteRule, ...]
     source: str = ""  # where it came from: annotations, or a TrafficRoute
+    timeout_s: float | None = None
+    retry: Retry | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
 
     def backends(self) -> frozenset[mesh.ServiceKey]:
-        return frozenset(b.service for r in self.rules for b in r.backends)
+        """Every Service this route sends traffic (or copies of it) to."""
+        targets = {b.service for r in self.rules for b in r.backends}
+        if self.mirror is not None:
+            targets.add(self.mirror.service)
+        return frozenset(targets)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import re2
+
 from shoal.model import mesh, routing, scope
 
 PREFIX = "shoal.io/"
@@ -16,7 +18,32 @@ EXPORT_TO = PREFIX + "export-to"
 DEPENDENCIES = PREFIX + "dependencies"
 SPLIT = PREFIX + "split"
 ROUTE_HEADERS = PREFIX + "route-headers"
-ROUTING = (SPLIT, ROUTE_HEADERS)
+TIMEOUT = PREFIX + "timeout"
+RETRIES = PREFIX + "retries"
+RETRY_ON = PREFIX + "retry-on"
+FAULT = PREFIX + "fault"
+MIRROR = PREFIX + "mirror"
+OUTLIER = PREFIX + "outlier"
+ROUTING = (SPLIT, ROUTE_HEADERS, TIMEOUT, RETRIES, RETRY_ON, FAULT, MIRROR)
+RETRY_ON_VALUES = frozenset(
+    {
+        "5xx",
+        "gateway-error",
+        "reset",
+        "reset-before-request",
+        "connect-failure",
+        "retriable-4xx",
+        "refused-stream",
+        "envoy-ratelimited",
+        "http3-post-connect-failure",
+    }
+)
+MAX_RETRIES = 10
+# Envoy refuses regular expressions whose RE2 program is larger than this
+# (runtime key re2.max_program_size.error_level): check the same here.
+MAX_REGEX_PROGRAM = 100
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MTLS = PREFIX + "mtls"
 ALLOW = PREFIX + "allow"
 MTLS_MODES = ("strict", "permissive")
@@ -110,12 +137,7 @@ def _header_rule(text: str, namespace: str) -> routing.RouteRule:
     if "~=" in match_text:
         name, _, value = match_text.partition("~=")
         kind = routing.MatchKind.REGEX
-        try:
-            re.compile(value.strip())
-        except re.error as err:
-            raise AnnotationError(
-                ROUTE_HEADERS, f"{value.strip()!r} is not a valid regular expression: {err}"
-            ) from err
+        check_regex(value.strip(), ROUTE_HEADERS)
     else:
         name, eq, value = match_text.partition("=")
         if not eq:
@@ -126,6 +148,123 @@ def _header_rule(text: str, namespace: str) -> routing.RouteRule:
         raise AnnotationError(ROUTE_HEADERS, f"{name!r} is not a header name")
     backend = routing.Backend(service_ref(target.strip(), namespace, ROUTE_HEADERS))
     return routing.RouteRule((backend,), (routing.HeaderMatch(name, kind, value),))
+
+
+def check_regex(pattern: str, annotation: str) -> None:
+    """Accept exactly what Envoy accepts: RE2 syntax, within its size limit."""
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        compiled = re2.compile(pattern, options)
+    except re2.error as err:
+        reason = err.args[0].decode() if err.args and isinstance(err.args[0], bytes) else err
+        raise AnnotationError(
+            annotation, f"{pattern!r} is not a valid RE2 regular expression: {reason}"
+        ) from err
+    if compiled.programsize > MAX_REGEX_PROGRAM:
+        raise AnnotationError(
+            annotation,
+            f"{pattern!r} is too complex for Envoy (RE2 program size "
+            f"{compiled.programsize} > {MAX_REGEX_PROGRAM})",
+        )
+
+
+def duration(text: str, annotation: str, *, most: float = 3600.0) -> float:
+    """`200ms`, `2s`, `1.5m`, `1h` in seconds, more than 0 and at most `most`."""
+    found = _DURATION.match(text.strip())
+    if found is None:
+        raise AnnotationError(annotation, f"{text.strip()!r} is not a duration like 200ms or 2s")
+    seconds = float(found.group(1)) * _UNITS[found.group(2)]
+    if not 0 < seconds <= most:
+        raise AnnotationError(annotation, f"{text.strip()!r} is out of range (0 to {most:g}s)")
+    return seconds
+
+
+def percent(text: str, annotation: str) -> float:
+    value = text.strip().removesuffix("%")
+    try:
+        number = float(value)
+    except ValueError:
+        raise AnnotationError(annotation, f"{text.strip()!r} is not a percentage") from None
+    if not 0 <= number <= 100:
+        raise AnnotationError(annotation, f"{text.strip()!r} is not between 0% and 100%")
+    return number
+
+
+def _retry(notes: Mapping[str, str]) -> routing.Retry | None:
+    if RETRIES not in notes:
+        if RETRY_ON in notes:
+            raise AnnotationError(RETRY_ON, f"needs {RETRIES} (how many attempts)")
+        return None
+    text = notes[RETRIES].strip()
+    if not text.isdigit() or int(text) > MAX_RETRIES:
+        raise AnnotationError(RETRIES, f"{text!r} is not a whole number from 0 to {MAX_RETRIES}")
+    retry_on = routing.Retry(0).retry_on
+    if RETRY_ON in notes:
+        wanted = _names(notes[RETRY_ON])
+        unknown = [w for w in wanted if w not in RETRY_ON_VALUES]
+        if unknown or not wanted:
+            known = ", ".join(sorted(RETRY_ON_VALUES))
+            raise AnnotationError(
+                RETRY_ON, f"{', '.join(unknown) or 'nothing'} is not one of {known}"
+            )
+        retry_on = ",".join(wanted)
+    return routing.Retry(int(text), retry_on)
+
+
+def _fault(text: str) -> routing.Fault:
+    abort_status, abort_percent, delay, delay_percent = None, 0.0, None, 0.0
+    for item in _names(text):
+        kind, eq, rest = item.partition("=")
+        what, at, share = rest.partition("@")
+        if not eq or not at:
+            raise AnnotationError(
+                FAULT, f"{item!r} is not abort=STATUS@PERCENT or delay=DURATION@PERCENT"
+            )
+        if kind == "abort":
+            if not what.isdigit() or not 200 <= int(what) <= 599:
+                raise AnnotationError(FAULT, f"{what!r} is not an HTTP status from 200 to 599")
+            abort_status, abort_percent = int(what), percent(share, FAULT)
+        elif kind == "delay":
+            delay, delay_percent = duration(what, FAULT, most=60.0), percent(share, FAULT)
+        else:
+            raise AnnotationError(FAULT, f"{kind!r} is neither abort nor delay")
+    if abort_status is None and delay is None:
+        raise AnnotationError(FAULT, "names no fault")
+    return routing.Fault(abort_status, abort_percent, delay, delay_percent)
+
+
+def _mirror(
+    text: str, service: mesh.Service, known: Mapping[mesh.ServiceKey, mesh.Service]
+) -> routing.Mirror:
+    target, at, share = text.strip().partition("@")
+    key = service_ref(target.strip(), service.namespace, MIRROR)
+    if key == service.key:
+        raise AnnotationError(MIRROR, "a Service cannot mirror to itself")
+    if key not in known:
+        raise AnnotationError(MIRROR, f"Service {key} does not exist")
+    return routing.Mirror(key, percent(share, MIRROR) if at else 100.0)
+
+
+def outlier(annotations: Mapping[str, str]) -> mesh.OutlierPolicy | None:
+    """`consecutive-5xx=5,ejection=30s[,max-ejection=50%]`."""
+    value = annotations.get(OUTLIER)
+    if value is None:
+        return None
+    fields: dict[str, str] = {}
+    for item in _names(value):
+        key, eq, rest = item.partition("=")
+        if not eq or key not in ("consecutive-5xx", "ejection", "max-ejection"):
+            raise AnnotationError(
+                OUTLIER, f"{item!r}: expected consecutive-5xx=N, ejection=DURATION, max-ejection=P%"
+            )
+        fields[key] = rest
+    count = fields.get("consecutive-5xx", "5")
+    if not count.isdigit() or not 1 <= int(count) <= 1000:
+        raise AnnotationError(OUTLIER, f"consecutive-5xx {count!r} is not from 1 to 1000")
+    ejection = duration(fields.get("ejection", "30s"), OUTLIER)
+    share = percent(fields.get("max-ejection", "50%"), OUTLIER)
+    return mesh.OutlierPolicy(int(count), ejection, round(share))
 
 
 def service_route(
@@ -149,7 +288,15 @@ def service_route(
             if backend.service not in known:
                 which = SPLIT if not rule.headers else ROUTE_HEADERS
                 raise AnnotationError(which, f"backend Service {backend.service} does not exist")
-    return routing.ServiceRoute(service.key, tuple(rules), source="annotations")
+    return routing.ServiceRoute(
+        service.key,
+        tuple(rules),
+        source="annotations",
+        timeout_s=duration(notes[TIMEOUT], TIMEOUT) if TIMEOUT in notes else None,
+        retry=_retry(notes),
+        fault=_fault(notes[FAULT]) if FAULT in notes else None,
+        mirror=_mirror(notes[MIRROR], service, known) if MIRROR in notes else None,
+    )
 
 
 def mtls(annotations: Mapping[str, str]) -> str | None:

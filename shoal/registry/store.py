@@ -120,6 +120,7 @@ class ObjectStore:
             "dependencies": lambda: notes.dependencies(svc.annotations, svc.namespace),
             "mtls": lambda: notes.mtls(svc.annotations),
             "allow": lambda: notes.allow(svc.annotations),
+            "outlier": lambda: notes.outlier(svc.annotations),
         }
         good = self._good_notes.setdefault(svc.key, {})
         values: dict[str, object] = {}

@@ -59,7 +59,7 @@ def test_no_routing_annotations_means_no_route() -> None:
         ({annotations.SPLIT: "nope=100"}, "backend Service shop/nope does not exist"),
         ({annotations.SPLIT: ""}, "names no backend"),
         ({annotations.ROUTE_HEADERS: "x-a=1"}, "is not HEADER=VALUE -> SERVICE"),
-        ({annotations.ROUTE_HEADERS: "x-a~=([ -> reviews"}, "not a valid regular expression"),
+        ({annotations.ROUTE_HEADERS: "x-a~=([ -> reviews"}, "not a valid RE2 regular expression"),
         ({annotations.ROUTE_HEADERS: "bad header=1 -> reviews"}, "is not a header name"),
         ({annotations.ROUTE_HEADERS: "x-a=1 -> Not_A_Service"}, "is not a Service"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -80,10 +81,8 @@ async def test_one_endpoint_change_serializes_one_resource_whatever_the_proxy_co
 
     web = mesh.ServiceKey("shop", "web")
     eps = (*state.endpoints[web][:-1], mesh.Endpoint("10.9.9.9", 9000, "grpc-api"))
-    changed = mesh.MeshState(
-        version=state.version + 1,
-        services=state.services,
-        endpoints={**state.endpoints, web: eps},
+    changed = dataclasses.replace(
+        state, version=state.version + 1, endpoints={**state.endpoints, web: eps}
     )
     count = cache.serialization_count()
     ctl.update(changed)

@@ -93,7 +93,15 @@ def test_hosts_with_and_without_port_route_to_the_cluster() -> None:
         "web.shop.svc:80",
         "web.shop.svc.cluster.local:80",
     }
-    assert web.routes[0].route.cluster == "outbound|80||web.shop.svc.cluster.local"
+    # First the header rule, last the 90/10 split, which catches everything else.
+    assert web.routes[0].route.cluster == "outbound|80||web-v2.shop.svc.cluster.local"
+    split = web.routes[-1].route.weighted_clusters.clusters
+    assert [(c.name.split("||")[1], c.weight.value) for c in split] == [
+        ("web.shop.svc.cluster.local", 90),
+        ("web-v2.shop.svc.cluster.local", 10),
+    ]
+    plain = {vh.name: vh for vh in config.virtual_hosts}["invoices.billing.svc.cluster.local:80"]
+    assert plain.routes[0].route.cluster == "outbound|80||invoices.billing.svc.cluster.local"
 
 
 def test_short_names_only_within_the_callers_namespace() -> None:

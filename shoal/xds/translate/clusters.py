@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -62,7 +62,21 @@ def outbound(
     )
     if peers is not None:
         cluster.transport_socket.CopyFrom(tls.upstream(service.key.fqdn, peers))
+    if service.outlier is not None:
+        cluster.outlier_detection.CopyFrom(_outlier(service.outlier))
     return cluster
+
+
+def _outlier(policy: mesh.OutlierPolicy) -> outlier_detection_pb2.OutlierDetection:
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_5xx=wrappers_pb2.UInt32Value(value=policy.consecutive_5xx),
+        # Checked every second: an endpoint failing now is out within one.
+        interval=common.duration(1.0),
+        base_ejection_time=common.duration(policy.ejection_s),
+        max_ejection_percent=wrappers_pb2.UInt32Value(value=policy.max_ejection_percent),
+        # Only consecutive 5xx decides; the success-rate heuristics stay off.
+        enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
+    )
 
 
 def outbound_for_service(

@@ -8,6 +8,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
@@ -25,6 +26,7 @@ HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 ROUTER = "envoy.filters.http.router"
 RBAC = "envoy.filters.http.rbac"
+FAULT = "envoy.filters.http.fault"
 TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 
 
@@ -161,7 +163,18 @@ def outbound(sidecar: proxy.Sidecar) -> listener_pb2.Listener:
         address=common.socket_address("127.0.0.1", sidecar.outbound_port),
         filter_chains=[
             listener_components_pb2.FilterChain(
-                filters=[_http_manager("outbound", rds=names.OUTBOUND_ROUTE)]
+                filters=[
+                    _http_manager(
+                        "outbound",
+                        rds=names.OUTBOUND_ROUTE,
+                        # Inert until a route carries a fault (shoal.io/fault).
+                        before_router=[
+                            hcm_pb2.HttpFilter(
+                                name=FAULT, typed_config=common.typed(fault_pb2.HTTPFault())
+                            )
+                        ],
+                    )
+                ]
             )
         ],
         traffic_direction=base_pb2.OUTBOUND,

@@ -6,7 +6,10 @@ from collections.abc import Iterable, Mapping
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from google.protobuf import wrappers_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2, wrappers_pb2
 
 from shoal.model import mesh, routing
 from shoal.xds.translate import common, names
@@ -15,6 +18,7 @@ from shoal.xds.translate import common, names
 # the moment between an endpoint going away and every sidecar hearing of it.
 SAFE_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 SAFE_RETRIES = 2
+FAULT_FILTER = "envoy.filters.http.fault"
 
 
 def default_port(service: mesh.Service) -> mesh.Port | None:
@@ -39,22 +43,53 @@ def backend_port(backend: mesh.Service, port: mesh.Port) -> mesh.Port | None:
     return named or default_port(backend)
 
 
+def _fraction(percent: float) -> percent_pb2.FractionalPercent:
+    # Millionths: "12.5%" is exact, and 100 % is everything.
+    return percent_pb2.FractionalPercent(
+        numerator=round(percent * 10_000), denominator=percent_pb2.FractionalPercent.MILLION
+    )
+
+
+def _retry_policy(route: routing.ServiceRoute | None) -> route_components_pb2.RetryPolicy:
+    retry = route.retry if route is not None else None
+    if retry is None:
+        return route_components_pb2.RetryPolicy(
+            retry_on=SAFE_RETRY_ON, num_retries=wrappers_pb2.UInt32Value(value=SAFE_RETRIES)
+        )
+    policy = route_components_pb2.RetryPolicy(
+        retry_on=retry.retry_on,
+        num_retries=wrappers_pb2.UInt32Value(value=retry.attempts),
+        # A retry goes to another endpoint when there is one.
+        retry_host_predicate=[
+            route_components_pb2.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=common.typed(previous_hosts_pb2.PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=3,
+    )
+    if retry.per_try_timeout_s is not None:
+        policy.per_try_timeout.CopyFrom(common.duration(retry.per_try_timeout_s))
+    return policy
+
+
 def _action(
-    rule: routing.RouteRule, port: mesh.Port, services: Mapping[mesh.ServiceKey, mesh.Service]
+    rule: routing.RouteRule,
+    port: mesh.Port,
+    services: Mapping[mesh.ServiceKey, mesh.Service],
+    route: routing.ServiceRoute | None,
 ) -> route_components_pb2.RouteAction:
     targets: list[tuple[str, int]] = []
     for b in rule.backends:
         backend = services[b.service]
         bport = backend_port(backend, port) or port
         targets.append((names.outbound_cluster(b.service, bport), b.weight))
+    timeout = route.timeout_s if route is not None and route.timeout_s is not None else 0
     action = route_components_pb2.RouteAction(
         # No blanket timeout: streams and long polls are the app's business
         # until the user sets one.
-        timeout=common.duration(0),
-        retry_policy=route_components_pb2.RetryPolicy(
-            retry_on=SAFE_RETRY_ON,
-            num_retries=wrappers_pb2.UInt32Value(value=SAFE_RETRIES),
-        ),
+        timeout=common.duration(timeout),
+        retry_policy=_retry_policy(route),
     )
     if len(targets) == 1:
         action.cluster = targets[0][0]
@@ -70,7 +105,29 @@ def _action(
                 ]
             )
         )
+    if route is not None and route.mirror is not None:
+        shadow = services[route.mirror.service]
+        shadow_port = backend_port(shadow, port) or port
+        action.request_mirror_policies.append(
+            route_components_pb2.RouteAction.RequestMirrorPolicy(
+                cluster=names.outbound_cluster(route.mirror.service, shadow_port),
+                runtime_fraction=base_pb2.RuntimeFractionalPercent(
+                    default_value=_fraction(route.mirror.percent)
+                ),
+            )
+        )
     return action
+
+
+def _fault(fault: routing.Fault) -> any_pb2.Any:
+    config = fault_pb2.HTTPFault()
+    if fault.abort_status is not None:
+        config.abort.http_status = fault.abort_status
+        config.abort.percentage.CopyFrom(_fraction(fault.abort_percent))
+    if fault.delay_s is not None:
+        config.delay.fixed_delay.CopyFrom(common.duration(fault.delay_s))
+        config.delay.percentage.CopyFrom(_fraction(fault.delay_percent))
+    return common.typed(config)
 
 
 def _header(match: routing.HeaderMatch) -> route_components_pb2.HeaderMatcher:
@@ -96,15 +153,18 @@ def service_routes(
     rules = (
         route.rules if route is not None else (routing.RouteRule((routing.Backend(service.key),)),)
     )
-    return [
-        route_components_pb2.Route(
+    out = []
+    for rule in rules:
+        r = route_components_pb2.Route(
             match=route_components_pb2.RouteMatch(
                 prefix="/", headers=[_header(h) for h in rule.headers]
             ),
-            route=_action(rule, port, services),
+            route=_action(rule, port, services, route),
         )
-        for rule in rules
-    ]
+        if route is not None and route.fault is not None:
+            r.typed_per_filter_config[FAULT_FILTER].CopyFrom(_fault(route.fault))
+        out.append(r)
+    return out
 
 
 def virtual_hosts(
