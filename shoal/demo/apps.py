@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -15,12 +17,23 @@ class App:
     version: str = "v1"
     calls: tuple[str, ...] = ()  # Hosts it calls through its sidecar, e.g. "backend"
     outbound_port: int = 0
+    # Misbehaviour on purpose, to show what retries, timeouts and outlier
+    # detection do: a share of requests answered 503, and a delay.
+    fail_percent: float = 0.0
+    delay_s: float = 0.0
     served: int = 0
     seen_headers: list[dict[str, str]] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.served += 1
         self.seen_headers = [dict(request.headers)][-1:]
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail_percent and random.random() * 100 < self.fail_percent:
+            return web.json_response(
+                {"service": self.service, "instance": self.instance, "error": "injected"},
+                status=503,
+            )
         upstream = []
         if self.calls:
             timeout = aiohttp.ClientTimeout(total=5)

@@ -24,7 +24,12 @@ def _thresholds() -> circuit_breaker_pb2.CircuitBreakers:
     return circuit_breaker_pb2.CircuitBreakers(
         thresholds=[
             circuit_breaker_pb2.CircuitBreakers.Thresholds(
-                max_connections=big, max_pending_requests=big, max_requests=big
+                max_connections=big,
+                max_pending_requests=big,
+                max_requests=big,
+                # Envoy's default allows 3 retries in flight per cluster: under
+                # load, shoal.io/retries would silently stop retrying.
+                max_retries=big,
             )
         ]
     )

@@ -1,0 +1,225 @@
+"""Traffic shaping through real sidecars: splits, header routes, retries,
+timeouts, faults, mirroring and outlier detection."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from pathlib import Path
+
+import aiohttp
+
+from shoal import cli, envoy
+from shoal.demo import mesh
+from tests.conftest import write
+from tests.e2e.helpers import eventually
+from tests.e2e.test_mtls import workload
+
+Counts = collections.Counter[str]
+
+
+async def _burst(
+    session: aiohttp.ClientSession,
+    via: mesh.Workload,
+    host: str,
+    count: int,
+    headers: dict[str, str] | None = None,
+    concurrency: int = 20,
+) -> Counts:
+    """Who answered `count` requests ("!503" and the like for failures)."""
+    seen: Counts = collections.Counter()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            try:
+                status, body = await mesh.get(session, via, host, headers=headers)
+            except aiohttp.ClientError as err:
+                seen[f"!{type(err).__name__}"] += 1
+                return
+            if status == 200 and isinstance(body, dict):
+                seen[str(body["instance"])] += 1
+            else:
+                seen[f"!{status}"] += 1
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return seen
+
+
+async def _mesh(
+    registry_dir: Path, local_mesh: mesh.LocalMesh, reviews_notes: str, *extra: str
+) -> dict[str, mesh.Workload]:
+    """A caller, `reviews` (v1) and the Services named in `extra`."""
+    ports = {name: envoy.free_port() for name in ("caller", "reviews", *extra)}
+    for name, port in ports.items():
+        notes = reviews_notes if name == "reviews" else ""
+        write(registry_dir, f"{name}.yaml", workload(name, f"{name}-sa", port, notes))
+    await asyncio.sleep(0.3)
+    out = {}
+    for name, port in ports.items():
+        out[name] = await local_mesh.add(
+            f"{name}-1",
+            namespace="default",
+            service=name,
+            inbound_port=port,
+            service_account=f"{name}-sa",
+        )
+    return out
+
+
+async def _settled(session: aiohttp.ClientSession, via: mesh.Workload, check: object) -> None:
+    # Routes reach the sidecar a moment after its listeners; wait for them.
+    async def ready() -> bool:
+        return bool(await check())  # type: ignore[operator]
+
+    await eventually(ready, 5.0)
+
+
+async def test_a_90_10_split_and_a_header_route(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    w = await _mesh(
+        registry_dir,
+        local_mesh,
+        '    shoal.io/split: "reviews=90,reviews-v2=10"\n'
+        '    shoal.io/route-headers: "x-user-group=internal -> reviews-v2"\n',
+        "reviews-v2",
+    )
+    caller = w["caller"]
+    async with aiohttp.ClientSession() as session:
+        await _settled(
+            session,
+            caller,
+            lambda: _burst(session, caller, "reviews", 1, {"x-user-group": "internal"}),
+        )
+        seen = await _burst(session, caller, "reviews", 2000)
+        assert sum(seen.values()) == 2000 and set(seen) <= {"reviews-1", "reviews-v2-1"}, seen
+        share = seen["reviews-v2-1"] / 2000
+        assert 0.07 <= share <= 0.13, seen
+        internal = await _burst(session, caller, "reviews", 200, {"x-user-group": "internal"})
+        assert internal == {"reviews-v2-1": 200}
+        others = await _burst(session, caller, "reviews", 200, {"x-user-group": "external"})
+        assert set(others) <= {"reviews-1", "reviews-v2-1"} and sum(others.values()) == 200
+
+
+async def test_retries_hide_a_flaky_backend_and_a_timeout_cuts_a_slow_one(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    w = await _mesh(
+        registry_dir,
+        local_mesh,
+        '    shoal.io/retries: "3"\n    shoal.io/retry-on: "5xx"\n',
+        "slow",
+    )
+    caller = w["caller"]
+    w["reviews"].app.fail_percent = 30
+    async with aiohttp.ClientSession() as session:
+        seen = await _burst(session, caller, "reviews", 2000)
+        failed = sum(v for k, v in seen.items() if k.startswith("!"))
+        # Four attempts each failing 30 % of the time: 0.3**4 = 0.81 % expected
+        # (16 of 2,000). Without retries it would be 600. The bound leaves
+        # room for chance (p < 0.001) but not for retries that do not happen.
+        assert failed <= 30, seen
+        assert w["reviews"].app.served > 2400  # the retries did happen
+
+        w["slow"].app.delay_s = 1.0
+        write(
+            registry_dir,
+            "slow.yaml",
+            workload(
+                "slow", "slow-sa", w["slow"].sidecar.inbound_port, '    shoal.io/timeout: "200ms"\n'
+            ),
+        )
+
+        async def cut() -> bool:
+            started = time.monotonic()
+            status, _ = await mesh.get(session, caller, "slow")
+            return status == 504 and time.monotonic() - started < 0.6
+
+        await eventually(cut, 5.0)
+
+
+async def test_faults_abort_and_delay_the_configured_share(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    w = await _mesh(registry_dir, local_mesh, '    shoal.io/fault: "abort=503@50%"\n')
+    caller = w["caller"]
+    async with aiohttp.ClientSession() as session:
+        seen = await _burst(session, caller, "reviews", 1000)
+        assert 450 <= seen["!503"] <= 550, seen
+        assert seen["!503"] + seen["reviews-1"] == 1000
+        port = w["reviews"].sidecar.inbound_port
+        write(
+            registry_dir,
+            "reviews.yaml",
+            workload("reviews", "reviews-sa", port, '    shoal.io/fault: "delay=300ms@100%"\n'),
+        )
+
+        async def delayed() -> bool:
+            started = time.monotonic()
+            status, _ = await mesh.get(session, caller, "reviews")
+            return status == 200 and time.monotonic() - started >= 0.3
+
+        await eventually(delayed, 5.0)
+
+
+async def test_mirror_copies_to_the_shadow_and_clients_see_the_primary(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    w = await _mesh(registry_dir, local_mesh, '    shoal.io/mirror: "shadow@100%"\n', "shadow")
+    caller, shadow = w["caller"], w["shadow"]
+    shadow.app.fail_percent = 100  # whatever the shadow says, nobody hears it
+    async with aiohttp.ClientSession() as session:
+        seen = await _burst(session, caller, "reviews", 200)
+        assert seen == {"reviews-1": 200}
+
+        async def copied() -> bool:
+            return shadow.app.served >= 190
+
+        await eventually(copied, 5.0)
+
+
+async def test_an_outlier_is_ejected_and_traffic_moves_to_the_healthy_one(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    caller_in, good_in, bad_in = (envoy.free_port() for _ in range(3))
+    notes = '    shoal.io/outlier: "consecutive-5xx=3,ejection=30s"\n'
+    write(registry_dir, "caller.yaml", workload("caller", "caller-sa", caller_in))
+    write(registry_dir, "reviews.yaml", workload("reviews", "reviews-sa", good_in, notes))
+    write(
+        registry_dir,
+        "bad.yaml",
+        workload("reviews", "reviews-sa", bad_in)
+        .split("---\n", 1)[1]
+        .replace("reviews-1", "reviews-2"),
+    )
+    await asyncio.sleep(0.3)
+    caller = await local_mesh.add(
+        "caller-1",
+        namespace="default",
+        service="caller",
+        inbound_port=caller_in,
+        service_account="caller-sa",
+    )
+    await local_mesh.add(
+        "reviews-1",
+        namespace="default",
+        service="reviews",
+        inbound_port=good_in,
+        service_account="reviews-sa",
+    )
+    bad = await local_mesh.add(
+        "reviews-2",
+        namespace="default",
+        service="reviews",
+        inbound_port=bad_in,
+        service_account="reviews-sa",
+    )
+    bad.app.fail_percent = 100
+    async with aiohttp.ClientSession() as session:
+        # Sequential, so the bad endpoint meets its consecutive failures.
+        for _ in range(20):
+            await mesh.get(session, caller, "reviews")
+        after = await _burst(session, caller, "reviews", 200, concurrency=1)
+    assert after == {"reviews-1": 200}, after
