@@ -62,6 +62,27 @@ def test_no_routing_annotations_means_no_route() -> None:
         ({annotations.ROUTE_HEADERS: "x-a~=([ -> reviews"}, "not a valid RE2 regular expression"),
         ({annotations.ROUTE_HEADERS: "bad header=1 -> reviews"}, "is not a header name"),
         ({annotations.ROUTE_HEADERS: "x-a=1 -> Not_A_Service"}, "is not a Service"),
+        ({annotations.ROUTE_HEADERS: "x-a~=(?=look) -> reviews"}, "invalid perl operator"),
+        ({annotations.ROUTE_HEADERS: "x-a~=(a)\\1 -> reviews"}, "not a valid RE2"),
+        ({annotations.ROUTE_HEADERS: "x-a~=(a|b|c)+x[0-9]{1,60} -> reviews"}, "too complex"),
+        ({annotations.TIMEOUT: "2 seconds"}, "is not a duration like 200ms or 2s"),
+        ({annotations.TIMEOUT: "0s"}, "is out of range"),
+        ({annotations.TIMEOUT: "2h"}, "is out of range"),
+        ({annotations.RETRIES: "11"}, "is not a whole number from 0 to 10"),
+        ({annotations.RETRIES: "-1"}, "is not a whole number from 0 to 10"),
+        (
+            {annotations.RETRIES: "2", annotations.RETRY_ON: "5xx,sometimes"},
+            "sometimes is not one of",
+        ),
+        ({annotations.RETRY_ON: "5xx"}, "needs shoal.io/retries"),
+        ({annotations.FAULT: "abort=700@10%"}, "is not an HTTP status"),
+        ({annotations.FAULT: "abort=503@150%"}, "is not between 0% and 100%"),
+        ({annotations.FAULT: "delay=fast@10%"}, "is not a duration"),
+        ({annotations.FAULT: "explode=1@10%"}, "is neither abort nor delay"),
+        ({annotations.FAULT: "abort=503"}, "is not abort=STATUS@PERCENT"),
+        ({annotations.MIRROR: "reviews@10%"}, "cannot mirror to itself"),
+        ({annotations.MIRROR: "ghost@10%"}, "Service shop/ghost does not exist"),
+        ({annotations.MIRROR: "other@ten"}, "is not a percentage"),
     ],
 )
 def test_invalid_routing_annotations_say_why(notes: dict[str, str], error: str) -> None:
@@ -110,3 +131,71 @@ def test_a_bad_edit_keeps_the_services_last_good_route(registry_dir: Path) -> No
         "r.yaml#0: Service default/reviews: annotation shoal.io/split: weights add up to 110, "
         "not 100; its last good configuration stays in force"
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("consecutive-5xx=0,ejection=30s", "is not from 1 to 1000"),
+        ("consecutive-5xx=5,ejection=forever", "is not a duration"),
+        ("errors=5", "expected consecutive-5xx=N"),
+        ("consecutive-5xx=5,max-ejection=120%", "is not between 0% and 100%"),
+    ],
+)
+def test_invalid_outlier_annotations_say_why(value: str, error: str) -> None:
+    with pytest.raises(annotations.AnnotationError, match=r"annotation shoal\.io/outlier") as info:
+        annotations.outlier({annotations.OUTLIER: value})
+    assert error in str(info.value)
+
+
+def test_policy_annotations_parse() -> None:
+    svc = _svc(
+        "reviews",
+        **{
+            annotations.TIMEOUT: "1.5s",
+            annotations.RETRIES: "3",
+            annotations.FAULT: "abort=503@12.5%, delay=200ms@50%",
+            annotations.MIRROR: "other@25%",
+        },
+    )
+    route = annotations.service_route(svc, KNOWN)
+    assert route is not None
+    assert route.timeout_s == 1.5
+    assert route.retry == routing.Retry(3, "5xx,reset,connect-failure")
+    assert route.fault == routing.Fault(503, 12.5, 0.2, 50.0)
+    assert route.mirror == routing.Mirror(mesh.ServiceKey(SHOP, "other"), 25.0)
+    outlier = annotations.outlier({annotations.OUTLIER: "consecutive-5xx=3,ejection=10s"})
+    assert outlier == mesh.OutlierPolicy(3, 10.0, 50)
+
+
+def test_an_invalid_annotation_changes_nothing_else(registry_dir: Path) -> None:
+    note = '\n  annotations:\n    {}: "{}"'
+    write(registry_dir, "v2.yaml", manifests.service("reviews-v2"))
+    write(
+        registry_dir,
+        "r.yaml",
+        manifests.service("reviews", extra=note.format("shoal.io/timeout", "2s")),
+    )
+    path = write(
+        registry_dir,
+        "o.yaml",
+        manifests.service("orders", extra=note.format("shoal.io/timeout", "1s")),
+    )
+    registry = files.FolderRegistry(registry_dir)
+    before = registry.load()
+    write(
+        registry_dir,
+        "r.yaml",
+        manifests.service("reviews", extra=note.format("shoal.io/timeout", "soon")),
+    )
+    write(
+        registry_dir,
+        "o.yaml",
+        manifests.service("orders", extra=note.format("shoal.io/timeout", "3s")),
+    )
+    after = registry.reload({registry_dir / "r.yaml", path})
+    reviews, orders = mesh.ServiceKey("default", "reviews"), mesh.ServiceKey("default", "orders")
+    assert after.routes[reviews] == before.routes[reviews]  # last good: 2s
+    assert after.routes[orders].timeout_s == 3.0  # the neighbour's edit applies
+    (problem,) = registry.problems
+    assert "Service default/reviews: annotation shoal.io/timeout: 'soon'" in str(problem)
