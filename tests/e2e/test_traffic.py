@@ -223,3 +223,74 @@ async def test_an_outlier_is_ejected_and_traffic_moves_to_the_healthy_one(
             await mesh.get(session, caller, "reviews")
         after = await _burst(session, caller, "reviews", 200, concurrency=1)
     assert after == {"reviews-1": 200}, after
+
+
+async def test_switching_weights_and_backends_under_load_drops_nothing(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    """0/100 -> 100/0, then all traffic to a Service created in the same edit
+    (a cluster the caller has never had), then the old one deleted: at about
+    250 requests a second (measured: ~1,390 in 5.5 s), not one fails (make
+    before break)."""
+    w = await _mesh(
+        registry_dir, local_mesh, '    shoal.io/split: "reviews=0,reviews-v2=100"\n', "reviews-v2"
+    )
+    caller = w["caller"]
+    v3_port = envoy.free_port()
+    await local_mesh.add(
+        "reviews-v3-1",
+        namespace="default",
+        service="reviews-v3",
+        inbound_port=v3_port,
+        service_account="reviews-v3-sa",
+    )
+    failures: list[str] = []
+    answered: Counts = collections.Counter()
+    done = asyncio.Event()
+
+    async def steady(session: aiohttp.ClientSession) -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            seen = await _burst(session, caller, "reviews", 3, concurrency=3)
+            for k, v in seen.items():
+                if k.startswith("!"):
+                    failures.append(k)
+                else:
+                    answered[k] += v
+            await asyncio.sleep(max(0.0, 0.01 - (time.monotonic() - started)))
+
+    reviews_port = w["reviews"].sidecar.inbound_port
+    async with aiohttp.ClientSession() as session:
+        await _settled(session, caller, lambda: _burst(session, caller, "reviews", 1))
+        load = asyncio.create_task(steady(session))
+        try:
+            await asyncio.sleep(1.0)
+            write(
+                registry_dir,
+                "reviews.yaml",
+                workload(
+                    "reviews",
+                    "reviews-sa",
+                    reviews_port,
+                    '    shoal.io/split: "reviews=100,reviews-v2=0"\n',
+                ),
+            )
+            await asyncio.sleep(1.5)
+            assert set((await _burst(session, caller, "reviews", 20)).keys()) == {"reviews-1"}
+            write(registry_dir, "reviews-v3.yaml", workload("reviews-v3", "reviews-v3-sa", v3_port))
+            write(
+                registry_dir,
+                "reviews.yaml",
+                workload(
+                    "reviews", "reviews-sa", reviews_port, '    shoal.io/split: "reviews-v3=100"\n'
+                ),
+            )
+            await asyncio.sleep(1.5)
+            assert set((await _burst(session, caller, "reviews", 20)).keys()) == {"reviews-v3-1"}
+            (registry_dir / "reviews-v2.yaml").unlink()
+            await asyncio.sleep(1.0)
+        finally:
+            done.set()
+            await load
+    assert failures == [], collections.Counter(failures)
+    assert sum(answered.values()) > 800
