@@ -567,6 +567,22 @@ def cmd_proxy_status(args: argparse.Namespace) -> int:
     return 1 if stale else 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Every problem in the input, from a folder (offline) or a running control plane."""
+    if args.registry:
+        registry = files.FolderRegistry(Path(args.registry))
+        state = registry.load()
+        found = [str(p) for p in registry.problems]
+        where = f"{args.registry}: {len(state.services)} services, {len(state.routes)} routed"
+    else:
+        found = _fetch(args.admin, "/debug/problems")
+        where = f"control plane at {args.admin}"
+    for problem in found:
+        print(problem)
+    print(f"{len(found)} problem(s) in {where}" if found else f"no problems in {where}")
+    return 1 if found else 0
+
+
 def cmd_ca_status(args: argparse.Namespace) -> int:
     found: dict[str, Any] = _fetch(args.admin, "/debug/ca")
     if args.json:
@@ -767,6 +783,13 @@ def parser() -> argparse.ArgumentParser:
         help=f"control plane admin address (default {DEFAULT_ADMIN})",
     )
     dump.set_defaults(func=cmd_config_dump)
+
+    analyze = sub.add_parser(
+        "analyze", help="list every problem in the manifests (exits 1 if there is one)"
+    )
+    analyze.add_argument("--registry", metavar="DIR", help="check a folder offline")
+    analyze.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT")
+    analyze.set_defaults(func=cmd_analyze)
 
     ca_cmd = sub.add_parser("ca", help="the mesh certificate authority")
     ca_sub = ca_cmd.add_subparsers(dest="ca_command", required=True)

@@ -65,3 +65,32 @@ def test_serve_refuses_a_missing_folder(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+def test_analyze_lists_every_problem_with_object_and_reason(tmp_path: Path) -> None:
+    (tmp_path / "ok.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\nspec: {ports: [{port: 80}]}\n"
+    )
+    clean = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "analyze", "--registry", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert clean.returncode == 0 and "no problems" in clean.stdout
+    (tmp_path / "bad.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n"
+        '    shoal.io/split: "web=50,ok=60"\n    shoal.io/timeout: soon\n'
+        "spec: {ports: [{port: 80}]}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "analyze", "--registry", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert (
+        "bad.yaml#0: Service default/web: annotation shoal.io/split: weights add up to 110"
+        in result.stdout
+    )
