@@ -37,6 +37,7 @@ class Instance:
     inbound_port: int
     slice_file: Path
     calls: tuple[str, ...]
+    annotations: tuple[tuple[str, str], ...] = ()
 
 
 def prepare(source: Path, target: Path) -> list[Instance]:
@@ -49,6 +50,7 @@ def prepare(source: Path, target: Path) -> list[Instance]:
         docs_by_file[target / path.name] = [d for d in yaml.safe_load_all(path.read_text()) if d]
     pods: dict[tuple[str, str], dict[str, Any]] = {}
     calls: dict[tuple[str, str], tuple[str, ...]] = {}
+    notes: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
     for docs in docs_by_file.values():
         for d in docs:
             meta = d.get("metadata", {})
@@ -56,6 +58,7 @@ def prepare(source: Path, target: Path) -> list[Instance]:
             if d.get("kind") == "Pod":
                 pods[(ns, meta["name"])] = d
             if d.get("kind") == "Service":
+                notes[(ns, meta["name"])] = tuple(sorted((meta.get("annotations") or {}).items()))
                 wanted = (meta.get("annotations") or {}).get(CALLS_ANNOTATION, "")
                 calls[(ns, meta["name"])] = tuple(h.strip() for h in wanted.split(",") if h.strip())
     instances: list[Instance] = []
@@ -82,6 +85,7 @@ def prepare(source: Path, target: Path) -> list[Instance]:
                         inbound_port=port,
                         slice_file=path,
                         calls=calls.get((ns, service), ()),
+                        annotations=notes.get((ns, service), ()),
                     )
                 )
         path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
@@ -100,13 +104,16 @@ class Report:
 
 
 async def _burst(
-    session: aiohttp.ClientSession, url: str, count: int
+    session: aiohttp.ClientSession,
+    url: str,
+    count: int,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, collections.Counter[str]]:
     ok = 0
     seen: collections.Counter[str] = collections.Counter()
     for _ in range(count):
         try:
-            async with session.get(url) as r:
+            async with session.get(url, headers=headers) as r:
                 body = await r.json() if r.content_type == "application/json" else {}
                 if r.status == 200:
                     ok += 1
@@ -138,6 +145,55 @@ async def _until(predicate: Callable[[], Any], timeout: float) -> float | None:
     return None
 
 
+def _service_of(instances: list[Instance], name: str) -> str:
+    return next((i.service for i in instances if i.name == name), name)
+
+
+async def canary(
+    session: aiohttp.ClientSession,
+    url: str,
+    instances: list[Instance],
+    callee: str,
+    report: Report,
+) -> None:
+    """The callee's split and header route, measured."""
+    notes = dict(next((i.annotations for i in instances if i.service == callee), ()))
+    split = notes.get("shoal.io/split")
+    if split:
+        weights = {
+            name.strip(): int(weight)
+            for name, _, weight in (p.partition("=") for p in split.split(","))
+        }
+        count = 400
+        _, seen = await _burst(session, url, count)
+        by_service: collections.Counter[str] = collections.Counter()
+        for name, n in seen.items():
+            by_service[_service_of(instances, name)] += n
+        print(f"\nCanary ({split!r} on {callee}), {count} requests:")
+        for service, weight in weights.items():
+            share = 100 * by_service[service] / count
+            print(f"  {service:<12} wanted {weight:>3}%  got {share:5.1f}%")
+            report.check(
+                abs(share - weight) <= 6,
+                f"{service} got {share:.1f}% of traffic (wanted {weight}%)",
+            )
+    header_route = notes.get("shoal.io/route-headers")
+    if header_route:
+        match, _, target = header_route.partition("->")
+        name, _, value = match.partition("=")
+        headers = {name.strip(): value.strip()}
+        _, seen = await _burst(session, url, 50, headers)
+        services = {_service_of(instances, n) for n in seen}
+        print(
+            f"\nHeader route ({header_route!r}): 50 requests with {headers} "
+            f"went to {sorted(services)}"
+        )
+        report.check(
+            services == {target.strip()} and sum(seen.values()) == 50,
+            f"every request with {name.strip()}: {value.strip()} reached {target.strip()}",
+        )
+
+
 async def scenario(local: mesh.LocalMesh, instances: list[Instance], report: Report) -> None:
     entry = next(i for i in instances if i.calls)
     front = local.workloads[entry.name]
@@ -156,10 +212,10 @@ async def scenario(local: mesh.LocalMesh, instances: list[Instance], report: Rep
             )
             upstream = body.get("upstream", [{}])[0]
             report.check(
-                upstream.get("status") == 200 and upstream.get("service") == callee,
+                upstream.get("status") == 200 and str(upstream.get("service")).startswith(callee),
                 f"{entry.service}'s app reached {callee} through both sidecars",
             )
-        callee_apps = [local.workloads[n].app for n in callees]
+        callee_apps = [w.app for w in local.workloads.values() if w.app.served]
         xfcc = next(
             (
                 v
@@ -181,9 +237,10 @@ async def scenario(local: mesh.LocalMesh, instances: list[Instance], report: Rep
         print(f"  40 requests: {ok} ok; {callee} instances answering: {dict(seen)}")
         report.check(ok == 40, "40 of 40 requests succeeded")
         report.check(
-            set(seen) == set(callees),
-            f"round-robin reached every {callee} instance: {sorted(seen)}",
+            set(callees) <= set(seen),
+            f"round-robin reached every {callee} instance: {sorted(set(callees) & set(seen))}",
         )
+        await canary(session, url, instances, callee, report)
 
         gone = next(i for i in instances if i.service == callee and i.name == callees[-1])
         print(f"\nRemoving {gone.name}'s EndpointSlice from {gone.slice_file.name} ...")
