@@ -104,6 +104,13 @@ class OutlierPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     namespace: str
     name: str
@@ -121,6 +128,7 @@ class Service:
     allow: frozenset[tuple[str, str]] | None = None
     # Eject an endpoint after this many consecutive 5xx, for this long.
     outlier: OutlierPolicy | None = None
+    limits: ConnectionLimits | None = None
 
     @property
     def key(self) -> ServiceKey:

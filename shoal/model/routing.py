@@ -32,11 +32,26 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
+class PathMatch:
+    kind: MatchKind  # EXACT, PREFIX or REGEX
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class RouteRule:
-    """Requests matching every header match go to the backends (first rule wins)."""
+    """Requests matching every condition go to the backends (first rule wins).
+
+    Policies left None fall back to the route's own."""
 
     backends: tuple[Backend, ...]
     headers: tuple[HeaderMatch, ...] = ()
+    path: PathMatch | None = None
+    method: str | None = None
+    query: tuple[HeaderMatch, ...] = ()
+    timeout_s: float | None = None
+    retry: Retry | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +92,11 @@ class ServiceRoute:
     def backends(self) -> frozenset[mesh.ServiceKey]:
         """Every Service this route sends traffic (or copies of it) to."""
         targets = {b.service for r in self.rules for b in r.backends}
-        if self.mirror is not None:
-            targets.add(self.mirror.service)
+        for mirror in (self.mirror, *(r.mirror for r in self.rules)):
+            if mirror is not None:
+                targets.add(mirror.service)
         return frozenset(targets)
+
+    def subsets(self) -> frozenset[tuple[mesh.ServiceKey, mesh.FrozenMap]]:
+        """Label subsets of Services this route sends to."""
+        return frozenset((b.service, b.subset) for r in self.rules for b in r.backends if b.subset)

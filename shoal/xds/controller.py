@@ -79,6 +79,11 @@ class Debouncer:
 
 
 Scope = frozenset[mesh.ServiceKey]
+# A Service's clusters depend on it, its peers' identities and its subsets.
+ServiceMemoKey = tuple[mesh.Service, frozenset[str] | None, tuple[mesh.FrozenMap, ...]]
+EndpointMemoKey = tuple[
+    mesh.ServiceKey, mesh.Port, mesh.FrozenMap | None, tuple[mesh.Endpoint, ...]
+]
 
 
 @dataclass
@@ -133,12 +138,8 @@ class Controller:
         self._identity_users: collections.Counter[tuple[str, str]] = collections.Counter()
         self._state = mesh.MeshState()
         self._proxies: dict[str, proxy.Proxy] = {}
-        self._service_memo: dict[
-            tuple[mesh.Service, frozenset[str] | None], list[cache.Resource]
-        ] = {}
-        self._endpoint_memo: dict[
-            tuple[mesh.ServiceKey, mesh.Port, tuple[mesh.Endpoint, ...]], cache.Resource
-        ] = {}
+        self._service_memo: dict[ServiceMemoKey, list[cache.Resource]] = {}
+        self._endpoint_memo: dict[EndpointMemoKey, cache.Resource] = {}
         self._own_memo: dict[
             tuple[proxy.Sidecar, mesh.Protocol, listeners.InboundSecurity | None],
             tuple[cache.ResourceGroup, cache.ResourceGroup],
@@ -223,39 +224,50 @@ class Controller:
         )
 
     def _build_shared(self, state: mesh.MeshState) -> Shared:
-        service_memo: dict[tuple[mesh.Service, frozenset[str] | None], list[cache.Resource]] = {}
-        endpoint_memo: dict[
-            tuple[mesh.ServiceKey, mesh.Port, tuple[mesh.Endpoint, ...]], cache.Resource
-        ] = {}
+        service_memo: dict[ServiceMemoKey, list[cache.Resource]] = {}
+        endpoint_memo: dict[EndpointMemoKey, cache.Resource] = {}
+        subsets: dict[mesh.ServiceKey, set[mesh.FrozenMap]] = {}
+        for route in state.routes.values():
+            for target, labels in route.subsets():
+                subsets.setdefault(target, set()).add(labels)
         by_service_clusters: dict[mesh.ServiceKey, list[cache.Resource]] = {}
         by_service_endpoints: dict[mesh.ServiceKey, list[cache.Resource]] = {}
         services = tuple(state.sorted_services())
         for svc in services:
             peers = self._peers(svc, state)
-            built = self._service_memo.get((svc, peers))
+            its_subsets = tuple(sorted(subsets.get(svc.key, ()), key=names.subset_name))
+            built = self._service_memo.get((svc, peers, its_subsets))
             if built is None:
                 built = [
                     _resource(resources.CLUSTER, c.name, c)
-                    for c in clusters.outbound_for_service(svc, peers)
+                    for c in clusters.outbound_for_service(svc, peers, its_subsets)
                 ]
-            service_memo[(svc, peers)] = by_service_clusters[svc.key] = built
+            service_memo[(svc, peers, its_subsets)] = by_service_clusters[svc.key] = built
             assigned_all = []
             for port in svc.ports:
-                key = (svc.key, port, state.endpoints_of(svc.key, port))
-                assigned = self._endpoint_memo.get(key)
-                if assigned is None:
-                    cla = endpoints.load_assignment(names.outbound_cluster(svc.key, port), key[2])
-                    assigned = _resource(resources.ENDPOINT, cla.cluster_name, cla)
-                endpoint_memo[key] = assigned
-                assigned_all.append(assigned)
+                for subset in (None, *its_subsets):
+                    eps = state.endpoints_of(svc.key, port)
+                    if subset is not None:
+                        eps = tuple(
+                            e for e in eps if all(e.labels.get(k) == v for k, v in subset.items())
+                        )
+                    memo_key = (svc.key, port, subset, eps)
+                    assigned = self._endpoint_memo.get(memo_key)
+                    if assigned is None:
+                        cla = endpoints.load_assignment(
+                            names.outbound_cluster(svc.key, port, subset), eps
+                        )
+                        assigned = _resource(resources.ENDPOINT, cla.cluster_name, cla)
+                    endpoint_memo[memo_key] = assigned
+                    assigned_all.append(assigned)
             by_service_endpoints[svc.key] = assigned_all
         # Only what the current state uses is remembered, so memory follows
         # the mesh, not its history.
         if self._identities is not None:
             for svc in services:  # plain-text variants, for proxyless clients
-                plain = self._service_memo.get((svc, None))
+                plain = self._service_memo.get((svc, None, ()))
                 if plain is not None:
-                    service_memo[(svc, None)] = plain
+                    service_memo[(svc, None, ())] = plain
         self._service_memo = service_memo
         self._endpoint_memo = endpoint_memo
         shared = Shared(state, services, by_service_clusters, by_service_endpoints, whole=True)
@@ -354,9 +366,9 @@ class Controller:
         if key not in shared.groups:
             built = []
             for svc in visible:
-                memo = self._service_memo.get((svc, None))
+                memo = self._service_memo.get((svc, None, ()))
                 if memo is None:
-                    memo = self._service_memo[(svc, None)] = [
+                    memo = self._service_memo[(svc, None, ())] = [
                         _resource(resources.CLUSTER, c.name, c)
                         for c in clusters.outbound_for_service(svc)
                     ]

@@ -19,14 +19,19 @@ HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UNLIMITED = 2**32 - 1
 
 
-def _thresholds() -> circuit_breaker_pb2.CircuitBreakers:
+def _thresholds(limits: mesh.ConnectionLimits | None = None) -> circuit_breaker_pb2.CircuitBreakers:
     big = wrappers_pb2.UInt32Value(value=_UNLIMITED)
+
+    def limit(value: int | None) -> wrappers_pb2.UInt32Value:
+        return big if value is None else wrappers_pb2.UInt32Value(value=value)
+
+    limits = limits or mesh.ConnectionLimits()
     return circuit_breaker_pb2.CircuitBreakers(
         thresholds=[
             circuit_breaker_pb2.CircuitBreakers.Thresholds(
-                max_connections=big,
-                max_pending_requests=big,
-                max_requests=big,
+                max_connections=limit(limits.max_connections),
+                max_pending_requests=limit(limits.max_pending_requests),
+                max_requests=limit(limits.max_requests),
                 # Envoy's default allows 3 retries in flight per cluster: under
                 # load, shoal.io/retries would silently stop retrying.
                 max_retries=big,
@@ -47,13 +52,16 @@ def _protocol_options(protocol: mesh.Protocol) -> dict[str, object]:
 
 
 def outbound(
-    service: mesh.Service, port: mesh.Port, peers: frozenset[str] | None = None
+    service: mesh.Service,
+    port: mesh.Port,
+    peers: frozenset[str] | None = None,
+    subset: mesh.FrozenMap | None = None,
 ) -> cluster_pb2.Cluster:
     """An EDS cluster for one port of a Service; endpoints come from EDS.
 
     With `peers` (the SPIFFE IDs behind the Service), calls are mutual TLS
     and the server must prove one of those identities."""
-    name = names.outbound_cluster(service.key, port)
+    name = names.outbound_cluster(service.key, port, subset)
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
@@ -62,7 +70,7 @@ def outbound(
         ),
         connect_timeout=common.duration(CONNECT_TIMEOUT_S),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
-        circuit_breakers=_thresholds(),
+        circuit_breakers=_thresholds(service.limits),
         typed_extension_protocol_options=_protocol_options(port.protocol),
     )
     if peers is not None:
@@ -85,9 +93,16 @@ def _outlier(policy: mesh.OutlierPolicy) -> outlier_detection_pb2.OutlierDetecti
 
 
 def outbound_for_service(
-    service: mesh.Service, peers: frozenset[str] | None = None
+    service: mesh.Service,
+    peers: frozenset[str] | None = None,
+    subsets: tuple[mesh.FrozenMap, ...] = (),
 ) -> list[cluster_pb2.Cluster]:
-    return [outbound(service, port, peers) for port in service.ports]
+    """A cluster per port, and per port and label subset routes ask for."""
+    return [
+        outbound(service, port, peers, subset)
+        for port in service.ports
+        for subset in (None, *subsets)
+    ]
 
 
 def inbound(sidecar: proxy.Sidecar, protocol: mesh.Protocol) -> cluster_pb2.Cluster:

@@ -9,8 +9,16 @@ OUTBOUND_ROUTE = "outbound"
 INBOUND_ROUTE = "inbound"
 
 
-def outbound_cluster(key: mesh.ServiceKey, port: mesh.Port) -> str:
-    return f"outbound|{port.port}||{key.fqdn}"
+def subset_name(labels: mesh.FrozenMap) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+def outbound_cluster(
+    key: mesh.ServiceKey, port: mesh.Port, subset: mesh.FrozenMap | None = None
+) -> str:
+    """`outbound|80||reviews.ns.svc.cluster.local`; a label subset goes in
+    the third field (`outbound|80|version=v2|...`), as Istio's subsets do."""
+    return f"outbound|{port.port}|{subset_name(subset) if subset else ''}|{key.fqdn}"
 
 
 def inbound_cluster(app_port: int) -> str:

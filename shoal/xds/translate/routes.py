@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 
@@ -50,8 +52,7 @@ def _fraction(percent: float) -> percent_pb2.FractionalPercent:
     )
 
 
-def _retry_policy(route: routing.ServiceRoute | None) -> route_components_pb2.RetryPolicy:
-    retry = route.retry if route is not None else None
+def _retry_policy(retry: routing.Retry | None) -> route_components_pb2.RetryPolicy:
     if retry is None:
         return route_components_pb2.RetryPolicy(
             retry_on=SAFE_RETRY_ON, num_retries=wrappers_pb2.UInt32Value(value=SAFE_RETRIES)
@@ -83,13 +84,13 @@ def _action(
     for b in rule.backends:
         backend = services[b.service]
         bport = backend_port(backend, port) or port
-        targets.append((names.outbound_cluster(b.service, bport), b.weight))
-    timeout = route.timeout_s if route is not None and route.timeout_s is not None else 0
+        targets.append((names.outbound_cluster(b.service, bport, b.subset or None), b.weight))
+    timeout = _pick(rule.timeout_s, route.timeout_s if route else None) or 0
     action = route_components_pb2.RouteAction(
         # No blanket timeout: streams and long polls are the app's business
         # until the user sets one.
         timeout=common.duration(timeout),
-        retry_policy=_retry_policy(route),
+        retry_policy=_retry_policy(_pick(rule.retry, route.retry if route else None)),
     )
     if len(targets) == 1:
         action.cluster = targets[0][0]
@@ -105,18 +106,27 @@ def _action(
                 ]
             )
         )
-    if route is not None and route.mirror is not None:
-        shadow = services[route.mirror.service]
+    mirror = _pick(rule.mirror, route.mirror if route else None)
+    if mirror is not None:
+        shadow = services[mirror.service]
         shadow_port = backend_port(shadow, port) or port
         action.request_mirror_policies.append(
             route_components_pb2.RouteAction.RequestMirrorPolicy(
-                cluster=names.outbound_cluster(route.mirror.service, shadow_port),
+                cluster=names.outbound_cluster(mirror.service, shadow_port),
                 runtime_fraction=base_pb2.RuntimeFractionalPercent(
-                    default_value=_fraction(route.mirror.percent)
+                    default_value=_fraction(mirror.percent)
                 ),
             )
         )
     return action
+
+
+T = TypeVar("T")
+
+
+def _pick(rule_value: T | None, route_value: T | None) -> T | None:
+    """A rule's own policy, else the route's."""
+    return rule_value if rule_value is not None else route_value
 
 
 def _fault(fault: routing.Fault) -> any_pb2.Any:
@@ -156,15 +166,42 @@ def service_routes(
     out = []
     for rule in rules:
         r = route_components_pb2.Route(
-            match=route_components_pb2.RouteMatch(
-                prefix="/", headers=[_header(h) for h in rule.headers]
-            ),
-            route=_action(rule, port, services, route),
+            match=_match(rule), route=_action(rule, port, services, route)
         )
-        if route is not None and route.fault is not None:
-            r.typed_per_filter_config[FAULT_FILTER].CopyFrom(_fault(route.fault))
+        fault = _pick(rule.fault, route.fault if route else None)
+        if fault is not None:
+            r.typed_per_filter_config[FAULT_FILTER].CopyFrom(_fault(fault))
         out.append(r)
     return out
+
+
+def _match(rule: routing.RouteRule) -> route_components_pb2.RouteMatch:
+    match = route_components_pb2.RouteMatch(headers=[_header(h) for h in rule.headers])
+    path = rule.path
+    if path is None or path.kind is routing.MatchKind.PREFIX:
+        match.prefix = path.value if path is not None else "/"
+    elif path.kind is routing.MatchKind.EXACT:
+        match.path = path.value
+    else:
+        match.safe_regex.regex = path.value
+    if rule.method is not None:
+        match.headers.append(
+            route_components_pb2.HeaderMatcher(
+                name=":method", string_match=string_pb2.StringMatcher(exact=rule.method)
+            )
+        )
+    for q in rule.query:
+        param = route_components_pb2.QueryParameterMatcher(name=q.name)
+        if q.kind is routing.MatchKind.PRESENT:
+            param.present_match = True
+        elif q.kind is routing.MatchKind.REGEX:
+            param.string_match.safe_regex.regex = q.value
+        elif q.kind is routing.MatchKind.PREFIX:
+            param.string_match.prefix = q.value
+        else:
+            param.string_match.exact = q.value
+        match.query_parameters.append(param)
+    return match
 
 
 def virtual_hosts(
