@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from shoal.model import mesh, problems
-from shoal.registry import manifests, store
+from shoal.registry import manifests, store, trafficroute
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ def load_file(path: Path, label: str) -> tuple[list[store.Sourced], list[problem
                 )
                 continue
             manifests.check(obj)
+            if obj.type == manifests.TRAFFIC_ROUTE:
+                trafficroute.parse(obj, None)
         except manifests.ManifestError as err:
             found.append(problems.Problem(source, manifests.describe(doc), str(err)))
             continue

@@ -23,8 +23,9 @@ ENDPOINT_SLICE = ("discovery.k8s.io/v1", "EndpointSlice")
 NAMESPACE = ("v1", "Namespace")
 SERVICE_ACCOUNT = ("v1", "ServiceAccount")
 POD = ("v1", "Pod")
-KNOWN_KINDS = frozenset({SERVICE, ENDPOINT_SLICE, NAMESPACE, SERVICE_ACCOUNT, POD})
-NAMESPACED = frozenset({SERVICE, ENDPOINT_SLICE, SERVICE_ACCOUNT, POD})
+TRAFFIC_ROUTE = ("shoal.io/v1alpha1", "TrafficRoute")
+KNOWN_KINDS = frozenset({SERVICE, ENDPOINT_SLICE, NAMESPACE, SERVICE_ACCOUNT, POD, TRAFFIC_ROUTE})
+NAMESPACED = frozenset({SERVICE, ENDPOINT_SLICE, SERVICE_ACCOUNT, POD, TRAFFIC_ROUTE})
 
 # RFC 1123 label (Service and Namespace names) and subdomain (most other names).
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from shoal.model import mesh, problems, routing
 from shoal.registry import annotations as notes
-from shoal.registry import manifests
+from shoal.registry import manifests, trafficroute
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,7 @@ class ObjectStore:
         # typo in one annotation must not undo that Service's routing.
         self._good_notes: dict[mesh.ServiceKey, dict[str, object]] = {}
         self._good_routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
+        self._good_traffic_routes: dict[tuple[str, str], trafficroute.Parsed] = {}
 
     def replace_source(self, source: str, objects: Iterable[Sourced]) -> None:
         """Set everything one source (a file, a watch) contributes, atomically."""
@@ -66,6 +67,7 @@ class ObjectStore:
         accounts: set[tuple[str, str]] = set()
         pods: dict[tuple[str, str], manifests.PodInfo] = {}
         slices: list[Sourced] = []
+        traffic_routes: list[Sourced] = []
         for item in chosen.values():
             obj = item.obj
             try:
@@ -81,6 +83,8 @@ class ObjectStore:
                     pods[(obj.namespace, obj.name)] = manifests.to_pod(obj)
                 elif obj.type == manifests.ENDPOINT_SLICE:
                     slices.append(item)
+                elif obj.type == manifests.TRAFFIC_ROUTE:
+                    traffic_routes.append(item)
             except manifests.ManifestError as err:
                 found.append(problems.Problem(item.source, str(obj), str(err)))
 
@@ -98,6 +102,7 @@ class ObjectStore:
         for key, svc in list(services.items()):
             services[key] = self._scoped(svc, sources[key], found)
         routes = self._routes(services, sources, found)
+        self._traffic_routes(traffic_routes, services, routes, found)
 
         self._version += 1
         state = mesh.MeshState(
@@ -161,6 +166,58 @@ class ObjectStore:
         for gone in self._good_notes.keys() - services.keys():
             del self._good_notes[gone]
         return routes
+
+    def _traffic_routes(
+        self,
+        items: list[Sourced],
+        services: dict[mesh.ServiceKey, mesh.Service],
+        routes: dict[mesh.ServiceKey, routing.ServiceRoute],
+        found: list[problems.Problem],
+    ) -> None:
+        """TrafficRoutes win over a Service's routing annotations (and say so)."""
+        taken: dict[mesh.ServiceKey, str] = {}
+        seen: set[tuple[str, str]] = set()
+        for item in sorted(items, key=lambda i: i.obj.key):
+            obj = item.obj
+            ident = (obj.namespace, obj.name)
+            seen.add(ident)
+            try:
+                parsed = trafficroute.parse(obj, services)
+            except manifests.ManifestError as err:
+                kept = self._good_traffic_routes.get(ident)
+                if kept is not None and not kept.route.backends() <= services.keys():
+                    kept = None
+                found.append(problems.Problem(item.source, str(obj), _kept(err, kept)))
+                if kept is None:
+                    continue
+                parsed = kept
+            self._good_traffic_routes[ident] = parsed
+            target = parsed.route.service
+            if target in taken:
+                found.append(
+                    problems.Problem(
+                        item.source, str(obj), f"{taken[target]} already routes {target}; ignored"
+                    )
+                )
+                continue
+            taken[target] = str(obj)
+            if target in routes and routes[target].source == "annotations":
+                found.append(
+                    problems.Problem(
+                        item.source,
+                        str(obj),
+                        f"takes precedence over the routing annotations of Service {target}",
+                    )
+                )
+            routes[target] = parsed.route
+            svc = services[target]
+            services[target] = dataclasses.replace(
+                svc,
+                outlier=parsed.outlier or svc.outlier,
+                limits=parsed.limits or svc.limits,
+            )
+        for gone in self._good_traffic_routes.keys() - seen:
+            del self._good_traffic_routes[gone]
 
 
 def _kept(err: Exception, kept: object) -> str:

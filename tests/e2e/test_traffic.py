@@ -294,3 +294,93 @@ async def test_switching_weights_and_backends_under_load_drops_nothing(
             await load
     assert failures == [], collections.Counter(failures)
     assert sum(answered.values()) > 800
+
+
+SUBSETS = """apiVersion: shoal.io/v1alpha1
+kind: TrafficRoute
+metadata: {name: reviews, namespace: default}
+spec:
+  service: reviews
+  rules:
+    - match: {headers: [{name: x-user-group, exact: internal}]}
+      backends: [{service: reviews, subset: {version: v2}}]
+    - backends: [{service: reviews, subset: {version: v1}, weight: 100}]
+"""
+
+
+def _versioned(name: str, version: str, port: int) -> str:
+    return f"""apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: reviews, version: {version}}}}}
+spec: {{serviceAccountName: reviews-sa}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  namespace: default
+  labels: {{kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{{name: http, port: {port}}}]
+endpoints:
+  - addresses: ["127.0.0.1"]
+    targetRef: {{kind: Pod, name: {name}}}
+"""
+
+
+async def test_subsets_route_by_version_label_within_one_service(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    caller_in, v1_in, v2_in = (envoy.free_port() for _ in range(3))
+    write(registry_dir, "caller.yaml", workload("caller", "caller-sa", caller_in))
+    service = workload("reviews", "reviews-sa", v1_in).split("---\n")[0]
+    write(registry_dir, "reviews.yaml", service)
+    write(
+        registry_dir,
+        "pods.yaml",
+        _versioned("reviews-v1", "v1", v1_in) + "---\n" + _versioned("reviews-v2", "v2", v2_in),
+    )
+    write(registry_dir, "route.yaml", SUBSETS)
+    await asyncio.sleep(0.3)
+    caller = await local_mesh.add(
+        "caller-1",
+        namespace="default",
+        service="caller",
+        inbound_port=caller_in,
+        service_account="caller-sa",
+    )
+    await local_mesh.add(
+        "reviews-v1",
+        namespace="default",
+        service="reviews",
+        inbound_port=v1_in,
+        service_account="reviews-sa",
+    )
+    await local_mesh.add(
+        "reviews-v2",
+        namespace="default",
+        service="reviews",
+        inbound_port=v2_in,
+        service_account="reviews-sa",
+    )
+    async with aiohttp.ClientSession() as session:
+        await _settled(session, caller, lambda: _burst(session, caller, "reviews", 1))
+        assert await _burst(session, caller, "reviews", 100) == {"reviews-v1": 100}
+        internal = await _burst(session, caller, "reviews", 100, {"x-user-group": "internal"})
+        assert internal == {"reviews-v2": 100}
+        # Weights across subsets work like weights across Services.
+        write(
+            registry_dir,
+            "route.yaml",
+            SUBSETS.replace(
+                "    - backends: [{service: reviews, subset: {version: v1}, weight: 100}]",
+                "    - backends: [{service: reviews, subset: {version: v1}, weight: 50},"
+                " {service: reviews, subset: {version: v2}, weight: 50}]",
+            ),
+        )
+
+        async def split() -> bool:
+            seen = await _burst(session, caller, "reviews", 200)
+            return set(seen) == {"reviews-v1", "reviews-v2"} and 60 <= seen["reviews-v1"] <= 140
+
+        await eventually(split, 5.0)
