@@ -388,11 +388,18 @@ class Controller:
         inputs: Any,
         build: Callable[[], list[cache.Resource]],
     ) -> cache.ResourceGroup:
-        """A group rebuilt only when `inputs` changed."""
+        """A group rebuilt only when `inputs` changed. Inputs are compared once
+        per key and rebuild, not once per proxy: the comparison walks every
+        visible Service."""
+        if key in shared.memo_used:
+            return self._route_memo[key][1]
         shared.memo_used.add(key)
         memo = self._route_memo.get(key)
         if memo is None or not (memo[0] is inputs or memo[0] == inputs):
-            memo = self._route_memo[key] = (inputs, cache.ResourceGroup(build()))
+            memo = (inputs, cache.ResourceGroup(build()))
+        # The newest inputs are kept, so the next rebuild compares by identity
+        # first whenever nothing changed.
+        self._route_memo[key] = (inputs, memo[1])
         return memo[1]
 
     def _verify(self, shared: Shared, group: cache.ResourceGroup, against: cache.Snapshot) -> None:

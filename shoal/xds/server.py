@@ -570,7 +570,10 @@ class AdsServer:
             nonce,
         )
         try:
-            await asyncio.wait_for(context.write(body), self._write_timeout)
+            # asyncio.timeout, not wait_for: wait_for makes a Task per write,
+            # which delays every stream's response until all were scheduled.
+            async with asyncio.timeout(self._write_timeout):
+                await context.write(body)
         except TimeoutError as err:
             raise StreamError(
                 grpc.StatusCode.UNAVAILABLE,
