@@ -113,8 +113,16 @@ class View:
     so work on it (encoding, diffs) is done per shared part, once."""
 
     version: str
-    resources: tuple[Resource, ...]
+    own: tuple[Resource, ...]
     parts: tuple[View, ...] = ()
+
+    @cached_property
+    def resources(self) -> tuple[Resource, ...]:
+        # Joined only when asked for: a proxy's composite view is rebuilt on
+        # every push, and most pushes never need its flat list.
+        if self.parts:
+            return tuple(r for p in self.parts for r in p.resources)
+        return self.own
 
     @cached_property
     def encoded(self) -> bytes:
@@ -124,7 +132,9 @@ class View:
 
     @cached_property
     def names(self) -> frozenset[str]:
-        return frozenset(r.name for r in self.resources)
+        if self.parts:
+            return frozenset().union(*(p.names for p in self.parts))
+        return frozenset(r.name for r in self.own)
 
     @cached_property
     def refs(self) -> frozenset[tuple[str, str]]:
@@ -142,8 +152,7 @@ def composite(parts: Sequence[View]) -> View:
     """One view over disjoint parts, in O(parts) for the version."""
     if len(parts) == 1:
         return parts[0]
-    resources = tuple(r for p in parts for r in p.resources)
-    return View(content_version(*(p.version for p in parts)), resources, tuple(parts))
+    return View(content_version(*(p.version for p in parts)), (), tuple(parts))
 
 
 class ResourceGroup:

@@ -56,8 +56,9 @@ class TypeState:
     acked_at: float = 0.0
     nacked_version: str = ""
     error: str = ""
-    # Delta: subscribed names already reported as absent.
+    # Delta: subscribed names already reported as absent, and the last check.
     told_absent: frozenset[str] = frozenset()
+    absent_checked: tuple[frozenset[str], cache.View, frozenset[str]] | None = None
 
     @property
     def in_flight(self) -> bool:
@@ -481,10 +482,16 @@ class AdsServer:
     @staticmethod
     def _absent(state: TypeState, view: cache.View) -> frozenset[str]:
         """Delta: names asked for that do not exist and that the client has
-        not been told of yet."""
+        not been told of yet. Worked out once per subscription and view: a
+        stream is woken twice per push (the push, then its ACK)."""
         if state.wildcard or not state.names:
             return frozenset()
-        return state.names - view.names - state.told_absent
+        checked = state.absent_checked
+        if checked is not None and checked[0] is state.names and checked[1] is view:
+            return checked[2] - state.told_absent
+        absent = state.names - view.names
+        state.absent_checked = (state.names, view, absent)
+        return absent - state.told_absent
 
     async def _send_sotw(
         self, conn: Connection, state: TypeState, view: cache.View, context: Any
