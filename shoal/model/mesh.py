@@ -129,10 +129,11 @@ class Service:
     # Eject an endpoint after this many consecutive 5xx, for this long.
     outlier: OutlierPolicy | None = None
     limits: ConnectionLimits | None = None
+    # Made once: translation asks for it hundreds of thousands of times.
+    key: ServiceKey = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> ServiceKey:
-        return ServiceKey(self.namespace, self.name)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", ServiceKey(self.namespace, self.name))
 
     def port_named(self, name: str) -> Port | None:
         return next((p for p in self.ports if p.name == name), None)
