@@ -142,6 +142,7 @@ class AdsServer:
         # Work shared by every stream that is in the same place: the same
         # diff between two views, the same names a set of clusters needs.
         self._diffs: dict[tuple[cache.View, cache.View], Diff] = {}
+        self._subscriptions: dict[frozenset[str], frozenset[str]] = {}
         self._wanted: dict[tuple[str, tuple[cache.View, ...], cache.Snapshot], frozenset[str]] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -252,6 +253,18 @@ class AdsServer:
 
     # -- requests ------------------------------------------------------------
 
+    def _intern(self, names: Iterable[str]) -> frozenset[str]:
+        """One object per distinct subscription: a thousand sidecars asking
+        for the same thousand names share one set, and the views and diffs
+        memoized on it are found by identity."""
+        key = frozenset(names)
+        found = self._subscriptions.get(key)
+        if found is None:
+            if len(self._subscriptions) > 10_000:
+                self._subscriptions.clear()
+            found = self._subscriptions[key] = key
+        return found
+
     def _serves(self, conn: Connection, type_url: str) -> bool:
         """Whether this server serves the type; an unknown one is noted once."""
         if not type_url:
@@ -283,7 +296,7 @@ class AdsServer:
         wildcard = type_url in resources.WILDCARD and (not names or "*" in names)
         state = conn.types.get(type_url)
         if state is None:
-            state = conn.types[type_url] = TypeState(type_url, wildcard, frozenset(names))
+            state = conn.types[type_url] = TypeState(type_url, wildcard, self._intern(names))
             snapshot = conn.snapshot
             if request.version_info and snapshot is not None:
                 # A reconnecting client says what it already has: if that is
@@ -299,7 +312,7 @@ class AdsServer:
             self._on_answer(conn, state, request)
         state.wildcard = wildcard
         if state.names != frozenset(names):
-            state.names = frozenset(names)
+            state.names = self._intern(names)
 
     def _on_delta_request(self, conn: Connection, request: Any) -> None:
         type_url = request.type_url
@@ -330,7 +343,7 @@ class AdsServer:
         if "*" in unsubscribe:
             state.wildcard = False
         if subscribe or unsubscribe:
-            state.names = frozenset((state.names | subscribe) - unsubscribe - {"*"})
+            state.names = self._intern((state.names | subscribe) - unsubscribe - {"*"})
             state.told_absent -= subscribe
             # The client forgets what it unsubscribed from. A name it
             # subscribes to again must be sent again, even unchanged: it may
