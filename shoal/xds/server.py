@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import time
@@ -608,14 +609,23 @@ def peer_identity(context: Any) -> str | None:
     """The SPIFFE ID in the client certificate of a TLS stream, if any."""
     auth = context.auth_context() or {}
     for pem in auth.get("x509_pem_cert", ()):
-        cert = x509.load_pem_x509_certificate(pem)
-        try:
-            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            continue
-        for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
-            if uri.startswith("spiffe://"):
-                return str(uri)
+        found = _spiffe_id_of(bytes(pem))
+        if found is not None:
+            return found
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _spiffe_id_of(pem: bytes) -> str | None:
+    # A sidecar reconnects with the same certificate: parse it once.
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith("spiffe://"):
+            return str(uri)
     return None
 
 
