@@ -20,7 +20,6 @@ from shoal import envoy
 from shoal.demo import mesh
 
 CALLS_ANNOTATION = "demo.shoal.io/calls"
-ENTRY_ANNOTATION = "demo.shoal.io/entry"
 
 StartControlPlane = Callable[[Path], AbstractAsyncContextManager[Any]]
 

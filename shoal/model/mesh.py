@@ -178,6 +178,8 @@ class Namespace:
     name: str
     labels: FrozenMap = field(default=_EMPTY)
     annotations: FrozenMap = field(default=_EMPTY)
+    # Default mutual-TLS mode of its Services ("strict" or "permissive").
+    mtls: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,11 +197,6 @@ class MeshState:
     def endpoints_of(self, key: ServiceKey, port: Port) -> tuple[Endpoint, ...]:
         """Endpoints serving `port`: matched by port name, as Kubernetes does."""
         return tuple(e for e in self.endpoints.get(key, ()) if e.port_name == port.name)
-
-    def identities_of(self, key: ServiceKey) -> frozenset[Identity]:
-        return frozenset(
-            Identity(key.namespace, e.service_account) for e in self.endpoints.get(key, ())
-        )
 
     def sorted_services(self) -> list[Service]:
         return sorted(self.services.values(), key=lambda s: (s.namespace, s.name))

@@ -76,7 +76,7 @@ class ObjectStore:
                     services[svc.key] = svc
                     sources[svc.key] = item.source
                 elif obj.type == manifests.NAMESPACE:
-                    namespaces[obj.name] = manifests.to_namespace(obj)
+                    namespaces[obj.name] = self._namespace(item, found)
                 elif obj.type == manifests.SERVICE_ACCOUNT:
                     accounts.add((obj.namespace, obj.name))
                 elif obj.type == manifests.POD:
@@ -114,6 +114,14 @@ class ObjectStore:
             routes=routes,
         )
         return state, sorted(found)
+
+    def _namespace(self, item: Sourced, found: list[problems.Problem]) -> mesh.Namespace:
+        namespace = manifests.to_namespace(item.obj)
+        try:
+            return dataclasses.replace(namespace, mtls=notes.mtls(namespace.annotations))
+        except notes.AnnotationError as err:
+            found.append(problems.Problem(item.source, str(item.obj), f"{err}; ignored"))
+            return namespace
 
     def _scoped(
         self, svc: mesh.Service, source: str, found: list[problems.Problem]

@@ -31,8 +31,6 @@ from shoal.model import mesh, routing
 from shoal.registry import annotations as notes
 from shoal.registry import manifests
 
-API = ("shoal.io/v1alpha1", "TrafficRoute")
-
 
 @dataclass(frozen=True)
 class Parsed:

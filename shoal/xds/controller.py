@@ -148,7 +148,6 @@ class Controller:
         self._route_memo: dict[tuple[Any, ...], tuple[Any, cache.ResourceGroup]] = {}
         self._shared: Shared | None = None
         self.problems: list[problems.Problem] = []
-        self.builds = 0
         self.last_build_seconds = 0.0
         snapshots.on_watch = self._on_watch
         snapshots.on_idle = self._on_idle
@@ -213,7 +212,6 @@ class Controller:
             for key, p in self._proxies.items():
                 self._publish(key, p, shared)
             self._route_memo = {k: self._route_memo[k] for k in shared.memo_used}
-        self.builds += 1
         self.last_build_seconds = time.perf_counter() - started
         log.info(
             "mesh version %d: %d services, %d proxies, built in %.1f ms",

@@ -199,3 +199,20 @@ def test_an_invalid_annotation_changes_nothing_else(registry_dir: Path) -> None:
     assert after.routes[orders].timeout_s == 3.0  # the neighbour's edit applies
     (problem,) = registry.problems
     assert "Service default/reviews: annotation shoal.io/timeout: 'soon'" in str(problem)
+
+
+def test_a_namespace_sets_the_default_mtls_mode(registry_dir: Path) -> None:
+    write(
+        registry_dir,
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: legacy\n"
+        "  annotations: {shoal.io/mtls: permissive}\n---\n"
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: typo\n"
+        "  annotations: {shoal.io/mtls: lenient}\n",
+    )
+    registry = files.FolderRegistry(registry_dir)
+    state = registry.load()
+    assert state.namespaces["legacy"].mtls == "permissive"
+    assert state.namespaces["typo"].mtls is None
+    (problem,) = registry.problems
+    assert "Namespace typo: annotation shoal.io/mtls: 'lenient' is not one of" in str(problem)

@@ -178,9 +178,7 @@ def test_permissive_comes_from_the_service_else_its_namespace() -> None:
     state = fixtures.state()
     s = fixtures.sidecar()
     assert not sidecar.security(s, state, "cluster.local").permissive
-    namespaces = {
-        "shop": mesh.Namespace("shop", annotations=mesh.frozen_map({"shoal.io/mtls": "permissive"}))
-    }
+    namespaces = {"shop": mesh.Namespace("shop", mtls="permissive")}
     in_permissive_ns = dataclasses.replace(state, namespaces=namespaces)
     assert sidecar.security(s, in_permissive_ns, "cluster.local").permissive
     web = mesh.ServiceKey("shop", "web")

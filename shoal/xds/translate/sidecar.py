@@ -39,17 +39,13 @@ def security(
     mode = service.mtls if service is not None else None
     if mode is None:
         namespace = state.namespaces.get(sidecar.namespace)
-        note = namespace.annotations.get(MTLS_ANNOTATION, "") if namespace else ""
-        mode = note.strip().lower() or "strict"
+        mode = (namespace.mtls if namespace is not None else None) or "strict"
     allow = None
     if service is not None and service.allow is not None:
         allow = tuple(
             sorted(f"spiffe://{trust_domain}/ns/{ns}/sa/{account}" for ns, account in service.allow)
         )
     return listeners.InboundSecurity(permissive=mode == "permissive", allow=allow)
-
-
-MTLS_ANNOTATION = "shoal.io/mtls"
 
 
 def own_listeners(
