@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import gc
 import json
 import logging
 import signal
@@ -26,7 +25,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from shoal import sidecar_files
+from shoal import heap, sidecar_files
 from shoal.model import proxy
 from shoal.observe import admin, metrics
 from shoal.registry import files
@@ -105,10 +104,6 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         certificates.on_change = lambda _: ctl.refresh()
     ctl.update(registry.load())
     ctl.rebuild()
-    # What start-up built lives as long as the process: out of the cyclic
-    # collector's sight, a full collection no longer stalls a push for
-    # hundreds of milliseconds (measured by bench/fanout.py --gc-freeze).
-    gc.freeze()
     metric_registry = CollectorRegistry()
     ads = server.AdsServer(snapshots, listener=metrics.XdsMetrics(metric_registry))
     metric_registry.register(
@@ -241,6 +236,8 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             else []
         ),
         asyncio.create_task(registry.watch(ctl.update, stop_watch), name="registry-watch"),
+        # Full garbage collections out of the push path (see shoal/heap.py).
+        asyncio.create_task(heap.HeapKeeper().run(), name="heap-keeper"),
     ]
     try:
         yield ControlPlane(

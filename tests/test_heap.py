@@ -1,0 +1,85 @@
+"""The heap keeper freezes the heap once it has settled and collects fully
+only when quiet and not too often."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from shoal import heap
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def test_freezes_only_after_a_quiet_spell(unfrozen: None) -> None:
+    clock = Clock()
+    keeper = heap.HeapKeeper(quiet=0.5, full_every=600, clock=clock)
+    keeper.settle()
+    assert keeper.freezes == 0, "nothing grew: nothing to do"
+    keeper.note_growth()
+    clock.now += 0.2
+    keeper.settle()
+    assert keeper.freezes == 0 and gc.get_freeze_count() == 0, "still busy"
+    clock.now += 0.4
+    keeper.settle()
+    assert keeper.freezes == 1 and gc.get_freeze_count() > 0
+    assert keeper.full_collections == 0
+    keeper.settle()
+    assert keeper.freezes == 1, "one freeze per burst"
+
+
+def test_a_full_collection_reclaims_frozen_cycles(unfrozen: None) -> None:
+    clock = Clock()
+    keeper = heap.HeapKeeper(quiet=0.5, full_every=60, clock=clock)
+
+    class Node:
+        peer: object
+
+    def make_cycle() -> weakref.ref[Node]:
+        a, b = Node(), Node()
+        a.peer, b.peer = b, a
+        return weakref.ref(a)
+
+    gc.collect()
+    alive = make_cycle()
+    keeper.note_growth()
+    clock.now += 1
+    keeper.settle()  # frozen with the cycle in it
+    assert keeper.full_collections == 0
+    gc.collect()
+    assert alive() is not None, "a frozen cycle is out of the collector's sight"
+    keeper.note_growth()
+    clock.now += 60
+    keeper.settle()
+    assert keeper.full_collections == 1
+    assert alive() is None, "the frozen cycle is reclaimed"
+    assert gc.get_freeze_count() > 0, "and the heap is frozen again"
+
+
+def test_growth_is_seen_through_the_collectors_callbacks(unfrozen: None) -> None:
+    clock = Clock()
+    keeper = heap.HeapKeeper(quiet=0.5, clock=clock)
+    gc.callbacks.append(keeper._on_gc)
+    try:
+        gc.collect(1)
+    finally:
+        gc.callbacks.remove(keeper._on_gc)
+    clock.now += 1
+    keeper.settle()
+    assert keeper.freezes == 1
