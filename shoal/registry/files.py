@@ -21,6 +21,8 @@ from shoal.registry import manifests, store, trafficroute
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml")
+# libyaml when present: ten times faster on a folder of thousands of files.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _manifest_files(root: Path) -> list[Path]:
@@ -41,7 +43,7 @@ def load_file(path: Path, label: str) -> tuple[list[store.Sourced], list[problem
         return [], [problems.Problem(label, "file", f"cannot read: {err}")]
     docs: list[object] = []
     try:
-        for doc in yaml.safe_load_all(text):
+        for doc in yaml.load_all(text, Loader=_LOADER):
             docs.append(doc)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)

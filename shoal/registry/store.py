@@ -7,12 +7,15 @@ Services by label, endpoints to their Pods) and reports what does not join.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from shoal.model import mesh, problems, routing
 from shoal.registry import annotations as notes
 from shoal.registry import manifests, trafficroute
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,12 @@ class ObjectStore:
         self._good_notes: dict[mesh.ServiceKey, dict[str, object]] = {}
         self._good_routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
         self._good_traffic_routes: dict[tuple[str, str], trafficroute.Parsed] = {}
+        # Conversions of unchanged objects, by object identity: a change to
+        # one object of ten thousand converts one. The object is kept in the
+        # entry so that its id cannot be reused while the entry lives.
+        self._converted: dict[int, tuple[manifests.KubeObject, object]] = {}
+        self._joined: dict[int, tuple[manifests.KubeObject, _Joined]] = {}
+        self._scoped_memo: dict[int, tuple[mesh.Service, mesh.Service]] = {}
 
     def replace_source(self, source: str, objects: Iterable[Sourced]) -> None:
         """Set everything one source (a file, a watch) contributes, atomically."""
@@ -68,11 +77,12 @@ class ObjectStore:
         pods: dict[tuple[str, str], manifests.PodInfo] = {}
         slices: list[Sourced] = []
         traffic_routes: list[Sourced] = []
+        converted: dict[int, tuple[manifests.KubeObject, object]] = {}
         for item in chosen.values():
             obj = item.obj
             try:
                 if obj.type == manifests.SERVICE:
-                    svc = manifests.to_service(obj)
+                    svc = self._convert(obj, manifests.to_service, converted)
                     services[svc.key] = svc
                     sources[svc.key] = item.source
                 elif obj.type == manifests.NAMESPACE:
@@ -80,7 +90,9 @@ class ObjectStore:
                 elif obj.type == manifests.SERVICE_ACCOUNT:
                     accounts.add((obj.namespace, obj.name))
                 elif obj.type == manifests.POD:
-                    pods[(obj.namespace, obj.name)] = manifests.to_pod(obj)
+                    pods[(obj.namespace, obj.name)] = self._convert(
+                        obj, manifests.to_pod, converted
+                    )
                 elif obj.type == manifests.ENDPOINT_SLICE:
                     slices.append(item)
                 elif obj.type == manifests.TRAFFIC_ROUTE:
@@ -89,18 +101,31 @@ class ObjectStore:
                 found.append(problems.Problem(item.source, str(obj), str(err)))
 
         endpoints: dict[mesh.ServiceKey, list[mesh.Endpoint]] = {}
+        joined: dict[int, tuple[manifests.KubeObject, _Joined]] = {}
         for item in sorted(slices, key=lambda s: s.obj.key):
             obj = item.obj
             try:
                 key = mesh.ServiceKey(obj.namespace, manifests.slice_service(obj))
                 if key not in services:
                     raise manifests.ManifestError(f"its Service {key} does not exist")
-                endpoints.setdefault(key, []).extend(manifests.to_endpoints(obj, pods))
+                endpoints.setdefault(key, []).extend(self._endpoints(obj, pods, joined))
             except manifests.ManifestError as err:
                 found.append(problems.Problem(item.source, str(obj), str(err)))
+        self._converted = converted
+        self._joined = joined
 
+        scoped_memo: dict[int, tuple[mesh.Service, mesh.Service]] = {}
         for key, svc in list(services.items()):
-            services[key] = self._scoped(svc, sources[key], found)
+            memo = self._scoped_memo.get(id(svc))
+            if memo is not None and memo[0] is svc:
+                services[key] = memo[1]
+            else:
+                before = len(found)
+                services[key] = self._scoped(svc, sources[key], found)
+                if len(found) > before:
+                    continue  # a fallback to the last good value is not remembered
+            scoped_memo[id(svc)] = (svc, services[key])
+        self._scoped_memo = scoped_memo
         routes = self._routes(services, sources, found)
         self._traffic_routes(traffic_routes, services, routes, found)
 
@@ -114,6 +139,39 @@ class ObjectStore:
             routes=routes,
         )
         return state, sorted(found)
+
+    def _convert(
+        self,
+        obj: manifests.KubeObject,
+        convert: Callable[[manifests.KubeObject], T],
+        converted: dict[int, tuple[manifests.KubeObject, object]],
+    ) -> T:
+        memo = self._converted.get(id(obj))
+        value = memo[1] if memo is not None and memo[0] is obj else convert(obj)
+        converted[id(obj)] = (obj, value)
+        return value  # type: ignore[return-value]
+
+    def _endpoints(
+        self,
+        obj: manifests.KubeObject,
+        pods: Mapping[tuple[str, str], manifests.PodInfo],
+        joined: dict[int, tuple[manifests.KubeObject, _Joined]],
+    ) -> tuple[mesh.Endpoint, ...]:
+        """A slice's endpoints, joined to their Pods; redone only when the
+        slice or one of the Pods it names changed."""
+        memo = self._joined.get(id(obj))
+        if (
+            memo is not None
+            and memo[0] is obj
+            and all(pods.get(ref) is info for ref, info in memo[1].pods)
+        ):
+            found = memo[1]
+        else:
+            eps = manifests.to_endpoints(obj, pods)
+            refs = {(obj.namespace, e.pod) for e in eps if e.pod}
+            found = _Joined(eps, tuple((ref, pods.get(ref)) for ref in sorted(refs)))
+        joined[id(obj)] = (obj, found)
+        return found.endpoints
 
     def _namespace(self, item: Sourced, found: list[problems.Problem]) -> mesh.Namespace:
         namespace = manifests.to_namespace(item.obj)
@@ -226,6 +284,13 @@ class ObjectStore:
             )
         for gone in self._good_traffic_routes.keys() - seen:
             del self._good_traffic_routes[gone]
+
+
+@dataclass(frozen=True, slots=True)
+class _Joined:
+    endpoints: tuple[mesh.Endpoint, ...]
+    # The Pods it was joined with, by identity (None: the Pod was absent).
+    pods: tuple[tuple[tuple[str, str], manifests.PodInfo | None], ...]
 
 
 def _kept(err: Exception, kept: object) -> str:

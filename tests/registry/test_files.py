@@ -78,6 +78,38 @@ def test_pod_gives_endpoints_labels_and_service_account(registry_dir: Path) -> N
     assert ep.pod == "web-1"
 
 
+def test_a_pod_edit_rejoins_its_endpoints_and_leaves_the_rest_as_they_were(
+    registry_dir: Path,
+) -> None:
+    """Conversions are memoized per object; a changed Pod must still reach
+    the endpoints of the unchanged slice that names it."""
+    pod = (
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: web-1, labels: {{version: {v}}}}}\n"
+        "spec: {{serviceAccountName: web-sa}}\n"
+    )
+    write(registry_dir, "web.yaml", manifests.service("web"))
+    write(registry_dir, "api.yaml", manifests.service("api"))
+    write(registry_dir, "pod.yaml", pod.format(v="v1"))
+    write(
+        registry_dir,
+        "slice.yaml",
+        manifests.endpoint_slice("web", "web", [9001]).replace(
+            "conditions:", "targetRef: {kind: Pod, name: web-1}\n    conditions:"
+        ),
+    )
+    registry = _load(registry_dir)
+    before = registry.state
+    write(registry_dir, "pod.yaml", pod.format(v="v2"))
+    after = registry.reload({registry_dir / "pod.yaml"})
+    (ep,) = after.endpoints[WEB]
+    assert ep.labels == {"version": "v2"}
+    api = mesh.ServiceKey("default", "api")
+    assert after.services[api] is before.services[api], "unchanged objects are not redone"
+    (registry_dir / "pod.yaml").unlink()
+    (ep,) = registry.reload({registry_dir / "pod.yaml"}).endpoints[WEB]
+    assert ep.labels == {} and ep.service_account == "default"
+
+
 def test_not_ready_endpoints_are_kept_but_marked(registry_dir: Path) -> None:
     write(registry_dir, "web.yaml", manifests.service("web"))
     write(registry_dir, "s.yaml", manifests.endpoint_slice("web", "web", [9001], ready=False))
