@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.model import mesh
@@ -45,14 +45,13 @@ class KubeObject:
     namespace: str
     name: str
     body: Mapping[str, Any]
+    # Made once: a build of a large mesh asks for them per object, every time.
+    type: tuple[str, str] = field(init=False, repr=False, compare=False)
+    key: tuple[str, str, str] = field(init=False, repr=False, compare=False)
 
-    @property
-    def type(self) -> tuple[str, str]:
-        return (self.api_version, self.kind)
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.kind, self.namespace, self.name)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type", (self.api_version, self.kind))
+        object.__setattr__(self, "key", (self.kind, self.namespace, self.name))
 
     def __str__(self) -> str:
         return (

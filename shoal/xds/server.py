@@ -57,9 +57,8 @@ class TypeState:
     acked_at: float = 0.0
     nacked_version: str = ""
     error: str = ""
-    # Delta: subscribed names already reported as absent, and the last check.
+    # Delta: subscribed names already reported as absent.
     told_absent: frozenset[str] = frozenset()
-    absent_checked: tuple[frozenset[str], cache.View, frozenset[str]] | None = None
 
     @property
     def in_flight(self) -> bool:
@@ -143,6 +142,7 @@ class AdsServer:
         # Work shared by every stream that is in the same place: the same
         # diff between two views, the same names a set of clusters needs.
         self._diffs: dict[tuple[cache.View, cache.View], Diff] = {}
+        self._absents: dict[tuple[frozenset[str], cache.View], frozenset[str]] = {}
         self._subscriptions: dict[frozenset[str], frozenset[str]] = {}
         self._wanted: dict[tuple[str, tuple[cache.View, ...], cache.Snapshot], frozenset[str]] = {}
 
@@ -493,19 +493,21 @@ class AdsServer:
                 await self._send_sotw(conn, state, view, context)
             return
 
-    @staticmethod
-    def _absent(state: TypeState, view: cache.View) -> frozenset[str]:
+    def _absent(self, state: TypeState, view: cache.View) -> frozenset[str]:
         """Delta: names asked for that do not exist and that the client has
-        not been told of yet. Worked out once per subscription and view: a
-        stream is woken twice per push (the push, then its ACK)."""
+        not been told of yet. Worked out once per subscription and view for
+        all streams: subscriptions are interned and views shared, so a
+        thousand sidecars asking for the same names cost one difference."""
         if state.wildcard or not state.names:
             return frozenset()
-        checked = state.absent_checked
-        if checked is not None and checked[0] is state.names and checked[1] is view:
-            return checked[2] - state.told_absent
-        absent = state.names - view.names
-        state.absent_checked = (state.names, view, absent)
-        return absent - state.told_absent
+        key = (state.names, view)
+        absent = self._absents.get(key)
+        if absent is None:
+            absent = state.names - view.names
+            if len(self._absents) > 4096:
+                self._absents.clear()
+            self._absents[key] = absent
+        return absent - state.told_absent if state.told_absent else absent
 
     async def _send_sotw(
         self, conn: Connection, state: TypeState, view: cache.View, context: Any
