@@ -393,7 +393,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _join(
-    args: argparse.Namespace, s: proxy.Sidecar, ca_root: bytes
+    args: argparse.Namespace, s: proxy.Sidecar | proxy.CapturedSidecar, ca_root: bytes
 ) -> sidecar_files.XdsCredentials:
     """Make a key here, send only a CSR, get the xDS certificate back."""
     key = ca.new_key()
@@ -427,20 +427,36 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(config, indent=2) + "\n")
         print(f"wrote {path}; run the app with GRPC_XDS_BOOTSTRAP={path} and dial xds:///SERVICE")
         return 0
-    missing = [f"--{n.replace('_', '-')}" for n in SIDECAR_PORTS if getattr(args, n) is None]
-    if missing or not args.service:
-        missing = missing if args.service else ["--service", *missing]
-        print(f"shoal bootstrap: a sidecar needs {', '.join(missing)}", file=sys.stderr)
-        return 2
-    s = proxy.Sidecar(
-        namespace=args.namespace,
-        service=args.service,
-        service_account=args.service_account,
-        app_port=args.app_port,
-        inbound_port=args.inbound_port,
-        outbound_port=args.outbound_port,
-        inbound_address=args.inbound_address,
-    )
+    s: proxy.Sidecar | proxy.CapturedSidecar
+    if args.pod:
+        if not args.pod_uid:
+            print("shoal bootstrap: --pod needs --pod-uid", file=sys.stderr)
+            return 2
+        s = proxy.CapturedSidecar(
+            namespace=args.namespace,
+            pod=args.pod,
+            pod_uid=args.pod_uid,
+            service_account=args.service_account,
+            ip=args.pod_ip or "",
+            outbound_port=args.outbound_port or proxy.CAPTURE_OUTBOUND_PORT,
+            inbound_port=args.inbound_port or proxy.CAPTURE_INBOUND_PORT,
+        )
+        args.admin_port = args.admin_port or bootstrap_config.ADMIN_PORT
+    else:
+        missing = [f"--{n.replace('_', '-')}" for n in SIDECAR_PORTS if getattr(args, n) is None]
+        if missing or not args.service:
+            missing = missing if args.service else ["--service", *missing]
+            print(f"shoal bootstrap: a sidecar needs {', '.join(missing)}", file=sys.stderr)
+            return 2
+        s = proxy.Sidecar(
+            namespace=args.namespace,
+            service=args.service,
+            service_account=args.service_account,
+            app_port=args.app_port,
+            inbound_port=args.inbound_port,
+            outbound_port=args.outbound_port,
+            inbound_address=args.inbound_address,
+        )
     authority = None
     credentials = None
     if args.join:
@@ -746,6 +762,14 @@ def parser() -> argparse.ArgumentParser:
         help="127.0.0.1 port the app sends mesh calls to (routed by Host)",
     )
     boot.add_argument("--admin-port", type=int, help="Envoy admin, on 127.0.0.1")
+    boot.add_argument(
+        "--pod",
+        metavar="NAME",
+        help="a Kubernetes Pod's sidecar whose traffic iptables captures (outbound 15001, "
+        "inbound 15006): needs --pod-uid; --service and --app-port are not used",
+    )
+    boot.add_argument("--pod-uid", metavar="UID", help="with --pod: the Pod's metadata.uid")
+    boot.add_argument("--pod-ip", metavar="IP", help="with --pod: the Pod's IP")
     boot.add_argument("--node-id", help="default sidecar~NS~SERVICE-INBOUNDPORT")
     boot.add_argument("--state-dir", default=".shoal")
     boot.add_argument(

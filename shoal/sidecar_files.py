@@ -26,7 +26,7 @@ class XdsCredentials:
     trust_pem: bytes = b""
 
 
-def issue(authority: ca.Authority, s: proxy.Sidecar) -> XdsCredentials:
+def issue(authority: ca.Authority, s: proxy.Sidecar | proxy.CapturedSidecar) -> XdsCredentials:
     """On the control plane's machine: issue directly from the CA."""
     key = ca.new_key()
     cert = authority.issue(
@@ -40,7 +40,7 @@ def issue(authority: ca.Authority, s: proxy.Sidecar) -> XdsCredentials:
 
 def write(
     out: Path,
-    s: proxy.Sidecar,
+    s: proxy.Sidecar | proxy.CapturedSidecar,
     *,
     xds_host: str,
     xds_port: int,
@@ -49,6 +49,8 @@ def write(
     delta: bool = False,
     authority: ca.Authority | None = None,
     credentials: XdsCredentials | None = None,
+    stats_port: int = bootstrap.STATS_PORT,
+    health_port: int = bootstrap.HEALTH_PORT,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tls = None
@@ -61,15 +63,28 @@ def write(
         tls = bootstrap.XdsTls(
             str((out / CERT).resolve()), str((out / KEY).resolve()), str((out / ROOTS).resolve())
         )
-    config = bootstrap.sidecar(
-        s,
-        node_id=node_id or f"sidecar~{s.namespace}~{s.service}-{s.inbound_port}",
-        xds_host=xds_host,
-        xds_port=xds_port,
-        admin_port=admin_port,
-        delta=delta,
-        tls=tls,
-    )
+    if isinstance(s, proxy.CapturedSidecar):
+        config = bootstrap.captured_sidecar(
+            s,
+            node_id=node_id or f"sidecar~{s.ip or '0.0.0.0'}~{s.pod}.{s.namespace}",
+            xds_host=xds_host,
+            xds_port=xds_port,
+            admin_port=admin_port,
+            delta=delta,
+            tls=tls,
+            stats_port=stats_port,
+            health_port=health_port,
+        )
+    else:
+        config = bootstrap.sidecar(
+            s,
+            node_id=node_id or f"sidecar~{s.namespace}~{s.service}-{s.inbound_port}",
+            xds_host=xds_host,
+            xds_port=xds_port,
+            admin_port=admin_port,
+            delta=delta,
+            tls=tls,
+        )
     path = out / "envoy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

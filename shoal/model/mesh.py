@@ -138,6 +138,15 @@ class Service:
     def port_named(self, name: str) -> Port | None:
         return next((p for p in self.ports if p.name == name), None)
 
+    @property
+    def headless(self) -> bool:
+        """No virtual IP: callers reach its endpoints' own addresses.
+
+        Kubernetes spells it `clusterIP: None`; a Service read without one
+        (a manifests folder) is headless too, which only matters where
+        traffic is captured by address."""
+        return self.cluster_ip is None or self.cluster_ip == "None"
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
@@ -183,6 +192,22 @@ class Namespace:
 
 
 @dataclass(frozen=True, slots=True)
+class Pod:
+    """A Pod whose sidecar's traffic is captured by iptables.
+
+    The uid tells a Pod from its successor of the same name (a StatefulSet
+    replica comes back as `db-0` again), so a proxy of the old one is not
+    given the new one's configuration."""
+
+    namespace: str
+    name: str
+    uid: str
+    ip: str = ""
+    service_account: str = "default"
+    labels: FrozenMap = field(default=_EMPTY)
+
+
+@dataclass(frozen=True, slots=True)
 class MeshState:
     """One consistent view of the mesh. `version` grows with every change."""
 
@@ -193,6 +218,8 @@ class MeshState:
     service_accounts: frozenset[tuple[str, str]] = frozenset()
     # Routing of Services that have more than "all to my own endpoints".
     routes: Mapping[ServiceKey, routing.ServiceRoute] = field(default_factory=dict)
+    # Pods by (namespace, name); only Kubernetes registries know them.
+    pods: Mapping[tuple[str, str], Pod] = field(default_factory=dict)
 
     def endpoints_of(self, key: ServiceKey, port: Port) -> tuple[Endpoint, ...]:
         """Endpoints serving `port`: matched by port name, as Kubernetes does."""

@@ -45,4 +45,35 @@ class Proxyless:
         return mesh.ServiceKey(self.namespace, self.service)
 
 
-Proxy = Sidecar | Proxyless
+# Where iptables sends a captured Pod's TCP (DESIGN.md, sidecar ports).
+CAPTURE_OUTBOUND_PORT = 15001
+CAPTURE_INBOUND_PORT = 15006
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedSidecar:
+    """A Kubernetes sidecar whose Pod's traffic iptables redirects to it.
+
+    It has no ports of its own to configure: it serves whatever ports its Pod
+    serves and calls whatever the Pod calls. The Pod, not a Service, is what
+    it stands for: one Pod may back several Services, or none."""
+
+    namespace: str
+    pod: str
+    pod_uid: str
+    service_account: str = "default"
+    ip: str = ""
+    outbound_port: int = CAPTURE_OUTBOUND_PORT
+    inbound_port: int = CAPTURE_INBOUND_PORT
+
+    @property
+    def pod_key(self) -> tuple[str, str]:
+        """Its key in MeshState.pods."""
+        return (self.namespace, self.pod)
+
+    @property
+    def identity(self) -> mesh.Identity:
+        return mesh.Identity(self.namespace, self.service_account)
+
+
+Proxy = Sidecar | Proxyless | CapturedSidecar

@@ -199,21 +199,24 @@ def to_service(obj: KubeObject) -> mesh.Service:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class PodInfo:
-    """What endpoints borrow from the Pod behind them."""
-
-    labels: mesh.FrozenMap
-    service_account: str
-
-
-def to_pod(obj: KubeObject) -> PodInfo:
+def to_pod(obj: KubeObject) -> mesh.Pod:
     spec = obj.body.get("spec")
     spec = spec if isinstance(spec, Mapping) else {}
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     if not isinstance(account, str):
         raise ManifestError("spec.serviceAccountName must be a string")
-    return PodInfo(_string_map(_metadata(obj).get("labels"), "metadata.labels"), account)
+    meta = _metadata(obj)
+    status = obj.body.get("status")
+    ip = status.get("podIP") if isinstance(status, Mapping) else None
+    uid = meta.get("uid")
+    return mesh.Pod(
+        namespace=obj.namespace,
+        name=obj.name,
+        uid=uid if isinstance(uid, str) else "",
+        ip=ip if isinstance(ip, str) else "",
+        service_account=account,
+        labels=_string_map(meta.get("labels"), "metadata.labels"),
+    )
 
 
 def slice_service(obj: KubeObject) -> str:
@@ -225,7 +228,7 @@ def slice_service(obj: KubeObject) -> str:
 
 
 def to_endpoints(
-    obj: KubeObject, pods: Mapping[tuple[str, str], PodInfo]
+    obj: KubeObject, pods: Mapping[tuple[str, str], mesh.Pod]
 ) -> tuple[mesh.Endpoint, ...]:
     """One model Endpoint per (address, slice port)."""
     body = obj.body

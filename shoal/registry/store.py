@@ -74,7 +74,7 @@ class ObjectStore:
         sources: dict[mesh.ServiceKey, str] = {}
         namespaces: dict[str, mesh.Namespace] = {}
         accounts: set[tuple[str, str]] = set()
-        pods: dict[tuple[str, str], manifests.PodInfo] = {}
+        pods: dict[tuple[str, str], mesh.Pod] = {}
         slices: list[Sourced] = []
         traffic_routes: list[Sourced] = []
         converted: dict[int, tuple[manifests.KubeObject, object]] = {}
@@ -137,6 +137,7 @@ class ObjectStore:
             namespaces=namespaces,
             service_accounts=frozenset(accounts),
             routes=routes,
+            pods=pods,
         )
         return state, sorted(found)
 
@@ -154,7 +155,7 @@ class ObjectStore:
     def _endpoints(
         self,
         obj: manifests.KubeObject,
-        pods: Mapping[tuple[str, str], manifests.PodInfo],
+        pods: Mapping[tuple[str, str], mesh.Pod],
         joined: dict[int, tuple[manifests.KubeObject, _Joined]],
     ) -> tuple[mesh.Endpoint, ...]:
         """A slice's endpoints, joined to their Pods; redone only when the
@@ -290,7 +291,7 @@ class ObjectStore:
 class _Joined:
     endpoints: tuple[mesh.Endpoint, ...]
     # The Pods it was joined with, by identity (None: the Pod was absent).
-    pods: tuple[tuple[tuple[str, str], manifests.PodInfo | None], ...]
+    pods: tuple[tuple[tuple[str, str], mesh.Pod | None], ...]
 
 
 def _kept(err: Exception, kept: object) -> str:

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from shoal.model import mesh, problems, proxy, scope
 from shoal.xds import cache, node, resources
 from shoal.xds.translate import (
+    capture,
     clusters,
     endpoints,
     listeners,
@@ -86,6 +87,9 @@ EndpointMemoKey = tuple[
 ]
 
 
+HeadlessMemo = dict[tuple[mesh.Service, frozenset[str] | None], list[cache.Resource]]
+
+
 @dataclass
 class Shared:
     """What proxies share, built once per mesh state and memoized per scope."""
@@ -101,6 +105,7 @@ class Shared:
     scopes: dict[tuple[str, frozenset[tuple[str, str]] | None], Scope] = field(default_factory=dict)
     groups: dict[tuple[Any, ...], cache.ResourceGroup] = field(default_factory=dict)
     memo_used: set[tuple[Any, ...]] = field(default_factory=set)
+    headless: HeadlessMemo = field(default_factory=dict)
 
 
 class Identities(Protocol):
@@ -140,6 +145,12 @@ class Controller:
         self._proxies: dict[str, proxy.Proxy] = {}
         self._service_memo: dict[ServiceMemoKey, list[cache.Resource]] = {}
         self._endpoint_memo: dict[EndpointMemoKey, cache.Resource] = {}
+        self._captured_memo: dict[
+            tuple[Any, ...], tuple[cache.ResourceGroup, cache.ResourceGroup]
+        ] = {}
+        self._headless_memo: dict[
+            tuple[mesh.Service, frozenset[str] | None], list[cache.Resource]
+        ] = {}
         self._own_memo: dict[
             tuple[proxy.Sidecar, mesh.Protocol, listeners.InboundSecurity | None],
             tuple[cache.ResourceGroup, cache.ResourceGroup],
@@ -179,7 +190,7 @@ class Controller:
         if key in self._proxies:
             return
         found = self._proxies[key] = node.parse(client.node, client.identity)
-        if isinstance(found, proxy.Sidecar):
+        if isinstance(found, proxy.Sidecar | proxy.CapturedSidecar):
             self._identity_users[(found.namespace, found.service_account)] += 1
         if self._shared is None or self._shared.state is not self._state:
             self._shared = self._build_shared(self._state)
@@ -190,8 +201,10 @@ class Controller:
         gone = self._proxies.pop(key, None)
         for memo_key in [k for k in self._own_memo if k[0] == gone]:
             del self._own_memo[memo_key]
+        for memo_key in [k for k in self._captured_memo if k[0] == gone]:
+            del self._captured_memo[memo_key]
         self._cache.clear_snapshot(key)
-        if isinstance(gone, proxy.Sidecar):
+        if isinstance(gone, proxy.Sidecar | proxy.CapturedSidecar):
             identity = (gone.namespace, gone.service_account)
             self._identity_users[identity] -= 1
             if self._identity_users[identity] <= 0:
@@ -212,6 +225,7 @@ class Controller:
             for key, p in self._proxies.items():
                 self._publish(key, p, shared)
             self._route_memo = {k: self._route_memo[k] for k in shared.memo_used}
+            self._headless_memo = shared.headless
         self.last_build_seconds = time.perf_counter() - started
         log.info(
             "mesh version %d: %d services, %d proxies, built in %.1f ms",
@@ -286,7 +300,7 @@ class Controller:
         accounts = {e.service_account for e in state.endpoints.get(svc.key, ())} or {"default"}
         return frozenset(f"spiffe://{domain}/ns/{svc.namespace}/sa/{sa}" for sa in accounts)
 
-    def _secrets(self, s: proxy.Sidecar) -> cache.ResourceGroup | None:
+    def _secrets(self, s: proxy.Sidecar | proxy.CapturedSidecar) -> cache.ResourceGroup | None:
         """The workload certificate and trust bundle of a sidecar's identity,
         shared by every proxy of that identity and rebuilt on rotation."""
         if self._identities is None:
@@ -320,8 +334,14 @@ class Controller:
 
     def _scope(self, p: proxy.Proxy, shared: Shared) -> Scope | None:
         """The Services a proxy may call; None when that is all of them."""
-        own = shared.state.services.get(p.service_key)
-        dependencies = own.dependencies if own is not None else None
+        if isinstance(p, proxy.CapturedSidecar):
+            # A Pod behind one Service takes its dependencies; behind several,
+            # any of them may be what it is asked to do, so none narrow it.
+            served = capture.served_services(p, shared.state)
+            dependencies = served[0].dependencies if len(served) == 1 else None
+        else:
+            own = shared.state.services.get(p.service_key)
+            dependencies = own.dependencies if own is not None else None
         memo_key = (p.namespace, dependencies)
         if memo_key not in shared.scopes:
             shared.scopes[memo_key] = scope.visible(
@@ -443,6 +463,42 @@ class Controller:
                 resources.LISTENER: (listeners,),
                 resources.ROUTE: (route_group,),
             }
+        elif isinstance(p, proxy.CapturedSidecar):
+            problem = capture.pod_problem(p, state)
+            if problem is not None:
+                self.problems.append(problems.Problem("proxy", key, problem))
+                log.warning("not configuring proxy %s: %s", key, problem)
+                return
+            own_clusters, own_listeners = self._captured_groups(p, state)
+            headless = self._headless_clusters(shared, in_scope, visible)
+            outbound = self._memo_group(
+                shared,
+                ("capture-lds", in_scope),
+                (visible, _headless_endpoints(visible, state)),
+                lambda: [
+                    _resource(resources.LISTENER, names.VIRTUAL_OUTBOUND, item)
+                    for item in [capture.virtual_outbound(visible, state)]
+                ],
+            )
+            route_group = self._memo_group(
+                shared,
+                ("capture-rds", p.namespace, in_scope),
+                inputs,
+                lambda: [
+                    _resource(resources.ROUTE, rc.name, rc)
+                    for rc in capture.route_configs(visible, p.namespace, state)
+                ],
+            )
+            scoped_clusters = self._with(shared, scoped_clusters, headless)
+            groups = {
+                resources.CLUSTER: (scoped_clusters, own_clusters),
+                resources.ENDPOINT: (scoped_endpoints,),
+                resources.LISTENER: (outbound, own_listeners),
+                resources.ROUTE: (route_group,),
+            }
+            secret_group = self._secrets(p)
+            if secret_group is not None:
+                groups[resources.SECRET] = (secret_group,)
         else:
             own_clusters, own_listeners = self._own_groups(p, state)
             secret_group = self._secrets(p)
@@ -499,6 +555,75 @@ class Controller:
             self._own_memo[memo_key] = found
         return found
 
+    def _captured_groups(
+        self, s: proxy.CapturedSidecar, state: mesh.MeshState
+    ) -> tuple[cache.ResourceGroup, cache.ResourceGroup]:
+        """A captured Pod's inbound clusters and listener: they change only
+        with the ports it serves and their security."""
+        security = (
+            capture.security(s, state, self._identities.trust_domain)
+            if self._identities is not None
+            else None
+        )
+        memo_key = (
+            s,
+            capture.inbound_ports(s, state),
+            tuple(sorted(security.items())) if security is not None else None,
+        )
+        found = self._captured_memo.get(memo_key)
+        if found is None:
+            found = (
+                cache.ResourceGroup(
+                    _resource(resources.CLUSTER, c.name, c) for c in capture.own_clusters(s, state)
+                ),
+                cache.ResourceGroup(
+                    [
+                        _resource(
+                            resources.LISTENER,
+                            names.VIRTUAL_INBOUND,
+                            capture.virtual_inbound(s, state, security),
+                        )
+                    ]
+                ),
+            )
+            self._captured_memo[memo_key] = found
+        return found
+
+    def _headless_clusters(
+        self, shared: Shared, in_scope: Scope | None, visible: tuple[mesh.Service, ...]
+    ) -> cache.ResourceGroup:
+        """ORIGINAL_DST clusters of the scope's headless Services, which only
+        captured sidecars dial (local-mode sidecars route by name)."""
+        key = ("headless", in_scope)
+        if key not in shared.groups:
+            built = []
+            for svc in visible:
+                if not svc.headless:
+                    continue
+                peers = self._peers(svc, shared.state)
+                memo = shared.headless.get((svc, peers)) or self._headless_memo.get((svc, peers))
+                if memo is None:
+                    memo = [
+                        _resource(resources.CLUSTER, c.name, c)
+                        for c in capture.headless_clusters(svc, peers)
+                    ]
+                shared.headless[(svc, peers)] = memo
+                built.extend(memo)
+            shared.groups[key] = cache.ResourceGroup(built)
+        return shared.groups[key]
+
+    def _with(
+        self, shared: Shared, base: cache.ResourceGroup, extra: cache.ResourceGroup
+    ) -> cache.ResourceGroup:
+        """`base` and `extra` as one group (one per pair and rebuild)."""
+        if not len(extra):
+            return base
+        key = ("with", id(base), id(extra))
+        if key not in shared.groups:
+            group = shared.groups[key] = cache.ResourceGroup([*base, *extra])
+            shared.verified.add(id(group))
+        return shared.groups[key]
+
     def publish(self, key: str, snapshot: cache.Snapshot) -> bool:
         """Hand a snapshot to the cache if it is whole; else keep the last one."""
         if not self._check(key, snapshot, skip=frozenset()):
@@ -516,6 +641,14 @@ class Controller:
         self.problems.append(problems.Problem("translation", subject, reason))
         log.error("not publishing %s: %s; proxies keep their last config", subject, reason)
         return False
+
+
+def _headless_endpoints(
+    visible: tuple[mesh.Service, ...], state: mesh.MeshState
+) -> tuple[tuple[mesh.Endpoint, ...], ...]:
+    """What the outbound capture listener reads besides the Services: the
+    endpoints of headless ones, which it matches by address."""
+    return tuple(state.endpoints.get(s.key, ()) for s in visible if s.headless)
 
 
 def unresolved(

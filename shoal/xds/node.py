@@ -7,6 +7,7 @@ of truth for the service account.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from shoal.model import proxy
@@ -21,6 +22,16 @@ OUTBOUND_PORT = "OUTBOUND_PORT"
 INBOUND_ADDRESS = "INBOUND_ADDRESS"
 # Set by `shoal bootstrap --grpc`: a gRPC application with no sidecar.
 PROXYLESS = "PROXYLESS"
+# Set in the bootstrap of a Kubernetes sidecar whose Pod's traffic iptables
+# captures; the Pod keys come from the downward API. INBOUND_PORT and
+# OUTBOUND_PORT, if present, say where iptables redirects to.
+POD_NAME = "POD_NAME"
+POD_UID = "POD_UID"
+POD_IP = "POD_IP"
+INTERCEPTION_MODE = "INTERCEPTION_MODE"
+# iptables REDIRECT, Istio's default; TPROXY (keeping the source address)
+# needs listener options and capabilities shoal does not set up.
+REDIRECT = "REDIRECT"
 
 
 def _port(fields: Any, key: str) -> int:
@@ -41,6 +52,32 @@ def _text(fields: Any, key: str, default: str | None = None) -> str:
             raise ValueError(f"node metadata lacks {key}")
         return default
     return str(fields[key].string_value)
+
+
+def _optional_port(fields: Any, key: str, default: int) -> int:
+    return _port(fields, key) if key in fields else default
+
+
+def captured(node: Any) -> proxy.CapturedSidecar:
+    """Parse a captured sidecar's metadata; ValueError names the bad key."""
+    fields = node.metadata.fields
+    mode = _text(fields, INTERCEPTION_MODE)
+    if mode != REDIRECT:
+        raise ValueError(f"node metadata {INTERCEPTION_MODE} {mode!r} is not supported")
+    ip = _text(fields, POD_IP)
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise ValueError(f"node metadata {POD_IP} {ip!r} is not an IP address") from None
+    return proxy.CapturedSidecar(
+        namespace=_text(fields, NAMESPACE),
+        pod=_text(fields, POD_NAME),
+        pod_uid=_text(fields, POD_UID),
+        service_account=_text(fields, SERVICE_ACCOUNT, "default"),
+        ip=ip,
+        outbound_port=_optional_port(fields, OUTBOUND_PORT, proxy.CAPTURE_OUTBOUND_PORT),
+        inbound_port=_optional_port(fields, INBOUND_PORT, proxy.CAPTURE_INBOUND_PORT),
+    )
 
 
 def sidecar(node: Any) -> proxy.Sidecar:
@@ -99,6 +136,8 @@ def _parse(node: Any) -> proxy.Proxy:
         return proxy.Proxyless(
             namespace=_text(fields, NAMESPACE), service=_text(fields, SERVICE, "")
         )
+    if INTERCEPTION_MODE in fields:
+        return captured(node)
     return sidecar(node)
 
 
@@ -106,6 +145,13 @@ def key(s: proxy.Proxy) -> str:
     """Proxies with equal keys get identical configuration."""
     if isinstance(s, proxy.Proxyless):
         return f"proxyless/{s.namespace}/{s.service}"
+    if isinstance(s, proxy.CapturedSidecar):
+        # The uid, not the name: a Pod recreated under the same name is
+        # another workload, possibly with other ports.
+        return (
+            f"pod/{s.namespace}/{s.pod}/{s.pod_uid}/{s.service_account}"
+            f"/{s.ip}/in:{s.inbound_port}/out:{s.outbound_port}"
+        )
     return (
         f"{s.namespace}/{s.service}/{s.service_account}"
         f"/{s.inbound_address}:{s.inbound_port}>{s.app_port}/out:{s.outbound_port}"

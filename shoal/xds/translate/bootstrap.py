@@ -1,4 +1,5 @@
-"""The Envoy bootstrap of a local-mode sidecar: who it is and where xDS is."""
+"""The Envoy bootstrap of a sidecar (local mode, or a captured Kubernetes Pod):
+who it is and where xDS is."""
 
 from __future__ import annotations
 
@@ -51,18 +52,12 @@ def _xds_transport_socket(tls: XdsTls, host: str, is_ip: bool) -> dict[str, Any]
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
-def sidecar(
-    s: proxy.Sidecar,
-    *,
-    node_id: str,
-    xds_host: str,
-    xds_port: int,
-    admin_port: int,
-    delta: bool = False,
-    tls: XdsTls | None = None,
-) -> dict[str, Any]:
-    """A bootstrap as plain data, ready for YAML or JSON."""
-    is_ip = all(part.isdigit() for part in xds_host.split(".")) or ":" in xds_host
+def _is_ip(host: str) -> bool:
+    return all(part.isdigit() for part in host.split(".")) or ":" in host
+
+
+def _xds_cluster(xds_host: str, xds_port: int, tls: XdsTls | None) -> dict[str, Any]:
+    is_ip = _is_ip(xds_host)
     xds_cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
         "type": "STATIC" if is_ip else "STRICT_DNS",
@@ -82,6 +77,33 @@ def sidecar(
     }
     if tls is not None:
         xds_cluster["transport_socket"] = _xds_transport_socket(tls, xds_host, is_ip)
+    return xds_cluster
+
+
+def _dynamic_resources(delta: bool) -> dict[str, Any]:
+    return {
+        "ads_config": {
+            "api_type": "DELTA_GRPC" if delta else "GRPC",
+            "transport_api_version": "V3",
+            "set_node_on_first_message_only": True,
+            "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+        },
+        "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        "lds_config": {"ads": {}, "resource_api_version": "V3"},
+    }
+
+
+def sidecar(
+    s: proxy.Sidecar,
+    *,
+    node_id: str,
+    xds_host: str,
+    xds_port: int,
+    admin_port: int,
+    delta: bool = False,
+    tls: XdsTls | None = None,
+) -> dict[str, Any]:
+    """A bootstrap as plain data, ready for YAML or JSON."""
     return {
         "node": {
             "id": node_id,
@@ -97,17 +119,115 @@ def sidecar(
             },
         },
         "admin": {"address": _address("127.0.0.1", admin_port)},
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "DELTA_GRPC" if delta else "GRPC",
-                "transport_api_version": "V3",
-                "set_node_on_first_message_only": True,
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
-            },
-            "cds_config": {"ads": {}, "resource_api_version": "V3"},
-            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        "dynamic_resources": _dynamic_resources(delta),
+        "static_resources": {"clusters": [_xds_cluster(xds_host, xds_port, tls)]},
+    }
+
+
+# A captured Pod's own ports (DESIGN.md); iptables must not redirect the
+# inbound ones, or the kubelet's probes and Prometheus would need mTLS.
+ADMIN_PORT = 15000
+STATS_PORT = 15090
+HEALTH_PORT = 15021
+ADMIN_CLUSTER = "shoal-admin"
+_HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "envoy.extensions.filters.http.router.v3.Router"
+
+
+def _admin_door(name: str, port: int, prefix: str, rewrite: str | None) -> dict[str, Any]:
+    """A listener on the Pod IP that exposes one admin path and nothing else:
+    the admin itself stays on 127.0.0.1, since it can change the proxy."""
+    route: dict[str, Any] = {"cluster": ADMIN_CLUSTER}
+    if rewrite is not None:
+        route["prefix_rewrite"] = rewrite
+    manager = {
+        "@type": f"type.googleapis.com/{_HCM}",
+        "stat_prefix": name,
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": name,
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": prefix}, "route": route}],
+                }
+            ]
         },
-        "static_resources": {"clusters": [xds_cluster]},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": f"type.googleapis.com/{_ROUTER}"},
+            }
+        ],
+    }
+    return {
+        "name": name,
+        "address": _address("0.0.0.0", port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": manager,
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def captured_sidecar(
+    s: proxy.CapturedSidecar,
+    *,
+    node_id: str,
+    xds_host: str,
+    xds_port: int,
+    workload: str = "",
+    delta: bool = False,
+    tls: XdsTls | None = None,
+    admin_port: int = ADMIN_PORT,
+    stats_port: int = STATS_PORT,
+    health_port: int = HEALTH_PORT,
+) -> dict[str, Any]:
+    """The bootstrap of a Kubernetes sidecar whose Pod's traffic is captured.
+
+    `workload` (the Pod's `app` label, say) names it in traces and stats;
+    without one, its namespace does. Readiness on `health_port`
+    (`/healthz/ready`) is Envoy's own: ready once its first configuration
+    from the control plane is in place."""
+    admin = _address("127.0.0.1", admin_port)
+    admin_cluster = {
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": admin}}]}],
+        },
+    }
+    return {
+        "node": {
+            "id": node_id,
+            "cluster": f"{workload}.{s.namespace}" if workload else s.namespace,
+            "metadata": {
+                node.INTERCEPTION_MODE: node.REDIRECT,
+                node.NAMESPACE: s.namespace,
+                node.POD_NAME: s.pod,
+                node.POD_UID: s.pod_uid,
+                node.POD_IP: s.ip,
+                node.SERVICE_ACCOUNT: s.service_account,
+                node.INBOUND_PORT: s.inbound_port,
+                node.OUTBOUND_PORT: s.outbound_port,
+            },
+        },
+        "admin": {"address": admin},
+        "dynamic_resources": _dynamic_resources(delta),
+        "static_resources": {
+            "clusters": [_xds_cluster(xds_host, xds_port, tls), admin_cluster],
+            "listeners": [
+                _admin_door("shoal-stats", stats_port, "/stats/prometheus", None),
+                _admin_door("shoal-health", health_port, "/healthz/ready", "/ready"),
+            ],
+        },
     }
 
 
@@ -133,4 +253,20 @@ def grpc_client(
             },
             "locality": {},
         },
+    }
+
+
+def pod_overlay(*, node_id: str, pod: str, pod_uid: str, ip: str) -> dict[str, Any]:
+    """What only the running Pod knows, for Envoy's `--config-yaml`.
+
+    An admission webhook sees a Pod before it has a uid or an IP (often
+    before its name): the injector can write `captured_sidecar` with
+    placeholders and pass this with `$(POD_NAME)`-style values, which
+    Kubernetes expands from downward-API environment variables. Envoy
+    merges it over the bootstrap file, metadata key by key."""
+    return {
+        "node": {
+            "id": node_id,
+            "metadata": {node.POD_NAME: pod, node.POD_UID: pod_uid, node.POD_IP: ip},
+        }
     }

@@ -1,4 +1,5 @@
-"""Clusters: one EDS cluster per Service port, one static cluster to the app."""
+"""Clusters: one EDS cluster per Service port, one static cluster per app port,
+and ORIGINAL_DST ones where captured traffic goes on to the address it was sent to."""
 
 from __future__ import annotations
 
@@ -107,10 +108,15 @@ def outbound_for_service(
 
 def inbound(sidecar: proxy.Sidecar, protocol: mesh.Protocol) -> cluster_pb2.Cluster:
     """The app next to the sidecar, at a fixed local address."""
-    name = names.inbound_cluster(sidecar.app_port)
+    return inbound_port(sidecar.app_port, protocol)
+
+
+def inbound_port(app_port: int, protocol: mesh.Protocol) -> cluster_pb2.Cluster:
+    """One port of the app next to the sidecar, on 127.0.0.1."""
+    name = names.inbound_cluster(app_port)
     endpoint = endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(
-            address=common.socket_address("127.0.0.1", sidecar.app_port)
+            address=common.socket_address("127.0.0.1", app_port)
         )
     )
     return cluster_pb2.Cluster(
@@ -124,3 +130,31 @@ def inbound(sidecar: proxy.Sidecar, protocol: mesh.Protocol) -> cluster_pb2.Clus
         ),
         typed_extension_protocol_options=_protocol_options(protocol),
     )
+
+
+def _original_dst_shape(name: str, limits: mesh.ConnectionLimits | None) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.ORIGINAL_DST,
+        # The only policy Envoy accepts here: the connection names its host.
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        connect_timeout=common.duration(CONNECT_TIMEOUT_S),
+        circuit_breakers=_thresholds(limits),
+    )
+
+
+def passthrough(name: str) -> cluster_pb2.Cluster:
+    """On to the address the app dialled, in plain text: traffic the mesh
+    does not know keeps working as if there were no sidecar."""
+    return _original_dst_shape(name, None)
+
+
+def original_dst(
+    service: mesh.Service, port: mesh.Port, peers: frozenset[str] | None = None
+) -> cluster_pb2.Cluster:
+    """One port of a headless Service: callers pick the Pod (by DNS), the
+    sidecar keeps their choice and adds mutual TLS like any outbound cluster."""
+    cluster = _original_dst_shape(names.original_dst_cluster(service.key, port), service.limits)
+    if peers is not None:
+        cluster.transport_socket.CopyFrom(tls.upstream(service.key.fqdn, peers))
+    return cluster

@@ -41,3 +41,31 @@ def host_names(key: mesh.ServiceKey) -> tuple[str, ...]:
         f"{key.name}.{key.namespace}.svc",
         key.fqdn,
     )
+
+
+# Captured (iptables) sidecars: one listener each way, named as Istio's.
+VIRTUAL_OUTBOUND = "virtualOutbound"
+VIRTUAL_INBOUND = "virtualInbound"
+# Where traffic to an address the mesh does not know goes: on to that address.
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"
+# The catch-all virtual host of a port's route table (Istio's ALLOW_ANY mode).
+ALLOW_ANY = "allow_any"
+# In the subset field, so tools that split Istio names on "|" still read it;
+# label subsets always contain "=", so it cannot collide with one.
+ORIGINAL_DST_SUBSET = "original-dst"
+
+
+def port_route(port: int) -> str:
+    """The route table of one outbound port of a captured sidecar: `80`."""
+    return str(port)
+
+
+def original_dst_cluster(key: mesh.ServiceKey, port: mesh.Port) -> str:
+    """`outbound|5432|original-dst|db.ns.svc.cluster.local`: a headless
+    Service's port, reached at whatever Pod address the caller dialled.
+
+    Not the EDS cluster's name: routes may still send to that one, and an
+    ORIGINAL_DST cluster behind an HTTP route would dial the address of the
+    Service the caller meant, not this one."""
+    return f"outbound|{port.port}|{ORIGINAL_DST_SUBSET}|{key.fqdn}"
