@@ -28,7 +28,8 @@ class Sourced:
 
 class ObjectStore:
     def __init__(self) -> None:
-        self._by_source: dict[str, tuple[Sourced, ...]] = {}
+        self._by_source: dict[str, dict[tuple[str, str, str], Sourced]] = {}
+        self._twice: dict[str, list[Sourced]] = {}
         self._version = 0
         # What a Service's annotations last said when they were valid: a
         # typo in one annotation must not undo that Service's routing.
@@ -44,11 +45,30 @@ class ObjectStore:
 
     def replace_source(self, source: str, objects: Iterable[Sourced]) -> None:
         """Set everything one source (a file, a watch) contributes, atomically."""
-        objs = tuple(objects)
+        objs = list(objects)
         if objs:
-            self._by_source[source] = objs
+            # A file may define one object twice; the first one is used and
+            # the second reported by `build`, so keep both here.
+            by_key: dict[tuple[str, str, str], Sourced] = {}
+            for item in objs:
+                by_key.setdefault(item.obj.key, item)
+            self._by_source[source] = by_key
+            self._twice[source] = [i for i in objs if by_key[i.obj.key] is not i]
         else:
             self._by_source.pop(source, None)
+            self._twice.pop(source, None)
+
+    def put(self, source: str, item: Sourced) -> None:
+        """Add or replace one object of a source (a watch event)."""
+        self._by_source.setdefault(source, {})[item.obj.key] = item
+
+    def remove(self, source: str, key: tuple[str, str, str]) -> None:
+        objects = self._by_source.get(source)
+        if objects is not None:
+            objects.pop(key, None)
+
+    def objects(self, source: str) -> dict[tuple[str, str, str], Sourced]:
+        return dict(self._by_source.get(source, {}))
 
     def sources(self) -> list[str]:
         return sorted(self._by_source)
@@ -57,7 +77,7 @@ class ObjectStore:
         found: list[problems.Problem] = []
         chosen: dict[tuple[str, str, str], Sourced] = {}
         for source in sorted(self._by_source):
-            for item in self._by_source[source]:
+            for item in [*self._by_source[source].values(), *self._twice.get(source, ())]:
                 earlier = chosen.get(item.obj.key)
                 if earlier is not None:
                     found.append(
