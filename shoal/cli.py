@@ -29,6 +29,7 @@ from shoal import heap, sidecar_files
 from shoal.model import proxy
 from shoal.observe import admin, metrics
 from shoal.registry import files
+from shoal.registry import kubernetes as kube
 from shoal.sds import ca, join, report, workloads
 from shoal.sds import rotation as rotation_mod
 from shoal.xds import cache, controller, csds, server, status
@@ -50,7 +51,8 @@ def _host_port(value: str) -> tuple[str, int]:
 
 @dataclass
 class ServeOptions:
-    registry: Path
+    # A manifests folder, or None with `kubernetes`.
+    registry: Path | None = None
     xds_address: str = DEFAULT_XDS
     admin_address: str = DEFAULT_ADMIN
     state_dir: Path = Path(".shoal")
@@ -68,6 +70,14 @@ class ServeOptions:
     root_rotation_step_timeout: float = 60.0
     # Where machines outside join with a token and a CSR ("" for nowhere).
     join_address: str = "127.0.0.1:15012"
+    # Watch a Kubernetes API server instead of a folder.
+    kubernetes: bool = False
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+    namespaces: tuple[str, ...] = ()
+    # The Secret (in shoal's own namespace) that holds the mesh root, so
+    # that every replica signs with the same one.
+    ca_secret: str = "shoal-ca"
 
 
 @dataclass
@@ -76,7 +86,7 @@ class ControlPlane:
 
     xds_port: int
     admin_port: int
-    registry: files.FolderRegistry
+    registry: files.FolderRegistry | kube.KubernetesRegistry
     controller: controller.Controller
     ads: server.AdsServer
     authority: ca.Authority | None
@@ -87,9 +97,35 @@ class ControlPlane:
 @contextlib.asynccontextmanager
 async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     """Start everything `shoal serve` runs; stop all of it on exit."""
-    registry = files.FolderRegistry(options.registry)
+    registry: files.FolderRegistry | kube.KubernetesRegistry
+    kube_api: kube.Api | None = None
+    if options.kubernetes:
+        kube_api = kube.Api(kube.connect(options.kubeconfig, options.kube_context))
+        # Sidecars reach xDS through shoal's Service: its names go in the
+        # serving certificate.
+        namespace = kube_api.endpoint.namespace
+        options = dataclasses.replace(
+            options,
+            xds_hosts=(
+                *options.xds_hosts,
+                "shoal",
+                f"shoal.{namespace}",
+                f"shoal.{namespace}.svc",
+                f"shoal.{namespace}.svc.cluster.local",
+            ),
+        )
+        registry = kube.KubernetesRegistry(kube_api, namespaces=options.namespaces or None)
+    else:
+        assert options.registry is not None
+        registry = files.FolderRegistry(options.registry)
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    authority = None if options.insecure_xds else load_authority(options)
+    authority = None
+    if not options.insecure_xds:
+        authority = (
+            await load_kube_authority(kube_api, options)
+            if kube_api is not None
+            else load_authority(options)
+        )
     certificates = (
         workloads.WorkloadCertificates(authority, ttl=options.workload_ttl)
         if authority is not None
@@ -102,8 +138,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     )
     if certificates is not None:
         certificates.on_change = lambda _: ctl.refresh()
-    ctl.update(registry.load())
-    ctl.rebuild()
+    if isinstance(registry, files.FolderRegistry):
+        ctl.update(registry.load())
+        ctl.rebuild()
+    # From Kubernetes, the first state comes once every kind is listed; until
+    # then proxies wait rather than get an empty mesh.
     metric_registry = CollectorRegistry()
     ads = server.AdsServer(snapshots, listener=metrics.XdsMetrics(metric_registry))
     metric_registry.register(
@@ -126,6 +165,8 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             }
         )
     )
+    if isinstance(registry, kube.KubernetesRegistry):
+        metric_registry.register(metrics.KubernetesMetrics(registry.health))
 
     grpc_server = grpc.aio.server(
         options=[
@@ -156,6 +197,8 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         "syncz": lambda: status.proxies(ads),
         "services": lambda: _services(ctl),
     }
+    if isinstance(registry, kube.KubernetesRegistry):
+        reports["kubernetes"] = registry.health
     if authority is not None and certificates is not None:
         reports["ca"] = lambda: report.status(
             authority,
@@ -167,7 +210,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         )
     actions: dict[str, admin.Action] = {}
     background: set[asyncio.Task[Any]] = set()
-    if certificates is not None and options.ca_cert is None:
+    if certificates is not None and options.ca_cert is None and not options.kubernetes:
         rotation = rotation_mod.RootRotation(
             options.state_dir,
             certificates,
@@ -214,7 +257,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
 
         actions["ca/join-token"] = join_token
     admin_app = admin.app(
-        ready=lambda: True,
+        ready=registry.ready,
         reports=reports,
         queries={"config_dump": lambda q: _config_dump(ads, q)},
         metrics=lambda: metrics.render(metric_registry),
@@ -254,6 +297,8 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             await join_server.stop(grace=None)
         await grpc_server.stop(grace=1)
         await runner.cleanup()
+        if kube_api is not None:
+            await kube_api.close()
 
 
 INSECURE_WARNING = (
@@ -261,6 +306,28 @@ INSECURE_WARNING = (
     "plane can read the mesh's configuration and claim any workload; no workload "
     "certificates are served and traffic between sidecars is not encrypted."
 )
+
+
+async def load_kube_authority(api: kube.Api, options: ServeOptions) -> ca.Authority:
+    """The operator's CA if given, else the root in a Secret of shoal's
+    namespace, made by whichever replica gets there first."""
+    if options.ca_cert is not None and options.ca_key is not None:
+        return load_authority(options)
+
+    def new_root() -> dict[str, bytes]:
+        root = ca.new_root(options.trust_domain)
+        return {kube.TLS_CERT: root.cert_pem, kube.TLS_KEY: root.key_pem}
+
+    data, created = await kube.shared_secret(
+        api, api.endpoint.namespace, options.ca_secret, new_root
+    )
+    where = f"Secret {api.endpoint.namespace}/{options.ca_secret}"
+    if kube.TLS_CERT not in data or kube.TLS_KEY not in data:
+        raise ca.CAError(f"{where} lacks {kube.TLS_CERT} or {kube.TLS_KEY}")
+    log.info("%s the mesh root CA in %s", "created" if created else "using", where)
+    return ca.Authority(
+        ca.KeyPair(data[kube.TLS_CERT], data[kube.TLS_KEY]), trust_domain=options.trust_domain
+    )
 
 
 def load_authority(options: ServeOptions) -> ca.Authority:
@@ -354,7 +421,8 @@ async def _serve(options: ServeOptions) -> int:
         print(
             f"shoal: xDS on {_host_port(options.xds_address)[0]}:{cp.xds_port} ({security}), "
             f"admin on http://{_host_port(options.admin_address)[0]}:{cp.admin_port}/ "
-            f"({len(state.services)} services from {options.registry})",
+            f"({len(state.services)} services from "
+            f"{'kubernetes' if options.kubernetes else options.registry})",
             flush=True,
         )
         for problem in cp.registry.problems:
@@ -365,11 +433,16 @@ async def _serve(options: ServeOptions) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.registry is None:
-        print("shoal serve: --registry DIR is required (Kubernetes mode is not built yet)")
+    if (args.registry is None) == (not args.kubernetes):
+        print("shoal serve: give either --registry DIR or --kubernetes", file=sys.stderr)
         return 2
     options = ServeOptions(
-        registry=Path(args.registry),
+        registry=Path(args.registry) if args.registry else None,
+        kubernetes=args.kubernetes,
+        kubeconfig=args.kubeconfig,
+        kube_context=args.context,
+        namespaces=tuple(n for n in (args.namespaces or "").split(",") if n),
+        ca_secret=args.ca_secret,
         xds_address=args.xds_address,
         admin_address=args.admin_address,
         state_dir=Path(args.state_dir),
@@ -386,7 +459,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if options.insecure_xds:
         print(INSECURE_WARNING.format(what="every proxy"), file=sys.stderr, flush=True)
-    if not options.registry.is_dir():
+    if options.registry is not None and not options.registry.is_dir():
         print(f"shoal serve: registry folder {options.registry} does not exist", file=sys.stderr)
         return 2
     return asyncio.run(_serve(options))
@@ -699,6 +772,25 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the control plane")
     serve.add_argument("--registry", metavar="DIR", help="folder of Kubernetes manifests")
+    serve.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="watch a Kubernetes API server (in-cluster config in a Pod, else kubeconfig)",
+    )
+    serve.add_argument("--kubeconfig", metavar="FILE", help="with --kubernetes: this kubeconfig")
+    serve.add_argument("--context", help="with --kubernetes: this kubeconfig context")
+    serve.add_argument(
+        "--namespaces",
+        metavar="NS,NS",
+        help="with --kubernetes: watch only these namespaces (default: all)",
+    )
+    serve.add_argument(
+        "--ca-secret",
+        default="shoal-ca",
+        metavar="NAME",
+        help="with --kubernetes: the Secret in shoal's namespace holding the mesh root "
+        "(default shoal-ca; created by the first replica)",
+    )
     serve.add_argument("--xds-address", default=DEFAULT_XDS, help=f"default {DEFAULT_XDS}")
     serve.add_argument("--admin-address", default=DEFAULT_ADMIN, help=f"default {DEFAULT_ADMIN}")
     serve.add_argument(

@@ -20,7 +20,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 def app(
     *,
-    ready: Callable[[], bool],
+    ready: Callable[[], tuple[bool, str]],
     reports: Mapping[str, Report],
     queries: Mapping[str, Query] | None = None,
     metrics: Callable[[], bytes] | None = None,
@@ -30,8 +30,8 @@ def app(
     queries = queries or {}
 
     async def ready_handler(_: web.Request) -> web.Response:
-        ok = ready()
-        return web.Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
+        ok, reason = ready()
+        return web.Response(status=200 if ok else 503, text=f"{reason}\n")
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from shoal.xds import resources
@@ -51,6 +51,37 @@ class XdsMetrics:
 
     def nacked(self, type_url: str) -> None:
         self.nacks.labels(resources.short(type_url)).inc()
+
+
+class KubernetesMetrics(Collector):
+    """The Kubernetes watches, read at scrape time from the registry's health."""
+
+    COUNTERS = {
+        "lists": "Lists made of the API server (first lists, relists, pages)",
+        "relists_after_expiry": "Lists made because a watch's resourceVersion expired (410)",
+        "watches": "Watches opened",
+        "events": "Watch events applied",
+        "errors": "Failed API requests and broken watches",
+        "requests": "Requests made of the API server",
+    }
+
+    def __init__(self, health: Callable[[], Mapping[str, Any]]) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        health = self._health()
+        yield GaugeMetricFamily(
+            "shoal_kubernetes_api_up",
+            "1 while the Kubernetes API server answers; 0 while serving the last state",
+            value=1.0 if health["api_up"] else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "shoal_kubernetes_synced",
+            "1 once every watched kind has been listed",
+            value=1.0 if health["synced"] else 0.0,
+        )
+        for key, help_text in self.COUNTERS.items():
+            yield CounterMetricFamily(f"shoal_kubernetes_{key}", help_text, value=health[key])
 
 
 class Gauges(Collector):

@@ -91,6 +91,10 @@ class FolderRegistry:
     def state(self) -> mesh.MeshState:
         return self._state
 
+    def ready(self) -> tuple[bool, str]:
+        """A folder is read before anything is served."""
+        return True, "ready"
+
     @property
     def problems(self) -> list[problems.Problem]:
         out = [p for ps in self._file_problems.values() for p in ps]

@@ -20,6 +20,7 @@ seconds per ten thousand objects; the JSON is read as it is.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -39,6 +40,8 @@ from shoal.registry import manifests, store, trafficroute
 log = logging.getLogger(__name__)
 
 SOURCE = "kubernetes"
+# Keys of a kubernetes.io/tls Secret.
+TLS_CERT, TLS_KEY = "tls.crt", "tls.key"
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,10 @@ class Backoff:
         self,
         *,
         initial: float = 0.5,
-        maximum: float = 30.0,
+        # Low for a backoff: an API server that is back must be noticed within
+        # seconds (objects deleted meanwhile must leave the mesh). One probe
+        # at a time for all watches keeps that to ~15 requests a minute.
+        maximum: float = 4.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
@@ -180,9 +186,9 @@ class Backoff:
 
     def delay(self) -> float:
         """The wait after the current run of failures: doubling, capped,
-        jittered between half and all of it so replicas spread out."""
+        jittered down by up to a fifth so replicas spread out."""
         base = min(self.maximum, self.initial * 2.0 ** max(0, self._failures - 1))
-        return float(base * self._rng.uniform(0.5, 1.0))
+        return float(base * self._rng.uniform(0.8, 1.0))
 
     def failed(self, error: str) -> None:
         self._failures += 1
@@ -326,6 +332,43 @@ async def _error(response: aiohttp.ClientResponse) -> ApiError:
     message = str(status.get("message") or "")
     cls = Expired if response.status == 410 else ApiError
     return cls(response.status, reason, message)
+
+
+async def shared_secret(
+    api: Api, namespace: str, name: str, make: Callable[[], dict[str, bytes]]
+) -> tuple[dict[str, bytes], bool]:
+    """A Secret every replica agrees on: read it, or create it from `make()`
+    if absent. Two replicas starting together both try to create it; the
+    API server lets one win (409 AlreadyExists for the other), which then
+    reads the winner's. True if this call created it."""
+    kind = Kind(("v1", "Secret"), "secrets")
+    for _ in range(5):
+        try:
+            found = await api.call("GET", kind.path(namespace, name))
+            return _secret_data(found), False
+        except ApiError as err:
+            if err.code != 404:
+                raise
+        data = make()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": "shoal"}},
+            "type": "kubernetes.io/tls",
+            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+        }
+        try:
+            await api.call("POST", kind.path(namespace), body=body)
+            return data, True
+        except ApiError as err:
+            if err.code != 409:
+                raise
+    raise ApiError(409, "Conflict", f"Secret {namespace}/{name} could not be read or created")
+
+
+def _secret_data(secret: Mapping[str, Any]) -> dict[str, bytes]:
+    data = secret.get("data") or {}
+    return {k: base64.b64decode(v) for k, v in data.items() if isinstance(v, str)}
 
 
 # -- objects ----------------------------------------------------------------------------

@@ -158,6 +158,10 @@ class Controller:
         # Route tables outlive a rebuild when nothing they depend on changed.
         self._route_memo: dict[tuple[Any, ...], tuple[Any, cache.ResourceGroup]] = {}
         self._shared: Shared | None = None
+        # No configuration before the first mesh state: a proxy that connects
+        # while the registry is still listing waits, rather than being given
+        # an empty mesh that would drop its traffic.
+        self._started = False
         self.problems: list[problems.Problem] = []
         self.last_build_seconds = 0.0
         snapshots.on_watch = self._on_watch
@@ -174,6 +178,7 @@ class Controller:
     def update(self, state: mesh.MeshState) -> None:
         """A new mesh state; pushed after the debounce."""
         self._state = state
+        self._started = True
         self._debouncer.touch()
 
     async def run(self) -> None:
@@ -192,6 +197,8 @@ class Controller:
         found = self._proxies[key] = node.parse(client.node, client.identity)
         if isinstance(found, proxy.Sidecar | proxy.CapturedSidecar):
             self._identity_users[(found.namespace, found.service_account)] += 1
+        if not self._started:
+            return
         if self._shared is None or self._shared.state is not self._state:
             self._shared = self._build_shared(self._state)
         if self._shared.whole:
@@ -217,6 +224,8 @@ class Controller:
     # -- building -------------------------------------------------------------
 
     def rebuild(self) -> None:
+        if not self._started:
+            return
         state = self._state
         started = time.perf_counter()
         self.problems = []

@@ -47,10 +47,23 @@ async def who_answers(
 class ServeProcess:
     """`shoal serve` as a separate process, killable like a crashed control plane."""
 
-    def __init__(self, registry: Path, xds_port: int, state_dir: Path) -> None:
+    def __init__(
+        self,
+        registry: Path | None,
+        xds_port: int,
+        state_dir: Path,
+        *,
+        kubeconfig: Path | None = None,
+        admin_port: int = 0,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        """From a manifests folder, or with `kubeconfig` from an API server."""
         self.registry = registry
         self.xds_port = xds_port
         self.state_dir = state_dir
+        self.kubeconfig = kubeconfig
+        self.admin_port = admin_port
+        self.extra = extra
         self.proc: asyncio.subprocess.Process | None = None
         self.banner = ""
         self.output: list[str] = []
@@ -64,12 +77,16 @@ class ServeProcess:
             "--log-level",
             "warning",
             "serve",
-            "--registry",
-            str(self.registry),
+            *(
+                ["--kubernetes", "--kubeconfig", str(self.kubeconfig)]
+                if self.kubeconfig is not None
+                else ["--registry", str(self.registry)]
+            ),
+            *self.extra,
             "--xds-address",
             f"127.0.0.1:{self.xds_port}",
             "--admin-address",
-            "127.0.0.1:0",
+            f"127.0.0.1:{self.admin_port}",
             "--state-dir",
             str(self.state_dir),
             "--join-address",

@@ -268,13 +268,14 @@ async def test_a_bad_update_keeps_the_last_good_object_and_says_why(
 def test_backoff_doubles_with_jitter_and_caps() -> None:
     import random
 
-    backoff = kubernetes.Backoff(initial=0.5, maximum=30, rng=random.Random(1))
+    backoff = kubernetes.Backoff(initial=0.5, maximum=4, rng=random.Random(1))
     delays = []
     for _ in range(10):
         backoff.failed("down")
         delays.append(backoff.delay())
-    assert all(d <= 30 for d in delays)
-    assert delays[0] <= 0.5 and delays[-1] >= 15
+    assert all(d <= 4 for d in delays)
+    assert 0.4 <= delays[0] <= 0.5 and delays[-1] >= 3.2
+    assert delays[1] > delays[0] and delays[2] > delays[1], "doubling"
     assert not backoff.up
     backoff.succeeded()
     assert backoff.up and backoff.delay() <= 0.5
