@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -16,10 +17,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
@@ -36,6 +37,7 @@ from shoal.xds import cache, controller, csds, server, status
 from shoal.xds.translate import bootstrap as bootstrap_config
 
 log = logging.getLogger("shoal")
+T = TypeVar("T")
 
 DEFAULT_XDS = "127.0.0.1:15010"
 DEFAULT_ADMIN = "127.0.0.1:15014"
@@ -120,12 +122,12 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         registry = files.FolderRegistry(options.registry)
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
     authority = None
+    record: rotation_mod.RootRecord | None = None
     if not options.insecure_xds:
-        authority = (
-            await load_kube_authority(kube_api, options)
-            if kube_api is not None
-            else load_authority(options)
-        )
+        if kube_api is not None and options.ca_cert is None:
+            authority, record = await load_kube_authority(kube_api, options)
+        else:
+            authority = load_authority(options)
     certificates = (
         workloads.WorkloadCertificates(authority, ttl=options.workload_ttl)
         if authority is not None
@@ -201,7 +203,8 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         reports["kubernetes"] = registry.health
     if authority is not None and certificates is not None:
         reports["ca"] = lambda: report.status(
-            authority,
+            # The authority now: a root rotation replaces it.
+            certificates.authority,
             certificates,
             {
                 c.node_id: status.held_secret(c, "default")
@@ -210,12 +213,24 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         )
     actions: dict[str, admin.Action] = {}
     background: set[asyncio.Task[Any]] = set()
-    if certificates is not None and options.ca_cert is None and not options.kubernetes:
+    shared_root: rotation_mod.SharedRoot | None = None
+    if certificates is not None and kube_api is not None and record is not None:
+        shared_root = _shared_root(kube_api, options, certificates)
+        shared_root.applied(record)
+    if certificates is not None and options.ca_cert is None:
         rotation = rotation_mod.RootRotation(
-            options.state_dir,
+            None if shared_root is not None else options.state_dir,
             certificates,
             lambda: _held_for_rotation(ads),
             step_timeout=options.root_rotation_step_timeout,
+            announce=shared_root.announce if shared_root is not None else None,
+            # Other replicas read the record every poll, then push.
+            settle=2 * shared_root.poll + 1 if shared_root is not None else 0.0,
+        )
+        lease = (
+            kube.Lease(kube_api, kube_api.endpoint.namespace, LEADER_LEASE, _replica_name())
+            if kube_api is not None
+            else None
         )
 
         async def rotate_root(_: Mapping[str, str]) -> dict[str, Any]:
@@ -223,7 +238,17 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 raise RuntimeError(
                     f"a root rotation is already running ({rotation.progress.phase})"
                 )
-            task = asyncio.create_task(rotation.run(), name="root-rotation")
+            if lease is not None:
+                holder = await lease.acquire()
+                if holder is not None:
+                    raise RuntimeError(
+                        f"lease {LEADER_LEASE} is held by {holder}: a rotation runs once, "
+                        "on the replica holding it"
+                    )
+            task = asyncio.create_task(
+                _under_lease(lease, rotation.run()) if lease is not None else rotation.run(),
+                name="root-rotation",
+            )
             background.add(task)
             task.add_done_callback(background.discard)
             await asyncio.sleep(0)
@@ -281,6 +306,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         asyncio.create_task(registry.watch(ctl.update, stop_watch), name="registry-watch"),
         # Full garbage collections out of the push path (see shoal/heap.py).
         asyncio.create_task(heap.HeapKeeper().run(), name="heap-keeper"),
+        *(
+            [asyncio.create_task(shared_root.follow(), name="shared-root")]
+            if shared_root is not None
+            else []
+        ),
     ]
     try:
         yield ControlPlane(
@@ -308,26 +338,65 @@ INSECURE_WARNING = (
 )
 
 
-async def load_kube_authority(api: kube.Api, options: ServeOptions) -> ca.Authority:
-    """The operator's CA if given, else the root in a Secret of shoal's
-    namespace, made by whichever replica gets there first."""
-    if options.ca_cert is not None and options.ca_key is not None:
-        return load_authority(options)
+async def load_kube_authority(
+    api: kube.Api, options: ServeOptions
+) -> tuple[ca.Authority, rotation_mod.RootRecord]:
+    """The root in a Secret of shoal's namespace, made by whichever replica
+    gets there first; mid-rotation, the phase it records."""
 
     def new_root() -> dict[str, bytes]:
-        root = ca.new_root(options.trust_domain)
-        return {kube.TLS_CERT: root.cert_pem, kube.TLS_KEY: root.key_pem}
+        return rotation_mod.RootRecord(ca.new_root(options.trust_domain)).encode()
 
     data, created = await kube.shared_secret(
         api, api.endpoint.namespace, options.ca_secret, new_root
     )
     where = f"Secret {api.endpoint.namespace}/{options.ca_secret}"
-    if kube.TLS_CERT not in data or kube.TLS_KEY not in data:
-        raise ca.CAError(f"{where} lacks {kube.TLS_CERT} or {kube.TLS_KEY}")
+    record = rotation_mod.RootRecord.decode(data, where)
     log.info("%s the mesh root CA in %s", "created" if created else "using", where)
-    return ca.Authority(
-        ca.KeyPair(data[kube.TLS_CERT], data[kube.TLS_KEY]), trust_domain=options.trust_domain
-    )
+    return record.authority(options.trust_domain), record
+
+
+LEADER_LEASE = "shoal-leader"
+
+
+def _replica_name() -> str:
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _shared_root(
+    api: kube.Api, options: ServeOptions, certificates: workloads.WorkloadCertificates
+) -> rotation_mod.SharedRoot:
+    namespace, name = api.endpoint.namespace, options.ca_secret
+
+    async def read() -> tuple[dict[str, bytes], str]:
+        if not api.backoff.up:
+            # The watches are probing it with backoff; no polling meanwhile.
+            raise ConnectionError("the kubernetes API server is unreachable")
+        return await kube.read_secret(api, namespace, name)
+
+    async def write(data: dict[str, bytes], version: str) -> str:
+        return await kube.replace_secret(api, namespace, name, data, version)
+
+    return rotation_mod.SharedRoot(certificates, read, write, where=f"Secret {namespace}/{name}")
+
+
+async def _under_lease(lease: kube.Lease, work: Awaitable[T]) -> T:
+    """Run `work` while renewing the lease; let it go after."""
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(lease.duration_s / 3)
+            holder = await lease.acquire()
+            if holder is not None:
+                log.error("lost lease %s to %s", lease.name, holder)
+
+    renewing = asyncio.create_task(renew())
+    try:
+        return await work
+    finally:
+        renewing.cancel()
+        with contextlib.suppress(Exception):
+            await lease.release()
 
 
 def load_authority(options: ServeOptions) -> ca.Authority:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -40,8 +41,6 @@ from shoal.registry import manifests, store, trafficroute
 log = logging.getLogger(__name__)
 
 SOURCE = "kubernetes"
-# Keys of a kubernetes.io/tls Secret.
-TLS_CERT, TLS_KEY = "tls.crt", "tls.key"
 
 
 @dataclass(frozen=True)
@@ -364,6 +363,131 @@ async def shared_secret(
             if err.code != 409:
                 raise
     raise ApiError(409, "Conflict", f"Secret {namespace}/{name} could not be read or created")
+
+
+SECRETS = Kind(("v1", "Secret"), "secrets")
+LEASES = Kind(("coordination.k8s.io/v1", "Lease"), "leases")
+
+
+async def read_secret(api: Api, namespace: str, name: str) -> tuple[dict[str, bytes], str]:
+    """A Secret's data and the resourceVersion to update it from."""
+    found = await api.call("GET", SECRETS.path(namespace, name))
+    return _secret_data(found), _resource_version(found)
+
+
+async def replace_secret(
+    api: Api, namespace: str, name: str, data: Mapping[str, bytes], resource_version: str
+) -> str:
+    """Replace a Secret's data if it is still at `resource_version` (409
+    otherwise: someone else wrote it since it was read)."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "resourceVersion": resource_version,
+            "labels": {"app": "shoal"},
+        },
+        "type": "kubernetes.io/tls",
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+    }
+    written = await api.call("PUT", SECRETS.path(namespace, name), body=body)
+    return _resource_version(written)
+
+
+class Lease:
+    """A coordination.k8s.io Lease: work that must run on one replica at a
+    time runs while holding it. Taken only if free, expired or ours, and
+    written with the resourceVersion read, so two replicas cannot both win."""
+
+    def __init__(
+        self,
+        api: Api,
+        namespace: str,
+        name: str,
+        holder: str,
+        *,
+        duration_s: int = 30,
+        now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.name = name
+        self.holder = holder
+        self.duration_s = duration_s
+        self._now = now
+
+    def _stamp(self) -> str:
+        return self._now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def _spec(self, acquired: str, transitions: int) -> dict[str, Any]:
+        return {
+            "holderIdentity": self.holder,
+            "leaseDurationSeconds": self.duration_s,
+            "acquireTime": acquired,
+            "renewTime": self._stamp(),
+            "leaseTransitions": transitions,
+        }
+
+    async def acquire(self) -> str | None:
+        """None once held; else who holds it."""
+        path = LEASES.path(self.namespace, self.name)
+        try:
+            current = await self.api.call("GET", path)
+        except ApiError as err:
+            if err.code != 404:
+                raise
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": self._spec(self._stamp(), 0),
+            }
+            try:
+                await self.api.call("POST", LEASES.path(self.namespace), body=body)
+                return None
+            except ApiError as conflict:
+                if conflict.code != 409:
+                    raise
+                current = await self.api.call("GET", path)
+        spec = current.get("spec") or {}
+        holder = spec.get("holderIdentity") or ""
+        if holder and holder != self.holder and not self._expired(spec):
+            return str(holder)
+        transitions = int(spec.get("leaseTransitions") or 0) + (holder != self.holder)
+        acquired = spec.get("acquireTime") if holder == self.holder else self._stamp()
+        current["spec"] = self._spec(str(acquired or self._stamp()), transitions)
+        try:
+            await self.api.call("PUT", path, body=current)
+        except ApiError as err:
+            if err.code == 409:
+                return "another replica (it took the lease first)"
+            raise
+        return None
+
+    async def release(self) -> None:
+        path = LEASES.path(self.namespace, self.name)
+        current = await self.api.call("GET", path)
+        spec = current.get("spec") or {}
+        if spec.get("holderIdentity") != self.holder:
+            return
+        spec["holderIdentity"] = None
+        current["spec"] = spec
+        with contextlib.suppress(ApiError):
+            await self.api.call("PUT", path, body=current)
+
+    def _expired(self, spec: Mapping[str, Any]) -> bool:
+        renewed = spec.get("renewTime")
+        if not isinstance(renewed, str):
+            return True
+        try:
+            at = datetime.datetime.strptime(renewed, "%Y-%m-%dT%H:%M:%S.%fZ")
+        except ValueError:
+            at = datetime.datetime.strptime(renewed, "%Y-%m-%dT%H:%M:%SZ")
+        duration = int(spec.get("leaseDurationSeconds") or self.duration_s)
+        expires = at.replace(tzinfo=datetime.UTC) + datetime.timedelta(seconds=duration)
+        return self._now() > expires
 
 
 def _secret_data(secret: Mapping[str, Any]) -> dict[str, bytes]:

@@ -371,3 +371,94 @@ def _both_replicas(config: Path, second_port: int) -> None:
                 copy["endpoint"]["address"]["socket_address"]["port_value"] = second_port
                 lb.append(copy)
     config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+
+
+async def test_a_root_rotation_runs_once_under_the_lease_and_every_replica_follows(
+    emu: KubeEmulator,
+    tmp_path: Path,
+    replicas: list[Replica],
+    local_mesh: list[mesh.LocalMesh],
+) -> None:
+    first, second = await _start(emu, tmp_path, replicas, 2)
+    authority = _authority(emu)
+    old_serial = f"{authority.signer.cert.serial_number:x}"
+    # web's sidecar is served by the first replica, reviews' by the second:
+    # their certificates come from different replicas, and must keep
+    # trusting each other through every phase.
+    on_first = mesh.LocalMesh(tmp_path / "first", first.xds_port, authority=authority)
+    on_second = mesh.LocalMesh(tmp_path / "second", second.xds_port, authority=authority)
+    local_mesh.extend([on_first, on_second])
+    web_in, r_in = envoy.free_port(), envoy.free_port()
+    _service(emu, "web")
+    _endpoint(emu, "web", web_in, "web-1")
+    _service(emu, "reviews")
+    _endpoint(emu, "reviews", r_in, "reviews-1")
+    web = await on_first.add("web-1", namespace=SHOP, service="web", inbound_port=web_in)
+    await on_second.add("reviews-1", namespace=SHOP, service="reviews", inbound_port=r_in)
+
+    # Another holder of the lease: the rotation is refused, and says by whom.
+    emu.create(
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": "shoal-leader", "namespace": HOME},
+            "spec": {
+                "holderIdentity": "shoal-7d9f-abcde",
+                "leaseDurationSeconds": 30,
+                "renewTime": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+            },
+        }
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{second.admin}/ca/rotate-root") as r:
+            assert r.status == 409
+            assert "shoal-7d9f-abcde" in (await r.json())["error"]
+        emu.delete("leases", "shoal-leader", namespace=HOME)
+
+        async def reachable() -> bool:
+            return await _answers(session, web, 5) == {"reviews-1"}
+
+        await eventually(reachable, timeout=10)
+        failures: collections.Counter[str] = collections.Counter()
+        stop = asyncio.Event()
+
+        async def traffic() -> int:
+            sent = 0
+            while not stop.is_set():
+                for who in await who_answers(session, web, "reviews", 5):
+                    if who.startswith("!"):
+                        failures[who] += 1
+                    sent += 1
+                await asyncio.sleep(0.02)
+            return sent
+
+        runner = asyncio.create_task(traffic())
+        try:
+            async with session.post(f"{second.admin}/ca/rotate-root") as r:
+                assert r.status == 202, await r.text()
+            lease = emu.get("leases", "shoal-leader", namespace=HOME)
+            assert lease is not None and lease["spec"]["holderIdentity"], "held while it runs"
+
+            async def done() -> bool:
+                progress = await second.report("ca/rotation")
+                return bool(progress["phase"] == "done")
+
+            await eventually(done, timeout=90)
+            await asyncio.sleep(1.0)  # traffic on the new root alone
+            stop.set()
+            sent = await runner
+        finally:
+            runner.cancel()
+    assert sent > 100 and not failures, (sent, failures)
+    new = _authority(emu)
+    new_serial = f"{new.signer.cert.serial_number:x}"
+    assert new_serial != old_serial
+    secret = emu.get("secrets", "shoal-ca", namespace=HOME)
+    assert secret is not None
+    assert "phase" not in secret["data"] and f"retired-{old_serial}.crt" in secret["data"]
+    for replica in (first, second):
+        status = await replica.report("ca")
+        assert status["signer"]["serial"] == new_serial, "every replica signs with the new root"
+        assert [r["serial"] for r in status["roots"]] == [new_serial]
+    lease = emu.get("leases", "shoal-leader", namespace=HOME)
+    assert lease is not None and not lease["spec"].get("holderIdentity"), "released"
