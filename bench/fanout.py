@@ -850,7 +850,7 @@ async def start_process(
 
 
 # Runs `shoal serve` in place of `python -m shoal.cli`, for a look inside
-# (shoal itself is not changed): gc.freeze() on SIGUSR1; the start and length
+# (shoal itself is not changed): tracemalloc snapshots on SIGUSR1; the start and length
 # of every garbage collection, registry reload and controller rebuild, and the
 # start of every write of a response to a stream, written
 # to a JSON file on exit; cProfile of the event-loop thread, switched on and
@@ -861,8 +861,14 @@ from shoal import cli
 from shoal.registry import files
 from shoal.xds import controller
 env = os.environ.get
-if env("FANOUT_GC_FREEZE"):
-    signal.signal(signal.SIGUSR1, lambda *_: (gc.collect(), gc.freeze()))
+if env("FANOUT_TRACEMALLOC"):
+    import tracemalloc
+    tracemalloc.start(4)
+    taken = []
+    def snapshot(*_):
+        tracemalloc.take_snapshot().dump("%s.%d" % (env("FANOUT_TRACEMALLOC"), len(taken)))
+        taken.append(1)
+    signal.signal(signal.SIGUSR1, snapshot)
 events = []
 if env("FANOUT_EVENTS"):
     begun = [0.0]
@@ -995,8 +1001,8 @@ async def start_shoal(registry: Path, logs: Path, args: argparse.Namespace) -> S
         argv.append("--insecure-xds")
     env: dict[str, str] = {}
     events = None
-    if args.gc_freeze:
-        env["FANOUT_GC_FREEZE"] = "1"
+    if args.tracemalloc:
+        env["FANOUT_TRACEMALLOC"] = args.tracemalloc
     if args.instrument:
         events = logs / f"events-{registry.name}.json"
         env["FANOUT_EVENTS"] = str(events)
@@ -1184,7 +1190,6 @@ class Result:
     xds_security: str
     services: int
     workers: int
-    gc_freeze: bool
     instrumented: bool
     connect_all_s: float = math.nan
     connect_server_cpu_s: float = math.nan
@@ -1304,6 +1309,8 @@ async def measure_shoal(
         await asyncio.sleep(SETTLE_S)
         base_rss, _ = rss_kib(server.pid)
 
+        if args.tracemalloc:
+            server.proc.send_signal(signal.SIGUSR1)
         # Every proxy connects at once.
         profile("connect")
         cpu0, client0 = cpu_s(server.pid), await workers.cpu_s()
@@ -1315,9 +1322,9 @@ async def measure_shoal(
         if connected != proxies:
             _problem(r, f"{connected} of {proxies} connected; {errors[:3]}")
             _problem(r, f"shoal serve (exit {server.proc.returncode}): {_tail(server.stderr, 600)}")
-        if args.gc_freeze:
-            server.proc.send_signal(signal.SIGUSR1)
         await asyncio.sleep(SETTLE_S * 2)
+        if args.tracemalloc:
+            server.proc.send_signal(signal.SIGUSR1)
         rss, _ = rss_kib(server.pid)
         r.rss_base_mb = base_rss / 1024
         r.rss_mb = rss / 1024
@@ -1420,7 +1427,6 @@ async def run_one(args: argparse.Namespace, proxies: int, work: Path, tls: Tls) 
         args.xds_security,
         args.services,
         args.workers,
-        args.gc_freeze,
         args.instrument,
     )
     timeout = 60.0 + proxies * 0.05
@@ -1550,9 +1556,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-floor", action="store_true", help="skip the bare gRPC server")
     p.add_argument("--no-reconnect", action="store_true", help="skip the reconnect storm")
     p.add_argument(
-        "--gc-freeze",
-        action="store_true",
-        help="run shoal serve in a wrapper that calls gc.freeze() once the proxies are in",
+        "--tracemalloc",
+        metavar="FILE",
+        help="run shoal serve under tracemalloc; snapshots before and after the proxies "
+        "connect go to FILE.0 and FILE.1 (compare them with tracemalloc.Snapshot.load)",
     )
     p.add_argument(
         "--instrument",

@@ -12,14 +12,18 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+S = TypeVar("S")
 
 # Count of protobuf serializations; the benchmark reads it to show that a
 # push costs one serialization per changed resource, not one per proxy.
@@ -116,10 +120,11 @@ class View:
     own: tuple[Resource, ...]
     parts: tuple[View, ...] = ()
 
-    @cached_property
+    @property
     def resources(self) -> tuple[Resource, ...]:
-        # Joined only when asked for: a proxy's composite view is rebuilt on
-        # every push, and most pushes never need its flat list.
+        # Joined on each call, not kept: a proxy's composite view lives as
+        # long as its stream, and a thousand copies of the mesh's clusters
+        # would be a thousand streams' worth of memory.
         if self.parts:
             return tuple(r for p in self.parts for r in p.resources)
         return self.own
@@ -131,16 +136,54 @@ class View:
         return b"".join(r.sotw_field for r in self.resources)
 
     @cached_property
-    def names(self) -> frozenset[str]:
+    def names(self) -> AbstractSet[str]:
         if self.parts:
-            return frozenset().union(*(p.names for p in self.parts))
+            return UnionSet(tuple(p.names for p in self.parts))
         return frozenset(r.name for r in self.own)
 
     @cached_property
-    def refs(self) -> frozenset[tuple[str, str]]:
+    def refs(self) -> AbstractSet[tuple[str, str]]:
         if self.parts:
-            return frozenset().union(*(p.refs for p in self.parts))
-        return frozenset(ref for r in self.resources for ref in r.refs)
+            return UnionSet(tuple(p.refs for p in self.parts))
+        return frozenset(ref for r in self.own for ref in r.refs)
+
+
+class UnionSet(AbstractSet[T]):
+    """The union of sets, without copying them: views over shared groups
+    answer for their parts, and per-proxy unions of a thousand names each
+    would cost every stream tens of kilobytes."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: tuple[AbstractSet[T], ...]) -> None:
+        self._parts = tuple(p for p in parts if p)
+
+    @classmethod
+    def _from_iterable(cls, it: Iterable[S]) -> AbstractSet[S]:
+        # What set operations on it (`|`, `-`, `&`) return: a plain set.
+        return frozenset(it)
+
+    def __contains__(self, item: object) -> bool:
+        return any(item in p for p in self._parts)
+
+    def __iter__(self) -> Iterator[T]:
+        if len(self._parts) == 1:
+            yield from self._parts[0]
+            return
+        seen: set[T] = set()
+        for part in self._parts:
+            for item in part:
+                if item not in seen:
+                    seen.add(item)
+                    yield item
+
+    def __len__(self) -> int:
+        if len(self._parts) == 1:
+            return len(self._parts[0])
+        return sum(1 for _ in self)
+
+    def __hash__(self) -> int:
+        return self._hash()
 
 
 def make_view(items: Iterable[Resource]) -> View:

@@ -17,6 +17,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -144,7 +145,9 @@ class AdsServer:
         self._diffs: dict[tuple[cache.View, cache.View], Diff] = {}
         self._absents: dict[tuple[frozenset[str], cache.View], frozenset[str]] = {}
         self._subscriptions: dict[frozenset[str], frozenset[str]] = {}
-        self._wanted: dict[tuple[str, tuple[cache.View, ...], cache.Snapshot], frozenset[str]] = {}
+        self._wanted: dict[
+            tuple[str, cache.View, tuple[cache.ResourceGroup, ...]], frozenset[str]
+        ] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         sotw = grpc.stream_stream_rpc_method_handler(
@@ -411,8 +414,8 @@ class AdsServer:
         return cache.make_view([*view.resources, *kept])
 
     @staticmethod
-    def _held_refs(conn: Connection, types: Iterable[str]) -> frozenset[tuple[str, str]]:
-        refs: frozenset[tuple[str, str]] = frozenset()
+    def _held_refs(conn: Connection, types: Iterable[str]) -> AbstractSet[tuple[str, str]]:
+        refs: AbstractSet[tuple[str, str]] = frozenset()
         for t in types:
             st = conn.types.get(t)
             if st is not None and st.held.refs:
@@ -440,28 +443,33 @@ class AdsServer:
                 return True
         return False
 
-    def _wanted_names(self, conn: Connection, t: str, snapshot: cache.Snapshot) -> frozenset[str]:
-        """Names of type `t` that what the client holds refers to and that exist."""
-        held = tuple(
-            st.held
-            for e in resources.earlier_than(t)
-            if (st := conn.types.get(e)) is not None and st.held.refs
-        )
-        if not held:
-            return frozenset()
-        key = (t, held, snapshot)
-        found = self._wanted.get(key)
-        if found is None:
-            found = frozenset(
-                n
-                for view in held
-                for (rt, n) in view.refs
-                if rt == t and snapshot.get(t, n) is not None
-            )
-            if len(self._wanted) > 1024:
-                self._wanted.clear()
-            self._wanted[key] = found
-        return found
+    def _wanted_names(self, conn: Connection, t: str, snapshot: cache.Snapshot) -> AbstractSet[str]:
+        """Names of type `t` that what the client holds refers to and that
+        exist. Worked out per shared part of what it holds (every proxy of
+        a scope holds the same cluster group), so no stream keeps a copy."""
+        groups = tuple(snapshot.groups.get(t, ()))
+        found: list[frozenset[str]] = []
+        for e in resources.earlier_than(t):
+            st = conn.types.get(e)
+            if st is None or not st.held.refs:
+                continue
+            for part in st.held.parts or (st.held,):
+                key = (t, part, groups)
+                names = self._wanted.get(key)
+                if names is None:
+                    names = frozenset(
+                        n
+                        for (rt, n) in part.refs
+                        if rt == t and any(g.get(n) is not None for g in groups)
+                    )
+                    if len(self._wanted) > 4096:
+                        self._wanted.clear()
+                    self._wanted[key] = names
+                if names:
+                    found.append(names)
+        if len(found) == 1:
+            return found[0]
+        return cache.UnionSet(tuple(found))
 
     async def _send_pending(self, conn: Connection, snapshot: cache.Snapshot, context: Any) -> None:
         held_back = False
@@ -528,17 +536,23 @@ class AdsServer:
         found = self._diffs.get(key)
         if found is not None:
             return found
-        if held.parts and len(held.parts) == len(want.parts):
-            pieces = [self._diff(h, w) for h, w in zip(held.parts, want.parts, strict=True)]
+        if want.parts and (len(held.parts) == len(want.parts) or not (held.parts or held.own)):
+            # Part by part (a first response: each part from nothing), and
+            # only the parts' diffs are kept: they are shared by every
+            # stream of a scope, the composite's are one stream's.
+            befores = held.parts or (_EMPTY,) * len(want.parts)
+            pieces = [self._diff(h, w) for h, w in zip(befores, want.parts, strict=True)]
             changed = tuple(r for p in pieces for r in p.changed)
             removed = {n for p in pieces for n in p.removed}
             # A name may move between parts: removed from one, added to another.
             removed -= {r.name for r in changed}
-            found = Diff(changed, tuple(sorted(removed)))
+            return Diff(changed, tuple(sorted(removed)))
         else:
             before = {r.name: r.version for r in held.resources}
             changed = tuple(r for r in want.resources if before.get(r.name) != r.version)
             found = Diff(changed, tuple(sorted(before.keys() - want.names)))
+        if held.parts or want.parts:
+            return found  # one stream's; not worth keeping
         if len(self._diffs) > 4096:
             self._diffs.clear()
         self._diffs[key] = found
