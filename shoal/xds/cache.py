@@ -129,11 +129,19 @@ class View:
             return tuple(r for p in self.parts for r in p.resources)
         return self.own
 
-    @cached_property
+    @property
     def encoded(self) -> bytes:
+        """The `resources` fields of a state-of-the-world response. Kept for
+        a shared view; joined per send for a proxy's composite, whose copy
+        (hundreds of kilobytes with a thousand clusters) would otherwise
+        live as long as its stream."""
         if self.parts:
             return b"".join(p.encoded for p in self.parts)
-        return b"".join(r.sotw_field for r in self.resources)
+        return self._own_encoded
+
+    @cached_property
+    def _own_encoded(self) -> bytes:
+        return b"".join(r.sotw_field for r in self.own)
 
     @cached_property
     def names(self) -> AbstractSet[str]:
