@@ -24,8 +24,14 @@ targetRef), then runs the real `KubernetesRegistry` against it and measures:
 Seeding goes through the emulator's own thread-safe API (`emu.create`), not
 HTTP, and its time is reported separately; it is not part of any figure.
 
+The emulator's thread shares this process and its GIL: the list time
+includes the emulator serving the pages (its thread's CPU is reported), and
+its objects are frozen out of the garbage collector after seeding
+(`--no-gc-freeze` keeps them in), since they would not be in shoal's process.
+
     .venv/bin/python bench/kube_list.py [--services N] [--endpoints-per-slice K]
-        [--pods N] [--json] [--profile ingest|translate|change] [--tracemalloc]
+        [--pods N] [--changes N] [--json] [--no-gc-freeze] [--no-gc-during-ingest]
+        [--profile ingest|translate|change] [--tracemalloc]
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from shoal import heap  # noqa: E402
 from shoal.model import mesh  # noqa: E402
 from shoal.registry import kubernetes  # noqa: E402
 from shoal.xds import cache, controller  # noqa: E402
@@ -129,6 +136,10 @@ class Result:
     one_change_rebuilt_ms: float = 0.0  # median rebuilt_ms
     # CPU used by other processes on the machine while measuring.
     other_cpu_s: float = 0.0
+    # How it was run.
+    gc_freeze_after_seeding: bool = True
+    gc_during_ingest: bool = True
+    tracemalloc: bool = False  # if so, the ingest times and RSS are distorted
     ok: bool = True
     errors: list[str] = field(default_factory=list)
 
@@ -311,7 +322,10 @@ async def run(args: argparse.Namespace, emu: KubeEmulator, r: Result) -> None:
     emu_tid = emulator_thread()
 
     api = kubernetes.Api(kubernetes.Endpoint(emu.url, False), kubernetes.Backoff())
-    registry = kubernetes.KubernetesRegistry(api, page_size=PAGE_SIZE)
+    # As `shoal serve --kubernetes` builds it: no automatic garbage collection
+    # during a list and the build after it (shoal/heap.py).
+    keeper = heap.HeapKeeper()
+    registry = kubernetes.KubernetesRegistry(api, page_size=PAGE_SIZE, quiet_gc=keeper.paused)
 
     # The registry's build() and replace(), timed by wrapping this instance's
     # methods (shoal is not changed).
@@ -588,6 +602,8 @@ def _report(r: Result) -> None:
         f"{r.one_change_rebuilt_ms:.0f} ms to the rebuilt snapshot"
     )
     print(f"other processes' CPU during the measurements: {r.other_cpu_s:.1f} s")
+    if r.tracemalloc:
+        print("(--tracemalloc: the ingest's times and the RSS figures include tracing)")
     for e in r.errors:
         print(f"  problem: {e}")
 
@@ -607,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     per_slice = args.endpoints_per_slice
     pods = min(args.pods, args.services * per_slice)
     r = Result(args.services, per_slice, args.services * per_slice, pods)
+    r.gc_freeze_after_seeding = not args.no_gc_freeze
+    r.gc_during_ingest = not args.no_gc_during_ingest
+    r.tracemalloc = args.tracemalloc
     r.rss_start_mb = rss_mb()
     writes = NAMESPACES + 2 * args.services + pods
     # History for every write of the seeding and then some: no compaction

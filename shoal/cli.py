@@ -99,6 +99,7 @@ class ControlPlane:
 @contextlib.asynccontextmanager
 async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     """Start everything `shoal serve` runs; stop all of it on exit."""
+    keeper = heap.HeapKeeper()
     registry: files.FolderRegistry | kube.KubernetesRegistry
     kube_api: kube.Api | None = None
     if options.kubernetes:
@@ -116,7 +117,9 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 f"shoal.{namespace}.svc.cluster.local",
             ),
         )
-        registry = kube.KubernetesRegistry(kube_api, namespaces=options.namespaces or None)
+        registry = kube.KubernetesRegistry(
+            kube_api, namespaces=options.namespaces or None, quiet_gc=keeper.paused
+        )
     else:
         assert options.registry is not None
         registry = files.FolderRegistry(options.registry)
@@ -305,7 +308,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         ),
         asyncio.create_task(registry.watch(ctl.update, stop_watch), name="registry-watch"),
         # Full garbage collections out of the push path (see shoal/heap.py).
-        asyncio.create_task(heap.HeapKeeper().run(), name="heap-keeper"),
+        asyncio.create_task(keeper.run(), name="heap-keeper"),
         *(
             [asyncio.create_task(shared_root.follow(), name="shared-root")]
             if shared_root is not None

@@ -14,10 +14,11 @@ at a quiet moment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,30 @@ class HeapKeeper:
         self._last_full = clock()
         self.freezes = 0
         self.full_collections = 0
+        self._pauses = 0
+        self._was_enabled = True
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "stop" and info.get("generation", 0) >= 1:
             self._grew_at = self._clock()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No automatic collection while a large, long-lived structure is
+        being built (a first list of ten thousand objects): each full pass
+        would walk everything built so far, for nothing. The heap is frozen
+        once the burst settles, as after any other."""
+        self._pauses += 1
+        if self._pauses == 1:
+            self._was_enabled = gc.isenabled()
+            gc.disable()
+        try:
+            yield
+        finally:
+            self._pauses -= 1
+            if self._pauses == 0 and self._was_enabled:
+                gc.enable()
+            self.note_growth()
 
     def note_growth(self) -> None:
         """For callers that know a burst just happened (and for tests)."""

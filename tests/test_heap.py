@@ -83,3 +83,18 @@ def test_growth_is_seen_through_the_collectors_callbacks(unfrozen: None) -> None
     clock.now += 1
     keeper.settle()
     assert keeper.freezes == 1
+
+
+def test_collection_is_paused_while_a_burst_builds_and_resumed_after(unfrozen: None) -> None:
+    clock = Clock()
+    keeper = heap.HeapKeeper(quiet=0.5, clock=clock)
+    assert gc.isenabled()
+    with keeper.paused():
+        assert not gc.isenabled()
+        with keeper.paused():  # two lists at once
+            assert not gc.isenabled()
+        assert not gc.isenabled(), "still one burst going"
+    assert gc.isenabled()
+    clock.now += 1
+    keeper.settle()
+    assert keeper.freezes == 1, "what the burst built is frozen once it settles"

@@ -6,6 +6,7 @@ translation that runs against it without copying or locking.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,11 @@ class FrozenMap(Mapping[str, str]):
 
 
 _EMPTY = FrozenMap()
+
+
+def _fields_of(obj: object) -> tuple[object, ...]:
+    """The values a dataclass compares by, for a hash made once."""
+    return tuple(getattr(obj, f.name) for f in dataclasses.fields(obj) if f.compare)  # type: ignore[arg-type]
 
 
 def frozen_map(items: Mapping[str, str] | None = None) -> FrozenMap:
@@ -131,9 +137,15 @@ class Service:
     limits: ConnectionLimits | None = None
     # Made once: translation asks for it hundreds of thousands of times.
     key: ServiceKey = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", ServiceKey(self.namespace, self.name))
+        object.__setattr__(self, "_hash", hash(_fields_of(self)))
+
+    def __hash__(self) -> int:
+        # Services key the translation memos: hashed once, not per lookup.
+        return self._hash
 
     def port_named(self, name: str) -> Port | None:
         return next((p for p in self.ports if p.name == name), None)
@@ -180,6 +192,14 @@ class Endpoint:
     service_account: str = "default"
     pod: str | None = None
     zone: str | None = None
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(_fields_of(self)))
+
+    def __hash__(self) -> int:
+        # Tuples of endpoints key the endpoint memos, ten thousand at a time.
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)

@@ -272,7 +272,7 @@ def service_route(
 ) -> routing.ServiceRoute | None:
     """The route the annotations ask for, or None when they ask for nothing."""
     notes = service.annotations
-    if not any(a in notes for a in ROUTING):
+    if notes.keys().isdisjoint(ROUTING):
         return None
     rules: list[routing.RouteRule] = []
     for part in notes.get(ROUTE_HEADERS, "").split(";"):

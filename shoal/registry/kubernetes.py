@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 
 from shoal.model import mesh, problems
-from shoal.registry import manifests, store, trafficroute
+from shoal.registry import manifests, store
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +498,7 @@ def _secret_data(secret: Mapping[str, Any]) -> dict[str, bytes]:
 # -- objects ----------------------------------------------------------------------------
 
 _POD_SPEC_KEEP = ("serviceAccountName", "serviceAccount")
+_SERVICE_SPEC_KEEP = ("ports", "clusterIP")
 _METADATA_KEEP = (
     "name",
     "namespace",
@@ -519,13 +520,40 @@ def trimmed(kind: Kind, obj: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(obj)
     out["apiVersion"], out["kind"] = kind.type
     out["metadata"] = {k: meta[k] for k in _METADATA_KEEP if k in meta}
+    spec = obj.get("spec") if isinstance(obj.get("spec"), Mapping) else {}
+    assert isinstance(spec, Mapping)
     if kind.type == manifests.POD:
-        spec = obj.get("spec") if isinstance(obj.get("spec"), Mapping) else {}
         status = obj.get("status") if isinstance(obj.get("status"), Mapping) else {}
-        assert isinstance(spec, Mapping) and isinstance(status, Mapping)
+        assert isinstance(status, Mapping)
         out["spec"] = {k: spec[k] for k in _POD_SPEC_KEEP if k in spec}
         out["status"] = {"podIP": status["podIP"]} if "podIP" in status else {}
+    elif kind.type == manifests.SERVICE:
+        out["spec"] = {k: spec[k] for k in _SERVICE_SPEC_KEEP if k in spec}
+    elif kind.type == manifests.ENDPOINT_SLICE:
+        # Most of a slice is per-endpoint detail the mesh does not read
+        # (nodeName, hints, conditions other than ready, all but the first
+        # address): at a hundred thousand endpoints, most of the memory.
+        endpoints = obj.get("endpoints")
+        if isinstance(endpoints, list):
+            out["endpoints"] = [_endpoint_kept(e) for e in endpoints]
     return out
+
+
+def _endpoint_kept(endpoint: Any) -> Any:
+    if not isinstance(endpoint, Mapping):
+        return endpoint  # left for the mesh to report
+    kept: dict[str, Any] = {}
+    addresses = endpoint.get("addresses")
+    kept["addresses"] = addresses[:1] if isinstance(addresses, list) else addresses
+    conditions = endpoint.get("conditions")
+    if isinstance(conditions, Mapping) and "ready" in conditions:
+        kept["conditions"] = {"ready": conditions["ready"]}
+    target = endpoint.get("targetRef")
+    if isinstance(target, Mapping):
+        kept["targetRef"] = {k: target[k] for k in ("kind", "name") if k in target}
+    if "zone" in endpoint:
+        kept["zone"] = endpoint["zone"]
+    return kept
 
 
 def _resource_version(obj: Mapping[str, Any]) -> str:
@@ -621,6 +649,10 @@ class Reflector:
 
     async def _list(self) -> None:
         """A full list, page by page; then what it says replaces what we had."""
+        with self.registry.quiet_gc():
+            await self._list_pages()
+
+    async def _list_pages(self) -> None:
         api = self.registry.api
         items: list[dict[str, Any]] = []
         params = {"limit": str(self.page_size)}
@@ -698,8 +730,12 @@ class KubernetesRegistry:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         kinds: Iterable[Kind] = KINDS,
+        quiet_gc: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
+        """`quiet_gc` keeps the garbage collector out of a list and the build
+        after it (see shoal/heap.py)."""
         self.api = api
+        self.quiet_gc = quiet_gc
         self.namespaces = frozenset(namespaces) if namespaces else None
         self.sleep = sleep
         self._clock = clock
@@ -788,9 +824,7 @@ class KubernetesRegistry:
             parsed = manifests.parse_object(obj)
             if parsed is None:
                 return None
-            manifests.check(parsed)
-            if parsed.type == manifests.TRAFFIC_ROUTE:
-                trafficroute.parse(parsed, None)
+            self._store.check(parsed)
         except manifests.ManifestError as err:
             key = _key_of(obj)
             kept = self._store.objects(SOURCE).get(key) is not None
@@ -875,7 +909,9 @@ class KubernetesRegistry:
                     continue
                 self._content_changed = False
                 try:
-                    on_change(self.build())
+                    with self.quiet_gc():
+                        state = self.build()
+                    on_change(state)
                 except Exception:
                     log.exception(
                         "building the mesh from kubernetes failed; keeping the last state"

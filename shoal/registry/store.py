@@ -67,6 +67,25 @@ class ObjectStore:
         if objects is not None:
             objects.pop(key, None)
 
+    def check(self, obj: manifests.KubeObject) -> None:
+        """What `manifests.check` says of one object (ManifestError if it
+        cannot be used), keeping the conversions for the next build: a watch
+        checks each object as it arrives, and ten thousand Services must not
+        be converted twice."""
+        if obj.type in (manifests.SERVICE, manifests.POD):
+            convert = manifests.to_service if obj.type == manifests.SERVICE else manifests.to_pod
+            self._converted[id(obj)] = (obj, convert(obj))
+        elif obj.type == manifests.ENDPOINT_SLICE:
+            manifests.slice_service(obj)
+            eps = manifests.to_endpoints(obj, {})
+            # Joined with no Pods: kept by the build if the slice names none.
+            refs = sorted({(obj.namespace, e.pod) for e in eps if e.pod})
+            self._joined[id(obj)] = (obj, _Joined(eps, tuple((ref, None) for ref in refs)))
+        else:
+            manifests.check(obj)
+        if obj.type == manifests.TRAFFIC_ROUTE:
+            trafficroute.parse(obj, None)
+
     def objects(self, source: str) -> dict[tuple[str, str, str], Sourced]:
         return dict(self._by_source.get(source, {}))
 
