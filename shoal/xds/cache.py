@@ -143,6 +143,17 @@ class View:
     def _own_encoded(self) -> bytes:
         return b"".join(r.sotw_field for r in self.own)
 
+    @property
+    def versions(self) -> dict[str, str]:
+        """Version by name: kept for a flat view, made per call for a composite."""
+        if self.parts:
+            return {r.name: r.version for r in self.resources}
+        return self._own_versions
+
+    @cached_property
+    def _own_versions(self) -> dict[str, str]:
+        return {r.name: r.version for r in self.own}
+
     @cached_property
     def names(self) -> AbstractSet[str]:
         if self.parts:

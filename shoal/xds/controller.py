@@ -23,7 +23,6 @@ from shoal.xds.translate import (
     capture,
     clusters,
     endpoints,
-    listeners,
     names,
     proxyless,
     refs,
@@ -145,15 +144,14 @@ class Controller:
         self._proxies: dict[str, proxy.Proxy] = {}
         self._service_memo: dict[ServiceMemoKey, list[cache.Resource]] = {}
         self._endpoint_memo: dict[EndpointMemoKey, cache.Resource] = {}
-        self._captured_memo: dict[
-            tuple[Any, ...], tuple[cache.ResourceGroup, cache.ResourceGroup]
-        ] = {}
         self._headless_memo: dict[
             tuple[mesh.Service, frozenset[str] | None], list[cache.Resource]
         ] = {}
+        # Per proxy: what its own resources were built from, and them. One
+        # entry each, found by the proxy: a thousand disconnecting must not
+        # each scan the others'.
         self._own_memo: dict[
-            tuple[proxy.Sidecar, mesh.Protocol, listeners.InboundSecurity | None],
-            tuple[cache.ResourceGroup, cache.ResourceGroup],
+            proxy.Proxy, tuple[Any, tuple[cache.ResourceGroup, cache.ResourceGroup]]
         ] = {}
         # Route tables outlive a rebuild when nothing they depend on changed.
         self._route_memo: dict[tuple[Any, ...], tuple[Any, cache.ResourceGroup]] = {}
@@ -206,10 +204,8 @@ class Controller:
 
     def _on_idle(self, key: str) -> None:
         gone = self._proxies.pop(key, None)
-        for memo_key in [k for k in self._own_memo if k[0] == gone]:
-            del self._own_memo[memo_key]
-        for memo_key in [k for k in self._captured_memo if k[0] == gone]:
-            del self._captured_memo[memo_key]
+        if gone is not None:
+            self._own_memo.pop(gone, None)
         self._cache.clear_snapshot(key)
         if isinstance(gone, proxy.Sidecar | proxy.CapturedSidecar):
             identity = (gone.namespace, gone.service_account)
@@ -549,10 +545,10 @@ class Controller:
             if self._identities is not None
             else None
         )
-        memo_key = (s, sidecar.inbound_protocol(s, state), security)
-        found = self._own_memo.get(memo_key)
-        if found is None:
-            found = (
+        return self._own(
+            s,
+            (sidecar.inbound_protocol(s, state), security),
+            lambda: (
                 cache.ResourceGroup(
                     _resource(resources.CLUSTER, c.name, c) for c in sidecar.own_clusters(s, state)
                 ),
@@ -560,9 +556,19 @@ class Controller:
                     _resource(resources.LISTENER, item.name, item)
                     for item in sidecar.own_listeners(s, state, security)
                 ),
-            )
-            self._own_memo[memo_key] = found
-        return found
+            ),
+        )
+
+    def _own(
+        self,
+        p: proxy.Proxy,
+        inputs: Any,
+        build: Callable[[], tuple[cache.ResourceGroup, cache.ResourceGroup]],
+    ) -> tuple[cache.ResourceGroup, cache.ResourceGroup]:
+        memo = self._own_memo.get(p)
+        if memo is None or memo[0] != inputs:
+            memo = self._own_memo[p] = (inputs, build())
+        return memo[1]
 
     def _captured_groups(
         self, s: proxy.CapturedSidecar, state: mesh.MeshState
@@ -574,14 +580,13 @@ class Controller:
             if self._identities is not None
             else None
         )
-        memo_key = (
+        return self._own(
             s,
-            capture.inbound_ports(s, state),
-            tuple(sorted(security.items())) if security is not None else None,
-        )
-        found = self._captured_memo.get(memo_key)
-        if found is None:
-            found = (
+            (
+                capture.inbound_ports(s, state),
+                tuple(sorted(security.items())) if security is not None else None,
+            ),
+            lambda: (
                 cache.ResourceGroup(
                     _resource(resources.CLUSTER, c.name, c) for c in capture.own_clusters(s, state)
                 ),
@@ -594,9 +599,8 @@ class Controller:
                         )
                     ]
                 ),
-            )
-            self._captured_memo[memo_key] = found
-        return found
+            ),
+        )
 
     def _headless_clusters(
         self, shared: Shared, in_scope: Scope | None, visible: tuple[mesh.Service, ...]
