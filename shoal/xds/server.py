@@ -119,6 +119,15 @@ class _NoListener:
 class Diff:
     changed: tuple[cache.Resource, ...]
     removed: tuple[str, ...]
+    # A composite's diff is its parts' diffs, whose encodings are shared.
+    pieces: tuple[Diff, ...] = ()
+
+    @functools.cached_property
+    def encoded(self) -> bytes:
+        """The `resources` fields of a delta response carrying `changed`."""
+        if self.pieces:
+            return b"".join(p.encoded for p in self.pieces)
+        return b"".join(r.delta_field for r in self.changed)
 
 
 class AdsServer:
@@ -548,24 +557,26 @@ class AdsServer:
             # only the parts' diffs are kept: they are shared by every
             # stream of a scope, the composite's are one stream's.
             befores = held.parts or (_EMPTY,) * len(want.parts)
-            pieces = [self._diff(h, w) for h, w in zip(befores, want.parts, strict=True)]
-            changed = tuple(r for p in pieces for r in p.changed)
+            pieces = tuple(self._diff(h, w) for h, w in zip(befores, want.parts, strict=True))
+            changed = tuple(itertools.chain.from_iterable(p.changed for p in pieces))
             removed = {n for p in pieces for n in p.removed}
-            # A name may move between parts: removed from one, added to another.
-            removed -= {r.name for r in changed}
-            return Diff(changed, tuple(sorted(removed)))
+            if removed:
+                # A name may move between parts: removed from one, added to another.
+                removed -= {r.name for r in changed}
+            return Diff(changed, tuple(sorted(removed)), pieces)
         elif want.parts and not held.parts:
             # What a reconnecting proxy holds (its initial_resource_versions,
             # interned, so shared by every proxy of a scope) against each
             # shared part: worked out once per part, not per stream.
             flat = [self._diff_from_flat(held, w) for w in want.parts]
-            changed = tuple(r for d, _ in flat for r in d.changed)
+            pieces = tuple(d for d, _ in flat)
+            changed = tuple(itertools.chain.from_iterable(p.changed for p in pieces))
             gone: set[str] = set()
             if sum(len(c) for _, c in flat) != len(held.own):
                 gone = set(held.versions)
                 for _, covered in flat:
                     gone -= covered
-            return Diff(changed, tuple(sorted(gone)))
+            return Diff(changed, tuple(sorted(gone)), pieces)
         else:
             before = held.versions
             changed = tuple(r for r in want.resources if before.get(r.name) != r.version)
@@ -607,7 +618,7 @@ class AdsServer:
         body = b"".join(
             (
                 cache.length_delimited(1, view.version.encode()),
-                *(r.delta_field for r in diff.changed),
+                diff.encoded,
                 cache.length_delimited(4, state.type_url.encode()),
                 *(cache.length_delimited(6, name.encode()) for name in removed),
                 cache.length_delimited(5, nonce.encode()),
