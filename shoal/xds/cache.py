@@ -226,11 +226,21 @@ class ResourceGroup:
     share one encoding.
     """
 
-    __slots__ = ("_by_name", "_views")
+    __slots__ = ("_by_name", "_views", "composites")
 
     def __init__(self, items: Iterable[Resource] = ()) -> None:
         self._by_name: dict[str, Resource] = {r.name: r for r in items}
         self._views: dict[frozenset[str] | None, View] = {}
+        # Views over this group and others (a proxy's own), by their parts:
+        # while the groups stay, a proxy's view stays the same object, push
+        # after push, and what was worked out for it holds.
+        self.composites: dict[tuple[View, ...], View] = {}
+
+    def same_as(self, other: ResourceGroup) -> bool:
+        """The very same resources (by identity), in the same order."""
+        if len(self._by_name) != len(other._by_name):
+            return False
+        return all(a is b for a, b in zip(self, other, strict=True))
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -269,8 +279,17 @@ class Snapshot:
         key = (type_url, names)
         found = self._views.get(key)
         if found is None:
-            parts = [g.view(names) for g in self.groups.get(type_url, ())]
-            found = composite(parts) if parts else make_view(())
+            groups = self.groups.get(type_url, ())
+            parts = tuple(g.view(names) for g in groups)
+            if len(parts) > 1:
+                memo = groups[0].composites
+                found = memo.get(parts)
+                if found is None:
+                    if len(memo) > 4096:
+                        memo.clear()
+                    found = memo[parts] = composite(parts)
+            else:
+                found = parts[0] if parts else make_view(())
             if len(self._views) > 64:
                 self._views.clear()
             self._views[key] = found

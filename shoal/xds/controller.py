@@ -156,6 +156,9 @@ class Controller:
         # Route tables outlive a rebuild when nothing they depend on changed.
         self._route_memo: dict[tuple[Any, ...], tuple[Any, cache.ResourceGroup]] = {}
         self._shared: Shared | None = None
+        # Scoped groups of the last rebuild, kept when unchanged (see _kept).
+        self._previous_groups: dict[tuple[Any, ...], cache.ResourceGroup] = {}
+        self._groups_now: dict[tuple[Any, ...], cache.ResourceGroup] = {}
         # No configuration before the first mesh state: a proxy that connects
         # while the registry is still listing waits, rather than being given
         # an empty mesh that would drop its traffic.
@@ -241,6 +244,8 @@ class Controller:
         )
 
     def _build_shared(self, state: mesh.MeshState) -> Shared:
+        if self._groups_now:
+            self._previous_groups, self._groups_now = self._groups_now, {}
         service_memo: dict[ServiceMemoKey, list[cache.Resource]] = {}
         endpoint_memo: dict[EndpointMemoKey, cache.Resource] = {}
         subsets: dict[mesh.ServiceKey, set[mesh.FrozenMap]] = {}
@@ -367,11 +372,12 @@ class Controller:
         key = ("clusters", in_scope)
         if key not in shared.groups:
             visible = self._visible(shared, in_scope)
-            shared.groups[key] = cache.ResourceGroup(
-                r for s in visible for r in shared.clusters[s.key]
+            shared.groups[key] = self._kept(
+                key, cache.ResourceGroup(r for s in visible for r in shared.clusters[s.key])
             )
-            shared.groups[("endpoints", in_scope)] = cache.ResourceGroup(
-                r for s in visible for r in shared.endpoints[s.key]
+            shared.groups[("endpoints", in_scope)] = self._kept(
+                ("endpoints", in_scope),
+                cache.ResourceGroup(r for s in visible for r in shared.endpoints[s.key]),
             )
             if in_scope is not None:
                 # A scope is closed over route backends, so its clusters'
@@ -381,6 +387,15 @@ class Controller:
                     id(shared.groups[("endpoints", in_scope)]),
                 }
         return shared.groups[key], shared.groups[("endpoints", in_scope)]
+
+    def _kept(self, key: tuple[Any, ...], group: cache.ResourceGroup) -> cache.ResourceGroup:
+        """The last rebuild's group of that key if nothing in it changed: its
+        views, and every proxy's views over it, stay the same objects."""
+        previous = self._previous_groups.get(key)
+        if previous is not None and previous.same_as(group):
+            group = previous
+        self._groups_now[key] = group
+        return group
 
     def _plain_clusters(
         self, shared: Shared, in_scope: Scope | None, visible: tuple[mesh.Service, ...]
