@@ -863,7 +863,7 @@ from shoal.xds import controller
 env = os.environ.get
 if env("FANOUT_TRACEMALLOC"):
     import tracemalloc
-    tracemalloc.start(4)
+    tracemalloc.start(12)
     taken = []
     def snapshot(*_):
         tracemalloc.take_snapshot().dump("%s.%d" % (env("FANOUT_TRACEMALLOC"), len(taken)))

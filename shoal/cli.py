@@ -531,6 +531,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if options.insecure_xds:
         print(INSECURE_WARNING.format(what="every proxy"), file=sys.stderr, flush=True)
+    heap.tune_malloc()  # before gRPC starts its threads
     if options.registry is not None and not options.registry.is_dir():
         print(f"shoal serve: registry folder {options.registry} does not exist", file=sys.stderr)
         return 2

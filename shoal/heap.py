@@ -107,3 +107,40 @@ class HeapKeeper:
                 self.settle()
         finally:
             gc.callbacks.remove(self._on_gc)
+
+
+# glibc mallopt parameters (malloc.h).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def tune_malloc(*, mmap_threshold: int = 128 * 1024, arena_max: int = 2) -> bool:
+    """Make glibc give large buffers back and keep few arenas.
+
+    Every proxy that connects is sent its whole configuration (hundreds of
+    kilobytes with a thousand Services), so buffers that large come and go
+    by the thousand. glibc raises its mmap threshold after the first such
+    free, and from then on serves them from the heap, where they fragment
+    it and stay counted in RSS; gRPC's threads add an arena each. A fixed
+    threshold and two arenas: measured with bench/fanout.py at 1,000
+    streams, peak RSS 356 -> 238 MiB and 155 -> 149 KiB per idle stream.
+    Environment settings (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_) win.
+    Call before threads start. False where this is not glibc."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    done = True
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        done = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and done
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        done = bool(mallopt(_M_ARENA_MAX, arena_max)) and done
+    return done

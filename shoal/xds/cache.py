@@ -85,8 +85,9 @@ class Resource:
         body = message.SerializeToString(deterministic=True)
         return cls(type_url, name, body, content_version(body), refs)
 
-    @cached_property
+    @property
     def any_bytes(self) -> bytes:
+        # Not kept: only the response fields made from it are sent.
         return any_pb2.Any(type_url=self.type_url, value=self.body).SerializeToString()
 
     @cached_property

@@ -127,6 +127,8 @@ class Diff:
         """The `resources` fields of a delta response carrying `changed`."""
         if self.pieces:
             return b"".join(p.encoded for p in self.pieces)
+        if len(self.changed) == 1:
+            return self.changed[0].delta_field  # the resource's own bytes, not a copy
         return b"".join(r.delta_field for r in self.changed)
 
 
