@@ -139,6 +139,38 @@ async def _answers(session: aiohttp.ClientSession, via: mesh.Workload, n: int) -
     return set(await who_answers(session, via, "reviews", n))
 
 
+class Traffic:
+    """Requests from `via` to reviews the whole time, failures counted."""
+
+    def __init__(self, session: aiohttp.ClientSession, via: mesh.Workload) -> None:
+        self.session = session
+        self.via = via
+        self.sent = 0
+        self.failures: collections.Counter[str] = collections.Counter()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            for who in await who_answers(self.session, self.via, "reviews", 5):
+                if who.startswith("!"):
+                    self.failures[who] += 1
+                self.sent += 1
+            await asyncio.sleep(0.02)
+
+    async def __aenter__(self) -> Traffic:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._stop.set()
+        try:
+            await asyncio.wait_for(self._task, 10)
+        finally:
+            self._task.cancel()
+
+
 async def test_kubectl_changes_reach_real_sidecars_within_two_seconds(
     emu: KubeEmulator,
     tmp_path: Path,
@@ -310,26 +342,9 @@ async def test_two_replicas_share_one_root_and_sidecars_fail_over(
         await eventually(reachable, timeout=10)
 
         # Requests run the whole time; the first replica dies mid-way.
-        failures: collections.Counter[str] = collections.Counter()
-        stop = asyncio.Event()
-
-        async def traffic() -> int:
-            sent = 0
-            while not stop.is_set():
-                for who in await who_answers(session, web, "reviews", 5):
-                    if who.startswith("!"):
-                        failures[who] += 1
-                    sent += 1
-            return sent
-
-        runner = asyncio.create_task(traffic())
-        try:
+        async with Traffic(session, web) as traffic:
             await _fail_over(emu, m, first, second, web)
-            stop.set()
-            sent = await runner
-        finally:
-            runner.cancel()
-    assert sent > 50 and not failures, (sent, failures)
+    assert traffic.sent > 50 and not traffic.failures, (traffic.sent, traffic.failures)
 
 
 async def _fail_over(
@@ -419,21 +434,7 @@ async def test_a_root_rotation_runs_once_under_the_lease_and_every_replica_follo
             return await _answers(session, web, 5) == {"reviews-1"}
 
         await eventually(reachable, timeout=10)
-        failures: collections.Counter[str] = collections.Counter()
-        stop = asyncio.Event()
-
-        async def traffic() -> int:
-            sent = 0
-            while not stop.is_set():
-                for who in await who_answers(session, web, "reviews", 5):
-                    if who.startswith("!"):
-                        failures[who] += 1
-                    sent += 1
-                await asyncio.sleep(0.02)
-            return sent
-
-        runner = asyncio.create_task(traffic())
-        try:
+        async with Traffic(session, web) as traffic:
             async with session.post(f"{second.admin}/ca/rotate-root") as r:
                 assert r.status == 202, await r.text()
             lease = emu.get("leases", "shoal-leader", namespace=HOME)
@@ -445,11 +446,7 @@ async def test_a_root_rotation_runs_once_under_the_lease_and_every_replica_follo
 
             await eventually(done, timeout=90)
             await asyncio.sleep(1.0)  # traffic on the new root alone
-            stop.set()
-            sent = await runner
-        finally:
-            runner.cancel()
-    assert sent > 100 and not failures, (sent, failures)
+    assert traffic.sent > 100 and not traffic.failures, (traffic.sent, traffic.failures)
     new = _authority(emu)
     new_serial = f"{new.signer.cert.serial_number:x}"
     assert new_serial != old_serial
