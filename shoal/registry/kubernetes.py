@@ -107,32 +107,49 @@ class Endpoint:
     namespace: str = "default"
 
 
-def connect(kubeconfig: str | None = None, context: str | None = None) -> Endpoint:
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def connect(
+    kubeconfig: str | None = None,
+    context: str | None = None,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    service_account_dir: str = SERVICE_ACCOUNT_DIR,
+) -> Endpoint:
     """In-cluster configuration when running in a Pod (and no kubeconfig is
     named), else kubeconfig (KUBECONFIG or ~/.kube/config)."""
     from kubernetes import client
-    from kubernetes import config as kubeconfig_loader
+    from kubernetes.config import incluster_config, kube_config
 
     # The package's loaders carry no type hints.
-    config: Any = kubeconfig_loader
+    in_cluster: Any = incluster_config
+    from_file: Any = kube_config
     cfg = client.Configuration()
     namespace = "default"
-    if kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ:
-        config.load_incluster_config(client_configuration=cfg)
+    if kubeconfig is None and "KUBERNETES_SERVICE_HOST" in environ:
+        # The token file is re-read as it rotates (projected tokens last an
+        # hour): the loader installs a refresh hook that authorization() runs.
+        in_cluster.InClusterConfigLoader(
+            token_filename=os.path.join(service_account_dir, "token"),
+            cert_filename=os.path.join(service_account_dir, "ca.crt"),
+            environ=environ,
+        ).load_and_set(client_configuration=cfg)
         with (
             contextlib.suppress(OSError),
-            open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f,
+            open(os.path.join(service_account_dir, "namespace")) as f,
         ):
             namespace = f.read().strip() or namespace
     else:
-        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+        from_file.load_kube_config(
+            config_file=kubeconfig, context=context, client_configuration=cfg
+        )
         with contextlib.suppress(Exception):
-            _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+            contexts, active = from_file.list_kube_config_contexts(config_file=kubeconfig)
             if context is not None:
-                contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
                 active = next(c for c in contexts if c["name"] == context)
             namespace = active["context"].get("namespace") or namespace
-    namespace = os.environ.get("POD_NAMESPACE", namespace)
+    namespace = environ.get("POD_NAMESPACE", namespace)
     tls: ssl.SSLContext | bool = False
     if cfg.host.startswith("https"):
         if cfg.verify_ssl:
@@ -145,7 +162,10 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Endpoi
             tls.load_cert_chain(cfg.cert_file, cfg.key_file)
 
     def authorization() -> str | None:
-        value = cfg.get_api_key_with_prefix("authorization")
+        # auth_settings() runs the loader's refresh hook (rotated tokens,
+        # exec plugins) and says what goes in the Authorization header.
+        settings: Any = cfg.auth_settings()
+        value = (settings.get("BearerToken") or {}).get("value")
         return str(value) if value else None
 
     return Endpoint(cfg.host.rstrip("/"), tls, authorization, namespace)

@@ -34,7 +34,9 @@ HOME = "shoal-system"
 
 @pytest.fixture
 def emu() -> Iterator[KubeEmulator]:
-    with running_emulator(bookmark_interval=1.0) as emulator:
+    # Requests without the kubeconfig's token are refused, as a real API
+    # server would: shoal must send what kubeconfig says.
+    with running_emulator(bookmark_interval=1.0, token="e2e-token") as emulator:
         emulator.create(objects.namespace(SHOP))
         emulator.create(objects.namespace(HOME))
         yield emulator

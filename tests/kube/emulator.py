@@ -608,8 +608,13 @@ class KubeEmulator:
         too_large_wait: float = 1.0,
         host: str = "127.0.0.1",
         port: int = 0,
+        token: str | None = None,
     ) -> None:
         """
+        token: if set, every API request must carry `Authorization: Bearer
+            <token>` (the scheme in any case, as RFC 7235 allows); others get
+            401 Unauthorized, as kube-apiserver answers an unauthenticated
+            client ("Authenticating", Kubernetes docs).
         history_limit: writes kept for watch resumption and paged lists; an older
             resourceVersion gets 410 Expired (etcd compaction).
         bookmark_interval: seconds between BOOKMARK events on watches that allow them.
@@ -622,6 +627,7 @@ class KubeEmulator:
         too_large_wait: how long a get/list for a future resourceVersion waits
             before 504 "Too large resource version".
         """
+        self.token = token
         self._lock = threading.RLock()
         self._kinds = tuple(kinds)
         self._by_name: dict[str, Kind] = {}
@@ -1003,7 +1009,7 @@ class KubeEmulator:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "emulator", "user": {"token": "emulator-token"}}],
+            "users": [{"name": "emulator", "user": {"token": self.token or "emulator-token"}}],
             "contexts": [
                 {
                     "name": "emulator",
@@ -1439,6 +1445,10 @@ class KubeEmulator:
         return response
 
     async def _serve(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+        if self.token is not None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or given != self.token:
+                raise KubeError(401, "Unauthorized", reason="Unauthorized")
         parts = [p for p in request.path.split("/") if p]
         discovery = self._discovery(request.method, parts)
         if discovery is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ WEB = mesh.ServiceKey("shop", "web")
 
 @pytest.fixture
 def emu() -> Iterator[KubeEmulator]:
-    with running_emulator(bookmark_interval=0.2) as emulator:
+    with running_emulator(bookmark_interval=0.2, token="t0ken") as emulator:
         emulator.create(objects.namespace("shop"))
         yield emulator
 
@@ -47,7 +48,8 @@ class Running:
 
 def _registry(emu: KubeEmulator, **options: Any) -> kubernetes.KubernetesRegistry:
     backoff = options.pop("backoff", None) or kubernetes.Backoff(initial=0.05, maximum=0.5)
-    api = kubernetes.Api(kubernetes.Endpoint(emu.url, False), backoff)
+    token = f"Bearer {emu.token}" if emu.token else None
+    api = kubernetes.Api(kubernetes.Endpoint(emu.url, False, lambda: token), backoff)
     options.setdefault("ready_grace", 1.0)
     return kubernetes.KubernetesRegistry(api, **options)
 
@@ -279,3 +281,60 @@ def test_backoff_doubles_with_jitter_and_caps() -> None:
     assert not backoff.up
     backoff.succeeded()
     assert backoff.up and backoff.delay() <= 0.5
+
+
+def test_in_cluster_configuration(tmp_path: Path) -> None:
+    """In a Pod: the API server from KUBERNETES_SERVICE_HOST/PORT over TLS
+    verified by the service account's CA, its token, its namespace."""
+    import ssl
+
+    from shoal.sds import ca
+
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("token-1")
+    (account / "ca.crt").write_bytes(ca.new_root("cluster.local").cert_pem)
+    (account / "namespace").write_text("shoal-system")
+    environ = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    endpoint = kubernetes.connect(environ=environ, service_account_dir=str(account))
+    assert endpoint.url == "https://10.96.0.1:443"
+    assert (endpoint.authorization() or "").lower() == "bearer token-1"  # schemes ignore case
+    assert endpoint.namespace == "shoal-system"
+    assert isinstance(endpoint.ssl, ssl.SSLContext)
+    assert endpoint.ssl.verify_mode == ssl.CERT_REQUIRED
+    assert len(endpoint.ssl.get_ca_certs()) == 1
+    # The Deployment's downward API names the namespace too, and wins.
+    again = kubernetes.connect(
+        environ={**environ, "POD_NAMESPACE": "mesh"}, service_account_dir=str(account)
+    )
+    assert again.namespace == "mesh"
+
+
+def test_kubeconfig_with_a_context(emu: KubeEmulator, tmp_path: Path) -> None:
+    path = emu.write_kubeconfig(tmp_path / "config", namespace="shop")
+    endpoint = kubernetes.connect(str(path), "emulator", environ={})
+    assert endpoint.url == emu.url
+    assert endpoint.authorization() == "Bearer t0ken"
+    assert endpoint.namespace == "shop"
+    assert endpoint.ssl is False
+
+
+async def test_a_refused_token_is_reported_not_retried_in_a_loop(emu: KubeEmulator) -> None:
+    api = kubernetes.Api(
+        kubernetes.Endpoint(emu.url, False, lambda: "Bearer not-the-token"),
+        kubernetes.Backoff(initial=0.05, maximum=0.5),
+    )
+    registry = kubernetes.KubernetesRegistry(api, ready_grace=0.2)
+    stop = asyncio.Event()
+    before = emu.count()
+    task = asyncio.create_task(registry.watch(lambda _: None, stop))
+    try:
+        await asyncio.sleep(2.0)
+        ok, reason = registry.ready()
+        assert not ok and "waiting for the first list" in reason
+        assert "401" in registry.health()["last_error"]
+        assert emu.count() - before <= 12, "backed off"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await api.close()
