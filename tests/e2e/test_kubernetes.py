@@ -361,7 +361,8 @@ async def _fail_over(
             proxies = await second.report("syncz")
             return any("web-1" in json.dumps(p) for p in proxies)
 
-        await eventually(web_on_second, timeout=15)
+        # Envoy retries its xDS stream with backoff, trying either replica.
+        await eventually(web_on_second, timeout=30)
         # And the second replica configures it: a new endpoint gets traffic.
         m.xds_port = second.xds_port
         r2_in = envoy.free_port()
@@ -371,7 +372,7 @@ async def _fail_over(
         async def both() -> bool:
             return await _answers(session, web, 20) == {"reviews-1", "reviews-2"}
 
-        await eventually(both, timeout=5)
+        await eventually(both, timeout=10)
 
 
 def _both_replicas(config: Path, second_port: int) -> None:
