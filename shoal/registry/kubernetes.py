@@ -30,7 +30,7 @@ import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -591,7 +591,6 @@ class Stats:
     watches: int = 0
     events: int = 0
     errors: int = 0
-    by_kind_synced: dict[str, bool] = field(default_factory=dict)
 
 
 class Reflector:
