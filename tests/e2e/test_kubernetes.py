@@ -346,7 +346,8 @@ async def test_two_replicas_share_one_root_and_sidecars_fail_over(
         # Requests run the whole time; the first replica dies mid-way.
         async with Traffic(session, web) as traffic:
             await _fail_over(emu, m, first, second, web)
-    assert traffic.sent > 50 and not traffic.failures, (traffic.sent, traffic.failures)
+    # At least a second of requests before the kill and after the takeover.
+    assert traffic.sent > 20 and not traffic.failures, (traffic.sent, traffic.failures)
 
 
 async def _fail_over(
@@ -373,6 +374,7 @@ async def _fail_over(
             return await _answers(session, web, 20) == {"reviews-1", "reviews-2"}
 
         await eventually(both, timeout=10)
+        await asyncio.sleep(1)
 
 
 def _both_replicas(config: Path, second_port: int) -> None:
