@@ -845,7 +845,7 @@ class KubernetesRegistry:
                 return None
             self._store.check(parsed)
         except manifests.ManifestError as err:
-            key = _key_of(obj)
+            key = manifests.key_of(obj)
             kept = self._store.objects(SOURCE).get(key) is not None
             self._object_problems[key] = problems.Problem(
                 SOURCE,
@@ -861,7 +861,7 @@ class KubernetesRegistry:
         if not self._wanted(reflector.kind, obj):
             return
         if event == "DELETED":
-            key = _key_of(obj)
+            key = manifests.key_of(obj)
             self._store.remove(SOURCE, key)
             self._object_problems.pop(key, None)
         else:
@@ -879,7 +879,7 @@ class KubernetesRegistry:
         for obj in items:
             if not self._wanted(reflector.kind, obj):
                 continue
-            key = _key_of(obj)
+            key = manifests.key_of(obj)
             listed.add(key)
             previous = held.get(key)
             if previous is not None and _resource_version(previous.obj.body) == _resource_version(
@@ -940,11 +940,3 @@ class KubernetesRegistry:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _key_of(obj: Mapping[str, Any]) -> tuple[str, str, str]:
-    """The ObjectStore key of an object as the API serves it (typed by `trimmed`)."""
-    meta = obj.get("metadata") or {}
-    namespaced = (obj.get("apiVersion"), obj.get("kind")) in manifests.NAMESPACED
-    namespace = (meta.get("namespace") or "default") if namespaced else ""
-    return (str(obj.get("kind") or ""), str(namespace), str(meta.get("name") or ""))

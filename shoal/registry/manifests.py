@@ -94,12 +94,24 @@ def parse_object(doc: Any) -> KubeObject | None:
     pattern = _DNS_LABEL if kind in ("Service", "Namespace") else _DNS_SUBDOMAIN
     if len(name) > 253 or not pattern.match(name):
         raise ManifestError(f"metadata.name {name!r} is not a valid DNS name")
-    namespace = ""
-    if (api_version, kind) in NAMESPACED:
-        namespace = meta.get("namespace") or "default"
-        if not isinstance(namespace, str) or not _DNS_LABEL.match(namespace):
-            raise ManifestError(f"metadata.namespace {namespace!r} is not a valid DNS label")
+    _, namespace, _ = key_of(doc)
+    given = meta.get("namespace")
+    if namespace and (not _DNS_LABEL.match(namespace) or not isinstance(given, str | None)):
+        shown = given if given is not None else namespace
+        raise ManifestError(f"metadata.namespace {shown!r} is not a valid DNS label")
     return KubeObject(api_version, kind, namespace, name, doc)
+
+
+def key_of(doc: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(kind, namespace, name), as `KubeObject.key`, of a document not yet
+    (or no longer) parsed: a namespaced object without a namespace is in
+    `default`, as kubectl puts it."""
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    namespace = ""
+    if (doc.get("apiVersion"), doc.get("kind")) in NAMESPACED:
+        namespace = str(meta.get("namespace") or "default")
+    return (str(doc.get("kind") or ""), namespace, str(meta.get("name") or ""))
 
 
 def _string_map(value: Any, what: str) -> mesh.FrozenMap:
