@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from shoal.model import mesh, problems
-from shoal.registry import manifests, store, trafficroute
+from shoal.registry import manifests, store
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,11 @@ def _manifest_files(root: Path) -> list[Path]:
     )
 
 
-def load_file(path: Path, label: str) -> tuple[list[store.Sourced], list[problems.Problem]]:
-    """Parse one file into objects the mesh reads, and the problems found."""
+def load_file(
+    path: Path, label: str, check: Callable[[manifests.KubeObject], None]
+) -> tuple[list[store.Sourced], list[problems.Problem]]:
+    """Parse one file into objects the mesh reads, and the problems found;
+    `check` (the store's) says what is wrong with an object on its own."""
     found: list[problems.Problem] = []
     objects: list[store.Sourced] = []
     try:
@@ -67,9 +70,7 @@ def load_file(path: Path, label: str) -> tuple[list[store.Sourced], list[problem
                     source,
                 )
                 continue
-            manifests.check(obj)
-            if obj.type == manifests.TRAFFIC_ROUTE:
-                trafficroute.parse(obj, None)
+            check(obj)
         except manifests.ManifestError as err:
             found.append(problems.Problem(source, manifests.describe(doc), str(err)))
             continue
@@ -135,7 +136,7 @@ class FolderRegistry:
         log.info("manifest %s removed", label)
 
     def _load(self, label: str, path: Path) -> None:
-        objects, found = load_file(path, label)
+        objects, found = load_file(path, label, self._store.check)
         self._file_problems[label] = found
         if not found:
             self._store.replace_source(label, objects)
