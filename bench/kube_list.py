@@ -30,7 +30,7 @@ its objects are frozen out of the garbage collector after seeding
 (`--no-gc-freeze` keeps them in), since they would not be in shoal's process.
 
     .venv/bin/python bench/kube_list.py [--services N] [--endpoints-per-slice K]
-        [--pods N] [--changes N] [--json] [--no-gc-freeze] [--no-gc-during-ingest]
+        [--pods N] [--changes N] [--json] [--no-gc-freeze]
         [--profile ingest|translate|change] [--tracemalloc]
 """
 
@@ -110,7 +110,6 @@ class Result:
     emulator_cpu_s: float = 0.0  # the emulator's thread
     gc_s: float = 0.0  # collection pauses during the ingest, any thread
     gc_full: int = 0
-    deferred_gc_s: float = 0.0  # with --no-gc-during-ingest: a full collection just after
     state_services: int = 0
     state_endpoints: int = 0
     state_pods: int = 0
@@ -138,7 +137,6 @@ class Result:
     other_cpu_s: float = 0.0
     # How it was run.
     gc_freeze_after_seeding: bool = True
-    gc_during_ingest: bool = True
     tracemalloc: bool = False  # if so, the ingest times and RSS are distorted
     ok: bool = True
     errors: list[str] = field(default_factory=list)
@@ -358,8 +356,6 @@ async def run(args: argparse.Namespace, emu: KubeEmulator, r: Result) -> None:
 
     # -- ingest
     gc_clock.on = True
-    if args.no_gc_during_ingest:
-        gc.disable()
     cpu0, emu_cpu0 = time.thread_time(), thread_cpu_s(emu_tid)
     if profile is not None and args.profile == "ingest":
         profile.enable()
@@ -371,12 +367,6 @@ async def run(args: argparse.Namespace, emu: KubeEmulator, r: Result) -> None:
     r.client_cpu_s = time.thread_time() - cpu0
     r.emulator_cpu_s = thread_cpu_s(emu_tid) - emu_cpu0
     gc_clock.on = False
-    if args.no_gc_during_ingest:
-        gc.enable()
-        # What was put off: one collection of everything the ingest made.
-        t = time.perf_counter()
-        gc.collect()
-        r.deferred_gc_s = time.perf_counter() - t
     r.list_s = first_at - started
     r.gc_s, r.gc_full = gc_clock.total, gc_clock.full
     first_build = [b for b in builds if b[0] <= first_at]
@@ -536,12 +526,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(by default they are frozen after seeding: they would not be in shoal's process)",
     )
     p.add_argument(
-        "--no-gc-during-ingest",
-        action="store_true",
-        help="gc.disable() from the registry's start to the first state (an experiment: "
-        "what the collector costs the ingest)",
-    )
-    p.add_argument(
         "--profile",
         choices=("ingest", "translate", "change"),
         help="cProfile this thread in one phase (slows it); top functions to stderr",
@@ -575,8 +559,6 @@ def _report(r: Result) -> None:
         f"{r.emulator_cpu_s:.2f} s; GC pauses {r.gc_s:.3f} s ({r.gc_full} full; "
         f"{r.gc_frozen_objects:,} objects frozen after seeding)"
     )
-    if r.deferred_gc_s:
-        print(f"  GC off during the ingest; the full collection after it: {r.deferred_gc_s:.3f} s")
     print(
         f"first translation:     {r.translate_s:.3f} s  "
         f"({r.translate_serializations:,} serializations; no proxies, identities=None)"
@@ -624,7 +606,6 @@ def main(argv: list[str] | None = None) -> int:
     pods = min(args.pods, args.services * per_slice)
     r = Result(args.services, per_slice, args.services * per_slice, pods)
     r.gc_freeze_after_seeding = not args.no_gc_freeze
-    r.gc_during_ingest = not args.no_gc_during_ingest
     r.tracemalloc = args.tracemalloc
     r.rss_start_mb = rss_mb()
     writes = NAMESPACES + 2 * args.services + pods
