@@ -13,7 +13,7 @@ import base64
 import collections
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +124,23 @@ def _endpoint(emu: KubeEmulator, service: str, port: int, name: str) -> None:
 
 
 @pytest.fixture
-async def local_mesh(tmp_path: Path) -> AsyncIterator[list[mesh.LocalMesh]]:
-    """LocalMeshes made by the test (they need the root first); all stopped."""
+async def sidecars(
+    emu: KubeEmulator, tmp_path: Path
+) -> AsyncIterator[Callable[[Replica], mesh.LocalMesh]]:
+    """Makes a LocalMesh whose sidecars talk to a replica, with bootstrap
+    certificates from the root in the Secret (so: after a replica made it);
+    every one is stopped when the test ends."""
     made: list[mesh.LocalMesh] = []
+
+    def new(replica: Replica) -> mesh.LocalMesh:
+        m = mesh.LocalMesh(
+            tmp_path / f"sidecars-{len(made)}", replica.xds_port, authority=_authority(emu)
+        )
+        made.append(m)
+        return m
+
     try:
-        yield made
+        yield new
     finally:
         for m in made:
             try:
@@ -177,11 +189,10 @@ async def test_kubectl_changes_reach_real_sidecars_within_two_seconds(
     emu: KubeEmulator,
     tmp_path: Path,
     replicas: list[Replica],
-    local_mesh: list[mesh.LocalMesh],
+    sidecars: Callable[[Replica], mesh.LocalMesh],
 ) -> None:
     (replica,) = await _start(emu, tmp_path, replicas, 1)
-    m = mesh.LocalMesh(tmp_path / "sidecars", replica.xds_port, authority=_authority(emu))
-    local_mesh.append(m)
+    m = sidecars(replica)
     web_in, v1_in, v2_in = (envoy.free_port() for _ in range(3))
     for name, port in (("web", web_in), ("reviews", v1_in), ("reviews-v2", v2_in)):
         _service(emu, name)
@@ -248,11 +259,10 @@ async def test_an_api_server_outage_keeps_traffic_and_catches_up_after(
     emu: KubeEmulator,
     tmp_path: Path,
     replicas: list[Replica],
-    local_mesh: list[mesh.LocalMesh],
+    sidecars: Callable[[Replica], mesh.LocalMesh],
 ) -> None:
     (replica,) = await _start(emu, tmp_path, replicas, 1)
-    m = mesh.LocalMesh(tmp_path / "sidecars", replica.xds_port, authority=_authority(emu))
-    local_mesh.append(m)
+    m = sidecars(replica)
     web_in, r1_in, r2_in = (envoy.free_port() for _ in range(3))
     _service(emu, "web")
     _endpoint(emu, "web", web_in, "web-1")
@@ -317,14 +327,13 @@ async def test_two_replicas_share_one_root_and_sidecars_fail_over(
     emu: KubeEmulator,
     tmp_path: Path,
     replicas: list[Replica],
-    local_mesh: list[mesh.LocalMesh],
+    sidecars: Callable[[Replica], mesh.LocalMesh],
 ) -> None:
     first, second = await _start(emu, tmp_path, replicas, 2)
     assert len(emu.list("secrets", namespace=HOME)) == 1
     roots = [(await r.report("ca"))["signer"]["serial"] for r in (first, second)]
     assert roots[0] == roots[1], "both replicas sign with the one root in the Secret"
-    m = mesh.LocalMesh(tmp_path / "sidecars", first.xds_port, authority=_authority(emu))
-    local_mesh.append(m)
+    m = sidecars(first)
     web_in, r1_in = envoy.free_port(), envoy.free_port()
     _service(emu, "web")
     _endpoint(emu, "web", web_in, "web-1")
@@ -397,7 +406,7 @@ async def test_a_root_rotation_runs_once_under_the_lease_and_every_replica_follo
     emu: KubeEmulator,
     tmp_path: Path,
     replicas: list[Replica],
-    local_mesh: list[mesh.LocalMesh],
+    sidecars: Callable[[Replica], mesh.LocalMesh],
 ) -> None:
     first, second = await _start(emu, tmp_path, replicas, 2)
     authority = _authority(emu)
@@ -405,9 +414,7 @@ async def test_a_root_rotation_runs_once_under_the_lease_and_every_replica_follo
     # web's sidecar is served by the first replica, reviews' by the second:
     # their certificates come from different replicas, and must keep
     # trusting each other through every phase.
-    on_first = mesh.LocalMesh(tmp_path / "first", first.xds_port, authority=authority)
-    on_second = mesh.LocalMesh(tmp_path / "second", second.xds_port, authority=authority)
-    local_mesh.extend([on_first, on_second])
+    on_first, on_second = sidecars(first), sidecars(second)
     web_in, r_in = envoy.free_port(), envoy.free_port()
     _service(emu, "web")
     _endpoint(emu, "web", web_in, "web-1")
