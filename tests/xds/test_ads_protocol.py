@@ -23,13 +23,13 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
-from google.rpc import status_pb2
 
 from shoal import cli
 from shoal.xds import cache, controller, node, resources, server
 from shoal.xds.translate import refs
 from tests import manifests
 from tests.conftest import write
+from tests.xds import stream
 
 CDS = resources.CLUSTER
 EDS = resources.ENDPOINT
@@ -37,10 +37,7 @@ LDS = resources.LISTENER
 RDS = resources.ROUTE
 
 ADS_METHOD = f"/{server.ADS_SERVICE}/{server.SOTW_METHOD}"
-# Long enough for a file change to pass the watcher and the debounce.
-PUSH_TIMEOUT = 5.0
-# How long "nothing arrives" is watched for.
-QUIET = 0.5
+PUSH_TIMEOUT = stream.PUSH_TIMEOUT
 
 Response = discovery_pb2.DiscoveryResponse
 Request = discovery_pb2.DiscoveryRequest
@@ -74,34 +71,12 @@ def make_node(node_id: str, *, without: Iterable[str] = ()) -> base_pb2.Node:
     return base_pb2.Node(id=node_id, cluster="web", metadata=struct)
 
 
-class AdsClient:
-    """One ADS stream. A background task reads every response into a queue,
-    so waiting for "nothing" never cancels a read (which would cancel the RPC)."""
+class AdsClient(stream.StreamClient[Request, Response]):
+    """One state-of-the-world ADS stream."""
 
     def __init__(self, channel: grpc.aio.Channel, first_node: base_pb2.Node | None) -> None:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        self.call = stub.StreamAggregatedResources()
-        self.sent: list[Request] = []
-        self._node = first_node
-        self._inbox: asyncio.Queue[Response | grpc.aio.AioRpcError | None] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                message = await self.call.read()
-                if message is grpc.aio.EOF:
-                    self._inbox.put_nowait(None)
-                    return
-                self._inbox.put_nowait(message)
-        except grpc.aio.AioRpcError as err:
-            self._inbox.put_nowait(err)
-
-    async def close(self) -> None:
-        self._reader.cancel()
-        self.call.cancel()
-        with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
-            await self._reader
+        super().__init__(stub.StreamAggregatedResources(), first_node, Response, _describe)
 
     async def request(
         self,
@@ -118,57 +93,25 @@ class AdsClient:
             version_info=version,
             response_nonce=nonce,
         )
-        if not self.sent and self._node is not None:
-            req.node.CopyFrom(self._node)
-        if error is not None:
-            req.error_detail.CopyFrom(
-                status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=error)
-            )
-        self.sent.append(req)
-        await self.call.write(req)
+        await self.send(req, error)
 
     async def ack(self, response: Response, names: Iterable[str] = ()) -> None:
         await self.request(
             response.type_url, names, version=response.version_info, nonce=response.nonce
         )
 
-    async def recv(self, timeout: float = PUSH_TIMEOUT) -> Response:
-        item = await asyncio.wait_for(self._inbox.get(), timeout)
-        if isinstance(item, grpc.aio.AioRpcError):
-            raise item
-        assert item is not None, "the server ended the stream"
-        return item
 
-    async def expect_nothing(self, within: float = QUIET) -> None:
-        try:
-            item = await asyncio.wait_for(self._inbox.get(), within)
-        except TimeoutError:
-            return
-        if isinstance(item, Response):
-            raise AssertionError(
-                f"unexpected {resources.short(item.type_url)} response, version "
-                f"{item.version_info}, nonce {item.nonce}, {len(item.resources)} resources"
-            )
-        raise AssertionError(f"unexpected end of stream: {item!r}")
-
-    async def status(self) -> grpc.aio.AioRpcError:
-        """Wait for the server to end the stream with an error."""
-        item = await asyncio.wait_for(self._inbox.get(), PUSH_TIMEOUT)
-        assert isinstance(item, grpc.aio.AioRpcError), f"expected an error, got {item!r}"
-        return item
+def _describe(item: Response) -> str:
+    return (
+        f"{resources.short(item.type_url)} response, version "
+        f"{item.version_info}, nonce {item.nonce}, {len(item.resources)} resources"
+    )
 
 
-@contextlib.asynccontextmanager
-async def ads_stream(port: int, first_node: base_pb2.Node | None) -> AsyncIterator[AdsClient]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        client = AdsClient(channel, first_node)
-        try:
-            yield client
-        finally:
-            await client.close()
-    finally:
-        await channel.close()
+def ads_stream(
+    port: int, first_node: base_pb2.Node | None
+) -> contextlib.AbstractAsyncContextManager[AdsClient]:
+    return stream.open_stream(port, lambda channel: AdsClient(channel, first_node))
 
 
 def unpack_clusters(response: Response) -> list[cluster_pb2.Cluster]:
@@ -224,7 +167,7 @@ def eds_names(clusters: Iterable[cluster_pb2.Cluster]) -> set[str]:
 
 
 @dataclass
-class Proxy:
+class Proxy(stream.Converging[Response]):
     """What an Envoy-like client holds, and the check that it is never
     routing to a cluster it does not have."""
 
@@ -282,23 +225,6 @@ class Proxy:
             self.route_refs = set().union(*(refs.of(x) for x in routes_of(response)))
             await self.client.ack(response, self.rds)
         self.check_routes_resolve()
-
-    async def step(self, timeout: float = PUSH_TIMEOUT) -> Response:
-        response = await self.client.recv(timeout)
-        await self.handle(response)
-        return response
-
-    async def until(
-        self, done: Callable[[Response], bool], timeout: float = PUSH_TIMEOUT
-    ) -> list[Response]:
-        """Handle responses until one satisfies `done`; return them all."""
-        seen: list[Response] = []
-        async with asyncio.timeout(timeout):
-            while True:
-                response = await self.step()
-                seen.append(response)
-                if done(response):
-                    return seen
 
 
 async def eventually(condition: Callable[[], bool], timeout: float = PUSH_TIMEOUT) -> None:

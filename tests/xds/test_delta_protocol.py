@@ -10,9 +10,8 @@ Reference: Envoy's api/xds_protocol.rst, "Incremental xDS".
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,18 +24,16 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
-from google.rpc import status_pb2
 
 from shoal import cli
 from shoal.xds import resources, server
 from shoal.xds.translate import refs
 from tests.conftest import write
+from tests.xds import stream
 from tests.xds.test_ads_protocol import (
     CDS,
     EDS,
     LDS,
-    PUSH_TIMEOUT,
-    QUIET,
     RDS,
     cluster_name,
     eds_names,
@@ -62,34 +59,12 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
-class DeltaClient:
-    """One delta ADS stream. A background task reads every response into a
-    queue, so waiting for "nothing" never cancels a read (and the RPC)."""
+class DeltaClient(stream.StreamClient[Request, Response]):
+    """One delta ADS stream."""
 
     def __init__(self, channel: grpc.aio.Channel, first_node: base_pb2.Node | None) -> None:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        self.call = stub.DeltaAggregatedResources()
-        self.sent: list[Request] = []
-        self._node = first_node
-        self._inbox: asyncio.Queue[Response | grpc.aio.AioRpcError | None] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                message = await self.call.read()
-                if message is grpc.aio.EOF:
-                    self._inbox.put_nowait(None)
-                    return
-                self._inbox.put_nowait(message)
-        except grpc.aio.AioRpcError as err:
-            self._inbox.put_nowait(err)
-
-    async def close(self) -> None:
-        self._reader.cancel()
-        self.call.cancel()
-        with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
-            await self._reader
+        super().__init__(stub.DeltaAggregatedResources(), first_node, Response, describe)
 
     async def request(
         self,
@@ -109,14 +84,7 @@ class DeltaClient:
         )
         if initial:
             req.initial_resource_versions.update(initial)
-        if not self.sent and self._node is not None:
-            req.node.CopyFrom(self._node)
-        if error is not None:
-            req.error_detail.CopyFrom(
-                status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=error)
-            )
-        self.sent.append(req)
-        await self.call.write(req)
+        await self.send(req, error)
 
     async def ack(self, response: Response) -> None:
         await self.request(response.type_url, nonce=response.nonce)
@@ -124,40 +92,11 @@ class DeltaClient:
     async def nack(self, response: Response, error: str) -> None:
         await self.request(response.type_url, nonce=response.nonce, error=error)
 
-    async def recv(self, timeout: float = PUSH_TIMEOUT) -> Response:
-        item = await asyncio.wait_for(self._inbox.get(), timeout)
-        if isinstance(item, grpc.aio.AioRpcError):
-            raise item
-        assert item is not None, "the server ended the stream"
-        return item
 
-    async def expect_nothing(self, within: float = QUIET) -> None:
-        try:
-            item = await asyncio.wait_for(self._inbox.get(), within)
-        except TimeoutError:
-            return
-        if isinstance(item, Response):
-            raise AssertionError(f"unexpected response: {describe(item)}")
-        raise AssertionError(f"unexpected end of stream: {item!r}")
-
-    async def status(self) -> grpc.aio.AioRpcError:
-        """Wait for the server to end the stream with an error."""
-        item = await asyncio.wait_for(self._inbox.get(), PUSH_TIMEOUT)
-        assert isinstance(item, grpc.aio.AioRpcError), f"expected an error, got {item!r}"
-        return item
-
-
-@contextlib.asynccontextmanager
-async def delta_stream(port: int, first_node: base_pb2.Node | None) -> AsyncIterator[DeltaClient]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        client = DeltaClient(channel, first_node)
-        try:
-            yield client
-        finally:
-            await client.close()
-    finally:
-        await channel.close()
+def delta_stream(
+    port: int, first_node: base_pb2.Node | None
+) -> contextlib.AbstractAsyncContextManager[DeltaClient]:
+    return stream.open_stream(port, lambda channel: DeltaClient(channel, first_node))
 
 
 def describe(response: Response) -> str:
@@ -219,7 +158,7 @@ def only_connection(control_plane: cli.ControlPlane) -> server.Connection:
 
 
 @dataclass
-class DeltaProxy:
+class DeltaProxy(stream.Converging[Response]):
     """What a delta Envoy holds, updated from responses as Envoy would
     (resources replace by name, removals delete), with the check that it is
     never routing to a cluster it does not have."""
@@ -277,23 +216,6 @@ class DeltaProxy:
         else:
             await self.client.ack(response)
         self.check_routes_resolve()
-
-    async def step(self, timeout: float = PUSH_TIMEOUT) -> Response:
-        response = await self.client.recv(timeout)
-        await self.handle(response)
-        return response
-
-    async def until(
-        self, done: Callable[[Response], bool], timeout: float = PUSH_TIMEOUT
-    ) -> list[Response]:
-        """Handle responses until one satisfies `done`; return them all."""
-        seen: list[Response] = []
-        async with asyncio.timeout(timeout):
-            while True:
-                response = await self.step()
-                seen.append(response)
-                if done(response):
-                    return seen
 
 
 async def connect_proxy(client: DeltaClient, *, subscribe_before_ack: bool = False) -> DeltaProxy:
@@ -644,7 +566,7 @@ async def test_explicit_wildcard_subscribe_and_unsubscribe(
         await client.request(CDS, unsubscribe=["*"])
         while True:
             try:
-                dropped = await client.recv(QUIET)
+                dropped = await client.recv(stream.QUIET)
             except TimeoutError:
                 break
             assert dropped.type_url == CDS
