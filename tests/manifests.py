@@ -43,3 +43,14 @@ endpoints:
     conditions: {{ready: {str(ready).lower()}}}
 """)
     return "---\n".join(docs)
+
+
+def service_with_endpoints(
+    name: str, ports: list[int], *, slice_name: str | None = None, namespace: str = "default"
+) -> str:
+    """A Service and its EndpointSlices, as one multi-document file."""
+    return (
+        service(name, namespace)
+        + "---\n"
+        + endpoint_slice(slice_name or name, name, ports, namespace=namespace)
+    )

@@ -26,16 +26,8 @@ async def test_a_request_crosses_both_sidecars(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
     a_in, b_in = _ports(2)
-    write(
-        registry_dir,
-        "a.yaml",
-        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
-    )
-    write(
-        registry_dir,
-        "b.yaml",
-        manifests.service("b") + "---\n" + manifests.endpoint_slice("b", "b", [b_in]),
-    )
+    write(registry_dir, "a.yaml", manifests.service_with_endpoints("a", [a_in]))
+    write(registry_dir, "b.yaml", manifests.service_with_endpoints("b", [b_in]))
     await asyncio.sleep(0.3)  # past the debounce
     a = await local_mesh.add(
         "a-1", namespace="default", service="a", inbound_port=a_in, calls=("b",)
@@ -64,11 +56,7 @@ async def test_adding_and_removing_an_endpoint_moves_traffic_within_2s(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
     a_in, b1_in, b2_in = _ports(3)
-    write(
-        registry_dir,
-        "a.yaml",
-        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
-    )
+    write(registry_dir, "a.yaml", manifests.service_with_endpoints("a", [a_in]))
     write(registry_dir, "b.yaml", manifests.service("b"))
     write(registry_dir, "b1.yaml", manifests.endpoint_slice("b1", "b", [b1_in]))
     await asyncio.sleep(0.3)
@@ -128,16 +116,8 @@ async def test_a_second_envoy_connecting_later_gets_the_same_config(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
     a_in, b_in, c_in = _ports(3)
-    write(
-        registry_dir,
-        "a.yaml",
-        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
-    )
-    write(
-        registry_dir,
-        "b.yaml",
-        manifests.service("b") + "---\n" + manifests.endpoint_slice("b", "b", [b_in, c_in]),
-    )
+    write(registry_dir, "a.yaml", manifests.service_with_endpoints("a", [a_in]))
+    write(registry_dir, "b.yaml", manifests.service_with_endpoints("b", [b_in, c_in]))
     await asyncio.sleep(0.3)
     first = await local_mesh.add("a-1", namespace="default", service="a", inbound_port=a_in)
     await asyncio.sleep(0.5)
@@ -159,16 +139,8 @@ async def test_sidecars_outlive_a_killed_control_plane_and_resync_when_it_return
     registry_dir: Path, tmp_path: Path, xds_mode: str
 ) -> None:
     a_in, b1_in, b2_in, xds = _ports(4)
-    write(
-        registry_dir,
-        "a.yaml",
-        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
-    )
-    write(
-        registry_dir,
-        "b.yaml",
-        manifests.service("b") + "---\n" + manifests.endpoint_slice("b1", "b", [b1_in]),
-    )
+    write(registry_dir, "a.yaml", manifests.service_with_endpoints("a", [a_in]))
+    write(registry_dir, "b.yaml", manifests.service_with_endpoints("b", [b1_in], slice_name="b1"))
     state = tmp_path / "state"
     serve = ServeProcess(registry_dir, xds, state)
     local = mesh.LocalMesh(tmp_path / "sidecars", xds, delta=xds_mode == "delta")
@@ -193,7 +165,7 @@ async def test_sidecars_outlive_a_killed_control_plane_and_resync_when_it_return
             write(
                 registry_dir,
                 "b.yaml",
-                manifests.service("b") + "---\n" + manifests.endpoint_slice("b2", "b", [b2_in]),
+                manifests.service_with_endpoints("b", [b2_in], slice_name="b2"),
             )
             await asyncio.sleep(1.0)
             assert set(await who_answers(session, a, "b", 5)) == {"b-1"}
@@ -235,19 +207,11 @@ async def test_a_service_created_later_is_routable_within_2s(
     # A new cluster: Envoy holds its CDS ACK until the cluster has warmed,
     # which needs the cluster's endpoints (and, with mTLS, its secrets).
     a_in, n_in = _ports(2)
-    write(
-        registry_dir,
-        "a.yaml",
-        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
-    )
+    write(registry_dir, "a.yaml", manifests.service_with_endpoints("a", [a_in]))
     await asyncio.sleep(0.3)
     a = await local_mesh.add("a-1", namespace="default", service="a", inbound_port=a_in)
     await local_mesh.add("new-1", namespace="default", service="new", inbound_port=n_in)
-    write(
-        registry_dir,
-        "new.yaml",
-        manifests.service("new") + "---\n" + manifests.endpoint_slice("new", "new", [n_in]),
-    )
+    write(registry_dir, "new.yaml", manifests.service_with_endpoints("new", [n_in]))
     async with aiohttp.ClientSession() as session:
 
         async def routable() -> bool:

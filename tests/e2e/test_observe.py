@@ -33,16 +33,8 @@ def shoal(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def _mesh(registry_dir: Path, local_mesh: mesh.LocalMesh) -> None:
     a_in, b_in = envoy.free_port(), envoy.free_port()
-    write(
-        registry_dir,
-        "a.yaml",
-        manifests.service("a") + "---\n" + manifests.endpoint_slice("a", "a", [a_in]),
-    )
-    write(
-        registry_dir,
-        "b.yaml",
-        manifests.service("b") + "---\n" + manifests.endpoint_slice("b", "b", [b_in]),
-    )
+    write(registry_dir, "a.yaml", manifests.service_with_endpoints("a", [a_in]))
+    write(registry_dir, "b.yaml", manifests.service_with_endpoints("b", [b_in]))
     await asyncio.sleep(0.3)
     await local_mesh.add("a-1", namespace="default", service="a", inbound_port=a_in)
     await local_mesh.add("b-1", namespace="default", service="b", inbound_port=b_in)

@@ -48,11 +48,7 @@ def cluster_name(service: str, port: int = 80, namespace: str = "default") -> st
 
 
 def service_manifest(name: str, endpoint_port: int) -> str:
-    return (
-        manifests.service(name)
-        + "---\n"
-        + manifests.endpoint_slice(name, service=name, ports=[endpoint_port])
-    )
+    return manifests.service_with_endpoints(name, [endpoint_port])
 
 
 def make_node(node_id: str, *, without: Iterable[str] = ()) -> base_pb2.Node:
