@@ -11,7 +11,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,8 +33,14 @@ from shoal.xds.translate import (
 log = logging.getLogger(__name__)
 
 
-def _resource(type_url: str, name: str, message: Message) -> cache.Resource:
+def _resource(type_url: str, message: Message) -> cache.Resource:
+    # A ClusterLoadAssignment is named by its cluster; everything else by `name`.
+    name = getattr(message, "cluster_name" if type_url == resources.ENDPOINT else "name")
     return cache.Resource.from_message(type_url, name, message, refs.of(message))
+
+
+def _resources(type_url: str, messages: Iterable[Message]) -> list[cache.Resource]:
+    return [_resource(type_url, m) for m in messages]
 
 
 class Debouncer:
@@ -260,10 +266,9 @@ class Controller:
             its_subsets = tuple(sorted(subsets.get(svc.key, ()), key=names.subset_name))
             built = self._service_memo.get((svc, peers, its_subsets))
             if built is None:
-                built = [
-                    _resource(resources.CLUSTER, c.name, c)
-                    for c in clusters.outbound_for_service(svc, peers, its_subsets)
-                ]
+                built = _resources(
+                    resources.CLUSTER, clusters.outbound_for_service(svc, peers, its_subsets)
+                )
             service_memo[(svc, peers, its_subsets)] = by_service_clusters[svc.key] = built
             assigned_all = []
             for port in svc.ports:
@@ -279,7 +284,7 @@ class Controller:
                         cla = endpoints.load_assignment(
                             names.outbound_cluster(svc.key, port, subset), eps
                         )
-                        assigned = _resource(resources.ENDPOINT, cla.cluster_name, cla)
+                        assigned = _resource(resources.ENDPOINT, cla)
                     endpoint_memo[memo_key] = assigned
                     assigned_all.append(assigned)
             by_service_endpoints[svc.key] = assigned_all
@@ -322,11 +327,7 @@ class Controller:
         if memo is None or memo[0] is not pair.cert_pem or memo[1] != bundle:
             group = cache.ResourceGroup(
                 [
-                    _resource(
-                        resources.SECRET,
-                        secrets.WORKLOAD,
-                        secrets.workload(pair.cert_pem, pair.key_pem),
-                    ),
+                    _resource(resources.SECRET, secrets.workload(pair.cert_pem, pair.key_pem)),
                     self._bundle_resource(bundle),
                 ]
             )
@@ -337,7 +338,7 @@ class Controller:
         """The trust bundle is the same for everyone: serialized once."""
         if self._bundle is None or self._bundle[0] != bundle:
             secret = secrets.trust_bundle(bundle)
-            self._bundle = (bundle, _resource(resources.SECRET, secret.name, secret))
+            self._bundle = (bundle, _resource(resources.SECRET, secret))
         return self._bundle[1]
 
     # -- scopes ---------------------------------------------------------------
@@ -406,10 +407,9 @@ class Controller:
             for svc in visible:
                 memo = self._service_memo.get((svc, None, ()))
                 if memo is None:
-                    memo = self._service_memo[(svc, None, ())] = [
-                        _resource(resources.CLUSTER, c.name, c)
-                        for c in clusters.outbound_for_service(svc)
-                    ]
+                    memo = self._service_memo[(svc, None, ())] = _resources(
+                        resources.CLUSTER, clusters.outbound_for_service(svc)
+                    )
                 built.extend(memo)
             group = shared.groups[key] = cache.ResourceGroup(built)
             shared.verified.add(id(group))
@@ -459,19 +459,13 @@ class Controller:
                 shared,
                 ("proxyless-lds", p.namespace, in_scope),
                 inputs,
-                lambda: [
-                    _resource(resources.LISTENER, item.name, item)
-                    for item in proxyless.listeners(visible, p.namespace)
-                ],
+                lambda: _resources(resources.LISTENER, proxyless.listeners(visible, p.namespace)),
             )
             route_group = self._memo_group(
                 shared,
                 ("proxyless-rds", in_scope),
                 inputs,
-                lambda: [
-                    _resource(resources.ROUTE, rc.name, rc)
-                    for rc in proxyless.route_configs(visible, state)
-                ],
+                lambda: _resources(resources.ROUTE, proxyless.route_configs(visible, state)),
             )
             if self._identities is not None:
                 # gRPC's xDS client takes TLS only from certificate providers,
@@ -495,19 +489,15 @@ class Controller:
                 shared,
                 ("capture-lds", in_scope),
                 (visible, _headless_endpoints(visible, state)),
-                lambda: [
-                    _resource(resources.LISTENER, names.VIRTUAL_OUTBOUND, item)
-                    for item in [capture.virtual_outbound(visible, state)]
-                ],
+                lambda: [_resource(resources.LISTENER, capture.virtual_outbound(visible, state))],
             )
             route_group = self._memo_group(
                 shared,
                 ("capture-rds", p.namespace, in_scope),
                 inputs,
-                lambda: [
-                    _resource(resources.ROUTE, rc.name, rc)
-                    for rc in capture.route_configs(visible, p.namespace, state)
-                ],
+                lambda: _resources(
+                    resources.ROUTE, capture.route_configs(visible, p.namespace, state)
+                ),
             )
             scoped_clusters = self._with(shared, scoped_clusters, headless)
             groups = {
@@ -527,8 +517,7 @@ class Controller:
                 ("outbound", p.namespace, in_scope),
                 inputs,
                 lambda: [
-                    _resource(resources.ROUTE, config.name, config)
-                    for config in [sidecar.outbound_routes(p.namespace, visible, state)]
+                    _resource(resources.ROUTE, sidecar.outbound_routes(p.namespace, visible, state))
                 ],
             )
             groups = {
@@ -564,12 +553,9 @@ class Controller:
             s,
             (sidecar.inbound_protocol(s, state), security),
             lambda: (
+                cache.ResourceGroup(_resources(resources.CLUSTER, sidecar.own_clusters(s, state))),
                 cache.ResourceGroup(
-                    _resource(resources.CLUSTER, c.name, c) for c in sidecar.own_clusters(s, state)
-                ),
-                cache.ResourceGroup(
-                    _resource(resources.LISTENER, item.name, item)
-                    for item in sidecar.own_listeners(s, state, security)
+                    _resources(resources.LISTENER, sidecar.own_listeners(s, state, security))
                 ),
             ),
         )
@@ -602,17 +588,9 @@ class Controller:
                 tuple(sorted(security.items())) if security is not None else None,
             ),
             lambda: (
+                cache.ResourceGroup(_resources(resources.CLUSTER, capture.own_clusters(s, state))),
                 cache.ResourceGroup(
-                    _resource(resources.CLUSTER, c.name, c) for c in capture.own_clusters(s, state)
-                ),
-                cache.ResourceGroup(
-                    [
-                        _resource(
-                            resources.LISTENER,
-                            names.VIRTUAL_INBOUND,
-                            capture.virtual_inbound(s, state, security),
-                        )
-                    ]
+                    [_resource(resources.LISTENER, capture.virtual_inbound(s, state, security))]
                 ),
             ),
         )
@@ -631,10 +609,7 @@ class Controller:
                 peers = self._peers(svc, shared.state)
                 memo = shared.headless.get((svc, peers)) or self._headless_memo.get((svc, peers))
                 if memo is None:
-                    memo = [
-                        _resource(resources.CLUSTER, c.name, c)
-                        for c in capture.headless_clusters(svc, peers)
-                    ]
+                    memo = _resources(resources.CLUSTER, capture.headless_clusters(svc, peers))
                 shared.headless[(svc, peers)] = memo
                 built.extend(memo)
             shared.groups[key] = cache.ResourceGroup(built)
