@@ -70,6 +70,7 @@ from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_fa
 
 from shoal.sds import ca
 from shoal.xds import node, resources
+from shoal.xds import server as ads_server
 from shoal.xds.translate import names, secrets
 
 PYTHON = sys.executable
@@ -98,14 +99,8 @@ PUSH_TIMEOUT_S = 30.0
 BANNER_TIMEOUT_S = 60.0
 WORKER_REPLY_SLACK_S = 30.0
 
-# As shoal sets them (shoal/cli.py), so the floor holds as many streams.
-SERVER_OPTIONS = [
-    ("grpc.max_concurrent_streams", 1 << 20),
-    ("grpc.server.max_pending_requests", 100_000),
-    ("grpc.server.max_pending_requests_hard_limit", 100_000),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-]
+# Shoal's own, so the floor holds as many streams the same way.
+SERVER_OPTIONS = ads_server.GRPC_OPTIONS
 CLIENT_OPTIONS = [
     # Channels in one process otherwise share one TCP connection per target;
     # every Envoy has its own.

@@ -173,17 +173,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     if isinstance(registry, kube.KubernetesRegistry):
         metric_registry.register(metrics.KubernetesMetrics(registry.health))
 
-    grpc_server = grpc.aio.server(
-        options=[
-            # Thousands of sidecars each hold one stream; gRPC's default cap
-            # on pending calls would refuse the ones past about a thousand.
-            ("grpc.max_concurrent_streams", 1 << 20),
-            ("grpc.server.max_pending_requests", 100_000),
-            ("grpc.server.max_pending_requests_hard_limit", 100_000),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
-    )
+    grpc_server = grpc.aio.server(options=server.GRPC_OPTIONS)
     grpc_server.add_generic_rpc_handlers((ads.handler(),))
     csds.register(grpc_server, ads)
     xds_host, xds_port = _host_port(options.xds_address)

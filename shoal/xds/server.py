@@ -29,6 +29,17 @@ from shoal.xds import cache, resources
 
 log = logging.getLogger(__name__)
 
+# The gRPC server an AdsServer runs in. Thousands of sidecars each hold one
+# stream; gRPC's default cap on pending calls would refuse the ones past
+# about a thousand.
+GRPC_OPTIONS = [
+    ("grpc.max_concurrent_streams", 1 << 20),
+    ("grpc.server.max_pending_requests", 100_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 SOTW_METHOD = "StreamAggregatedResources"
 DELTA_METHOD = "DeltaAggregatedResources"
