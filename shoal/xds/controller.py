@@ -11,7 +11,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -111,6 +111,17 @@ class Shared:
     groups: dict[tuple[Any, ...], cache.ResourceGroup] = field(default_factory=dict)
     memo_used: set[tuple[Any, ...]] = field(default_factory=set)
     headless: HeadlessMemo = field(default_factory=dict)
+    _pods: capture.PodIndex = field(default_factory=dict)
+    _pods_covered: set[tuple[str, str]] = field(default_factory=set)
+
+    def pod_index(self, pods: Collection[tuple[str, str]]) -> capture.PodIndex:
+        """The ports of captured proxies' Pods: one pass over the mesh's
+        endpoints for all the Pods known, another only for a Pod new since."""
+        missing = set(pods) - self._pods_covered
+        if missing:
+            self._pods.update(capture.pod_index(self.state, missing))
+            self._pods_covered |= missing
+        return self._pods
 
 
 class Identities(Protocol):
@@ -146,6 +157,8 @@ class Controller:
         self._bundle: tuple[bytes, cache.Resource] | None = None
         # Proxy keys per identity: its key material goes when the last one does.
         self._identity_users: collections.Counter[tuple[str, str]] = collections.Counter()
+        # (namespace, Pod) of connected captured sidecars, for the Pod index.
+        self._captured_pods: collections.Counter[tuple[str, str]] = collections.Counter()
         self._state = mesh.MeshState()
         self._proxies: dict[str, proxy.Proxy] = {}
         self._service_memo: dict[ServiceMemoKey, list[cache.Resource]] = {}
@@ -202,6 +215,8 @@ class Controller:
         if key in self._proxies:
             return
         found = self._proxies[key] = node.parse(client.node, client.identity)
+        if isinstance(found, proxy.CapturedSidecar):
+            self._captured_pods[(found.namespace, found.pod)] += 1
         if isinstance(found, proxy.Sidecar | proxy.CapturedSidecar):
             self._identity_users[(found.namespace, found.service_account)] += 1
         if not self._started:
@@ -215,6 +230,11 @@ class Controller:
         gone = self._proxies.pop(key, None)
         if gone is not None:
             self._own_memo.pop(gone, None)
+        if isinstance(gone, proxy.CapturedSidecar):
+            pod = (gone.namespace, gone.pod)
+            self._captured_pods[pod] -= 1
+            if self._captured_pods[pod] <= 0:
+                del self._captured_pods[pod]
         self._cache.clear_snapshot(key)
         if isinstance(gone, proxy.Sidecar | proxy.CapturedSidecar):
             identity = (gone.namespace, gone.service_account)
@@ -348,7 +368,7 @@ class Controller:
         if isinstance(p, proxy.CapturedSidecar):
             # A Pod behind one Service takes its dependencies; behind several,
             # any of them may be what it is asked to do, so none narrow it.
-            served = capture.served_services(p, shared.state)
+            served = capture.served_services(p, shared.state, shared.pod_index(self._captured_pods))
             dependencies = served[0].dependencies if len(served) == 1 else None
         else:
             own = shared.state.services.get(p.service_key)
@@ -483,7 +503,7 @@ class Controller:
                 self.problems.append(problems.Problem("proxy", key, problem))
                 log.warning("not configuring proxy %s: %s", key, problem)
                 return
-            own_clusters, own_listeners = self._captured_groups(p, state)
+            own_clusters, own_listeners = self._captured_groups(p, shared)
             headless = self._headless_clusters(shared, in_scope, visible)
             outbound = self._memo_group(
                 shared,
@@ -572,25 +592,32 @@ class Controller:
         return memo[1]
 
     def _captured_groups(
-        self, s: proxy.CapturedSidecar, state: mesh.MeshState
+        self, s: proxy.CapturedSidecar, shared: Shared
     ) -> tuple[cache.ResourceGroup, cache.ResourceGroup]:
         """A captured Pod's inbound clusters and listener: they change only
         with the ports it serves and their security."""
+        state, index = shared.state, shared.pod_index(self._captured_pods)
         security = (
-            capture.security(s, state, self._identities.trust_domain)
+            capture.security(s, state, self._identities.trust_domain, index)
             if self._identities is not None
             else None
         )
         return self._own(
             s,
             (
-                capture.inbound_ports(s, state),
+                capture.inbound_ports(s, state, index),
                 tuple(sorted(security.items())) if security is not None else None,
             ),
             lambda: (
-                cache.ResourceGroup(_resources(resources.CLUSTER, capture.own_clusters(s, state))),
                 cache.ResourceGroup(
-                    [_resource(resources.LISTENER, capture.virtual_inbound(s, state, security))]
+                    _resources(resources.CLUSTER, capture.own_clusters(s, state, index))
+                ),
+                cache.ResourceGroup(
+                    [
+                        _resource(
+                            resources.LISTENER, capture.virtual_inbound(s, state, security, index)
+                        )
+                    ]
                 ),
             ),
         )

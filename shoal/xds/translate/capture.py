@@ -26,7 +26,7 @@ every Pod of a scope; `virtual_inbound` and `own_clusters` are per Pod.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2
@@ -80,32 +80,49 @@ def pod_problem(s: proxy.CapturedSidecar, state: mesh.MeshState) -> str | None:
     return None
 
 
-def _served(
-    s: proxy.CapturedSidecar, state: mesh.MeshState
-) -> dict[int, list[tuple[mesh.Service, mesh.Port]]]:
-    """The Pod's ports, each with the Service ports it serves them for."""
-    found: dict[int, list[tuple[mesh.Service, mesh.Port]]] = {}
+# The ports a Pod serves, each with the Service ports it serves them for.
+PodPorts = dict[int, list[tuple[mesh.Service, mesh.Port]]]
+PodIndex = dict[tuple[str, str], PodPorts]
+
+
+def pod_index(state: mesh.MeshState, only: Collection[tuple[str, str]] | None = None) -> PodIndex:
+    """Pods' ports by (namespace, Pod), all of them or `only` those, from one
+    pass over the endpoints: a caller with many Pods asks once, not once per
+    Pod (each pass is every endpoint of the mesh)."""
+    found: PodIndex = {}
     for key, eps in state.endpoints.items():
         service = state.services.get(key)
-        if key.namespace != s.namespace or service is None:
+        if service is None:
             continue
         for e in eps:
-            port = service.port_named(e.port_name) if e.pod == s.pod else None
+            if e.pod is None or (only is not None and (key.namespace, e.pod) not in only):
+                continue
+            port = service.port_named(e.port_name)
             if port is not None:
-                found.setdefault(e.port, []).append((service, port))
-    for users in found.values():
-        users.sort(key=lambda user: user[0].key)
-    return dict(sorted(found.items()))
+                pod = found.setdefault((key.namespace, e.pod), {})
+                pod.setdefault(e.port, []).append((service, port))
+    for ports in found.values():
+        for users in ports.values():
+            users.sort(key=lambda user: user[0].key)
+    return {pod: dict(sorted(ports.items())) for pod, ports in found.items()}
 
 
-def served_services(s: proxy.CapturedSidecar, state: mesh.MeshState) -> tuple[mesh.Service, ...]:
-    """The Services the Pod is an endpoint of, by name."""
-    found = {svc.key: svc for users in _served(s, state).values() for svc, _ in users}
+def _served(s: proxy.CapturedSidecar, state: mesh.MeshState, index: PodIndex | None) -> PodPorts:
+    pod = (s.namespace, s.pod)
+    return (index if index is not None else pod_index(state, {pod})).get(pod, {})
+
+
+def served_services(
+    s: proxy.CapturedSidecar, state: mesh.MeshState, index: PodIndex | None = None
+) -> tuple[mesh.Service, ...]:
+    """The Services the Pod is an endpoint of, by name. (`index`, here and
+    below: `pod_index(state)`, when the caller has it.)"""
+    found = {svc.key: svc for users in _served(s, state, index).values() for svc, _ in users}
     return tuple(found[k] for k in sorted(found))
 
 
 def inbound_ports(
-    s: proxy.CapturedSidecar, state: mesh.MeshState
+    s: proxy.CapturedSidecar, state: mesh.MeshState, index: PodIndex | None = None
 ) -> tuple[tuple[int, mesh.Protocol], ...]:
     """The ports the Pod serves (its endpoints' ports) and their protocol.
 
@@ -113,14 +130,17 @@ def inbound_ports(
     ready. When Services disagree on a port's protocol, TCP wins, since it
     passes any bytes; otherwise the first Service's, by name."""
     out = []
-    for number, users in _served(s, state).items():
+    for number, users in _served(s, state, index).items():
         protocols = [p.protocol for _, p in users]
         out.append((number, mesh.Protocol.TCP if mesh.Protocol.TCP in protocols else protocols[0]))
     return tuple(out)
 
 
 def security(
-    s: proxy.CapturedSidecar, state: mesh.MeshState, trust_domain: str
+    s: proxy.CapturedSidecar,
+    state: mesh.MeshState,
+    trust_domain: str,
+    index: PodIndex | None = None,
 ) -> dict[int, listeners.InboundSecurity]:
     """mTLS mode and callers of each port the Pod serves.
 
@@ -128,7 +148,7 @@ def security(
     and admits the callers of every one of them: the bytes do not say which
     Service a caller meant."""
     out = {}
-    for number, users in _served(s, state).items():
+    for number, users in _served(s, state, index).items():
         each = [
             sidecar.security(proxy.Sidecar(svc.namespace, svc.name), state, trust_domain)
             for svc in {svc.key: svc for svc, _ in users}.values()
@@ -389,6 +409,7 @@ def virtual_inbound(
     s: proxy.CapturedSidecar,
     state: mesh.MeshState,
     security: PortSecurity = None,
+    index: PodIndex | None = None,
 ) -> listener_pb2.Listener:
     """Where iptables sends the TCP the Pod receives.
 
@@ -403,7 +424,7 @@ def virtual_inbound(
         traffic_direction=base_pb2.INBOUND,
     )
     sniffed = []
-    for number, protocol in inbound_ports(s, state):
+    for number, protocol in inbound_ports(s, state, index):
         cluster = names.inbound_cluster(number)
         port_security = _security_of(number, security)
         template = listeners.inbound(
@@ -445,12 +466,17 @@ def virtual_inbound(
     return listener
 
 
-def own_clusters(s: proxy.CapturedSidecar, state: mesh.MeshState) -> list[cluster_pb2.Cluster]:
+def own_clusters(
+    s: proxy.CapturedSidecar, state: mesh.MeshState, index: PodIndex | None = None
+) -> list[cluster_pb2.Cluster]:
     """The app's ports on 127.0.0.1, and the two ways through for traffic
     the mesh does not know. Headless Services' clusters are per scope
     (`headless_clusters`)."""
     return [
-        *(clusters.inbound_port(number, protocol) for number, protocol in inbound_ports(s, state)),
+        *(
+            clusters.inbound_port(number, protocol)
+            for number, protocol in inbound_ports(s, state, index)
+        ),
         clusters.passthrough(names.PASSTHROUGH_CLUSTER),
         clusters.passthrough(names.INBOUND_PASSTHROUGH_CLUSTER),
     ]
