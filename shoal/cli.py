@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -379,7 +380,12 @@ async def _under_lease(lease: kube.Lease, work: Awaitable[T]) -> T:
     async def renew() -> None:
         while True:
             await asyncio.sleep(lease.duration_s / 3)
-            holder = await lease.acquire()
+            try:
+                holder = await lease.acquire()
+            except (kube.ApiError, aiohttp.ClientError, OSError) as err:
+                # The API server may be away for a while; try again next time.
+                log.warning("renewing lease %s: %s", lease.name, err)
+                continue
             if holder is not None:
                 log.error("lost lease %s to %s", lease.name, holder)
 
