@@ -245,6 +245,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             )
             background.add(task)
             task.add_done_callback(background.discard)
+            task.add_done_callback(_log_failure)
             await asyncio.sleep(0)
             return {"started": True, "phase": rotation.progress.phase}
 
@@ -372,6 +373,11 @@ def _shared_root(
         return await kube.replace_secret(api, namespace, name, data, version)
 
     return rotation_mod.SharedRoot(certificates, read, write, where=f"Secret {namespace}/{name}")
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_name(), exc_info=task.exception())
 
 
 async def _under_lease(lease: kube.Lease, work: Awaitable[T]) -> T:
