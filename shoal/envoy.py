@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,10 +26,44 @@ def binary() -> str:
     return found
 
 
+# Ports for listeners are taken below the kernel's ephemeral range: a port
+# the kernel handed out for a moment can be given again to the next outgoing
+# connection (thousands of them in a busy test), and a sidecar that binds
+# after that finds it taken. Each port is handed out once per process.
+_LISTEN_PORTS = (20000, 32767)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, outside the ephemeral range, not
+    handed out before by this process."""
+    low, high = _LISTEN_PORTS
+    ephemeral = _ephemeral_range()
+    for _ in range(1000):
+        port = random.randint(low, high)
+        if port in _handed_out or ephemeral[0] <= port <= ephemeral[1]:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    # A machine with that range in use: fall back to one the kernel picks.
     with socket.socket() as s:
         s.bind((host, 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _handed_out.add(port)
+    return port
 
 
 class EnvoyProcess:

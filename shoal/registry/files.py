@@ -9,6 +9,7 @@ the document index and the reason.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".yaml", ".yml")
 # libyaml when present: ten times faster on a folder of thousands of files.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# How long the watcher waits for a first change before it says it is armed.
+_ARMED_WITHIN_MS = 200
 
 
 def _manifest_files(root: Path) -> list[Path]:
@@ -31,6 +34,19 @@ def _manifest_files(root: Path) -> list[Path]:
         for p in root.rglob("*")
         if p.suffix in SUFFIXES and p.is_file() and not p.name.startswith(".")
     )
+
+
+def _fingerprint(root: Path) -> tuple[tuple[str, bytes], ...]:
+    """What the folder's manifests say, by content (timestamps are too
+    coarse to tell two writes in one clock tick apart)."""
+    out = []
+    for path in _manifest_files(root):
+        try:
+            digest = hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
+        except OSError:
+            continue
+        out.append((str(path), digest))
+    return tuple(out)
 
 
 def load_file(
@@ -87,6 +103,9 @@ class FolderRegistry:
         self._file_problems: dict[str, list[problems.Problem]] = {}
         self._build_problems: list[problems.Problem] = []
         self._state = mesh.MeshState()
+        # Set once the folder is watched and was read again after that.
+        self.armed = asyncio.Event()
+        self._loaded: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def state(self) -> mesh.MeshState:
@@ -111,6 +130,7 @@ class FolderRegistry:
         """Read the whole folder (first start, or when the watcher lost track)."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"registry folder {self.root} does not exist")
+        self._loaded = _fingerprint(self.root)
         present = {self._label(p): p for p in _manifest_files(self.root)}
         for gone in set(self._store.sources()) | set(self._file_problems):
             if gone not in present:
@@ -160,12 +180,27 @@ class FolderRegistry:
         import watchfiles
 
         # watchfiles' default 1.6 s debounce would miss the 1 s edit-to-live
-        # goal; the controller debounces bursts of changes anyway.
+        # goal; the controller debounces bursts of changes anyway. Its first
+        # answer, a change or a quiet `rust_timeout`, comes once the watcher
+        # is armed: the folder is read again then, since a file written
+        # between the first load and that moment raised no event.
         async for changes in watchfiles.awatch(
-            self.root, debounce=50, step=20, stop_event=stop, recursive=True
+            self.root,
+            debounce=50,
+            step=20,
+            stop_event=stop,
+            recursive=True,
+            rust_timeout=_ARMED_WITHIN_MS,
+            yield_on_timeout=True,
         ):
-            paths = {Path(p) for _, p in changes}
+            if not changes and self.armed.is_set():
+                continue
             try:
-                on_change(self.reload(paths))
+                if not self.armed.is_set():
+                    if _fingerprint(self.root) != self._loaded:
+                        on_change(self.load())
+                    self.armed.set()
+                else:
+                    on_change(self.reload({Path(p) for _, p in changes}))
             except Exception:
                 log.exception("reloading %s failed; keeping the last state", self.root)

@@ -206,8 +206,23 @@ class Backoff:
     def delay(self) -> float:
         """The wait after the current run of failures: doubling, capped,
         jittered down by up to a fifth so replicas spread out."""
-        base = min(self.maximum, self.initial * 2.0 ** max(0, self._failures - 1))
-        return float(base * self._rng.uniform(0.8, 1.0))
+        return self._base(self._failures) * self._rng.uniform(1.0 - self.JITTER, 1.0)
+
+    JITTER = 0.2
+
+    def _base(self, failures: int) -> float:
+        return float(min(self.maximum, self.initial * 2.0 ** max(0, failures - 1)))
+
+    def most_probes(self, seconds: float) -> int:
+        """The most probes this backoff lets through in `seconds` of an
+        outage, its shortest jittered waits between them: what one API
+        server sees from a replica, however many watches it has."""
+        probes, elapsed = 1, 0.0
+        while True:
+            elapsed += self._base(probes) * (1.0 - self.JITTER)
+            if elapsed > seconds:
+                return probes
+            probes += 1
 
     def failed(self, error: str) -> None:
         self._failures += 1

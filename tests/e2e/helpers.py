@@ -10,12 +10,17 @@ from pathlib import Path
 
 import aiohttp
 
+from shoal import cli
 from shoal.demo import mesh
+from shoal.model import mesh as model_mesh
+from shoal.registry import files
 from shoal.sds import ca
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float) -> float:
-    """Seconds until `check` holds; fails the test after `timeout`."""
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> float:
+    """Seconds until `check` holds; fails the test after `timeout`, which is
+    a guard against a hang, never the subject of a test: speed is measured
+    by the benchmarks (bench/)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     while True:
@@ -24,6 +29,19 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float) -> fl
         if loop.time() - started > timeout:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(0.05)
+
+
+async def caught_up(cp: cli.ControlPlane, folder: Path, timeout: float = 30.0) -> None:
+    """Until the control plane's mesh state is what `folder` says now: a
+    sidecar started after this gets that state, however busy the machine."""
+
+    def parts(state: model_mesh.MeshState) -> tuple[object, ...]:
+        return (state.services, state.endpoints, state.routes, state.pods, state.namespaces)
+
+    async def same() -> bool:
+        return parts(files.FolderRegistry(folder).load()) == parts(cp.controller.state)
+
+    await eventually(same, timeout)
 
 
 async def who_answers(
@@ -95,7 +113,7 @@ class ServeProcess:
             stderr=asyncio.subprocess.STDOUT,
         )
         assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
         self.banner = line.decode()
         # Keep reading, or a full pipe would stall the control plane.
         self._drain = asyncio.create_task(self._read_rest())

@@ -132,7 +132,7 @@ async def test_a_captured_pods_sidecar_is_configured_and_accepts_it(
             found.update(_listeners(await _dump(proc.admin)))
             return all(found.get(n) == "active" for n in wanted)
 
-        await eventually(both_active, timeout=10)
+        await eventually(both_active)
         text = json.dumps(await _dump(proc.admin))
         assert "outbound|5432|original-dst|db.shop.svc.cluster.local" in text, "headless db"
         assert '"name": "9080"' in text, "the route table of the HTTP port"

@@ -18,6 +18,7 @@ from shoal._gen import ca_pb2, ca_pb2_grpc
 from shoal.demo import apps, mesh
 from shoal.sds import ca, join
 from tests.conftest import write
+from tests.e2e.helpers import caught_up
 from tests.e2e.test_mtls import workload
 
 
@@ -119,7 +120,7 @@ async def test_a_joined_sidecar_serves_with_a_key_made_on_its_machine(
     # The joined Envoy connects with its own key and serves mesh traffic.
     a_in = envoy.free_port()
     write(registry_dir, "a.yaml", workload("a", "a-sa", a_in))
-    await asyncio.sleep(0.3)
+    await caught_up(control_plane, registry_dir)
     a = await local_mesh.add(
         "a-1", namespace="default", service="a", inbound_port=a_in, service_account="a-sa"
     )

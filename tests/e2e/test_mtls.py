@@ -23,6 +23,7 @@ from shoal.demo import mesh
 from shoal.sds import ca
 from shoal.xds import node, resources
 from tests.conftest import write
+from tests.e2e.helpers import caught_up
 
 TD = "spiffe://cluster.local/ns/default/sa"
 
@@ -58,12 +59,15 @@ endpoints:
 
 
 async def _pair(
-    registry_dir: Path, local_mesh: mesh.LocalMesh, b_notes: str = ""
+    control_plane: cli.ControlPlane,
+    registry_dir: Path,
+    local_mesh: mesh.LocalMesh,
+    b_notes: str = "",
 ) -> tuple[mesh.Workload, mesh.Workload]:
     a_in, b_in = envoy.free_port(), envoy.free_port()
     write(registry_dir, "a.yaml", workload("a", "a-sa", a_in))
     write(registry_dir, "b.yaml", workload("b", "b-sa", b_in, b_notes))
-    await asyncio.sleep(0.3)
+    await caught_up(control_plane, registry_dir)
     a = await local_mesh.add(
         "a-1", namespace="default", service="a", inbound_port=a_in, service_account="a-sa"
     )
@@ -81,7 +85,7 @@ def _admin(w: mesh.Workload, path: str) -> str:
 async def test_sidecars_speak_tls13_with_spiffe_identities(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
-    a, b = await _pair(registry_dir, local_mesh)
+    a, b = await _pair(control_plane, registry_dir, local_mesh)
     async with aiohttp.ClientSession() as session:
         status, body = await mesh.get(session, a, "b")
     assert status == 200 and isinstance(body, dict) and body["instance"] == "b-1"
@@ -158,7 +162,7 @@ async def test_strict_refuses_plain_text_and_other_cas(
     local_mesh: mesh.LocalMesh,
     tmp_path: Path,
 ) -> None:
-    _, b = await _pair(registry_dir, local_mesh)
+    _, b = await _pair(control_plane, registry_dir, local_mesh)
     with pytest.raises(aiohttp.ClientError):
         await _plain_get(b.sidecar.inbound_port)
     stranger = ca.Authority(ca.new_root("cluster.local"))
@@ -184,7 +188,9 @@ async def test_strict_refuses_plain_text_and_other_cas(
 async def test_permissive_accepts_plain_text_and_mtls(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
-    a, b = await _pair(registry_dir, local_mesh, b_notes="    shoal.io/mtls: permissive\n")
+    a, b = await _pair(
+        control_plane, registry_dir, local_mesh, b_notes="    shoal.io/mtls: permissive\n"
+    )
     assert await _plain_get(b.sidecar.inbound_port) == 200
     async with aiohttp.ClientSession() as session:
         status, _ = await mesh.get(session, a, "b")
@@ -196,10 +202,12 @@ async def test_permissive_accepts_plain_text_and_mtls(
 async def test_allow_admits_the_listed_caller_and_403s_others(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
-    a, _b = await _pair(registry_dir, local_mesh, b_notes='    shoal.io/allow: "default/a-sa"\n')
+    a, _b = await _pair(
+        control_plane, registry_dir, local_mesh, b_notes='    shoal.io/allow: "default/a-sa"\n'
+    )
     c_in = envoy.free_port()
     write(registry_dir, "c.yaml", workload("c", "c-sa", c_in))
-    await asyncio.sleep(0.3)
+    await caught_up(control_plane, registry_dir)
     c = await local_mesh.add(
         "c-1", namespace="default", service="c", inbound_port=c_in, service_account="c-sa"
     )
@@ -244,7 +252,7 @@ async def test_a_proxy_claiming_another_identity_gets_none_of_its_secrets(
                 )
             )
             try:
-                response = await asyncio.wait_for(call.read(), 5)
+                response = await asyncio.wait_for(call.read(), 30)
             except grpc.aio.AioRpcError as err:
                 assert err.code() == grpc.StatusCode.PERMISSION_DENIED
                 assert "certificate is spiffe://cluster.local/ns/default/sa/a-sa" in (

@@ -22,7 +22,7 @@ from shoal.demo import mesh
 from shoal.xds import node, resources, server
 from tests import manifests
 from tests.conftest import write
-from tests.e2e.helpers import eventually
+from tests.e2e.helpers import caught_up, eventually
 
 
 def shoal(*args: str) -> subprocess.CompletedProcess[str]:
@@ -31,11 +31,13 @@ def shoal(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def _mesh(registry_dir: Path, local_mesh: mesh.LocalMesh) -> None:
+async def _mesh(
+    control_plane: cli.ControlPlane, registry_dir: Path, local_mesh: mesh.LocalMesh
+) -> None:
     a_in, b_in = envoy.free_port(), envoy.free_port()
     write(registry_dir, "a.yaml", manifests.service_with_endpoints("a", [a_in]))
     write(registry_dir, "b.yaml", manifests.service_with_endpoints("b", [b_in]))
-    await asyncio.sleep(0.3)
+    await caught_up(control_plane, registry_dir)
     await local_mesh.add("a-1", namespace="default", service="a", inbound_port=a_in)
     await local_mesh.add("b-1", namespace="default", service="b", inbound_port=b_in)
 
@@ -43,7 +45,7 @@ async def _mesh(registry_dir: Path, local_mesh: mesh.LocalMesh) -> None:
 async def test_proxy_status_config_dump_and_csds_show_synced_envoys(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh, xds_mode: str
 ) -> None:
-    await _mesh(registry_dir, local_mesh)
+    await _mesh(control_plane, registry_dir, local_mesh)
     admin = f"127.0.0.1:{control_plane.admin_port}"
 
     async def all_synced() -> bool:
@@ -51,7 +53,7 @@ async def test_proxy_status_config_dump_and_csds_show_synced_envoys(
         rows = [line for line in out.splitlines() if line.startswith("sidecar~")]
         return len(rows) == 2 and all(line.split()[3:7] == ["SYNCED"] * 4 for line in rows)
 
-    await eventually(all_synced, 5)
+    await eventually(all_synced)
     result = await asyncio.to_thread(shoal, "proxy-status", "--admin", admin)
     assert result.returncode == 0
     header = result.stdout.splitlines()[0].split()
@@ -145,7 +147,7 @@ async def test_a_nack_shows_in_proxy_status_with_envoys_error(
     registry_dir: Path, control_plane: cli.ControlPlane
 ) -> None:
     write(registry_dir, "a.yaml", manifests.service("a"))
-    await asyncio.sleep(0.3)
+    await caught_up(control_plane, registry_dir)
     requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
     async def outgoing():  # type: ignore[no-untyped-def]
@@ -173,7 +175,7 @@ async def test_a_nack_shows_in_proxy_status_with_envoys_error(
             out = (await asyncio.to_thread(shoal, "proxy-status", "--admin", admin)).stdout
             return "NACKED" in out
 
-        await eventually(shows_nack, 5)
+        await eventually(shows_nack)
         result = await asyncio.to_thread(shoal, "proxy-status", "--admin", admin)
         assert result.returncode == 1
         assert (

@@ -14,6 +14,7 @@ import pytest
 
 from shoal import cli
 from tests.conftest import write
+from tests.e2e.helpers import caught_up
 
 CLIENT = Path(__file__).with_name("grpc_xds_client.py")
 
@@ -119,7 +120,7 @@ async def test_weighted_and_header_routes_reach_a_proxyless_grpc_client(
             '    shoal.io/route-headers: "x-user-group=internal -> greeter-a"\n',
         ),
     )
-    await asyncio.sleep(0.3)
+    await caught_up(control_plane, registry_dir)
     code = cli.main(
         [
             "bootstrap",

@@ -13,7 +13,7 @@ import aiohttp
 from shoal import cli, envoy
 from shoal.demo import mesh
 from tests.conftest import write
-from tests.e2e.helpers import eventually
+from tests.e2e.helpers import caught_up, eventually
 from tests.e2e.test_mtls import workload
 
 Counts = collections.Counter[str]
@@ -48,14 +48,18 @@ async def _burst(
 
 
 async def _mesh(
-    registry_dir: Path, local_mesh: mesh.LocalMesh, reviews_notes: str, *extra: str
+    control_plane: cli.ControlPlane,
+    registry_dir: Path,
+    local_mesh: mesh.LocalMesh,
+    reviews_notes: str,
+    *extra: str,
 ) -> dict[str, mesh.Workload]:
     """A caller, `reviews` (v1) and the Services named in `extra`."""
     ports = {name: envoy.free_port() for name in ("caller", "reviews", *extra)}
     for name, port in ports.items():
         notes = reviews_notes if name == "reviews" else ""
         write(registry_dir, f"{name}.yaml", workload(name, f"{name}-sa", port, notes))
-    await asyncio.sleep(0.3)
+    await caught_up(control_plane, registry_dir)
     out = {}
     for name, port in ports.items():
         out[name] = await local_mesh.add(
@@ -73,13 +77,14 @@ async def _settled(session: aiohttp.ClientSession, via: mesh.Workload, check: ob
     async def ready() -> bool:
         return bool(await check())  # type: ignore[operator]
 
-    await eventually(ready, 5.0)
+    await eventually(ready, 30.0)
 
 
 async def test_a_90_10_split_and_a_header_route(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
     w = await _mesh(
+        control_plane,
         registry_dir,
         local_mesh,
         '    shoal.io/split: "reviews=90,reviews-v2=10"\n'
@@ -107,6 +112,7 @@ async def test_retries_hide_a_flaky_backend_and_a_timeout_cuts_a_slow_one(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
     w = await _mesh(
+        control_plane,
         registry_dir,
         local_mesh,
         '    shoal.io/retries: "3"\n    shoal.io/retry-on: "5xx"\n',
@@ -123,7 +129,7 @@ async def test_retries_hide_a_flaky_backend_and_a_timeout_cuts_a_slow_one(
         assert failed <= 30, seen
         assert w["reviews"].app.served > 2400  # the retries did happen
 
-        w["slow"].app.delay_s = 1.0
+        w["slow"].app.delay_s = 2.5
         write(
             registry_dir,
             "slow.yaml",
@@ -133,17 +139,21 @@ async def test_retries_hide_a_flaky_backend_and_a_timeout_cuts_a_slow_one(
         )
 
         async def cut() -> bool:
+            # Envoy's own 504, well before the backend would have answered.
             started = time.monotonic()
-            status, _ = await mesh.get(session, caller, "slow")
-            return status == 504 and time.monotonic() - started < 0.6
+            status, body = await mesh.get(session, caller, "slow")
+            elapsed = time.monotonic() - started
+            return status == 504 and "upstream request timeout" in str(body) and elapsed < 2.0
 
-        await eventually(cut, 5.0)
+        await eventually(cut, 30.0)
 
 
 async def test_faults_abort_and_delay_the_configured_share(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
-    w = await _mesh(registry_dir, local_mesh, '    shoal.io/fault: "abort=503@50%"\n')
+    w = await _mesh(
+        control_plane, registry_dir, local_mesh, '    shoal.io/fault: "abort=503@50%"\n'
+    )
     caller = w["caller"]
     async with aiohttp.ClientSession() as session:
         seen = await _burst(session, caller, "reviews", 1000)
@@ -161,13 +171,20 @@ async def test_faults_abort_and_delay_the_configured_share(
             status, _ = await mesh.get(session, caller, "reviews")
             return status == 200 and time.monotonic() - started >= 0.3
 
-        await eventually(delayed, 5.0)
+        async def every_one_delayed() -> bool:
+            # Several in a row: one request slowed by a busy machine (or by
+            # the reconfiguration itself) proves nothing.
+            return all([await delayed() for _ in range(5)])
+
+        await eventually(every_one_delayed, 30.0)
 
 
 async def test_mirror_copies_to_the_shadow_and_clients_see_the_primary(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
-    w = await _mesh(registry_dir, local_mesh, '    shoal.io/mirror: "shadow@100%"\n', "shadow")
+    w = await _mesh(
+        control_plane, registry_dir, local_mesh, '    shoal.io/mirror: "shadow@100%"\n', "shadow"
+    )
     caller, shadow = w["caller"], w["shadow"]
     shadow.app.fail_percent = 100  # whatever the shadow says, nobody hears it
     async with aiohttp.ClientSession() as session:
@@ -177,14 +194,14 @@ async def test_mirror_copies_to_the_shadow_and_clients_see_the_primary(
         async def copied() -> bool:
             return shadow.app.served >= 190
 
-        await eventually(copied, 5.0)
+        await eventually(copied, 30.0)
 
 
 async def test_an_outlier_is_ejected_and_traffic_moves_to_the_healthy_one(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:
     caller_in, good_in, bad_in = (envoy.free_port() for _ in range(3))
-    notes = '    shoal.io/outlier: "consecutive-5xx=3,ejection=30s"\n'
+    notes = '    shoal.io/outlier: "consecutive-5xx=3,ejection=120s"\n'
     write(registry_dir, "caller.yaml", workload("caller", "caller-sa", caller_in))
     write(registry_dir, "reviews.yaml", workload("reviews", "reviews-sa", good_in, notes))
     write(
@@ -194,7 +211,7 @@ async def test_an_outlier_is_ejected_and_traffic_moves_to_the_healthy_one(
         .split("---\n", 1)[1]
         .replace("reviews-1", "reviews-2"),
     )
-    await asyncio.sleep(0.3)
+    await caught_up(control_plane, registry_dir)
     caller = await local_mesh.add(
         "caller-1",
         namespace="default",
@@ -233,7 +250,11 @@ async def test_switching_weights_and_backends_under_load_drops_nothing(
     250 requests a second (measured: ~1,390 in 5.5 s), not one fails (make
     before break)."""
     w = await _mesh(
-        registry_dir, local_mesh, '    shoal.io/split: "reviews=0,reviews-v2=100"\n', "reviews-v2"
+        control_plane,
+        registry_dir,
+        local_mesh,
+        '    shoal.io/split: "reviews=0,reviews-v2=100"\n',
+        "reviews-v2",
     )
     caller = w["caller"]
     v3_port = envoy.free_port()
@@ -250,21 +271,35 @@ async def test_switching_weights_and_backends_under_load_drops_nothing(
 
     async def steady(session: aiohttp.ClientSession) -> None:
         while not done.is_set():
-            started = time.monotonic()
             seen = await _burst(session, caller, "reviews", 3, concurrency=3)
             for k, v in seen.items():
                 if k.startswith("!"):
                     failures.append(k)
                 else:
                     answered[k] += v
-            await asyncio.sleep(max(0.0, 0.01 - (time.monotonic() - started)))
+            await asyncio.sleep(0.01)
+
+    async def traffic_flows(more: int = 100) -> None:
+        # However fast the machine, each change happens with requests in flight.
+        target = sum(answered.values()) + more
+
+        async def enough() -> bool:
+            return sum(answered.values()) >= target
+
+        await eventually(enough, 60.0)
+
+    async def only(instance: str) -> None:
+        async def check() -> bool:
+            return set((await _burst(session, caller, "reviews", 20)).keys()) == {instance}
+
+        await eventually(check, 30.0)
 
     reviews_port = w["reviews"].sidecar.inbound_port
     async with aiohttp.ClientSession() as session:
         await _settled(session, caller, lambda: _burst(session, caller, "reviews", 1))
         load = asyncio.create_task(steady(session))
         try:
-            await asyncio.sleep(1.0)
+            await traffic_flows()
             write(
                 registry_dir,
                 "reviews.yaml",
@@ -275,8 +310,8 @@ async def test_switching_weights_and_backends_under_load_drops_nothing(
                     '    shoal.io/split: "reviews=100,reviews-v2=0"\n',
                 ),
             )
-            await asyncio.sleep(1.5)
-            assert set((await _burst(session, caller, "reviews", 20)).keys()) == {"reviews-1"}
+            await only("reviews-1")
+            await traffic_flows()
             write(registry_dir, "reviews-v3.yaml", workload("reviews-v3", "reviews-v3-sa", v3_port))
             write(
                 registry_dir,
@@ -285,15 +320,16 @@ async def test_switching_weights_and_backends_under_load_drops_nothing(
                     "reviews", "reviews-sa", reviews_port, '    shoal.io/split: "reviews-v3=100"\n'
                 ),
             )
-            await asyncio.sleep(1.5)
-            assert set((await _burst(session, caller, "reviews", 20)).keys()) == {"reviews-v3-1"}
+            await only("reviews-v3-1")
+            await traffic_flows()
             (registry_dir / "reviews-v2.yaml").unlink()
-            await asyncio.sleep(1.0)
+            await caught_up(control_plane, registry_dir)
+            await traffic_flows()
         finally:
             done.set()
             await load
     assert failures == [], collections.Counter(failures)
-    assert sum(answered.values()) > 800
+    assert answered.keys() >= {"reviews-v2-1", "reviews-1", "reviews-v3-1"}, answered
 
 
 SUBSETS = """apiVersion: shoal.io/v1alpha1
@@ -341,7 +377,7 @@ async def test_subsets_route_by_version_label_within_one_service(
         _versioned("reviews-v1", "v1", v1_in) + "---\n" + _versioned("reviews-v2", "v2", v2_in),
     )
     write(registry_dir, "route.yaml", SUBSETS)
-    await asyncio.sleep(0.3)
+    await caught_up(control_plane, registry_dir)
     caller = await local_mesh.add(
         "caller-1",
         namespace="default",
@@ -383,4 +419,4 @@ async def test_subsets_route_by_version_label_within_one_service(
             seen = await _burst(session, caller, "reviews", 200)
             return set(seen) == {"reviews-v1", "reviews-v2"} and 60 <= seen["reviews-v1"] <= 140
 
-        await eventually(split, 5.0)
+        await eventually(split, 30.0)

@@ -987,7 +987,7 @@ class KubeEmulator:
         with self._lock:
             return sum(1 for w in self._watchers if kind is None or w.kind is kind)
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         """Poll a condition from a thread other than the emulator's loop."""
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -995,7 +995,7 @@ class KubeEmulator:
                 raise TimeoutError(f"condition not met within {timeout} s")
             time.sleep(0.01)
 
-    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         """`wait_until` for async tests, also in the emulator's own loop."""
         deadline = time.monotonic() + timeout
         while not predicate():

@@ -14,7 +14,7 @@ from envoy.config.core.v3 import base_pb2
 from google.rpc import status_pb2
 
 # Long enough for a debounced push on a loaded machine, short enough to fail fast.
-PUSH_TIMEOUT = 5.0
+PUSH_TIMEOUT = 30.0
 # How long a stream must stay silent to count as "nothing sent".
 QUIET = 0.5
 

@@ -14,6 +14,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from shoal import cli
 from shoal.xds import cache, controller, resources, server, status
 from tests.conftest import write
+from tests.e2e.helpers import eventually
 from tests.xds.test_ads_protocol import (
     CDS,
     Request,
@@ -63,10 +64,15 @@ async def test_a_client_that_never_acks_holds_only_itself(
         assert status.type_status(conn, CDS).status == status.STALE
 
 
+# Long, so that a push that waited for the stuck stream cannot be mistaken
+# for one slowed by a busy machine.
+STUCK_WRITE_TIMEOUT = 20.0
+
+
 @pytest.fixture
 async def slow_server() -> AsyncIterator[tuple[int, cache.SnapshotCache, server.AdsServer]]:
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ads = server.AdsServer(snapshots, write_timeout=1.0)
+    ads = server.AdsServer(snapshots, write_timeout=STUCK_WRITE_TIMEOUT)
     grpc_server = grpc.aio.server()
     grpc_server.add_generic_rpc_handlers((ads.handler(),))
     port = grpc_server.add_insecure_port("127.0.0.1:0")
@@ -101,7 +107,14 @@ async def test_a_client_that_stops_reading_holds_one_response_at_most(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         stuck = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
         await stuck.write(Request(node=make_node("stuck"), type_url=CDS))  # and never reads
-        await asyncio.sleep(0.2)
+
+        async def stuck_sent() -> bool:
+            return any(
+                c.node_id == "stuck" and CDS in c.types and c.types[CDS].in_flight
+                for c in ads.connections.values()
+            )
+
+        await eventually(stuck_sent)
         async with ads_stream(port, make_node("healthy")) as healthy:
             await healthy.request(CDS)
             first = await healthy.recv()
@@ -111,7 +124,11 @@ async def test_a_client_that_stops_reading_holds_one_response_at_most(
                 loop = asyncio.get_running_loop()
                 started = loop.time()
                 first = await healthy.recv()
-                assert loop.time() - started < 1.0, "a stuck stream slowed a healthy one"
+                # Waiting behind the stuck stream would take its write timeout.
+                took = loop.time() - started
+                assert took < STUCK_WRITE_TIMEOUT / 2, (
+                    f"a stuck stream slowed a healthy one ({took})"
+                )
             (conn,) = [c for c in ads.connections.values() if c.node_id == "stuck"]
             assert conn.types[CDS].nonce == "1", "more than one response queued for it"
             assert conn.types[CDS].in_flight
