@@ -26,7 +26,7 @@ from shoal.demo import mesh
 from shoal.registry import kubernetes as kube
 from shoal.sds import ca
 from tests.e2e.helpers import ServeProcess, eventually, who_answers
-from tests.kube import objects
+from tests.kube import objects, retries
 from tests.kube.emulator import KubeEmulator, running_emulator
 
 SHOP = "shop"
@@ -312,11 +312,15 @@ async def test_an_api_server_outage_keeps_traffic_and_catches_up_after(
         assert set(seen) == {"reviews-1", "reviews-2"}, seen
         # One backoff shared by every watch (0.5 s doubling to 4 s, with
         # jitter): one probe at a time, so at most what its schedule allows
-        # over the outage as it really lasted, plus each of the six cut
-        # watches' first try and a poll of the root's Secret that may have
-        # been on its way (measured: 20-27 in a minute). Watches backing off
-        # each on their own would be six times the schedule; a loop, thousands.
-        assert attempts <= 6 + 1 + kube.Backoff().most_probes(outage), (attempts, outage)
+        # over the outage as it really lasted (measured: 20-29 in a minute),
+        # and once at its cap, one every 3.2-4 s. Watches backing off each
+        # on their own would be six times that; a loop, thousands.
+        policy = kube.Backoff()
+        # A poll of the root's Secret may have been on its way too.
+        assert attempts <= retries.most_attempts(policy, outage, others=1), (attempts, outage)
+        capped_from, ended = outage_started + 10, outage_started + outage
+        at_cap = retries.between(emu.dropped_at, capped_from, ended)
+        assert at_cap <= retries.most_at_cap(policy, capped_from, ended), (at_cap, outage)
         print(f"API requests during a {outage:.0f} s outage: {attempts} connections")
         assert status == 503 and "serving the last state" in reason, reason
         assert "shoal_kubernetes_api_up 0.0" in metrics

@@ -575,6 +575,7 @@ class _Dropper(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._emulator.dropped_connections += 1
+        self._emulator.dropped_at.append(time.monotonic())
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Linger 0: the close sends RST, as a crashed server's host would.
@@ -655,6 +656,8 @@ class KubeEmulator:
         self._records: list[RequestRecord] = []
         self._faults: list[_Fault] = []
         self.dropped_connections = 0
+        # When each was dropped (time.monotonic()), to check a retry schedule.
+        self.dropped_at: list[float] = []
 
         self._host = host
         self._port = port

@@ -14,7 +14,7 @@ import pytest
 from shoal.model import mesh
 from shoal.registry import kubernetes
 from tests.e2e.helpers import eventually
-from tests.kube import objects
+from tests.kube import objects, retries
 from tests.kube.emulator import KINDS, KubeEmulator, running_emulator
 
 WEB = mesh.ServiceKey("shop", "web")
@@ -206,7 +206,7 @@ async def test_an_unreachable_api_server_is_retried_with_backoff_not_a_loop(
     # schedule allows over the outage as it really lasted (about ten tries
     # in 3 s). Without the shared backoff each reflector would try on its
     # own (six times that); a loop, thousands.
-    assert tries <= 6 + registry.api.backoff.most_probes(outage), (tries, outage)
+    assert tries <= retries.most_attempts(registry.api.backoff, outage), (tries, outage)
     ok, reason = registry.ready()
     assert not ok and "unreachable" in reason and "serving the last state" in reason
     assert WEB in watching.state.services, "the last state stays"
@@ -353,7 +353,7 @@ async def test_a_refused_token_is_reported_not_retried_in_a_loop(emu: KubeEmulat
         assert "401" in registry.health()["last_error"]
         # Backed off as for an outage: the six reflectors' first lists, then
         # the shared schedule over the time that really passed.
-        assert requests <= 6 + api.backoff.most_probes(elapsed), (requests, elapsed)
+        assert requests <= retries.most_attempts(api.backoff, elapsed), (requests, elapsed)
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
