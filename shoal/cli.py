@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import http.client
 import json
 import logging
 import os
@@ -14,9 +15,7 @@ import signal
 import socket
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from shoal import heap, sidecar_files
+from shoal import heap, sidecar_files, spiffe, terminal
 from shoal.model import proxy
 from shoal.observe import admin, metrics
 from shoal.registry import files
@@ -42,6 +41,12 @@ T = TypeVar("T")
 
 DEFAULT_XDS = "127.0.0.1:15010"
 DEFAULT_ADMIN = "127.0.0.1:15014"
+ADMIN_SOCKET = "admin.sock"
+# Where the CLI finds a control plane: its admin socket in the state
+# directory, unless --admin or SHOAL_ADMIN says otherwise.
+ADMIN_ENV = "SHOAL_ADMIN"
+# Join tokens live at most this long: a token is a credential.
+MAX_JOIN_TOKEN_TTL = datetime.timedelta(hours=24)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -81,6 +86,15 @@ class ServeOptions:
     # The Secret (in shoal's own namespace) that holds the mesh root, so
     # that every replica signs with the same one.
     ca_secret: str = "shoal-ca"
+    # Identities (namespace/service-account) that may read every proxy's
+    # status over CSDS; any other sees only proxies of its own identity.
+    admin_identities: tuple[str, ...] = ()
+    limits: server.Limits = dataclasses.field(default_factory=server.Limits)
+    # The admin API for authenticated callers (default STATE_DIR/admin.sock).
+    admin_socket: Path | None = None
+    # Names (besides IP addresses and localhost) callers of the TCP admin
+    # port may use in Host, e.g. a Service name Prometheus scrapes by.
+    admin_hosts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -95,6 +109,7 @@ class ControlPlane:
     authority: ca.Authority | None
     certificates: workloads.WorkloadCertificates | None
     join_port: int = 0
+    admin_socket: str = ""
 
 
 @contextlib.asynccontextmanager
@@ -150,7 +165,12 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     # From Kubernetes, the first state comes once every kind is listed; until
     # then proxies wait rather than get an empty mesh.
     metric_registry = CollectorRegistry()
-    ads = server.AdsServer(snapshots, listener=metrics.XdsMetrics(metric_registry))
+    ads = server.AdsServer(
+        snapshots,
+        listener=metrics.XdsMetrics(metric_registry),
+        trust_domain=options.trust_domain if certificates is not None else None,
+        limits=options.limits,
+    )
     metric_registry.register(
         metrics.Gauges(
             {
@@ -176,7 +196,14 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
 
     grpc_server = grpc.aio.server(options=server.GRPC_OPTIONS)
     grpc_server.add_generic_rpc_handlers((ads.handler(),))
-    csds.register(grpc_server, ads)
+    csds.register(
+        grpc_server,
+        ads,
+        frozenset(
+            spiffe.workload_id(options.trust_domain, *a.split("/", 1))
+            for a in options.admin_identities
+        ),
+    )
     xds_host, xds_port = _host_port(options.xds_address)
     if certificates is None:
         xds_port = grpc_server.add_insecure_port(f"{xds_host}:{xds_port}")
@@ -271,17 +298,26 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             namespace, account = query.get("namespace", ""), query.get("service_account", "")
             if not namespace or not account:
                 raise ValueError("name the identity: ?namespace=NS&service_account=SA")
-            ttl = float(query.get("ttl", "600"))
-            token = tokens.mint(namespace, account, datetime.timedelta(seconds=ttl))
-            return {"token": token, "expires_in_s": ttl, "join_port": join_port}
+            if not spiffe.is_dns_label(namespace) or not spiffe.is_dns_subdomain(account):
+                raise ValueError(f"{namespace!r}/{account!r} is not a namespace/service account")
+            ttl = _join_token_ttl(query.get("ttl", "600"))
+            token = tokens.mint(namespace, account, ttl)
+            log.info(
+                "join token minted for %s",
+                spiffe.workload_id(options.trust_domain, namespace, account),
+            )
+            return {"token": token, "expires_in_s": ttl.total_seconds(), "join_port": join_port}
 
         actions["ca/join-token"] = join_token
+    socket_path = options.admin_socket or options.state_dir / ADMIN_SOCKET
     admin_app = admin.app(
         ready=registry.ready,
         reports=reports,
         queries={"config_dump": lambda q: _config_dump(ads, q)},
         metrics=lambda: metrics.render(metric_registry),
         actions=actions,
+        hosts=options.admin_hosts,
+        socket_path=str(socket_path),
     )
     runner = web.AppRunner(admin_app, access_log=None)
     await runner.setup()
@@ -289,6 +325,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     site = web.TCPSite(runner, admin_host, admin_port)
     await site.start()
     admin_port = runner.addresses[0][1]
+    await _admin_socket(runner, socket_path)
 
     stop_watch = asyncio.Event()
     tasks = [
@@ -309,7 +346,15 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     ]
     try:
         yield ControlPlane(
-            xds_port, admin_port, registry, ctl, ads, authority, certificates, join_port
+            xds_port,
+            admin_port,
+            registry,
+            ctl,
+            ads,
+            authority,
+            certificates,
+            join_port,
+            str(socket_path),
         )
     finally:
         stop_watch.set()
@@ -322,8 +367,48 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             await join_server.stop(grace=None)
         await grpc_server.stop(grace=1)
         await runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
         if kube_api is not None:
             await kube_api.close()
+
+
+def _join_token_ttl(text: str) -> datetime.timedelta:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"ttl {text[:40]!r} is not a number of seconds") from None
+    limit = MAX_JOIN_TOKEN_TTL.total_seconds()
+    if not 0 < seconds <= limit:  # also refuses nan and inf
+        raise ValueError(f"ttl must be more than 0 and at most {limit:.0f} seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _free_admin_socket(path: Path) -> None:
+    """Make room for the admin socket: a stale one (from a control plane
+    that did not stop cleanly) goes; a live one means another control plane."""
+    if len(os.fsencode(path)) >= 108:
+        raise OSError(f"admin socket path {path} is too long for a Unix socket; use a shorter one")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not (path.exists() or path.is_symlink()):
+        return
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+    else:
+        raise OSError(f"another control plane serves {path}; give it another --state-dir")
+    finally:
+        probe.close()
+
+
+async def _admin_socket(runner: web.AppRunner, path: Path) -> None:
+    """Serve the admin API on a Unix socket only this user can open."""
+    _free_admin_socket(path)
+    await web.UnixSite(runner, str(path)).start()
+    # Besides the mode, each caller's uid is checked (admin.caller_role).
+    os.chmod(path, 0o600)
 
 
 INSECURE_WARNING = (
@@ -496,11 +581,12 @@ async def _serve(options: ServeOptions) -> int:
             f"shoal: xDS on {_host_port(options.xds_address)[0]}:{cp.xds_port} ({security}), "
             f"admin on http://{_host_port(options.admin_address)[0]}:{cp.admin_port}/ "
             f"({len(state.services)} services from "
-            f"{'kubernetes' if options.kubernetes else options.registry})",
+            f"{'kubernetes' if options.kubernetes else options.registry}); "
+            f"admin socket {cp.admin_socket}",
             flush=True,
         )
         for problem in cp.registry.problems:
-            print(f"shoal: problem: {problem}", file=sys.stderr, flush=True)
+            print(f"shoal: problem: {terminal.printable(str(problem), 2000)}", file=sys.stderr)
         await stop.wait()
         print("shoal: stopping", flush=True)
     return 0
@@ -530,7 +616,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ca_cert=Path(args.ca_cert) if args.ca_cert else None,
         ca_key=Path(args.ca_key) if args.ca_key else None,
         ca_chain=Path(args.ca_chain) if args.ca_chain else None,
+        admin_socket=Path(args.admin_socket) if args.admin_socket else None,
+        admin_hosts=tuple(args.admin_host),
+        admin_identities=tuple(args.admin_identity),
     )
+    for identity in options.admin_identities:
+        namespace, _, account = identity.partition("/")
+        if not spiffe.is_dns_label(namespace) or not spiffe.is_dns_subdomain(account):
+            print(f"shoal serve: --admin-identity {identity!r} is not NS/SA", file=sys.stderr)
+            return 2
     if options.insecure_xds:
         print(INSECURE_WARNING.format(what="every proxy"), file=sys.stderr, flush=True)
     heap.tune_malloc()  # before gRPC starts its threads
@@ -671,21 +765,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the control plane's admin socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _is_socket_address(admin_address: str) -> bool:
+    return (
+        admin_address.startswith("unix:") or "/" in admin_address or admin_address.endswith(".sock")
+    )
+
+
 def _fetch(admin_address: str, path: str, method: str = "GET") -> Any:
-    """A JSON answer from the control plane's admin endpoint, or a clear exit."""
-    host, port = _host_port(admin_address)
-    url = f"http://{host}:{port}{path}"
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    """A JSON answer from the control plane's admin API (its Unix socket, or
+    HOST:PORT for what anonymous callers may read), or a clear exit."""
+    connection: http.client.HTTPConnection
+    if _is_socket_address(admin_address):
+        connection = _UnixConnection(admin_address.removeprefix("unix:"), timeout=10)
+    else:
+        host, port = _host_port(admin_address)
+        connection = http.client.HTTPConnection(host, port, timeout=10)
     try:
-        with urllib.request.urlopen(request, timeout=10) as r:
-            return json.load(r)
-    except urllib.error.HTTPError as err:
-        detail = json.loads(err.read() or b"{}").get("error", err.reason)
-        raise SystemExit(f"shoal: {path.split('?')[0]}: {detail}") from err
-    except (urllib.error.URLError, OSError) as err:
+        connection.request(method, path, body=b"" if method == "POST" else None)
+        response = connection.getresponse()
+        body = response.read()
+    except OSError as err:
         raise SystemExit(
             f"shoal: cannot reach the control plane admin at {admin_address}: {err}"
+            + (
+                f" (run this where `shoal serve` runs, or give --admin or {ADMIN_ENV})"
+                if _is_socket_address(admin_address)
+                else ""
+            )
         ) from err
+    finally:
+        connection.close()
+    if response.status >= 400:
+        try:
+            detail = json.loads(body or b"{}").get("error", response.reason)
+        except ValueError:
+            detail = response.reason
+        raise SystemExit(terminal.printable(f"shoal: {path.split('?')[0]}: {detail}", 1000))
+    return json.loads(body)
+
+
+def default_admin() -> str:
+    return os.environ.get(ADMIN_ENV) or str(Path(".shoal") / ADMIN_SOCKET)
 
 
 STATUS_TYPES = ("CDS", "LDS", "EDS", "RDS", "SDS")
@@ -711,14 +845,22 @@ def format_proxy_status(proxies: list[dict[str, Any]]) -> str:
             x = by_type.get(t)
             cells.append(x["status"] if x else "NOT SENT")
             if x and x["error"]:
-                errors.append(f"{p['id']}: {t} version {x['sent']} rejected: {x['error']}")
+                errors.append(
+                    terminal.printable(
+                        f"{p['id']}: {t} version {x['sent']} rejected: {x['error']}", 2000
+                    )
+                )
         cells += [p["mesh"], f"{p['connected_s']:.0f}s"]
-        rows.append([str(c) for c in cells])
+        rows.append(_safe_cells([str(c) for c in cells]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     if len(rows) == 1:
         lines.append("(no proxies connected)")
     return "\n".join(lines + (["", *errors] if errors else []))
+
+
+def _safe_cells(cells: list[str]) -> list[str]:
+    return [terminal.printable(c, 200) for c in cells]
 
 
 def cmd_proxy_status(args: argparse.Namespace) -> int:
@@ -744,7 +886,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         found = _fetch(args.admin, "/debug/problems")
         where = f"control plane at {args.admin}"
     for problem in found:
-        print(problem)
+        print(terminal.printable(str(problem), 2000))
     print(f"{len(found)} problem(s) in {where}" if found else f"no problems in {where}")
     return 1 if found else 0
 
@@ -754,24 +896,31 @@ def cmd_ca_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
-    print(f"trust domain {found['trust_domain']}")
-    print(f"signing with {found['signer']['subject']} (serial {found['signer']['serial']})")
+    out = [
+        f"trust domain {found['trust_domain']}",
+        f"signing with {found['signer']['subject']} (serial {found['signer']['serial']})",
+    ]
     for root in found["roots"]:
-        print(f"trusted root {root['subject']}, valid until {root['not_after']}")
-    print(
+        out.append(f"trusted root {root['subject']}, valid until {root['not_after']}")
+    for root in found.get("retired", []):
+        out.append(
+            f"retired root {root['subject']}: trusted for xDS client certificates "
+            f"until {root['trusted_until']}"
+        )
+    out.append(
         f"workload certificates: {found['workload_ttl_s']:.0f}s lifetime, "
         f"{found['renewals']} renewals so far"
     )
     for w in found["workloads"]:
-        print(
+        out.append(
             f"  {w['identity']}  serial {w['serial'][:16]}  until {w['not_after']}  "
             f"renews {w['renew_at']}"
         )
-        for proxy_id in w["proxies"]:
-            print(f"    held by {proxy_id}")
+        out += [f"    held by {proxy_id}" for proxy_id in w["proxies"]]
     for serial, proxies in found["proxies_on_older_certificates"].items():
         what = "no certificate yet" if serial == "none" else f"older certificate {serial[:16]}"
-        print(f"  {what}: {', '.join(proxies)}")
+        out.append(f"  {what}: {', '.join(proxies)}")
+    print(terminal.lines("\n".join(out)))
     return 0
 
 
@@ -820,6 +969,17 @@ def cmd_config_dump(args: argparse.Namespace) -> int:
         dump["types"] = {k: v for k, v in dump["types"].items() if k == args.type.upper()}
     print(json.dumps(dump, indent=2, sort_keys=True))
     return 0
+
+
+def _admin_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--admin",
+        default=default_admin(),
+        metavar="SOCKET|HOST:PORT",
+        help=f"the control plane's admin socket (default ${ADMIN_ENV}, else "
+        f".shoal/{ADMIN_SOCKET}, in the state directory of `shoal serve`); HOST:PORT "
+        "reaches only what anonymous callers may read (health, metrics)",
+    )
 
 
 def _identity_flags(p: argparse.ArgumentParser) -> None:
@@ -900,6 +1060,28 @@ def parser() -> argparse.ArgumentParser:
         help="where machines join with a token and a CSR (default 127.0.0.1:15012; '' for off)",
     )
     serve.add_argument(
+        "--admin-socket",
+        metavar="PATH",
+        help="the admin API for authenticated callers, mode 0600 "
+        f"(default STATE_DIR/{ADMIN_SOCKET})",
+    )
+    serve.add_argument(
+        "--admin-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name callers of --admin-address may use in Host (IP addresses and "
+        "localhost always work; other names are refused, against DNS rebinding)",
+    )
+    serve.add_argument(
+        "--admin-identity",
+        action="append",
+        default=[],
+        metavar="NS/SA",
+        help="a workload identity that may read every proxy's status over CSDS "
+        "(others see only proxies of their own identity)",
+    )
+    serve.add_argument(
         "--xds-host",
         action="append",
         default=[],
@@ -956,12 +1138,7 @@ def parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("proxy-status", help="every connected proxy's sync state per xDS type")
     ps.add_argument("proxy", nargs="?", help="only this proxy (its id, or part of it)")
-    ps.add_argument(
-        "--admin",
-        default=DEFAULT_ADMIN,
-        metavar="HOST:PORT",
-        help=f"control plane admin address (default {DEFAULT_ADMIN})",
-    )
+    _admin_flag(ps)
     ps.set_defaults(func=cmd_proxy_status)
 
     dump = sub.add_parser("config-dump", help="what the control plane last sent a proxy, as JSON")
@@ -969,19 +1146,14 @@ def parser() -> argparse.ArgumentParser:
         "proxy", help="proxy id as proxy-status shows it, or a part of it naming one proxy"
     )
     dump.add_argument("--type", choices=["cds", "eds", "lds", "rds", "sds"], help="only one type")
-    dump.add_argument(
-        "--admin",
-        default=DEFAULT_ADMIN,
-        metavar="HOST:PORT",
-        help=f"control plane admin address (default {DEFAULT_ADMIN})",
-    )
+    _admin_flag(dump)
     dump.set_defaults(func=cmd_config_dump)
 
     analyze = sub.add_parser(
         "analyze", help="list every problem in the manifests (exits 1 if there is one)"
     )
     analyze.add_argument("--registry", metavar="DIR", help="check a folder offline")
-    analyze.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT")
+    _admin_flag(analyze)
     analyze.set_defaults(func=cmd_analyze)
 
     ca_cmd = sub.add_parser("ca", help="the mesh certificate authority")
@@ -989,14 +1161,14 @@ def parser() -> argparse.ArgumentParser:
     ca_status = ca_sub.add_parser(
         "status", help="roots, expiries, and which proxies hold which certificate"
     )
-    ca_status.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT")
+    _admin_flag(ca_status)
     ca_status.add_argument("--json", action="store_true")
     ca_status.set_defaults(func=cmd_ca_status)
     rotate = ca_sub.add_parser(
         "rotate-root",
         help="new root trusted beside the old, workloads moved to it, then the old one dropped",
     )
-    rotate.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT")
+    _admin_flag(rotate)
     rotate.add_argument("--wait", action="store_true", help="until every step is done")
     rotate.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
     rotate.set_defaults(func=cmd_ca_rotate_root)
@@ -1006,7 +1178,7 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--namespace", required=True)
     token.add_argument("--service-account", required=True)
     token.add_argument("--ttl", type=float, default=600.0, metavar="SECONDS")
-    token.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT")
+    _admin_flag(token)
     token.set_defaults(func=cmd_ca_join_token)
 
     demo = sub.add_parser("demo", help="a running mesh with real Envoy sidecars")
@@ -1021,10 +1193,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(terminal.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     result: int = args.func(args)
     return result
 

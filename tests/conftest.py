@@ -13,6 +13,8 @@ from shoal import cli
 from shoal.demo import mesh
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# The identity the test control planes take as an admin's (namespace/service account).
+ADMIN_IDENTITY = "shoal-system/shoal-admin"
 
 
 @pytest.fixture
@@ -50,6 +52,7 @@ async def control_plane(
         debounce_max=0.5,
         insecure_xds=xds_security == "insecure",
         workload_ttl=workload_ttl,
+        admin_identities=(ADMIN_IDENTITY,),
     )
     async with cli.control_plane(options) as cp:
         yield cp

@@ -1,10 +1,35 @@
-"""The control plane's admin HTTP endpoint (default 127.0.0.1:15014)."""
+"""The control plane's admin HTTP API, and who may use which part of it.
+
+Three roles:
+
+- anonymous: `/healthz`, `/ready`, `/metrics`, the index. What kubelet's
+  probes and Prometheus need, and nothing that reveals configuration.
+- reader: `/debug/*` (proxies' status and configuration, the CA's
+  certificates, problems). What a read-only dashboard may show.
+- admin: everything that changes state (`POST /ca/*`: join tokens, root
+  rotation), and everything a reader may.
+
+The same application is served twice. On a Unix socket in the state
+directory (0600), every caller is an admin: the operating system has
+authenticated it (the socket's mode, and the peer's uid checked with
+SO_PEERCRED). On TCP (`--admin-address`) every caller is anonymous, and
+requests are refused unless their Host is an IP address, `localhost` or a
+name the operator listed, and their Origin (if any) is such a host: a web
+page in a browser can neither reach the API by a name that rebinds to
+127.0.0.1 nor send it cross-origin requests.
+"""
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 import json
-from collections.abc import Awaitable, Callable, Mapping
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -16,6 +41,49 @@ Query = Callable[[Mapping[str, str]], Any]
 Action = Callable[[Mapping[str, str]], Awaitable[Any]]
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+# Bodies are never read; a request with one larger than this is refused.
+MAX_BODY = 16 * 1024
+
+
+class Role(enum.IntEnum):
+    ANONYMOUS = 0
+    READER = 1
+    ADMIN = 2
+
+
+_ROLE = web.AppKey("route_role", dict)
+
+
+def caller_role(request: web.Request) -> Role:
+    """An admin on the Unix socket (when the peer runs as this process's
+    user or root), anonymous on TCP."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return Role.ANONYMOUS
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return Role.ADMIN if uid in (0, os.geteuid()) else Role.ANONYMOUS
+
+
+def host_allowed(host: str, names: Collection[str]) -> bool:
+    """An IP address, `localhost`, or one of `names` (with any port)."""
+    if not host:
+        return False
+    if host.startswith("["):
+        bare = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    bare = bare.lower()
+    if bare == "localhost" or bare in names:
+        return True
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        return False
+    return True
+
+
+def _refused(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
 
 
 def app(
@@ -25,9 +93,42 @@ def app(
     queries: Mapping[str, Query] | None = None,
     metrics: Callable[[], bytes] | None = None,
     actions: Mapping[str, Action] | None = None,
+    hosts: Collection[str] = (),
+    socket_path: str = "",
 ) -> web.Application:
-    """`/ready` for probes, `/metrics` for Prometheus, `/debug/<name>` as JSON."""
+    """`/ready` for probes, `/metrics` for Prometheus, `/debug/<name>` as JSON
+    for readers, `POST /<action>` for admins. `hosts`: names (besides IP
+    addresses and localhost) TCP callers may use; `socket_path` is named in
+    refusals, so a caller learns where to go."""
     queries = queries or {}
+    names = frozenset(h.lower() for h in hosts)
+    where = f" (the admin socket, {socket_path})" if socket_path else ""
+
+    @web.middleware
+    async def guard(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        role = caller_role(request)
+        if role is Role.ANONYMOUS:
+            # Browser-reachable: only by an address or a known name, and
+            # never from another origin.
+            if not host_allowed(request.host, names):
+                return _refused(421, f"Host {request.host[:100]!r} is not served here")
+            origin = request.headers.get("Origin")
+            if origin is not None and not host_allowed(urlsplit(origin).netloc, names):
+                return _refused(403, "cross-origin requests are refused")
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return _refused(413, f"request bodies are limited to {MAX_BODY} bytes")
+        route = request.match_info.route.resource
+        needed = request.app[_ROLE].get(route.canonical if route is not None else "", Role.ADMIN)
+        if role < needed:
+            what = "an admin" if needed is Role.ADMIN else "a reader or an admin"
+            return _refused(
+                403,
+                f"{request.path} needs {what}: use the Unix socket{where}, "
+                "for example `shoal proxy-status --admin PATH`",
+            )
+        return await handler(request)
 
     async def ready_handler(_: web.Request) -> web.Response:
         ok, reason = ready()
@@ -36,10 +137,11 @@ def app(
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
-    async def index(_: web.Request) -> web.Response:
+    async def index(request: web.Request) -> web.Response:
         lines = ["shoal control plane", "", "/ready", "/healthz"]
         lines += ["/metrics"] if metrics else []
-        lines += [f"/debug/{name}" for name in sorted({*reports, *queries})]
+        if caller_role(request) >= Role.READER:
+            lines += [f"/debug/{name}" for name in sorted({*reports, *queries})]
         return web.Response(text="\n".join(lines) + "\n")
 
     def report_handler(report: Report) -> Callable[[web.Request], Any]:
@@ -60,22 +162,6 @@ def app(
 
         return handle
 
-    application = web.Application()
-    application.router.add_get("/", index)
-    application.router.add_get("/ready", ready_handler)
-    application.router.add_get("/healthz", healthz)
-    if metrics is not None:
-        render = metrics
-
-        async def metrics_handler(_: web.Request) -> web.Response:
-            return web.Response(body=render(), headers={"Content-Type": PROMETHEUS_TEXT})
-
-        application.router.add_get("/metrics", metrics_handler)
-    for name, report in reports.items():
-        application.router.add_get(f"/debug/{name}", report_handler(report))
-    for name, query in queries.items():
-        application.router.add_get(f"/debug/{name}", query_handler(query))
-
     def action_handler(action: Action) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.Response:
             try:
@@ -88,9 +174,31 @@ def app(
 
         return handle
 
-    # Changes go by POST only, and the admin address is 127.0.0.1 by default.
+    application = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+    roles: dict[str, Role] = {}
+
+    def add(method: str, path: str, handler: Any, role: Role) -> None:
+        application.router.add_route(method, path, handler)
+        roles[path] = role
+
+    add("GET", "/", index, Role.ANONYMOUS)
+    add("GET", "/ready", ready_handler, Role.ANONYMOUS)
+    add("GET", "/healthz", healthz, Role.ANONYMOUS)
+    if metrics is not None:
+        render = metrics
+
+        async def metrics_handler(_: web.Request) -> web.Response:
+            return web.Response(body=render(), headers={"Content-Type": PROMETHEUS_TEXT})
+
+        add("GET", "/metrics", metrics_handler, Role.ANONYMOUS)
+    for name, report in reports.items():
+        add("GET", f"/debug/{name}", report_handler(report), Role.READER)
+    for name, query in queries.items():
+        add("GET", f"/debug/{name}", query_handler(query), Role.READER)
+    # Changes go by POST only, and only for admins.
     for name, action in (actions or {}).items():
-        application.router.add_post(f"/{name}", action_handler(action))
+        add("POST", f"/{name}", action_handler(action), Role.ADMIN)
+    application[_ROLE] = roles
     return application
 
 

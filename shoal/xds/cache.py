@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any, TypeVar
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
+
+from shoal.xds import memo
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +230,20 @@ class ResourceGroup:
     share one encoding.
     """
 
-    __slots__ = ("_by_name", "_views", "composites")
+    __slots__ = ("__weakref__", "_all", "_by_name", "_views", "composites")
 
     def __init__(self, items: Iterable[Resource] = ()) -> None:
         self._by_name: dict[str, Resource] = {r.name: r for r in items}
-        self._views: dict[frozenset[str] | None, View] = {}
+        self._all: View | None = None
+        # Views by subscription, for as long as a stream holds it.
+        self._views: memo.WeakMemo[View] = memo.WeakMemo()
         # Views over this group and others (a proxy's own), by their parts:
         # while the groups stay, a proxy's view stays the same object, push
-        # after push, and what was worked out for it holds.
-        self.composites: dict[tuple[View, ...], View] = {}
+        # after push, and what was worked out for it holds. Kept as long as
+        # a snapshot or a stream holds the view (which holds its parts).
+        self.composites: weakref.WeakValueDictionary[tuple[int, ...], View] = (
+            weakref.WeakValueDictionary()
+        )
 
     def same_as(self, other: ResourceGroup) -> bool:
         """The very same resources (by identity), in the same order."""
@@ -253,17 +261,18 @@ class ResourceGroup:
         return self._by_name.get(name)
 
     def view(self, names: frozenset[str] | None) -> View:
-        found = self._views.get(names)
+        if names is None:
+            if self._all is None:
+                self._all = make_view(self._by_name.values())
+            return self._all
+        found = self._views.get((names,))
         if found is None:
-            if names is None:
-                found = make_view(self._by_name.values())
+            by_name = self._by_name
+            if len(names) > len(by_name):
+                found = make_view(r for r in by_name.values() if r.name in names)
             else:
-                found = make_view(r for n in names if (r := self._by_name.get(n)) is not None)
-            if len(self._views) > 64:
-                # Distinct subscriptions are few per scope; a churn of them
-                # must not grow memory without bound.
-                self._views.clear()
-            self._views[names] = found
+                found = make_view(r for n in names if (r := by_name.get(n)) is not None)
+            self._views.put((names,), found)
         return found
 
 
@@ -273,27 +282,27 @@ class Snapshot:
 
     groups: Mapping[str, Sequence[ResourceGroup]]
     label: str = ""
-    _views: dict[tuple[str, frozenset[str] | None], View] = field(default_factory=dict)
+    _all: dict[str, View] = field(default_factory=dict)
+    _views: memo.WeakMemo[View] = field(default_factory=memo.WeakMemo)
 
     def view(self, type_url: str, names: frozenset[str] | None) -> View:
         """The resources of `type_url` (all of them, or those in `names`)."""
-        key = (type_url, names)
-        found = self._views.get(key)
+        found = self._all.get(type_url) if names is None else self._views.get((names,), type_url)
         if found is None:
             groups = self.groups.get(type_url, ())
             parts = tuple(g.view(names) for g in groups)
             if len(parts) > 1:
-                memo = groups[0].composites
-                found = memo.get(parts)
+                composites = groups[0].composites
+                ids = tuple(map(id, parts))
+                found = composites.get(ids)
                 if found is None:
-                    if len(memo) > 4096:
-                        memo.clear()
-                    found = memo[parts] = composite(parts)
+                    found = composites[ids] = composite(parts)
             else:
                 found = parts[0] if parts else make_view(())
-            if len(self._views) > 64:
-                self._views.clear()
-            self._views[key] = found
+            if names is None:
+                self._all[type_url] = found
+            else:
+                self._views.put((names,), found, type_url)
         return found
 
     def get(self, type_url: str, name: str) -> Resource | None:

@@ -10,6 +10,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import any_pb2, timestamp_pb2
 
+from shoal import spiffe
 from shoal.xds import resources, server, status
 
 _CONFIG_STATUS = {
@@ -71,10 +72,27 @@ def client_config(conn: server.Connection, *, with_contents: bool = True) -> csd
 
 
 class ClientStatus(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  # type: ignore[misc]
-    def __init__(self, ads: server.AdsServer) -> None:
-        self._ads = ads
+    """Every proxy's status for an admin identity; for any other caller, only
+    the proxies of its own identity (a sidecar's own node): a mesh identity
+    must not read the configuration of workloads it cannot see."""
 
-    def _response(self, request: csds_pb2.ClientStatusRequest) -> csds_pb2.ClientStatusResponse:
+    def __init__(self, ads: server.AdsServer, admins: frozenset[str] = frozenset()) -> None:
+        self._ads = ads
+        self._admins = admins
+
+    async def _caller(self, context: Any) -> str | None:
+        """None: may see every proxy (an admin, or a plain-text control plane)."""
+        if self._ads.trust_domain is None:
+            return None
+        try:
+            identity = spiffe.of_certificate(server.peer_uris(context), self._ads.trust_domain)
+        except spiffe.IdentityError as err:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+        return None if identity in self._admins else identity
+
+    def _response(
+        self, request: csds_pb2.ClientStatusRequest, caller: str | None
+    ) -> csds_pb2.ClientStatusResponse:
         conns: Iterable[server.Connection] = sorted(
             self._ads.connections.values(), key=lambda c: c.stream_id
         )
@@ -82,21 +100,26 @@ class ClientStatus(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  # type:
             config=[
                 client_config(c, with_contents=not request.exclude_resource_contents)
                 for c in conns
-                if _matches(c, request)
+                if (caller is None or c.identity == caller) and _matches(c, request)
             ]
         )
 
     async def FetchClientStatus(
         self, request: csds_pb2.ClientStatusRequest, context: Any
     ) -> csds_pb2.ClientStatusResponse:
-        return self._response(request)
+        return self._response(request, await self._caller(context))
 
     async def StreamClientStatus(
         self, requests: AsyncIterator[csds_pb2.ClientStatusRequest], context: Any
     ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
+        caller = await self._caller(context)
         async for request in requests:
-            yield self._response(request)
+            yield self._response(request, caller)
 
 
-def register(grpc_server: grpc.aio.Server, ads: server.AdsServer) -> None:
-    csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(ClientStatus(ads), grpc_server)
+def register(
+    grpc_server: grpc.aio.Server, ads: server.AdsServer, admins: frozenset[str] = frozenset()
+) -> None:
+    csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(
+        ClientStatus(ads, admins), grpc_server
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from shoal import spiffe, terminal
 from shoal.model import proxy
 
 # Metadata keys, as `shoal bootstrap` writes them.
@@ -46,12 +47,27 @@ def _port(fields: Any, key: str) -> int:
     return int(number)
 
 
+# What each name in the metadata must be, as Kubernetes requires of it: the
+# names go into resource names, keys and logs.
+_NAMES = {
+    NAMESPACE: spiffe.is_dns_label,
+    SERVICE: spiffe.is_dns_label,
+    SERVICE_ACCOUNT: spiffe.is_dns_subdomain,
+    POD_NAME: spiffe.is_dns_subdomain,
+}
+_MAX_TEXT = 253
+
+
 def _text(fields: Any, key: str, default: str | None = None) -> str:
     if key not in fields or not fields[key].string_value:
         if default is None:
             raise ValueError(f"node metadata lacks {key}")
         return default
-    return str(fields[key].string_value)
+    value = str(fields[key].string_value)
+    check = _NAMES.get(key)
+    if (check is not None and not check(value)) or len(value) > _MAX_TEXT:
+        raise ValueError(f"node metadata {key} {terminal.printable(value, 80)!r} is not a name")
+    return value
 
 
 def _optional_port(fields: Any, key: str, default: int) -> int:
@@ -64,11 +80,7 @@ def captured(node: Any) -> proxy.CapturedSidecar:
     mode = _text(fields, INTERCEPTION_MODE)
     if mode != REDIRECT:
         raise ValueError(f"node metadata {INTERCEPTION_MODE} {mode!r} is not supported")
-    ip = _text(fields, POD_IP)
-    try:
-        ipaddress.ip_address(ip)
-    except ValueError:
-        raise ValueError(f"node metadata {POD_IP} {ip!r} is not an IP address") from None
+    ip = _ip(fields, POD_IP)
     return proxy.CapturedSidecar(
         namespace=_text(fields, NAMESPACE),
         pod=_text(fields, POD_NAME),
@@ -90,23 +102,19 @@ def sidecar(node: Any) -> proxy.Sidecar:
         app_port=_port(fields, APP_PORT),
         inbound_port=_port(fields, INBOUND_PORT),
         outbound_port=_port(fields, OUTBOUND_PORT),
-        inbound_address=_text(fields, INBOUND_ADDRESS, "127.0.0.1"),
+        inbound_address=_ip(fields, INBOUND_ADDRESS, "127.0.0.1"),
     )
 
 
-def parse_spiffe(spiffe_id: str) -> tuple[str, str, str]:
-    """(trust domain, namespace, service account) of a workload SPIFFE ID."""
-    rest = spiffe_id.removeprefix("spiffe://")
-    parts = rest.split("/")
-    if (
-        rest == spiffe_id
-        or len(parts) != 5
-        or parts[1] != "ns"
-        or parts[3] != "sa"
-        or not all(parts)
-    ):
-        raise ValueError(f"{spiffe_id!r} is not a workload identity (spiffe://TD/ns/NS/sa/SA)")
-    return parts[0], parts[2], parts[4]
+def _ip(fields: Any, key: str, default: str | None = None) -> str:
+    value = _text(fields, key, default)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(
+            f"node metadata {key} {terminal.printable(value, 80)!r} is not an IP address"
+        ) from None
+    return value
 
 
 def parse(node: Any, identity: str | None = None) -> proxy.Proxy:
@@ -118,7 +126,7 @@ def parse(node: Any, identity: str | None = None) -> proxy.Proxy:
     found = _parse(node)
     if identity is None:
         return found
-    _, namespace, account = parse_spiffe(identity)
+    _, namespace, account = spiffe.parse(identity)
     claimed = getattr(found, "service_account", account)
     if found.namespace != namespace or claimed != account:
         raise PermissionError(

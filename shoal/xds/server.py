@@ -16,24 +16,30 @@ import functools
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from cryptography import x509
 from envoy.service.discovery.v3 import discovery_pb2
 
-from shoal.xds import cache, resources
+from shoal import spiffe, terminal
+from shoal.xds import cache, memo, resources
 
 log = logging.getLogger(__name__)
+printable = terminal.printable
 
 # The gRPC server an AdsServer runs in. Thousands of sidecars each hold one
 # stream; gRPC's default cap on pending calls would refuse the ones past
 # about a thousand.
 GRPC_OPTIONS = [
     ("grpc.max_concurrent_streams", 1 << 20),
+    # gRPC's default, written out: a request is refused by gRPC itself,
+    # before any of it is parsed, above this (the README's limits table).
+    ("grpc.max_receive_message_length", 4 << 20),
     ("grpc.server.max_pending_requests", 100_000),
     ("grpc.server.max_pending_requests_hard_limit", 100_000),
     ("grpc.keepalive_time_ms", 30_000),
@@ -50,6 +56,36 @@ MAX_QUEUED_REQUESTS = 256
 MAX_NAMES = 100_000
 MAX_NAME_LENGTH = 1024
 _EMPTY = cache.View("", ())
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one stream, and one identity's streams together, may make the
+    control plane hold. The README's Security section lists them."""
+
+    # A stream that has not sent its first request by then is closed.
+    first_request_s: float = 30.0
+    # Concurrent streams of one identity (a Deployment's Pods share one).
+    streams_per_identity: int = 1024
+    # Names one stream subscribes to, of every type, in bytes.
+    subscription_bytes: int = 4 << 20
+    # Distinct subscriptions one identity's streams hold, in bytes: a fleet
+    # of one identity asking for the same names counts them once.
+    identity_bytes: int = 32 << 20
+    # Types a stream may ask for that the server does not serve.
+    unknown_types: int = 8
+    type_url_length: int = 256
+    node_id_length: int = 512
+
+
+@dataclass
+class _Usage:
+    """One identity's streams and the distinct subscriptions they hold."""
+
+    streams: int = 0
+    # id of an interned subscription -> (references, bytes)
+    held: dict[int, tuple[int, int]] = field(default_factory=dict)
+    bytes: int = 0
 
 
 @dataclass
@@ -71,6 +107,9 @@ class TypeState:
     error: str = ""
     # Delta: subscribed names already reported as absent.
     told_absent: frozenset[str] = frozenset()
+    # The size of `names`, and of the held view a delta client announced.
+    names_bytes: int = 0
+    held_bytes: int = 0
 
     @property
     def in_flight(self) -> bool:
@@ -99,6 +138,13 @@ class Connection:
     inbox: collections.deque[Any] = field(default_factory=collections.deque)
     closed: bool = False
     watch: cache.Watch | None = None
+    # The SPIFFE ID its client certificate proves (None without mTLS).
+    identity: str | None = None
+    admitted: bool = False
+    # Types it asked for that are not served (bounded by Limits).
+    unknown: set[str] = field(default_factory=set)
+    # Bytes of every type's subscribed names.
+    subscription_bytes: int = 0
 
     @property
     def snapshot(self) -> cache.Snapshot | None:
@@ -153,27 +199,39 @@ class AdsServer:
         clock: Callable[[], float] = time.time,
         write_timeout: float = 30.0,
         listener: Listener | None = None,
+        trust_domain: str | None = None,
+        limits: Limits = Limits(),
     ) -> None:
+        """With `trust_domain`, every stream must prove a workload identity
+        of that domain with its client certificate (mutual TLS); without it,
+        streams are anonymous (plain-text xDS, for debugging)."""
         self._cache = snapshots
         self._clock = clock
         self._write_timeout = write_timeout
         self._listener = listener or _NoListener()
+        self.trust_domain = trust_domain
+        self.limits = limits
+        self._usage: dict[str, _Usage] = {}
+        # Node id -> (the identity using it, its streams).
+        self._node_owners: dict[str, tuple[str, int]] = {}
         self._ids = itertools.count(1)
         self.connections: dict[int, Connection] = {}
         self.nacks_total = 0
         self.pushes_total = 0
         # Work shared by every stream that is in the same place: the same
         # diff between two views, the same names a set of clusters needs.
-        self._diffs: dict[tuple[cache.View, cache.View], Diff] = {}
-        self._flat_diffs: dict[tuple[cache.View, cache.View], tuple[Diff, frozenset[str]]] = {}
+        # Each entry lives as long as the views and subscriptions it was
+        # worked out for (see memo.py).
+        self._diffs: memo.WeakMemo[Diff] = memo.WeakMemo()
+        self._flat_diffs: memo.WeakMemo[tuple[Diff, frozenset[str]]] = memo.WeakMemo()
         # What reconnecting proxies say they hold, by content: a thousand
         # proxies of one scope hold the same, and share one view of it.
-        self._held_views: dict[str, cache.View] = {}
-        self._absents: dict[tuple[frozenset[str], cache.View], frozenset[str]] = {}
-        self._subscriptions: dict[frozenset[str], frozenset[str]] = {}
-        self._wanted: dict[
-            tuple[str, cache.View, tuple[cache.ResourceGroup, ...]], frozenset[str]
-        ] = {}
+        self._held_views: weakref.WeakValueDictionary[str, cache.View] = (
+            weakref.WeakValueDictionary()
+        )
+        self._absents: memo.WeakMemo[frozenset[str]] = memo.WeakMemo()
+        self._subscriptions: memo.Interned[frozenset[str]] = memo.Interned()
+        self._wanted: memo.WeakMemo[frozenset[str]] = memo.WeakMemo()
 
     def handler(self) -> grpc.GenericRpcHandler:
         sotw = grpc.stream_stream_rpc_method_handler(
@@ -200,45 +258,74 @@ class AdsServer:
         await self._stream(requests, context, delta=True)
 
     async def _stream(self, requests: AsyncIterator[Any], context: Any, *, delta: bool) -> None:
+        refusal: tuple[grpc.StatusCode, str] | None = None
         try:
-            first = await anext(aiter(requests))
+            identity = self._authenticate(context)
+        except spiffe.IdentityError as err:
+            refusal = (grpc.StatusCode.UNAUTHENTICATED, str(err))
+        if refusal is not None:
+            await _refuse(context, context.peer(), *refusal)
+        try:
+            async with asyncio.timeout(self.limits.first_request_s):
+                first = await anext(aiter(requests))
         except StopAsyncIteration:
             return
-        if not first.HasField("node") or not first.node.id:
+        except TimeoutError:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first request of a stream must carry node.id"
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no first request within {self.limits.first_request_s:.0f}s",
             )
+        node_id = first.node.id if first.HasField("node") else ""
+        problem = _node_id_problem(node_id, self.limits.node_id_length)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         conn = Connection(
             stream_id=next(self._ids),
-            node_id=first.node.id,
-            cluster=first.node.cluster,
+            node_id=node_id,
+            cluster=printable(first.node.cluster, 256),
             key="",
             peer=context.peer(),
             delta=delta,
             connected_at=self._clock(),
+            identity=identity,
         )
         try:
-            client = cache.Client(first.node, peer_identity(context))
-            conn.watch = self._cache.watch(client, conn.wake)
-        except PermissionError as err:
-            log.warning("refusing proxy %s: %s", first.node.id, err)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {first.node.id}: {err}")
-        except ValueError as err:
-            log.warning("rejecting proxy %s: %s", first.node.id, err)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {first.node.id}: {err}")
-        assert conn.watch is not None
-        conn.key = conn.watch.key
-        self.connections[conn.stream_id] = conn
-        log.info(
-            "proxy %s connected (stream %d, %s, %s)",
-            conn.node_id,
-            conn.stream_id,
-            "delta" if delta else "state of the world",
-            conn.peer,
-        )
+            self._admit(conn)
+        except StreamError as err:
+            refusal = (err.code, str(err))
+        if refusal is not None:
+            await _refuse(context, f"proxy {node_id}", *refusal)
+        try:
+            try:
+                client = cache.Client(first.node, identity)
+                conn.watch = self._cache.watch(client, conn.wake)
+            except PermissionError as err:
+                refusal = (grpc.StatusCode.PERMISSION_DENIED, f"node {node_id}: {err}")
+            except ValueError as err:
+                refusal = (grpc.StatusCode.INVALID_ARGUMENT, f"node {node_id}: {err}")
+            if refusal is not None:
+                await _refuse(context, f"proxy {node_id}", *refusal)
+            assert conn.watch is not None
+            conn.key = conn.watch.key
+            self.connections[conn.stream_id] = conn
+            log.info(
+                "proxy %s connected (stream %d, %s, %s)",
+                printable(conn.node_id),
+                conn.stream_id,
+                "delta" if delta else "state of the world",
+                conn.peer,
+            )
+            await self._serve(conn, first, requests, context)
+        finally:
+            self._release(conn)
+
+    async def _serve(
+        self, conn: Connection, first: Any, requests: AsyncIterator[Any], context: Any
+    ) -> None:
         reader = asyncio.create_task(self._read(requests, conn))
         conn.inbox.append(first)
-        on_request = self._on_delta_request if delta else self._on_sotw_request
+        on_request = self._on_delta_request if conn.delta else self._on_sotw_request
+        failure: tuple[grpc.StatusCode, str] | None = None
         try:
             while True:
                 while conn.inbox:
@@ -257,13 +344,76 @@ class AdsServer:
                 await conn.wake.wait()
                 conn.wake.clear()
         except StreamError as err:
-            log.warning("proxy %s: %s", conn.node_id, err)
-            await context.abort(err.code, str(err))
+            # Only its text is kept: its traceback would hold the frames
+            # (and a request's worth of names) for as long as the call lives.
+            failure = (err.code, str(err))
         finally:
             reader.cancel()
-            self._cache.cancel(conn.watch)
+            if conn.watch is not None:
+                self._cache.cancel(conn.watch)
             self.connections.pop(conn.stream_id, None)
-            log.info("proxy %s disconnected (stream %d)", conn.node_id, conn.stream_id)
+            log.info("proxy %s disconnected (stream %d)", printable(conn.node_id), conn.stream_id)
+        if failure is not None:
+            await _refuse(context, f"proxy {conn.node_id}", *failure)
+
+    # -- who may have a stream ------------------------------------------------
+
+    def _authenticate(self, context: Any) -> str | None:
+        """The workload identity of the stream's client certificate; with a
+        trust domain, IdentityError unless it proves exactly one of ours."""
+        if self.trust_domain is None:
+            return None
+        return spiffe.of_certificate(peer_uris(context), self.trust_domain)
+
+    def _admit(self, conn: Connection) -> None:
+        """Count the stream against its identity: refused past the cap, or
+        when its node id is in use by another identity (proxy-status, config
+        dumps and the CA's holder map are all by node id)."""
+        if conn.identity is None:
+            return
+        usage = self._usage.setdefault(conn.identity, _Usage())
+        if usage.streams >= self.limits.streams_per_identity:
+            if not usage.streams:
+                del self._usage[conn.identity]
+            raise StreamError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{conn.identity} already has {usage.streams} streams "
+                f"(limit {self.limits.streams_per_identity})",
+            )
+        owner, count = self._node_owners.get(conn.node_id, (conn.identity, 0))
+        if owner != conn.identity:
+            if not usage.streams:
+                del self._usage[conn.identity]
+            raise StreamError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"node id {conn.node_id!r} is in use by another identity",
+            )
+        self._node_owners[conn.node_id] = (owner, count + 1)
+        usage.streams += 1
+        conn.admitted = True
+
+    def _release(self, conn: Connection) -> None:
+        for state in conn.types.values():
+            self._set_names(conn, state, frozenset(), 0)
+            conn.subscription_bytes -= state.held_bytes
+            state.held_bytes = 0
+        if not conn.admitted or conn.identity is None:
+            return
+        conn.admitted = False
+        owner, count = self._node_owners[conn.node_id]
+        if count <= 1:
+            del self._node_owners[conn.node_id]
+        else:
+            self._node_owners[conn.node_id] = (owner, count - 1)
+        usage = self._usage[conn.identity]
+        usage.streams -= 1
+        if not usage.streams:
+            del self._usage[conn.identity]
+
+    def usage(self, identity: str) -> tuple[int, int]:
+        """(streams, bytes of distinct subscriptions) of one identity."""
+        found = self._usage.get(identity)
+        return (found.streams, found.bytes) if found is not None else (0, 0)
 
     async def _read(self, requests: AsyncIterator[Any], conn: Connection) -> None:
         try:
@@ -283,27 +433,75 @@ class AdsServer:
 
     # -- requests ------------------------------------------------------------
 
-    def _intern(self, names: Iterable[str]) -> frozenset[str]:
-        """One object per distinct subscription: a thousand sidecars asking
-        for the same thousand names share one set, and the views and diffs
-        memoized on it are found by identity."""
-        key = frozenset(names)
-        found = self._subscriptions.get(key)
-        if found is None:
-            if len(self._subscriptions) > 10_000:
-                self._subscriptions.clear()
-            found = self._subscriptions[key] = key
-        return found
+    def _subscribe(self, conn: Connection, state: TypeState, names: Iterable[str]) -> None:
+        """Make `names` what the stream subscribes to of the type, within its
+        limits: one object per distinct subscription (a thousand sidecars
+        asking for the same names share one set, and the views and diffs
+        memoized on it are found by identity)."""
+        wanted = self._subscriptions(names if isinstance(names, frozenset) else frozenset(names))
+        if wanted is state.names:
+            return
+        self._set_names(conn, state, wanted, sum(map(len, wanted)))
+
+    def _set_names(
+        self, conn: Connection, state: TypeState, names: frozenset[str], size: int
+    ) -> None:
+        """Account for a new subscription: per stream, then per identity,
+        where a subscription its other streams hold already costs nothing."""
+        grown = conn.subscription_bytes - state.names_bytes + size
+        if names and grown > self.limits.subscription_bytes:
+            raise StreamError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"subscriptions of {grown} bytes (limit {self.limits.subscription_bytes} "
+                "per stream)",
+            )
+        usage = self._usage.get(conn.identity) if conn.identity is not None else None
+        if usage is not None:
+            if names:
+                refs, _ = usage.held.get(id(names), (0, size))
+                if not refs and usage.bytes + size > self.limits.identity_bytes:
+                    raise StreamError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{conn.identity}'s streams hold {usage.bytes} bytes of distinct "
+                        f"subscriptions; {size} more exceed the limit of "
+                        f"{self.limits.identity_bytes}",
+                    )
+                usage.held[id(names)] = (refs + 1, size)
+                usage.bytes += 0 if refs else size
+            if state.names:
+                refs, old = usage.held.pop(id(state.names), (1, 0))
+                if refs > 1:
+                    usage.held[id(state.names)] = (refs - 1, old)
+                else:
+                    usage.bytes -= old
+        conn.subscription_bytes = grown
+        state.names = names
+        state.names_bytes = size
 
     def _serves(self, conn: Connection, type_url: str) -> bool:
-        """Whether this server serves the type; an unknown one is noted once."""
+        """Whether this server serves the type; an unknown one is noted once,
+        and only so many of them."""
         if not type_url:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "a request without type_url")
         if type_url in KNOWN_TYPES:
             return True
-        if type_url not in conn.types:
-            log.info("proxy %s asked for unserved type %s; ignored", conn.node_id, type_url)
-            conn.types[type_url] = TypeState(type_url, wildcard=False)
+        if len(type_url) > self.limits.type_url_length:
+            raise StreamError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a type_url of {len(type_url)} characters (limit {self.limits.type_url_length})",
+            )
+        if type_url not in conn.unknown:
+            if len(conn.unknown) >= self.limits.unknown_types:
+                raise StreamError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"more than {self.limits.unknown_types} types this server does not serve",
+                )
+            conn.unknown.add(type_url)
+            log.info(
+                "proxy %s asked for unserved type %s; ignored",
+                printable(conn.node_id),
+                printable(type_url),
+            )
         return False
 
     def _on_sotw_request(self, conn: Connection, request: Any) -> None:
@@ -326,7 +524,8 @@ class AdsServer:
         wildcard = type_url in resources.WILDCARD and (not names or "*" in names)
         state = conn.types.get(type_url)
         if state is None:
-            state = conn.types[type_url] = TypeState(type_url, wildcard, self._intern(names))
+            state = conn.types[type_url] = TypeState(type_url, wildcard)
+            self._subscribe(conn, state, names)
             snapshot = conn.snapshot
             if request.version_info and snapshot is not None:
                 # A reconnecting client says what it already has: if that is
@@ -341,8 +540,9 @@ class AdsServer:
                 return  # stale: answers a response that has been superseded
             self._on_answer(conn, state, request)
         state.wildcard = wildcard
-        if state.names != frozenset(names):
-            state.names = self._intern(names)
+        wanted = frozenset(names)
+        if state.names != wanted:
+            self._subscribe(conn, state, wanted)
 
     def _on_delta_request(self, conn: Connection, request: Any) -> None:
         type_url = request.type_url
@@ -357,14 +557,22 @@ class AdsServer:
             wildcard = type_url in resources.WILDCARD and not request.resource_names_subscribe
             state = conn.types[type_url] = TypeState(type_url, wildcard=wildcard)
             if request.initial_resource_versions:
-                _check_names(request.initial_resource_versions)
+                versions = request.initial_resource_versions
+                _check_names(versions)
+                size = sum(map(len, versions)) + sum(map(len, versions.values()))
+                if conn.subscription_bytes + size > self.limits.subscription_bytes:
+                    raise StreamError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"initial_resource_versions of {size} bytes (limit "
+                        f"{self.limits.subscription_bytes} per stream)",
+                    )
                 held = cache.make_view(
                     cache.Resource(type_url, name, b"", version)
-                    for name, version in request.initial_resource_versions.items()
+                    for name, version in versions.items()
                 )
-                if len(self._held_views) > 1024:
-                    self._held_views.clear()
                 state.held = self._held_views.setdefault(f"{type_url}|{held.version}", held)
+                state.held_bytes = size
+                conn.subscription_bytes += size
         # Subscription changes are deltas and apply whatever the nonce; only
         # the ACK or NACK is tied to the latest response.
         if request.response_nonce and request.response_nonce == state.nonce:
@@ -376,7 +584,7 @@ class AdsServer:
         if "*" in unsubscribe:
             state.wildcard = False
         if subscribe or unsubscribe:
-            state.names = self._intern((state.names | subscribe) - unsubscribe - {"*"})
+            self._subscribe(conn, state, (state.names | subscribe) - unsubscribe - {"*"})
             state.told_absent -= subscribe
             # The client forgets what it unsubscribed from. A name it
             # subscribes to again must be sent again, even unchanged: it may
@@ -483,17 +691,18 @@ class AdsServer:
             if st is None or not st.held.refs:
                 continue
             for part in st.held.parts or (st.held,):
-                key = (t, part, groups)
-                names = self._wanted.get(key)
+                key = (part, *groups)
+                names = self._wanted.get(key, t)
                 if names is None:
-                    names = frozenset(
-                        n
-                        for (rt, n) in part.refs
-                        if rt == t and any(g.get(n) is not None for g in groups)
+                    names = self._wanted.put(
+                        key,
+                        frozenset(
+                            n
+                            for (rt, n) in part.refs
+                            if rt == t and any(g.get(n) is not None for g in groups)
+                        ),
+                        t,
                     )
-                    if len(self._wanted) > 4096:
-                        self._wanted.clear()
-                    self._wanted[key] = names
                 if names:
                     found.append(names)
         if len(found) == 1:
@@ -540,10 +749,7 @@ class AdsServer:
         key = (state.names, view)
         absent = self._absents.get(key)
         if absent is None:
-            absent = state.names - view.names
-            if len(self._absents) > 4096:
-                self._absents.clear()
-            self._absents[key] = absent
+            absent = self._absents.put(key, state.names - view.names)
         return absent - state.told_absent if state.told_absent else absent
 
     async def _send_sotw(
@@ -596,10 +802,7 @@ class AdsServer:
             found = Diff(changed, tuple(sorted(before.keys() - want.names)))
         if held.parts or want.parts:
             return found  # one stream's; not worth keeping
-        if len(self._diffs) > 4096:
-            self._diffs.clear()
-        self._diffs[key] = found
-        return found
+        return self._diffs.put(key, found)
 
     def _diff_from_flat(self, held: cache.View, part: cache.View) -> tuple[Diff, frozenset[str]]:
         """The resources of `part` that `held` lacks or has at another
@@ -610,10 +813,7 @@ class AdsServer:
             before = held.versions
             changed = tuple(r for r in part.own if before.get(r.name) != r.version)
             covered = frozenset(n for n in before if n in part.names)
-            found = (Diff(changed, ()), covered)
-            if len(self._flat_diffs) > 4096:
-                self._flat_diffs.clear()
-            self._flat_diffs[key] = found
+            found = self._flat_diffs.put(key, (Diff(changed, ()), covered))
         return found
 
     async def _send_delta(
@@ -679,27 +879,37 @@ class AdsServer:
 _OVERFLOW = object()
 
 
-def peer_identity(context: Any) -> str | None:
-    """The SPIFFE ID in the client certificate of a TLS stream, if any."""
+async def _refuse(context: Any, who: str, code: grpc.StatusCode, message: str) -> NoReturn:
+    log.warning("%s: %s", printable(who), printable(message, 1000))
+    await context.abort(code, message)
+    raise AssertionError("abort returns only by raising")
+
+
+def peer_uris(context: Any) -> tuple[str, ...]:
+    """The URI SANs of the client certificate of a TLS stream (none without)."""
     auth = context.auth_context() or {}
-    for pem in auth.get("x509_pem_cert", ()):
-        found = _spiffe_id_of(bytes(pem))
-        if found is not None:
-            return found
-    return None
+    pems = auth.get("x509_pem_cert", ())
+    return _uris_of(bytes(pems[0])) if pems else ()
 
 
 @functools.lru_cache(maxsize=4096)
-def _spiffe_id_of(pem: bytes) -> str | None:
+def _uris_of(pem: bytes) -> tuple[str, ...]:
     # A sidecar reconnects with the same certificate: parse it once.
     cert = x509.load_pem_x509_certificate(pem)
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return None
-    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith("spiffe://"):
-            return str(uri)
+        return ()
+    return tuple(str(u) for u in sans.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def _node_id_problem(node_id: str, limit: int) -> str | None:
+    if not node_id:
+        return "the first request of a stream must carry node.id"
+    if len(node_id) > limit:
+        return f"a node.id of {len(node_id)} characters (limit {limit})"
+    if terminal.has_control(node_id):
+        return f"node.id {printable(node_id)} has control characters"
     return None
 
 

@@ -39,7 +39,7 @@ def _token(cp: cli.ControlPlane, account: str, ttl: str = "600") -> str:
         "--ttl",
         ttl,
         "--admin",
-        f"127.0.0.1:{cp.admin_port}",
+        cp.admin_socket,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()

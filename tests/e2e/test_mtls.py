@@ -114,7 +114,7 @@ async def test_sidecars_speak_tls13_with_spiffe_identities(
             "ca",
             "status",
             "--admin",
-            f"127.0.0.1:{control_plane.admin_port}",
+            control_plane.admin_socket,
         ],
         capture_output=True,
         text=True,

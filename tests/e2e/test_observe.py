@@ -21,7 +21,7 @@ from shoal import cli, envoy
 from shoal.demo import mesh
 from shoal.xds import node, resources, server
 from tests import manifests
-from tests.conftest import write
+from tests.conftest import ADMIN_IDENTITY, write
 from tests.e2e.helpers import caught_up, eventually
 
 
@@ -46,7 +46,7 @@ async def test_proxy_status_config_dump_and_csds_show_synced_envoys(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh, xds_mode: str
 ) -> None:
     await _mesh(control_plane, registry_dir, local_mesh)
-    admin = f"127.0.0.1:{control_plane.admin_port}"
+    admin = control_plane.admin_socket
 
     async def all_synced() -> bool:
         out = (await asyncio.to_thread(shoal, "proxy-status", "--admin", admin)).stdout
@@ -71,7 +71,7 @@ async def test_proxy_status_config_dump_and_csds_show_synced_envoys(
     missing = await asyncio.to_thread(shoal, "config-dump", "nobody", "--admin", admin)
     assert missing.returncode != 0 and "not found" in missing.stderr
 
-    async with _channel(control_plane, "shoal-system", "admin") as channel:
+    async with _channel(control_plane, *ADMIN_IDENTITY.split("/")) as channel:
         stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
         everyone = await stub.FetchClientStatus(csds_pb2.ClientStatusRequest())
         assert {c.node.id for c in everyone.config} == {
@@ -105,7 +105,7 @@ async def test_proxy_status_config_dump_and_csds_show_synced_envoys(
         }
         assert all(s == {csds_pb2.SYNCED} for s in by_type.values())
 
-    text = await asyncio.to_thread(_get, f"http://{admin}/metrics")
+    text = await asyncio.to_thread(_get, f"http://127.0.0.1:{control_plane.admin_port}/metrics")
     assert "shoal_xds_connected_streams 2.0" in text
     assert f'shoal_xds_pushes_total{{mode="{xds_mode}",type="CDS"}}' in text
     assert "shoal_mesh_services 2.0" in text
@@ -169,7 +169,7 @@ async def test_a_nack_shows_in_proxy_status_with_envoys_error(
                 error_detail=status_pb2.Status(code=3, message="cluster a: bad thing"),
             )
         )
-        admin = f"127.0.0.1:{control_plane.admin_port}"
+        admin = control_plane.admin_socket
 
         async def shows_nack() -> bool:
             out = (await asyncio.to_thread(shoal, "proxy-status", "--admin", admin)).stdout
@@ -182,7 +182,7 @@ async def test_a_nack_shows_in_proxy_status_with_envoys_error(
             f"rejecting-proxy: CDS version {response.version_info} rejected: cluster a: bad thing"
             in result.stdout
         )
-        text = await asyncio.to_thread(_get, f"http://{admin}/metrics")
+        text = await asyncio.to_thread(_get, f"http://127.0.0.1:{control_plane.admin_port}/metrics")
         assert 'shoal_xds_nacks_total{type="CDS"} 1.0' in text
         await requests.put(None)
         stream.cancel()

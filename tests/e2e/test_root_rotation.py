@@ -68,7 +68,7 @@ async def test_root_rotation_under_traffic_drops_no_request(
                 "rotate-root",
                 "--wait",
                 "--admin",
-                f"127.0.0.1:{control_plane.admin_port}",
+                control_plane.admin_socket,
                 "--timeout",
                 "60",
             ],

@@ -93,10 +93,12 @@ C = TypeVar("C", bound=StreamClient[Any, Any])
 
 
 @contextlib.asynccontextmanager
-async def open_stream(port: int, make: Callable[[grpc.aio.Channel], C]) -> AsyncIterator[C]:
-    """A client on its own channel (its own connection, as every Envoy has);
-    both closed after."""
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+async def open_stream(
+    port: int, make: Callable[[grpc.aio.Channel], C], channel: grpc.aio.Channel | None = None
+) -> AsyncIterator[C]:
+    """A client on its own channel (its own connection, as every Envoy has;
+    plain text unless `channel` is given); both closed after."""
+    channel = channel or grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         client = make(channel)
         try:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from shoal.xds import cache, resources
+from shoal.xds import cache, memo, resources
 
 
 def _cluster(name: str, timeout_s: int = 1) -> cache.Resource:
@@ -53,13 +54,23 @@ def test_versions_are_content_hashes() -> None:
     assert v1 != cache.make_view([_cluster("a")]).version
 
 
-def test_views_are_shared_between_equal_subscriptions() -> None:
+def test_views_are_shared_between_equal_subscriptions_while_one_is_held() -> None:
+    """The server interns subscriptions: streams asking for the same names
+    hold one set, and share one view of it, for as long as one holds it."""
+    intern: memo.Interned[frozenset[str]] = memo.Interned()
     group = cache.ResourceGroup([_cluster("a"), _cluster("b"), _cluster("c")])
-    one = group.view(frozenset({"a", "b"}))
-    two = group.view(frozenset({"b", "a"}))
+    held = intern(frozenset({"a", "b"}))
+    one = group.view(held)
+    two = group.view(intern(frozenset({"b", "a"})))
     assert one is two
     assert [r.name for r in one.resources] == ["a", "b"]
     assert [r.name for r in group.view(None).resources] == ["a", "b", "c"]
+    # Nobody holds the subscription any more: nothing is kept for it.
+    assert len(intern) == 1
+    del held
+    gc.collect()
+    assert len(intern) == 0
+    assert group.view(intern(frozenset({"a", "b"}))) is not one
 
 
 async def test_watches_fire_on_their_key_only() -> None:

@@ -1,0 +1,90 @@
+"""Memos that forget with their keys.
+
+The server and the cache remember work shared by streams that are in the same
+place: the view of a subscription, the diff between two views, the names a
+subscription asks for that do not exist. Their keys are objects a stream
+holds (an interned subscription, the view it was sent). A memo entry lives
+exactly as long as every object of its key: when the last stream holding a
+subscription goes, so does everything worked out for it, and the control
+plane's memory returns to where it was. No count or byte bound decides
+what to keep, so no stream can evict another's work or pin its own.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Hashable, Iterable
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+T = TypeVar("T")
+
+
+class _Drop:
+    """Removes one entry when one of its key objects is collected."""
+
+    __slots__ = ("_entries", "_key")
+
+    def __init__(self, entries: dict[Hashable, object], key: Hashable) -> None:
+        self._entries = entries
+        self._key = key
+
+    def __call__(self, _: object) -> None:
+        self._entries.pop(self._key, None)
+
+
+class WeakMemo(Generic[V]):
+    """Values by the identity of key objects (and a hashable tag), dropped
+    when any key object is. Key objects must support weak references; the
+    value must not refer to them, or they would never go."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, tuple[tuple[weakref.ref[object], ...], V]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, objects: tuple[object, ...], tag: Hashable = None) -> V | None:
+        found = self._entries.get((tag, *map(id, objects)))
+        return None if found is None else found[1]
+
+    def put(self, objects: tuple[object, ...], value: V, tag: Hashable = None) -> V:
+        key = (tag, *map(id, objects))
+        drop = _Drop(self._entries, key)  # type: ignore[arg-type]
+        self._entries[key] = (tuple(weakref.ref(o, drop) for o in objects), value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class Interned(Generic[T]):
+    """One object per distinct value, for as long as anyone holds it: a
+    thousand sidecars asking for the same names share one set, and memos
+    keyed by it are found by identity. Nothing is kept for a value nobody
+    holds any more."""
+
+    __slots__ = ("_by_hash",)
+
+    def __init__(self) -> None:
+        self._by_hash: dict[int, weakref.ref[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def __call__(self, value: T) -> T:
+        h = hash(value)
+        ref = self._by_hash.get(h)
+        found = ref() if ref is not None else None
+        if found is not None:
+            # Equal hashes of unequal values are rare: the newcomer is then
+            # simply not shared.
+            return found if found == value else value
+        self._by_hash[h] = weakref.ref(value, _Drop(self._by_hash, h))  # type: ignore[arg-type]
+        return value
+
+
+def frozen(names: Iterable[str]) -> frozenset[str]:
+    return names if isinstance(names, frozenset) else frozenset(names)
