@@ -6,24 +6,27 @@ from __future__ import annotations
 
 from shoal.registry import kubernetes
 
+# The emulator's outage accepts each connection and resets it, and aiohttp
+# retries an idempotent request once on a connection reset: one probe can
+# be two connections. (A refused connection is not retried.)
+CONNECTIONS_PER_PROBE = 2
 # Each watch cut by the outage tries once on its own before the first
-# failure is counted, and aiohttp may retry a request once on a fresh
-# connection when its pooled one was cut: two each, at most.
+# failure is counted.
 WATCHES = 6
-FIRST_TRIES = 2 * WATCHES
 
 
 def most_attempts(backoff: kubernetes.Backoff, outage_s: float, others: int = 0) -> int:
-    """Every connection attempt the policy allows in `outage_s`, `others`
-    (requests that were already on their way) included."""
-    return FIRST_TRIES + others + backoff.most_probes(outage_s)
+    """Every connection the policy allows in `outage_s`, `others` (requests
+    that were already on their way) included."""
+    probes = WATCHES + others + backoff.most_probes(outage_s)
+    return CONNECTIONS_PER_PROBE * probes
 
 
 def most_at_cap(backoff: kubernetes.Backoff, start: float, end: float) -> int:
-    """Attempts the policy allows between `start` and `end`, once the
-    backoff has reached its cap: one per shortest capped wait."""
+    """Connections the policy allows between `start` and `end`, once the
+    backoff has reached its cap: one probe per shortest capped wait."""
     gap = backoff.maximum * (1.0 - backoff.JITTER)
-    return int((end - start) / gap) + 1
+    return CONNECTIONS_PER_PROBE * (int((end - start) / gap) + 1)
 
 
 def between(dropped_at: list[float], start: float, end: float) -> int:
