@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench clean
+.PHONY: demo test lint unit bench clean system
 
 PROTOS := $(wildcard protos/shoal/_gen/*.proto)
 
@@ -24,10 +24,18 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-unit: $(STAMP)
+unit: $(STAMP) system
 	$(BIN)/pytest
 
 test: lint unit
+
+# What tests need from the system: iptables (capture is tested with real
+# rules, inside network namespaces the tests make). Installed from Debian's
+# packages when missing; needs root, as the capture tests themselves do.
+system:
+	@command -v iptables >/dev/null || { \
+	  echo "installing iptables (Debian package) for the capture tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null; }
 
 bench: $(STAMP)
 	$(BIN)/python bench/translate.py

@@ -12,6 +12,7 @@ import socket
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -69,10 +70,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EnvoyProcess:
     """One Envoy, started from a bootstrap file, stopped for sure."""
 
-    def __init__(self, config: Path, admin_port: int, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        admin_port: int,
+        log_path: Path | None = None,
+        *,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """`prefix` runs Envoy under another command (in a network namespace,
+        as the proxy's user), which must exec it."""
         self.config = config
         self.admin_port = admin_port
         self.log_path = log_path or config.with_name("envoy.log")
+        self.prefix = tuple(prefix)
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -83,6 +94,7 @@ class EnvoyProcess:
         log = self.log_path.open("ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
+                *self.prefix,
                 binary(),
                 "-c",
                 str(self.config),

@@ -130,7 +130,8 @@ class Service:
     dependencies: frozenset[tuple[str, str]] | None = None
     # "strict" or "permissive" mutual TLS on its inbound; None: its namespace's.
     mtls: str | None = None
-    # Callers allowed, as (namespace, service account or "*"); None: everyone.
+    # Callers allowed, as (namespace, service account or "*"); None: everyone;
+    # empty: nobody (what a malformed policy becomes: it fails closed).
     allow: frozenset[tuple[str, str]] | None = None
     # Eject an endpoint after this many consecutive 5xx, for this long.
     outlier: OutlierPolicy | None = None

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import re2
 
+from shoal import spiffe
 from shoal.model import mesh, routing, scope
 
 PREFIX = "shoal.io/"
@@ -309,15 +310,24 @@ def mtls(annotations: Mapping[str, str]) -> str | None:
     return mode
 
 
+# A malformed `allow` admits nobody: authorization fails closed.
+DENY_EVERYONE: frozenset[tuple[str, str]] = frozenset()
+
+
 def allow(annotations: Mapping[str, str]) -> frozenset[tuple[str, str]] | None:
-    """Callers allowed: `ns/sa` or `ns/*`, comma separated."""
+    """Callers allowed: `ns/sa` or `ns/*`, comma separated (service accounts
+    are DNS-1123 subdomains, so `api.v2` is one). None: everyone."""
     value = annotations.get(ALLOW)
     if value is None:
         return None
     out: set[tuple[str, str]] = set()
     for item in _names(value):
         ns, slash, account = item.partition("/")
-        if not slash or not _NAME.match(ns) or not (account == "*" or _NAME.match(account)):
+        if (
+            not slash
+            or not spiffe.is_dns_label(ns)
+            or not (account == "*" or spiffe.is_dns_subdomain(account))
+        ):
             raise AnnotationError(ALLOW, f"{item!r} is not NAMESPACE/SERVICEACCOUNT or NAMESPACE/*")
         out.add((ns, account))
     if not out:

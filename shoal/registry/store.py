@@ -239,6 +239,14 @@ class ObjectStore:
             try:
                 values[field_name] = good[field_name] = parse()
             except notes.AnnotationError as err:
+                if field_name == "allow":
+                    # Authorization fails closed: not the last good value (the
+                    # edit may have been meant to take someone out), nor the
+                    # default (everyone).
+                    values[field_name] = notes.DENY_EVERYONE
+                    reason = f"{err}; every caller is denied until it is fixed"
+                    found.append(problems.Problem(source, f"Service {svc.key}", reason))
+                    continue
                 kept = good.get(field_name)
                 found.append(problems.Problem(source, f"Service {svc.key}", _kept(err, kept)))
                 if kept is not None:

@@ -607,6 +607,7 @@ class Controller:
             (
                 capture.inbound_ports(s, state, index),
                 tuple(sorted(security.items())) if security is not None else None,
+                capture.passthrough_permissive(s, state),
             ),
             lambda: (
                 cache.ResourceGroup(

@@ -74,6 +74,7 @@ class ServeProcess:
         kubeconfig: Path | None = None,
         admin_port: int = 0,
         extra: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
     ) -> None:
         """From a manifests folder, or with `kubeconfig` from an API server."""
         self.registry = registry
@@ -82,6 +83,8 @@ class ServeProcess:
         self.kubeconfig = kubeconfig
         self.admin_port = admin_port
         self.extra = extra
+        # Runs it under another command (in a network namespace, say).
+        self.prefix = prefix
         self.proc: asyncio.subprocess.Process | None = None
         self.banner = ""
         self.output: list[str] = []
@@ -89,6 +92,7 @@ class ServeProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
+            *self.prefix,
             sys.executable,
             "-m",
             "shoal.cli",

@@ -42,7 +42,7 @@ from envoy.type.v3 import range_pb2
 from google.protobuf import wrappers_pb2
 
 from shoal.model import mesh, proxy
-from shoal.xds.translate import clusters, common, listeners, names, routes, sidecar
+from shoal.xds.translate import clusters, common, listeners, names, routes, sidecar, tls
 
 ORIGINAL_DST = "envoy.filters.listener.original_dst"
 ANY_ADDRESS = "0.0.0.0"
@@ -146,7 +146,7 @@ def security(
 
     A port serving several Services is permissive only if all of them are,
     and admits the callers of every one of them: the bytes do not say which
-    Service a caller meant."""
+    Service a caller meant. One whose policy is broken admits nobody."""
     out = {}
     for number, users in _served(s, state, index).items():
         each = [
@@ -154,7 +154,9 @@ def security(
             for svc in {svc.key: svc for svc, _ in users}.values()
         ]
         allowed: tuple[str, ...] | None = None
-        if all(e.allow is not None for e in each):
+        if any(e.allow == () for e in each):
+            allowed = ()  # a broken policy shuts the port: it fails closed
+        elif all(e.allow is not None for e in each):
             allowed = tuple(sorted({a for e in each for a in e.allow or ()}))
         out[number] = listeners.InboundSecurity(
             permissive=all(e.permissive for e in each), allow=allowed
@@ -405,6 +407,13 @@ def _port_in(ports: list[int]) -> listener_components_pb2.ListenerFilterChainMat
     return predicate(or_match=predicate.MatchSet(rules=rules))
 
 
+def passthrough_permissive(s: proxy.CapturedSidecar, state: mesh.MeshState) -> bool:
+    """Whether ports no Service declares also take plain text: the Pod's
+    namespace's mode (`shoal.io/mtls`), STRICT unless it says otherwise."""
+    namespace = state.namespaces.get(s.namespace)
+    return namespace is not None and namespace.mtls == "permissive"
+
+
 def virtual_inbound(
     s: proxy.CapturedSidecar,
     state: mesh.MeshState,
@@ -416,15 +425,19 @@ def virtual_inbound(
     `security`: None for plain text (no CA), one InboundSecurity for every
     port, or one per port (see `security()`). Each port's chains are local
     mode's inbound listener for that port, keyed by the port: the same mTLS,
-    callers (RBAC) and x-forwarded-client-cert rules."""
+    callers (RBAC) and x-forwarded-client-cert rules. Ports no Service
+    declares are passed through to the app, under mTLS as well unless the
+    namespace is permissive (as Istio applies STRICT to passthrough)."""
     listener = listener_pb2.Listener(
         name=names.VIRTUAL_INBOUND,
         address=common.socket_address(ANY_ADDRESS, s.inbound_port),
         listener_filters=[_original_dst_filter()],
         traffic_direction=base_pb2.INBOUND,
     )
-    sniffed = []
+    sniffed: list[int] = []
+    declared: list[int] = []
     for number, protocol in inbound_ports(s, state, index):
+        declared.append(number)
         cluster = names.inbound_cluster(number)
         port_security = _security_of(number, security)
         template = listeners.inbound(
@@ -443,27 +456,68 @@ def virtual_inbound(
                 _port_match(template.default_filter_chain, number, f"{name}|plaintext")
             )
             sniffed.append(number)
-    if sniffed:
-        # Only where a chain depends on it: on other ports a server-first
-        # protocol (the client waits) would stall until the timeout.
-        listener.listener_filters.append(
-            listener_components_pb2.ListenerFilter(
-                name=listeners.TLS_INSPECTOR,
-                typed_config=common.typed(tls_inspector_pb2.TlsInspector()),
-                filter_disabled=listener_components_pb2.ListenerFilterChainMatchPredicate(
-                    not_match=_port_in(sniffed)
-                ),
+    passthrough = _tcp_proxy(names.INBOUND_PASSTHROUGH_CLUSTER)
+    if security is None:
+        inspect = None if not sniffed else _port_in(sniffed)
+        listener.default_filter_chain.CopyFrom(
+            listener_components_pb2.FilterChain(
+                name=INBOUND_PASSTHROUGH_CHAIN, filters=[passthrough]
             )
         )
+    elif passthrough_permissive(s, state):
+        # TLS or not decides, on any port not declared: the inspector runs
+        # there too (a server-first protocol waits out the timeout, then is
+        # served in plain text), and is off only on declared strict ports.
+        strict = [n for n in declared if n not in sniffed]
+        inspect = _ALL_PORTS if not strict else _not(_port_in(strict))
+        listener.filter_chains.append(
+            listener_components_pb2.FilterChain(
+                name=f"{INBOUND_PASSTHROUGH_CHAIN}|mtls",
+                filter_chain_match=listener_components_pb2.FilterChainMatch(
+                    transport_protocol="tls"
+                ),
+                filters=[passthrough],
+                transport_socket=tls.downstream(),
+            )
+        )
+        listener.default_filter_chain.CopyFrom(
+            listener_components_pb2.FilterChain(
+                name=f"{INBOUND_PASSTHROUGH_CHAIN}|plaintext", filters=[passthrough]
+            )
+        )
+    else:
+        inspect = None if not sniffed else _port_in(sniffed)
+        listener.default_filter_chain.CopyFrom(
+            listener_components_pb2.FilterChain(
+                name=f"{INBOUND_PASSTHROUGH_CHAIN}|mtls",
+                filters=[passthrough],
+                transport_socket=tls.downstream(),
+            )
+        )
+    if inspect is not None:
+        # Only where a chain depends on it: on other ports a server-first
+        # protocol (the client waits) would stall until the timeout.
+        inspector = listener_components_pb2.ListenerFilter(
+            name=listeners.TLS_INSPECTOR,
+            typed_config=common.typed(tls_inspector_pb2.TlsInspector()),
+        )
+        if inspect is not _ALL_PORTS:
+            inspector.filter_disabled.CopyFrom(_not(inspect))
+        listener.listener_filters.append(inspector)
         listener.listener_filters_timeout.CopyFrom(common.duration(_SNIFF_TIMEOUT_S))
         listener.continue_on_listener_filters_timeout = True
-    listener.default_filter_chain.CopyFrom(
-        listener_components_pb2.FilterChain(
-            name=INBOUND_PASSTHROUGH_CHAIN,
-            filters=[_tcp_proxy(names.INBOUND_PASSTHROUGH_CLUSTER)],
-        )
-    )
     return listener
+
+
+_ALL_PORTS = listener_components_pb2.ListenerFilterChainMatchPredicate(any_match=True)
+
+
+def _not(
+    predicate: listener_components_pb2.ListenerFilterChainMatchPredicate,
+) -> listener_components_pb2.ListenerFilterChainMatchPredicate:
+    if predicate.HasField("not_match"):
+        return predicate.not_match
+    return listener_components_pb2.ListenerFilterChainMatchPredicate(not_match=predicate)
 
 
 def own_clusters(

@@ -10,6 +10,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -26,6 +27,7 @@ HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 ROUTER = "envoy.filters.http.router"
 RBAC = "envoy.filters.http.rbac"
+NETWORK_RBAC = "envoy.filters.network.rbac"
 FAULT = "envoy.filters.http.fault"
 TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 
@@ -79,7 +81,10 @@ class InboundSecurity:
     allow: tuple[str, ...] | None = None
 
 
-def _rbac(allow: tuple[str, ...]) -> hcm_pb2.HttpFilter:
+def _rules(allow: tuple[str, ...]) -> rbac_pb2.RBAC:
+    """Admit callers whose certificate's URI SAN is one of `allow` (a
+    trailing "*" matches a prefix); with none listed, admit nobody: an ALLOW
+    policy without policies denies every request and connection."""
     principals = []
     for pattern in allow:
         matcher = (
@@ -92,7 +97,9 @@ def _rbac(allow: tuple[str, ...]) -> hcm_pb2.HttpFilter:
                 authenticated=rbac_pb2.Principal.Authenticated(principal_name=matcher)
             )
         )
-    rules = rbac_pb2.RBAC(
+    if not principals:
+        return rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW)
+    return rbac_pb2.RBAC(
         action=rbac_pb2.RBAC.ALLOW,
         policies={
             "shoal.io/allow": rbac_pb2.Policy(
@@ -100,8 +107,22 @@ def _rbac(allow: tuple[str, ...]) -> hcm_pb2.HttpFilter:
             )
         },
     )
+
+
+def _rbac(allow: tuple[str, ...]) -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(
-        name=RBAC, typed_config=common.typed(rbac_filter_pb2.RBAC(rules=rules))
+        name=RBAC, typed_config=common.typed(rbac_filter_pb2.RBAC(rules=_rules(allow)))
+    )
+
+
+def _network_rbac(allow: tuple[str, ...], stat_prefix: str) -> listener_components_pb2.Filter:
+    """The same callers for TCP: checked once per connection, before a byte
+    reaches the app."""
+    return listener_components_pb2.Filter(
+        name=NETWORK_RBAC,
+        typed_config=common.typed(
+            network_rbac_pb2.RBAC(stat_prefix=stat_prefix, rules=_rules(allow))
+        ),
     )
 
 
@@ -118,27 +139,32 @@ def inbound(
     filter chain chosen by sniffing the first bytes for a TLS handshake."""
     name = names.inbound_listener(sidecar.inbound_port)
     cluster = names.inbound_cluster(sidecar.app_port)
-    extra = [_rbac(security.allow)] if security is not None and security.allow is not None else []
-    chain_filter = (
-        _http_manager(
-            "inbound",
-            route_config=route_config,
-            before_router=extra,
-            tell_caller=security is not None,
-        )
-        if protocol.is_http
-        else _tcp_proxy("inbound", cluster)
-    )
+    allow = security.allow if security is not None else None
+    chain_filters: list[listener_components_pb2.Filter]
+    if protocol.is_http:
+        chain_filters = [
+            _http_manager(
+                "inbound",
+                route_config=route_config,
+                before_router=[_rbac(allow)] if allow is not None else [],
+                tell_caller=security is not None,
+            )
+        ]
+    else:
+        chain_filters = [
+            *([_network_rbac(allow, "inbound")] if allow is not None else []),
+            _tcp_proxy("inbound", cluster),
+        ]
     listener = listener_pb2.Listener(
         name=name,
         address=common.socket_address(sidecar.inbound_address, sidecar.inbound_port),
         traffic_direction=base_pb2.INBOUND,
     )
     if security is None:
-        listener.filter_chains.append(listener_components_pb2.FilterChain(filters=[chain_filter]))
+        listener.filter_chains.append(listener_components_pb2.FilterChain(filters=chain_filters))
         return listener
     mtls = listener_components_pb2.FilterChain(
-        name="inbound-mtls", filters=[chain_filter], transport_socket=tls.downstream()
+        name="inbound-mtls", filters=chain_filters, transport_socket=tls.downstream()
     )
     if not security.permissive:
         listener.filter_chains.append(mtls)
@@ -151,7 +177,7 @@ def inbound(
     )
     listener.filter_chains.append(mtls)
     listener.default_filter_chain.CopyFrom(
-        listener_components_pb2.FilterChain(name="inbound-plaintext", filters=[chain_filter])
+        listener_components_pb2.FilterChain(name="inbound-plaintext", filters=chain_filters)
     )
     return listener
 
