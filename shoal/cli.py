@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -170,6 +170,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         listener=metrics.XdsMetrics(metric_registry),
         trust_domain=options.trust_domain if certificates is not None else None,
         limits=options.limits,
+        still_trusted=(
+            (lambda pem: certificates.authority.signed_client(pem))
+            if certificates is not None
+            else None
+        ),
     )
     metric_registry.register(
         metrics.Gauges(
@@ -235,8 +240,14 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     actions: dict[str, admin.Action] = {}
     background: set[asyncio.Task[Any]] = set()
     shared_root: rotation_mod.SharedRoot | None = None
+
+    def revoke() -> None:
+        # The root these streams were authenticated under is no longer
+        # trusted: each must reconnect with a certificate of the new one.
+        ads.disconnect_all("the root that signed this proxy's certificate is no longer trusted")
+
     if certificates is not None and kube_api is not None and record is not None:
-        shared_root = _shared_root(kube_api, options, certificates)
+        shared_root = _shared_root(kube_api, options, certificates, revoke)
         shared_root.applied(record)
     if certificates is not None and options.ca_cert is None:
         rotation = rotation_mod.RootRotation(
@@ -245,6 +256,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             lambda: _held_for_rotation(ads),
             step_timeout=options.root_rotation_step_timeout,
             announce=shared_root.announce if shared_root is not None else None,
+            on_revoke=revoke,
             # Other replicas read the record every poll, then push.
             settle=2 * shared_root.poll + 1 if shared_root is not None else 0.0,
         )
@@ -254,7 +266,8 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             else None
         )
 
-        async def rotate_root(_: Mapping[str, str]) -> dict[str, Any]:
+        async def rotate_root(query: Mapping[str, str]) -> dict[str, Any]:
+            compromised = query.get("compromised", "") in ("1", "true", "yes")
             if rotation.running:
                 raise RuntimeError(
                     f"a root rotation is already running ({rotation.progress.phase})"
@@ -266,9 +279,9 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                         f"lease {LEADER_LEASE} is held by {holder}: a rotation runs once, "
                         "on the replica holding it"
                     )
+            run = rotation.run(compromised=compromised)
             task = asyncio.create_task(
-                _under_lease(lease, rotation.run()) if lease is not None else rotation.run(),
-                name="root-rotation",
+                _under_lease(lease, run) if lease is not None else run, name="root-rotation"
             )
             background.add(task)
             task.add_done_callback(background.discard)
@@ -285,12 +298,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         join_server = grpc.aio.server(options=join.server_options())
         join.register(join_server, join.CertificateService(lambda: certificates.authority, tokens))
         join_host, join_port = _host_port(options.join_address)
-        serving = certificates.authority.serving(
-            sorted({join_host, "localhost", "127.0.0.1", socket.gethostname(), *options.xds_hosts})
-        )
+        join_hosts = {join_host, "localhost", "127.0.0.1", socket.gethostname(), *options.xds_hosts}
+        join_hosts.discard("0.0.0.0")
         join_port = join_server.add_secure_port(
             f"{join_host}:{join_port}",
-            grpc.ssl_server_credentials([(serving.key_pem, serving.cert_pem)]),
+            serving_credentials(certificates, sorted(join_hosts), client_auth=False),
         )
         await join_server.start()
 
@@ -301,7 +313,10 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             if not spiffe.is_dns_label(namespace) or not spiffe.is_dns_subdomain(account):
                 raise ValueError(f"{namespace!r}/{account!r} is not a namespace/service account")
             ttl = _join_token_ttl(query.get("ttl", "600"))
-            token = tokens.mint(namespace, account, ttl)
+            try:
+                token = tokens.mint(namespace, account, ttl)
+            except join.TokenError as err:
+                raise RuntimeError(str(err)) from None
             log.info(
                 "join token minted for %s",
                 spiffe.workload_id(options.trust_domain, namespace, account),
@@ -444,7 +459,10 @@ def _replica_name() -> str:
 
 
 def _shared_root(
-    api: kube.Api, options: ServeOptions, certificates: workloads.WorkloadCertificates
+    api: kube.Api,
+    options: ServeOptions,
+    certificates: workloads.WorkloadCertificates,
+    revoke: Callable[[], None],
 ) -> rotation_mod.SharedRoot:
     namespace, name = api.endpoint.namespace, options.ca_secret
 
@@ -457,7 +475,9 @@ def _shared_root(
     async def write(data: dict[str, bytes], version: str) -> str:
         return await kube.replace_secret(api, namespace, name, data, version)
 
-    return rotation_mod.SharedRoot(certificates, read, write, where=f"Secret {namespace}/{name}")
+    return rotation_mod.SharedRoot(
+        certificates, read, write, where=f"Secret {namespace}/{name}", on_revoke=revoke
+    )
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
@@ -498,7 +518,8 @@ def load_authority(options: ServeOptions) -> ca.Authority:
         if created:
             log.info("created the mesh root CA in %s", options.state_dir / "ca")
     authority = ca.Authority(signer, trust_domain=options.trust_domain)
-    authority.retired = ca.load_retired(options.state_dir)
+    if options.ca_cert is None:
+        authority.retired = ca.load_retired(options.state_dir, signer)
     return authority
 
 
@@ -506,28 +527,43 @@ def xds_credentials(
     certificates: workloads.WorkloadCertificates, options: ServeOptions, host: str
 ) -> grpc.ServerCredentials:
     """TLS for xDS: the control plane's own certificate, and a client
-    certificate from the mesh CA required of every proxy. The accepted roots
-    follow a root rotation without a restart."""
-    authority = certificates.authority
+    certificate from the mesh CA required of every proxy."""
     hosts = {host, "localhost", "127.0.0.1", socket.gethostname(), *options.xds_hosts}
     hosts.discard("0.0.0.0")
-    # Signed by the oldest root still trusted, which every sidecar trusts.
-    signer = ca.Authority(authority.retired[0]) if authority.retired else authority
-    serving = signer.serving(sorted(hosts))
-    pairs = [(serving.key_pem, serving.cert_pem)]
-    current = [authority.xds_trust]
+    return serving_credentials(certificates, sorted(hosts), client_auth=True)
+
+
+def serving_credentials(
+    certificates: workloads.WorkloadCertificates, hosts: Sequence[str], *, client_auth: bool
+) -> grpc.ServerCredentials:
+    """The control plane's TLS, following the authority in force without a
+    restart: a new serving certificate (and trusted roots for client
+    certificates) after each step of a root rotation, checked at every new
+    connection's handshake."""
+
+    def configuration(authority: ca.Authority) -> grpc.ServerCertificateConfiguration:
+        serving = authority.serving(hosts)
+        return grpc.ssl_server_certificate_configuration(
+            [(serving.key_pem, serving.cert_pem)],
+            root_certificates=authority.xds_trust if client_auth else None,
+        )
+
+    # (authority, the xDS trust as configured): the trust also changes alone,
+    # when a retired root's window ends.
+    current = [(certificates.authority, certificates.authority.xds_trust)]
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        trust = certificates.authority.xds_trust
-        if trust == current[0]:
+        authority = certificates.authority
+        trust = authority.xds_trust
+        if (authority, trust) == current[0]:
             return None
-        current[0] = trust
-        return grpc.ssl_server_certificate_configuration(pairs, root_certificates=trust)
+        current[0] = (authority, trust)
+        return configuration(authority)
 
     return grpc.dynamic_ssl_server_credentials(
-        grpc.ssl_server_certificate_configuration(pairs, root_certificates=current[0]),
+        configuration(current[0][0]),
         fetch,  # type: ignore[arg-type]  # gRPC documents None as "no change"
-        require_client_authentication=True,
+        require_client_authentication=client_auth,
     )
 
 
@@ -943,6 +979,14 @@ def cmd_ca_join_token(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_rotate_root(args: argparse.Namespace) -> int:
+    if args.compromised:
+        _post(args.admin, "/ca/rotate-root?compromised=true")
+        print(
+            "root replaced after a compromise: nothing the old root signed is trusted any "
+            "more, and every proxy was disconnected.\nBootstrap every sidecar again "
+            "(`shoal bootstrap ...`, or a new join token) and restart its Envoy."
+        )
+        return 0
     _post(args.admin, "/ca/rotate-root")
     print("root rotation started: the new root is trusted beside the old one")
     if not args.wait:
@@ -1169,6 +1213,13 @@ def parser() -> argparse.ArgumentParser:
         help="new root trusted beside the old, workloads moved to it, then the old one dropped",
     )
     _admin_flag(rotate)
+    rotate.add_argument(
+        "--compromised",
+        action="store_true",
+        help="the root's key may be in other hands: replace it at once, trust nothing it "
+        "signed (also on the xDS channel), disconnect every proxy; sidecars must be "
+        "bootstrapped again",
+    )
     rotate.add_argument("--wait", action="store_true", help="until every step is done")
     rotate.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
     rotate.set_defaults(func=cmd_ca_rotate_root)

@@ -3,7 +3,6 @@ with mTLS, its xDS client certificate, key (0600) and the trust bundle."""
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +12,6 @@ from shoal.model import proxy
 from shoal.sds import ca
 from shoal.xds.translate import bootstrap
 
-# The xDS client certificate proves the sidecar's identity to the control
-# plane; workload certificates (short-lived) then come over SDS.
-BOOTSTRAP_TTL = datetime.timedelta(days=90)
 CERT, KEY, ROOTS = "xds-cert.pem", "xds-key.pem", "root-cert.pem"
 
 
@@ -32,7 +28,9 @@ def issue(authority: ca.Authority, s: proxy.Sidecar | proxy.CapturedSidecar) -> 
     cert = authority.issue(
         key.public_key(),
         uri=authority.spiffe_id(s.namespace, s.service_account),
-        ttl=BOOTSTRAP_TTL,
+        # It proves the sidecar to the control plane; workload certificates
+        # (short-lived) then come over SDS.
+        ttl=ca.BOOTSTRAP_TTL,
         server=False,
     )
     return XdsCredentials(cert, ca.key_pem(key), authority.xds_trust)

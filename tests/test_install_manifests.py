@@ -431,26 +431,34 @@ def test_the_state_dir_and_tmp_are_writable_volumes() -> None:
         assert not mounts[path].get("readOnly", False), path
 
 
-def test_the_service_exposes_xds_admin_and_webhook() -> None:
+def test_the_service_exposes_xds_and_the_webhook_only() -> None:
+    """Not the admin port: every Pod in the cluster could reach it through
+    the Service. Kubelet and Prometheus reach each replica directly."""
     service = _one("Service")
     ports = {p["port"]: p for p in service["spec"]["ports"]}
     assert {p: _resolve_port(s["targetPort"]) for p, s in ports.items()} == {
         15010: 15010,
-        15014: 15014,
         443: 15017,
     }
     assert ports[15010]["name"] == "grpc-xds" and ports[15010]["appProtocol"] == "grpc"
-    assert ports[15014]["name"] == "http-admin"
     assert ports[443]["name"] == "https-webhook"
     labels = _one("Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
 
 
-def test_the_container_ports_are_what_the_service_targets() -> None:
+def test_the_container_ports_are_what_the_service_targets_and_the_probes() -> None:
     service = _one("Service")
     targets = {_resolve_port(p["targetPort"]) for p in service["spec"]["ports"]}
-    assert set(_container_ports().values()) == targets
+    assert set(_container_ports().values()) == targets | {15014}
     assert _container_ports() == {"grpc-xds": 15010, "http-admin": 15014, "https-webhook": 15017}
+    annotations = _one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "15014"
+
+
+def test_the_admin_commands_find_the_socket_in_the_pod() -> None:
+    env = {e["name"]: e.get("value") for e in _container()["env"]}
+    state_dir = _flags(_container()["args"])["--state-dir"]
+    assert env[cli.ADMIN_ENV] == f"{state_dir}/{cli.ADMIN_SOCKET}"
 
 
 def test_the_disruption_budget_keeps_one_replica() -> None:

@@ -8,6 +8,7 @@ chain). Private keys never leave this module in logs or reprs.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import os
 from collections.abc import Callable, Sequence
@@ -15,12 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROOT_TTL = datetime.timedelta(days=3650)
 WORKLOAD_TTL = datetime.timedelta(hours=24)
+# A proxy's xDS client certificate (from `shoal bootstrap` or a join): what
+# proves it to the control plane, for this long. A root retired by a
+# rotation stays trusted for these certificates exactly as long as one
+# issued under it may still be valid.
+BOOTSTRAP_TTL = datetime.timedelta(days=90)
 # Certificates start slightly in the past: clocks of peers differ.
 BACKDATE = datetime.timedelta(minutes=5)
 
@@ -52,6 +59,26 @@ class KeyPair:
     @property
     def not_before(self) -> datetime.datetime:
         return self.cert.not_valid_before_utc
+
+
+@dataclass(frozen=True)
+class RetiredRoot:
+    """A root a rotation replaced. Its key is gone; what is left is its
+    certificate, trusted for the xDS client certificates issued under it
+    until `until`, and the root that replaced it certified by it (its key's
+    last signature), so sidecars that trust only the old root can still
+    verify the control plane."""
+
+    cert_pem: bytes
+    cross_pem: bytes
+
+    @functools.cached_property
+    def cert(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+    @functools.cached_property
+    def until(self) -> datetime.datetime:
+        return x509.load_pem_x509_certificate(self.cross_pem).not_valid_after_utc
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -108,7 +135,7 @@ class Authority:
         self._clock = clock
         # Roots no longer used in the mesh but still trusted on the xDS
         # channel, where sidecars bootstrapped under them still connect.
-        self.retired: tuple[KeyPair, ...] = ()
+        self.retired: tuple[RetiredRoot, ...] = ()
 
     def __repr__(self) -> str:
         return f"Authority({self._cert.subject.rfc4514_string()}, trust domain {self.trust_domain})"
@@ -128,10 +155,26 @@ class Authority:
         roots = [self.root_pem, *self._extra_roots]
         return b"".join(dict.fromkeys(roots))
 
+    def trusted_retired(self) -> tuple[RetiredRoot, ...]:
+        """Retired roots still within their window, oldest first."""
+        now = self._clock()
+        return tuple(r for r in self.retired if r.until > now)
+
+    def signed_client(self, cert_pem: bytes) -> bool:
+        """Whether a client certificate was issued by a key this authority
+        trusts for the xDS channel now (its signer, a root of the bundle, a
+        retired root in its window). TLS checked that when the connection was
+        made; a stream on a connection made before a compromise must not
+        ride on it."""
+        return _issued_by(cert_pem, self._xds_issuers())
+
+    def _xds_issuers(self) -> tuple[bytes, ...]:
+        return (self.signer.cert_pem, self.xds_trust)
+
     @property
     def xds_trust(self) -> bytes:
         """Roots the xDS channel accepts and that a sidecar's bootstrap trusts."""
-        retired = [r.cert_pem for r in self.retired]
+        retired = [r.cert_pem for r in self.trusted_retired()]
         return b"".join(dict.fromkeys([*retired, self.trust_bundle]))
 
     def _chain(self) -> bytes:
@@ -209,15 +252,54 @@ class Authority:
         return KeyPair(cert, key_pem(key))
 
     def serving(self, hosts: Sequence[str], ttl: datetime.timedelta = ROOT_TTL / 10) -> KeyPair:
-        """The control plane's own TLS certificate."""
+        """The control plane's own TLS certificate. Its chain climbs through
+        the cross-certificates of the retired roots still trusted (newest
+        first), so a sidecar bootstrapped under any of them verifies it."""
         dns = [h for h in hosts if not _is_ip(h)]
         ips = [h for h in hosts if _is_ip(h)]
         key = new_key()
         cert = self.issue(key.public_key(), dns=dns, ips=ips, ttl=ttl, client=False)
-        return KeyPair(cert, key_pem(key))
+        crosses = b"".join(r.cross_pem for r in reversed(self.trusted_retired()))
+        return KeyPair(cert + crosses, key_pem(key))
+
+    def retire(self, new_root: KeyPair, *, keep: datetime.timedelta = BOOTSTRAP_TTL) -> RetiredRoot:
+        """This authority's root, retired in favour of `new_root`: the new
+        root certified by this one, for as long as certificates issued
+        under this one may live (`keep`) and never past its own expiry."""
+        if self.signer.chain_pem:
+            raise CAError("a plug-in intermediate is not rotated by shoal")
+        new = new_root.cert
+        now = self._clock()
+        until = min(now + keep, self._cert.not_valid_after_utc)
+        cross = (
+            x509.CertificateBuilder()
+            .subject_name(new.subject)
+            .issuer_name(self._cert.subject)
+            .public_key(new.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(until)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_key_usage(ca=True), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(new.public_key()),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        return RetiredRoot(self.signer.cert_pem, cross.public_bytes(serialization.Encoding.PEM))
 
     def sign_csr(
-        self, csr_pem: bytes, *, expect_uri: str, ttl: datetime.timedelta = WORKLOAD_TTL
+        self,
+        csr_pem: bytes,
+        *,
+        expect_uri: str,
+        ttl: datetime.timedelta = WORKLOAD_TTL,
+        server: bool = True,
     ) -> bytes:
         """Sign a CSR whose key stays with its maker, for exactly one identity."""
         try:
@@ -236,7 +318,20 @@ class Authority:
         public_key = csr.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise CAError("only ECDSA P-256 keys are signed")
-        return self.issue(public_key, uri=expect_uri, ttl=ttl)
+        return self.issue(public_key, uri=expect_uri, ttl=ttl, server=server)
+
+
+@functools.lru_cache(maxsize=4096)
+def _issued_by(cert_pem: bytes, issuers: tuple[bytes, ...]) -> bool:
+    leaf = x509.load_pem_x509_certificate(cert_pem)
+    for pem in issuers:
+        for issuer in x509.load_pem_x509_certificates(pem):
+            try:
+                leaf.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return True
+    return False
 
 
 def _key_usage(*, ca: bool) -> x509.KeyUsage:
@@ -315,16 +410,53 @@ def load_or_create(
     return root, True
 
 
-def load_retired(state_dir: Path) -> tuple[KeyPair, ...]:
-    """Roots retired by a rotation, still valid, oldest first."""
-    folder = state_dir / "ca" / "retired"
+RETIRED = "retired"
+
+
+def load_retired(
+    state_dir: Path, current: KeyPair | None = None, *, clock: Clock = utcnow
+) -> tuple[RetiredRoot, ...]:
+    """Roots retired by rotations, oldest first, while still trusted.
+
+    A retired root's key is not kept. One left on disk by an older shoal is
+    used once, to certify `current` with it (that root's replacement may be
+    several rotations on: the chain through it still verifies), and deleted.
+    """
+    folder = state_dir / "ca" / RETIRED
     out = []
     for cert_path in sorted(folder.glob("*-cert.pem")) if folder.is_dir() else []:
-        key_path = cert_path.with_name(cert_path.name.replace("-cert.pem", "-key.pem"))
-        pair = KeyPair(cert_path.read_bytes(), key_path.read_bytes())
-        if pair.not_after > utcnow():
-            out.append(pair)
-    return tuple(sorted(out, key=lambda p: p.not_before))
+        serial = cert_path.name.removesuffix("-cert.pem")
+        cross_path, key_path = folder / f"{serial}-cross.pem", folder / f"{serial}-key.pem"
+        if key_path.exists():
+            if current is not None and not cross_path.exists():
+                old = KeyPair(cert_path.read_bytes(), key_path.read_bytes())
+                since = datetime.datetime.fromtimestamp(cert_path.stat().st_mtime, datetime.UTC)
+                window = max(BOOTSTRAP_TTL - (clock() - since), datetime.timedelta(0))
+                retired = Authority(old, clock=clock).retire(current, keep=window)
+                cross_path.write_bytes(retired.cross_pem)
+            key_path.unlink()
+        if not cross_path.exists():
+            continue
+        root = RetiredRoot(cert_path.read_bytes(), cross_path.read_bytes())
+        if root.until > clock():
+            out.append(root)
+    return tuple(sorted(out, key=lambda r: r.until))
+
+
+def save_retired(state_dir: Path, retired: RetiredRoot) -> None:
+    folder = state_dir / "ca" / RETIRED
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    serial = f"{retired.cert.serial_number:x}"
+    (folder / f"{serial}-cert.pem").write_bytes(retired.cert_pem)
+    (folder / f"{serial}-cross.pem").write_bytes(retired.cross_pem)
+
+
+def forget_retired(state_dir: Path) -> None:
+    """After a compromise: no root of before is trusted any more."""
+    folder = state_dir / "ca" / RETIRED
+    for path in folder.glob("*.pem") if folder.is_dir() else []:
+        path.unlink()
 
 
 def load_plugin(cert: Path, key: Path, chain: Path | None = None) -> KeyPair:

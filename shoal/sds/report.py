@@ -49,6 +49,11 @@ def status(
         "trust_domain": authority.trust_domain,
         "signer": _describe(authority.signer.cert),
         "roots": [_describe(r) for r in roots],
+        # Trusted for xDS client certificates only, until the window ends.
+        "retired": [
+            {**_describe(r.cert), "trusted_until": r.until.isoformat(timespec="seconds")}
+            for r in authority.trusted_retired()
+        ],
         "workload_ttl_s": certificates.ttl.total_seconds(),
         "renewals": certificates.renewals,
         "workloads": [

@@ -5,20 +5,25 @@
 2. Once every proxy holds it, workload certificates are re-issued by the new
    root; peers with either certificate trust each other meanwhile.
 3. Once every proxy holds a new certificate, the old root leaves the trust
-   bundle. It stays trusted on the xDS channel only (sidecars bootstrapped
-   under it still connect) and keeps signing the control plane's own serving
-   certificate, which those sidecars verify.
+   bundle. Its key then signs one last thing, the new root's certificate
+   (a cross-certificate, so sidecars that trust only the old root can still
+   verify the control plane), and is dropped. The old root stays trusted on
+   the xDS channel only, for as long as a bootstrap certificate issued under
+   it may still be valid (ca.BOOTSTRAP_TTL), and no longer.
 
 Each wait is bounded: a proxy that never catches up does not stall the
 rotation forever; it is logged.
+
+After a key compromise, `run(compromised=True)` replaces the root at once:
+nothing signed by the old root is trusted from then on, on the data plane
+or on the xDS channel; streams authenticated under it are closed; sidecars
+must be bootstrapped again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +34,6 @@ from cryptography.exceptions import InvalidSignature
 from shoal.sds import ca, workloads
 
 log = logging.getLogger(__name__)
-
-RETIRED = "retired"
 
 
 @dataclass
@@ -48,34 +51,41 @@ HeldFn = Callable[[], dict[str, tuple[bytes | None, bytes | None]]]
 # The phases of a rotation, in order, and what each one waits for.
 TRUSTING_BOTH, RE_ISSUING, DROPPING_OLD = "trusting-both", "re-issuing", "dropping-old"
 PHASES = (TRUSTING_BOTH, RE_ISSUING, DROPPING_OLD)
+# A rotation after a compromise has one step.
+REPLACING = "replacing-compromised"
 
 
 def phase_authority(
     phase: str,
     old: ca.KeyPair,
     new: ca.KeyPair,
-    retired: tuple[ca.KeyPair, ...],
+    retired: tuple[ca.RetiredRoot, ...],
     trust_domain: str,
+    retiring: ca.RetiredRoot | None = None,
 ) -> ca.Authority:
     """What signs and what is trusted in a phase. One function, so that the
     replica running a rotation and the replicas following it (Kubernetes
-    mode) install the very same authorities."""
+    mode) install the very same authorities. `retiring`: the old root as
+    DROPPING_OLD retires it (made once, by the replica rotating)."""
     if phase == TRUSTING_BOTH:
         authority = ca.Authority(old, trust_domain=trust_domain, extra_roots=[new.cert_pem])
     elif phase == RE_ISSUING:
         old_root = ca.Authority(old, trust_domain=trust_domain).root_pem
         authority = ca.Authority(new, trust_domain=trust_domain, extra_roots=[old_root])
     elif phase == DROPPING_OLD:
+        if retiring is None:
+            raise ValueError("dropping the old root needs it retired")
         authority = ca.Authority(new, trust_domain=trust_domain)
-        retired = (*retired, old)
+        retired = (*retired, retiring)
     else:
         raise ValueError(f"unknown root rotation phase {phase!r}")
     authority.retired = retired
     return authority
 
 
-# Told of each phase before this replica installs it: (phase, old, new).
-Announce = Callable[[str, ca.KeyPair, ca.KeyPair], Awaitable[None]]
+# Told of each phase before this replica installs it: (phase, old, new, the
+# old root retired at DROPPING_OLD); REPLACING with old None after a compromise.
+Announce = Callable[[str, ca.KeyPair | None, ca.KeyPair, ca.RetiredRoot | None], Awaitable[None]]
 
 
 class RootRotation:
@@ -86,6 +96,7 @@ class RootRotation:
         held: HeldFn,
         *,
         on_authority: Callable[[ca.Authority], None] = lambda _: None,
+        on_revoke: Callable[[], None] = lambda: None,
         announce: Announce | None = None,
         settle: float = 0.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -100,6 +111,7 @@ class RootRotation:
         self._certificates = certificates
         self._held = held
         self._on_authority = on_authority
+        self._on_revoke = on_revoke
         self._announce = announce
         self._settle = settle
         self._sleep = sleep
@@ -112,8 +124,10 @@ class RootRotation:
     def running(self) -> bool:
         return self._lock.locked()
 
-    async def run(self) -> Progress:
+    async def run(self, *, compromised: bool = False) -> Progress:
         async with self._lock:
+            if compromised:
+                return await self._replace()
             current = self._certificates.authority
             domain = current.trust_domain
             old, retired = current.signer, current.retired
@@ -129,22 +143,52 @@ class RootRotation:
                 RE_ISSUING: lambda _, cert: cert is not None and cert_signed_by(cert, new_root),
                 DROPPING_OLD: lambda bundle, _: bundle is not None and old_root not in bundle,
             }
+            retiring: ca.RetiredRoot | None = None
             for phase in PHASES:
                 self.progress.phase = phase
+                if phase == DROPPING_OLD:
+                    retiring = ca.Authority(old, trust_domain=domain).retire(new_root)
                 if self._announce is not None:
-                    await self._announce(phase, old, new_root)
+                    await self._announce(phase, old, new_root, retiring)
                 elif phase == DROPPING_OLD and self._dir is not None:
-                    self._persist(new_root, old)
+                    assert retiring is not None
+                    self._persist(new_root, retiring)
                 self._install(
-                    phase_authority(phase, old, new_root, retired, domain),
+                    phase_authority(phase, old, new_root, retired, domain, retiring),
                     reissue=phase == RE_ISSUING,
                 )
                 await self._wait(waits[phase])
                 if self._settle:
                     await self._sleep(self._settle)
             self.progress.phase = "done"
-            log.info("root rotation: done; the old root is trusted on the xDS channel only")
+            log.info(
+                "root rotation: done; the old root's key is gone, and the root is trusted "
+                "for xDS client certificates until %s",
+                retiring.until.isoformat(timespec="seconds") if retiring else "-",
+            )
             return self.progress
+
+    async def _replace(self) -> Progress:
+        """After a compromise: a new root in force at once, nothing of the
+        old one trusted, every workload certificate re-issued, every stream
+        authenticated under the old root closed."""
+        current = self._certificates.authority
+        new_root = ca.new_root(current.trust_domain)
+        self.progress = Progress(REPLACING, f"{new_root.cert.serial_number:x}")
+        log.warning(
+            "root rotation after a compromise: root %x replaced by %s; nothing it signed "
+            "is trusted any more, sidecars must be bootstrapped again",
+            current.signer.cert.serial_number,
+            self.progress.new_root_serial,
+        )
+        if self._announce is not None:
+            await self._announce(REPLACING, None, new_root, None)
+        elif self._dir is not None:
+            self._persist(new_root, None)
+        self._install(ca.Authority(new_root, trust_domain=current.trust_domain), reissue=True)
+        self._on_revoke()
+        self.progress.phase = "done"
+        return self.progress
 
     def _install(self, authority: ca.Authority, *, reissue: bool) -> None:
         self._certificates.set_authority(authority, reissue=reissue)
@@ -168,15 +212,15 @@ class RootRotation:
                 return
             await self._sleep(self._poll)
 
-    def _persist(self, new_root: ca.KeyPair, old: ca.KeyPair) -> None:
-        """The new root becomes the root on disk; the old one is retired."""
+    def _persist(self, new_root: ca.KeyPair, retiring: ca.RetiredRoot | None) -> None:
+        """The new root becomes the root on disk; the old one's key is gone,
+        and with a compromise, every root of before."""
         assert self._dir is not None
-        retired = self._dir / RETIRED
-        retired.mkdir(parents=True, exist_ok=True)
-        os.chmod(retired, 0o700)
-        serial = f"{old.cert.serial_number:x}"
-        shutil.copyfile(self._dir / ca.ROOT_CERT, retired / f"{serial}-cert.pem")
-        ca.write_private(retired / f"{serial}-key.pem", old.key_pem)
+        state_dir = self._dir.parent
+        if retiring is None:
+            ca.forget_retired(state_dir)
+        else:
+            ca.save_retired(state_dir, retiring)
         ca.write_private(self._dir / ca.ROOT_KEY, new_root.key_pem)
         (self._dir / ca.ROOT_CERT).write_bytes(new_root.cert_pem)
 
@@ -204,12 +248,13 @@ Write = Callable[[dict[str, bytes], str], Awaitable[str]]
 @dataclass(frozen=True)
 class RootRecord:
     """What the shared record says: the signing root, and during a rotation
-    its phase and the new root; roots retired by earlier rotations."""
+    its phase and the new root; roots retired by earlier rotations (their
+    certificates and cross-certificates: no retired key is kept)."""
 
     signer: ca.KeyPair
     phase: str = ""
     next: ca.KeyPair | None = None
-    retired: tuple[ca.KeyPair, ...] = ()
+    retired: tuple[ca.RetiredRoot, ...] = ()
 
     @property
     def signature(self) -> tuple[str, ...]:
@@ -217,7 +262,7 @@ class RootRecord:
             self.phase,
             self.signer.cert_pem.decode(),
             self.next.cert_pem.decode() if self.next else "",
-            *(r.cert_pem.decode() for r in self.retired),
+            *(r.cert_pem.decode() + r.cross_pem.decode() for r in self.retired),
         )
 
     def encode(self) -> dict[str, bytes]:
@@ -228,13 +273,14 @@ class RootRecord:
         for r in self.retired:
             serial = f"{r.cert.serial_number:x}"
             data[f"{_RETIRED_PREFIX}{serial}.crt"] = r.cert_pem
-            data[f"{_RETIRED_PREFIX}{serial}.key"] = r.key_pem
+            data[f"{_RETIRED_PREFIX}{serial}.cross"] = r.cross_pem
         return data
 
     @classmethod
     def decode(cls, data: dict[str, bytes], where: str) -> RootRecord:
         if SIGNER_CERT not in data or SIGNER_KEY not in data:
             raise ca.CAError(f"{where} lacks {SIGNER_CERT} or {SIGNER_KEY}")
+        signer = ca.KeyPair(data[SIGNER_CERT], data[SIGNER_KEY])
         phase = data.get(PHASE, b"").decode()
         following = None
         if phase:
@@ -243,16 +289,21 @@ class RootRecord:
             following = ca.KeyPair(data[NEXT_CERT], data[NEXT_KEY])
         retired = []
         for key in sorted(data):
-            if key.startswith(_RETIRED_PREFIX) and key.endswith(".crt"):
-                pair = ca.KeyPair(data[key], data.get(key[:-4] + ".key", b""))
-                if pair.not_after > ca.utcnow():
-                    retired.append(pair)
-        return cls(
-            ca.KeyPair(data[SIGNER_CERT], data[SIGNER_KEY]),
-            phase,
-            following,
-            tuple(sorted(retired, key=lambda p: p.not_before)),
-        )
+            if not (key.startswith(_RETIRED_PREFIX) and key.endswith(".crt")):
+                continue
+            stem = key[:-4]
+            if stem + ".cross" in data:
+                root = ca.RetiredRoot(data[key], data[stem + ".cross"])
+            elif stem + ".key" in data:
+                # Written by an older shoal, with the key: used once, to
+                # certify the signer; the next write leaves the key out.
+                old = ca.KeyPair(data[key], data[stem + ".key"])
+                root = ca.Authority(old).retire(signer)
+            else:
+                continue
+            if root.until > ca.utcnow():
+                retired.append(root)
+        return cls(signer, phase, following, tuple(sorted(retired, key=lambda r: r.until)))
 
     def authority(self, trust_domain: str) -> ca.Authority:
         if self.phase and self.next is not None:
@@ -276,24 +327,37 @@ class SharedRoot:
         where: str,
         poll: float = 2.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_revoke: Callable[[], None] = lambda: None,
     ) -> None:
+        """`on_revoke` is called when a root this replica trusted is no
+        longer trusted at all (a rotation after a compromise elsewhere)."""
         self._certificates = certificates
         self._read = read
         self._write = write
         self.where = where
         self.poll = poll
         self._sleep = sleep
+        self._on_revoke = on_revoke
         self._applied: tuple[str, ...] = ()
 
     def applied(self, record: RootRecord) -> None:
         """The record this replica's authority was built from."""
         self._applied = record.signature
 
-    async def announce(self, phase: str, old: ca.KeyPair, new: ca.KeyPair) -> None:
+    async def announce(
+        self,
+        phase: str,
+        old: ca.KeyPair | None,
+        new: ca.KeyPair,
+        retiring: ca.RetiredRoot | None = None,
+    ) -> None:
         data, version = await self._read()
         before = RootRecord.decode(data, self.where)
-        if phase == DROPPING_OLD:
-            record = RootRecord(new, retired=(*before.retired, old))
+        if phase == REPLACING or old is None:
+            record = RootRecord(new)
+        elif phase == DROPPING_OLD:
+            assert retiring is not None
+            record = RootRecord(new, retired=(*before.retired, retiring))
         else:
             record = RootRecord(old, phase, new, before.retired)
         await self._write(record.encode(), version)
@@ -328,5 +392,9 @@ class SharedRoot:
             record.phase or "in use",
             authority.signer.cert.serial_number,
         )
+        revoked = current.root_pem not in authority.xds_trust
         self._certificates.set_authority(authority, reissue=reissue)
         self._applied = record.signature
+        if revoked:
+            log.warning("root %x is no longer trusted at all", current.signer.cert.serial_number)
+            self._on_revoke()

@@ -84,10 +84,13 @@ class ClientStatus(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  # type:
         """None: may see every proxy (an admin, or a plain-text control plane)."""
         if self._ads.trust_domain is None:
             return None
+        refusal = ""
         try:
-            identity = spiffe.of_certificate(server.peer_uris(context), self._ads.trust_domain)
+            identity = self._ads.authenticate(context)
         except spiffe.IdentityError as err:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+            refusal = str(err)
+        if refusal:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
         return None if identity in self._admins else identity
 
     def _response(

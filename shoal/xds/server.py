@@ -141,6 +141,8 @@ class Connection:
     # The SPIFFE ID its client certificate proves (None without mTLS).
     identity: str | None = None
     admitted: bool = False
+    # Set when the stream must end: why.
+    revoked: str = ""
     # Types it asked for that are not served (bounded by Limits).
     unknown: set[str] = field(default_factory=set)
     # Bytes of every type's subscribed names.
@@ -201,16 +203,21 @@ class AdsServer:
         listener: Listener | None = None,
         trust_domain: str | None = None,
         limits: Limits = Limits(),
+        still_trusted: Callable[[bytes], bool] | None = None,
     ) -> None:
         """With `trust_domain`, every stream must prove a workload identity
         of that domain with its client certificate (mutual TLS); without it,
-        streams are anonymous (plain-text xDS, for debugging)."""
+        streams are anonymous (plain-text xDS, for debugging).
+        `still_trusted(client certificate PEM)` says whether the issuer of a
+        certificate is trusted now: a new stream may come on a connection
+        whose handshake was made under a root trusted no more."""
         self._cache = snapshots
         self._clock = clock
         self._write_timeout = write_timeout
         self._listener = listener or _NoListener()
         self.trust_domain = trust_domain
         self.limits = limits
+        self._still_trusted = still_trusted
         self._usage: dict[str, _Usage] = {}
         # Node id -> (the identity using it, its streams).
         self._node_owners: dict[str, tuple[str, int]] = {}
@@ -260,7 +267,7 @@ class AdsServer:
     async def _stream(self, requests: AsyncIterator[Any], context: Any, *, delta: bool) -> None:
         refusal: tuple[grpc.StatusCode, str] | None = None
         try:
-            identity = self._authenticate(context)
+            identity = self.authenticate(context)
         except spiffe.IdentityError as err:
             refusal = (grpc.StatusCode.UNAUTHENTICATED, str(err))
         if refusal is not None:
@@ -328,6 +335,8 @@ class AdsServer:
         failure: tuple[grpc.StatusCode, str] | None = None
         try:
             while True:
+                if conn.revoked:
+                    raise StreamError(grpc.StatusCode.UNAUTHENTICATED, conn.revoked)
                 while conn.inbox:
                     request = conn.inbox.popleft()
                     if request is _OVERFLOW:
@@ -358,12 +367,15 @@ class AdsServer:
 
     # -- who may have a stream ------------------------------------------------
 
-    def _authenticate(self, context: Any) -> str | None:
+    def authenticate(self, context: Any) -> str | None:
         """The workload identity of the stream's client certificate; with a
         trust domain, IdentityError unless it proves exactly one of ours."""
         if self.trust_domain is None:
             return None
-        return spiffe.of_certificate(peer_uris(context), self.trust_domain)
+        identity = spiffe.of_certificate(peer_uris(context), self.trust_domain)
+        if self._still_trusted is not None and not self._still_trusted(peer_pem(context)):
+            raise spiffe.IdentityError("the client certificate's issuer is no longer trusted")
+        return identity
 
     def _admit(self, conn: Connection) -> None:
         """Count the stream against its identity: refused past the cap, or
@@ -409,6 +421,14 @@ class AdsServer:
         usage.streams -= 1
         if not usage.streams:
             del self._usage[conn.identity]
+
+    def disconnect_all(self, reason: str) -> int:
+        """End every stream (UNAUTHENTICATED, with `reason`); proxies that
+        can, reconnect. How many there were."""
+        for conn in self.connections.values():
+            conn.revoked = reason
+            conn.wake.set()
+        return len(self.connections)
 
     def usage(self, identity: str) -> tuple[int, int]:
         """(streams, bytes of distinct subscriptions) of one identity."""
@@ -885,11 +905,17 @@ async def _refuse(context: Any, who: str, code: grpc.StatusCode, message: str) -
     raise AssertionError("abort returns only by raising")
 
 
-def peer_uris(context: Any) -> tuple[str, ...]:
-    """The URI SANs of the client certificate of a TLS stream (none without)."""
+def peer_pem(context: Any) -> bytes:
+    """The client certificate of a TLS stream, PEM (b"" without)."""
     auth = context.auth_context() or {}
     pems = auth.get("x509_pem_cert", ())
-    return _uris_of(bytes(pems[0])) if pems else ()
+    return bytes(pems[0]) if pems else b""
+
+
+def peer_uris(context: Any) -> tuple[str, ...]:
+    """The URI SANs of the client certificate of a TLS stream (none without)."""
+    pem = peer_pem(context)
+    return _uris_of(pem) if pem else ()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -505,6 +505,10 @@ async def test_a_root_rotation_runs_once_under_the_lease_and_every_replica_follo
     secret = emu.get("secrets", "shoal-ca", namespace=HOME)
     assert secret is not None
     assert "phase" not in secret["data"] and f"retired-{old_serial}.crt" in secret["data"]
+    # The old root's key is gone: what stays is its certificate, and the new
+    # root certified by it for sidecars that trust only the old one.
+    assert f"retired-{old_serial}.cross" in secret["data"]
+    assert not [k for k in secret["data"] if k.startswith("retired-") and k.endswith(".key")]
     for replica in (first, second):
         status = await replica.report("ca")
         assert status["signer"]["serial"] == new_serial, "every replica signs with the new root"
