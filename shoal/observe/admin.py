@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import json
+import logging
 import os
 import socket
 import struct
@@ -31,7 +32,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 Report = Callable[[], Any]
 # A report that takes the request's query parameters; None means "not found".
@@ -80,6 +81,28 @@ def host_allowed(host: str, names: Collection[str]) -> bool:
     except ValueError:
         return False
     return True
+
+
+class _BadRequests(logging.Filter):
+    """aiohttp answers a malformed request (an overlong line, a broken
+    header) with 400 and logs it as an error with a traceback: anyone who can
+    reach the port could fill the log. One line at warning is what it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "malformed HTTP request refused (%s): %s"
+            record.args = (exc.code, str(exc.message)[:200])
+        return True
+
+
+def quiet_bad_requests() -> None:
+    """Install the filter above (once) on aiohttp's server logger."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _BadRequests) for f in logger.filters):
+        logger.addFilter(_BadRequests())
 
 
 def _refused(status: int, reason: str) -> web.Response:
@@ -174,6 +197,7 @@ def app(
 
         return handle
 
+    quiet_bad_requests()
     application = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     roles: dict[str, Role] = {}
 

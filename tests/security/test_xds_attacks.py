@@ -63,11 +63,9 @@ def ads(
 async def refusal(client: AdsClient, type_url: str, names: list[str]) -> grpc.aio.AioRpcError:
     """How the server ended a stream it refuses: refused before it reads a
     request, the stream may be over before the client's write is."""
-    try:
+    # The write may fail on a call already over: its status is the server's.
+    with contextlib.suppress(grpc.aio.AioRpcError):
         await client.request(type_url, names)
-    except grpc.aio.AioRpcError:
-        # The write failed on a call already over: its status is the server's.
-        pass
     return await client.status()
 
 
