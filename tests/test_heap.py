@@ -57,7 +57,10 @@ def test_a_full_collection_reclaims_frozen_cycles(unfrozen: None) -> None:
         return weakref.ref(a)
 
     gc.collect()
-    alive = make_cycle()
+    held = make_cycle()()
+    gc.collect()  # the cycle is old now
+    alive = weakref.ref(held)
+    del held  # garbage, in the oldest generation
     keeper.note_growth()
     clock.now += 1
     keeper.settle()  # frozen with the cycle in it
@@ -70,6 +73,24 @@ def test_a_full_collection_reclaims_frozen_cycles(unfrozen: None) -> None:
     assert keeper.full_collections == 1
     assert alive() is None, "the frozen cycle is reclaimed"
     assert gc.get_freeze_count() > 0, "and the heap is frozen again"
+
+
+def test_garbage_a_burst_just_left_is_not_frozen(unfrozen: None) -> None:
+    clock = Clock()
+    keeper = heap.HeapKeeper(quiet=0.5, full_every=600, clock=clock)
+
+    class Node:
+        peer: object
+
+    a, b = Node(), Node()
+    a.peer, b.peer = b, a
+    alive = weakref.ref(a)
+    del a, b  # a closed stream's cycle, young
+    keeper.note_growth()
+    clock.now += 1
+    keeper.settle()
+    assert keeper.freezes == 1 and keeper.full_collections == 0
+    assert alive() is None, "collected before the freeze, not kept for ten minutes"
 
 
 def test_growth_is_seen_through_the_collectors_callbacks(unfrozen: None) -> None:
@@ -104,3 +125,35 @@ def test_malloc_is_tuned_on_glibc() -> None:
     # This machine is glibc (as is the control-plane image); elsewhere the
     # call says it did nothing rather than failing.
     assert heap.tune_malloc() is True
+
+
+class FakeMalloc(heap.Malloc):
+    def __init__(self) -> None:
+        self.trimmed = 0
+
+    def trim(self) -> None:
+        self.trimmed += 1
+
+
+def test_freed_memory_goes_back_at_quiet_moments() -> None:
+    clock, malloc = Clock(), FakeMalloc()
+    keeper = heap.HeapKeeper(quiet=0.5, trim_every=10, clock=clock, malloc=malloc)
+    keeper.settle()
+    assert malloc.trimmed == 0, "not more often than every trim_every seconds"
+    clock.now += 11
+    keeper.note_growth()
+    clock.now += 0.1
+    keeper.settle()
+    assert malloc.trimmed == 0, "not while the heap is busy"
+    clock.now += 1
+    keeper.settle()
+    assert malloc.trimmed == 1 and keeper.trims == 1
+    clock.now += 1
+    keeper.settle()
+    assert malloc.trimmed == 1
+
+
+def test_glibc_is_found_here() -> None:
+    malloc = heap.Malloc.of_libc()
+    assert malloc is not None
+    malloc.trim()

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 import grpc
 from cryptography import x509
@@ -71,7 +71,7 @@ class Limits:
     subscription_bytes: int = 4 << 20
     # Distinct subscriptions one identity's streams hold, in bytes: a fleet
     # of one identity asking for the same names counts them once.
-    identity_bytes: int = 32 << 20
+    identity_bytes: int = 8 << 20
     # Types a stream may ask for that the server does not serve.
     unknown_types: int = 8
     type_url_length: int = 256
@@ -265,27 +265,43 @@ class AdsServer:
         await self._stream(requests, context, delta=True)
 
     async def _stream(self, requests: AsyncIterator[Any], context: Any, *, delta: bool) -> None:
-        refusal: tuple[grpc.StatusCode, str] | None = None
+        """One stream, from its first request to its end. A refusal ends the
+        RPC with a status and a return, never by raising: an exception's
+        traceback would keep the request (megabytes, in C memory) alive in a
+        reference cycle until the next full garbage collection."""
+        conn, refusal = await self._open(requests, context, delta=delta)
+        if conn is None:
+            if refusal is not None:
+                _end(context, context.peer(), *refusal)
+            return
+        try:
+            refusal = await self._serve(conn, requests, context)
+        finally:
+            self._release(conn)
+        if refusal is not None:
+            _end(context, f"proxy {conn.node_id}", *refusal)
+
+    async def _open(
+        self, requests: AsyncIterator[Any], context: Any, *, delta: bool
+    ) -> tuple[Connection | None, tuple[grpc.StatusCode, str] | None]:
+        """The stream's connection, once its caller and first request pass;
+        or why not (None: the client left before asking anything)."""
         try:
             identity = self.authenticate(context)
         except spiffe.IdentityError as err:
-            refusal = (grpc.StatusCode.UNAUTHENTICATED, str(err))
-        if refusal is not None:
-            await _refuse(context, context.peer(), *refusal)
+            return None, (grpc.StatusCode.UNAUTHENTICATED, str(err))
         try:
             async with asyncio.timeout(self.limits.first_request_s):
                 first = await anext(aiter(requests))
         except StopAsyncIteration:
-            return
+            return None, None
         except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no first request within {self.limits.first_request_s:.0f}s",
-            )
+            reason = f"no first request within {self.limits.first_request_s:.0f}s"
+            return None, (grpc.StatusCode.DEADLINE_EXCEEDED, reason)
         node_id = first.node.id if first.HasField("node") else ""
         problem = _node_id_problem(node_id, self.limits.node_id_length)
         if problem is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            return None, (grpc.StatusCode.INVALID_ARGUMENT, problem)
         conn = Connection(
             stream_id=next(self._ids),
             node_id=node_id,
@@ -299,71 +315,67 @@ class AdsServer:
         try:
             self._admit(conn)
         except StreamError as err:
-            refusal = (err.code, str(err))
-        if refusal is not None:
-            await _refuse(context, f"proxy {node_id}", *refusal)
+            return None, (err.code, str(err))
         try:
-            try:
-                client = cache.Client(first.node, identity)
-                conn.watch = self._cache.watch(client, conn.wake)
-            except PermissionError as err:
-                refusal = (grpc.StatusCode.PERMISSION_DENIED, f"node {node_id}: {err}")
-            except ValueError as err:
-                refusal = (grpc.StatusCode.INVALID_ARGUMENT, f"node {node_id}: {err}")
-            if refusal is not None:
-                await _refuse(context, f"proxy {node_id}", *refusal)
-            assert conn.watch is not None
-            conn.key = conn.watch.key
-            self.connections[conn.stream_id] = conn
-            log.info(
-                "proxy %s connected (stream %d, %s, %s)",
-                printable(conn.node_id),
-                conn.stream_id,
-                "delta" if delta else "state of the world",
-                conn.peer,
-            )
-            await self._serve(conn, first, requests, context)
-        finally:
+            conn.watch = self._cache.watch(cache.Client(first.node, identity), conn.wake)
+        except PermissionError as err:
             self._release(conn)
+            return None, (grpc.StatusCode.PERMISSION_DENIED, f"node {node_id}: {err}")
+        except ValueError as err:
+            self._release(conn)
+            return None, (grpc.StatusCode.INVALID_ARGUMENT, f"node {node_id}: {err}")
+        conn.key = conn.watch.key
+        conn.inbox.append(first)
+        self.connections[conn.stream_id] = conn
+        log.info(
+            "proxy %s connected (stream %d, %s, %s)",
+            printable(conn.node_id),
+            conn.stream_id,
+            "delta" if delta else "state of the world",
+            conn.peer,
+        )
+        return conn, None
 
     async def _serve(
-        self, conn: Connection, first: Any, requests: AsyncIterator[Any], context: Any
-    ) -> None:
+        self, conn: Connection, requests: AsyncIterator[Any], context: Any
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """Answer requests and push changes until the client is done (None)
+        or the stream must end (its status)."""
         reader = asyncio.create_task(self._read(requests, conn))
-        conn.inbox.append(first)
         on_request = self._on_delta_request if conn.delta else self._on_sotw_request
-        failure: tuple[grpc.StatusCode, str] | None = None
         try:
             while True:
                 if conn.revoked:
-                    raise StreamError(grpc.StatusCode.UNAUTHENTICATED, conn.revoked)
+                    return grpc.StatusCode.UNAUTHENTICATED, conn.revoked
                 while conn.inbox:
                     request = conn.inbox.popleft()
                     if request is _OVERFLOW:
-                        raise StreamError(
+                        return (
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"more than {MAX_QUEUED_REQUESTS} requests queued without answer",
                         )
-                    on_request(conn, request)
+                    try:
+                        on_request(conn, request)
+                    except StreamError as err:
+                        return err.code, str(err)
+                    finally:
+                        del request
                 snapshot = conn.snapshot
                 if snapshot is not None:
-                    await self._send_pending(conn, snapshot, context)
+                    try:
+                        await self._send_pending(conn, snapshot, context)
+                    except StreamError as err:
+                        return err.code, str(err)
                 if conn.closed and not conn.inbox:
-                    return
+                    return None
                 await conn.wake.wait()
                 conn.wake.clear()
-        except StreamError as err:
-            # Only its text is kept: its traceback would hold the frames
-            # (and a request's worth of names) for as long as the call lives.
-            failure = (err.code, str(err))
         finally:
             reader.cancel()
             if conn.watch is not None:
                 self._cache.cancel(conn.watch)
             self.connections.pop(conn.stream_id, None)
             log.info("proxy %s disconnected (stream %d)", printable(conn.node_id), conn.stream_id)
-        if failure is not None:
-            await _refuse(context, f"proxy {conn.node_id}", *failure)
 
     # -- who may have a stream ------------------------------------------------
 
@@ -409,6 +421,13 @@ class AdsServer:
             self._set_names(conn, state, frozenset(), 0)
             conn.subscription_bytes -= state.held_bytes
             state.held_bytes = 0
+        # What the stream held goes now, by reference count: the connection
+        # itself may sit in a cycle (its tasks, its watch) that only a full
+        # collection reclaims, and the heap keeper freezes old objects.
+        conn.types.clear()
+        conn.inbox.clear()
+        conn.unknown.clear()
+        conn.watch = None
         if not conn.admitted or conn.identity is None:
             return
         conn.admitted = False
@@ -458,23 +477,32 @@ class AdsServer:
         limits: one object per distinct subscription (a thousand sidecars
         asking for the same names share one set, and the views and diffs
         memoized on it are found by identity)."""
+        # Sized first: a request past the limit is refused before a set of
+        # its names is made.
+        size = sum(map(len, names))
+        self._within_stream_limit(conn, state, size)
         wanted = self._subscriptions(names if isinstance(names, frozenset) else frozenset(names))
         if wanted is state.names:
             return
         self._set_names(conn, state, wanted, sum(map(len, wanted)))
+
+    def _within_stream_limit(self, conn: Connection, state: TypeState, size: int) -> None:
+        grown = conn.subscription_bytes - state.names_bytes + size
+        if size and grown > self.limits.subscription_bytes:
+            raise StreamError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"subscriptions of {grown} bytes (limit {self.limits.subscription_bytes} "
+                "per stream)",
+            )
 
     def _set_names(
         self, conn: Connection, state: TypeState, names: frozenset[str], size: int
     ) -> None:
         """Account for a new subscription: per stream, then per identity,
         where a subscription its other streams hold already costs nothing."""
+        if names:
+            self._within_stream_limit(conn, state, size)
         grown = conn.subscription_bytes - state.names_bytes + size
-        if names and grown > self.limits.subscription_bytes:
-            raise StreamError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"subscriptions of {grown} bytes (limit {self.limits.subscription_bytes} "
-                "per stream)",
-            )
         usage = self._usage.get(conn.identity) if conn.identity is not None else None
         if usage is not None:
             if names:
@@ -560,9 +588,8 @@ class AdsServer:
                 return  # stale: answers a response that has been superseded
             self._on_answer(conn, state, request)
         state.wildcard = wildcard
-        wanted = frozenset(names)
-        if state.names != wanted:
-            self._subscribe(conn, state, wanted)
+        if len(names) != len(state.names) or state.names != frozenset(names):
+            self._subscribe(conn, state, names)
 
     def _on_delta_request(self, conn: Connection, request: Any) -> None:
         type_url = request.type_url
@@ -899,10 +926,11 @@ class AdsServer:
 _OVERFLOW = object()
 
 
-async def _refuse(context: Any, who: str, code: grpc.StatusCode, message: str) -> NoReturn:
+def _end(context: Any, who: str, code: grpc.StatusCode, message: str) -> None:
+    """End the RPC with `code` once the handler returns (see _stream)."""
     log.warning("%s: %s", printable(who), printable(message, 1000))
-    await context.abort(code, message)
-    raise AssertionError("abort returns only by raising")
+    context.set_code(code)
+    context.set_details(message)
 
 
 def peer_pem(context: Any) -> bytes:

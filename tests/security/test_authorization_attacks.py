@@ -271,7 +271,11 @@ async def test_strict_covers_ports_no_service_declares_in_capture_mode(
             stderr=asyncio.subprocess.DEVNULL,
         )
         proc = envoy.EnvoyProcess(
-            config, admin_port, shared / "envoy.log", prefix=pod_network.as_proxy()
+            config,
+            admin_port,
+            shared / "envoy.log",
+            prefix=pod_network.as_proxy(),
+            executable=netns.proxy_executable(shared),
         )
         await proc.start()
 
