@@ -991,6 +991,10 @@ async def start_shoal(registry: Path, logs: Path, args: argparse.Namespace) -> S
         f"127.0.0.1:{admin}",
         "--state-dir",
         str(logs / "state"),
+        # Every simulated proxy is default/default: one identity for the
+        # whole fleet, past the default cap on one identity's streams.
+        "--max-streams-per-identity",
+        "1000000",
     ]
     if args.xds_security == "insecure":
         argv.append("--insecure-xds")

@@ -655,6 +655,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_socket=Path(args.admin_socket) if args.admin_socket else None,
         admin_hosts=tuple(args.admin_host),
         admin_identities=tuple(args.admin_identity),
+        limits=dataclasses.replace(
+            server.Limits(), streams_per_identity=args.max_streams_per_identity
+        ),
     )
     for identity in options.admin_identities:
         namespace, _, account = identity.partition("/")
@@ -1116,6 +1119,15 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="a name callers of --admin-address may use in Host (IP addresses and "
         "localhost always work; other names are refused, against DNS rebinding)",
+    )
+    serve.add_argument(
+        "--max-streams-per-identity",
+        type=int,
+        default=server.Limits().streams_per_identity,
+        metavar="N",
+        help="concurrent xDS streams one workload identity may hold (default "
+        f"{server.Limits().streams_per_identity}; raise it for a larger fleet of one "
+        "service account)",
     )
     serve.add_argument(
         "--admin-identity",
