@@ -232,10 +232,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             # The authority now: a root rotation replaces it.
             certificates.authority,
             certificates,
-            {
-                c.node_id: status.held_secret(c, "default")
-                for c in sorted(ads.connections.values(), key=lambda c: c.stream_id)
-            },
+            _held(ads, "default"),
         )
     actions: dict[str, admin.Action] = {}
     background: set[asyncio.Task[Any]] = set()
@@ -268,7 +265,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
 
         async def rotate_root(query: Mapping[str, str]) -> dict[str, Any]:
             compromised = query.get("compromised", "") in ("1", "true", "yes")
-            if rotation.running:
+            if rotation.running and not compromised:
                 raise RuntimeError(
                     f"a root rotation is already running ({rotation.progress.phase})"
                 )
@@ -279,7 +276,20 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                         f"lease {LEADER_LEASE} is held by {holder}: a rotation runs once, "
                         "on the replica holding it"
                     )
-            run = rotation.run(compromised=compromised)
+            if compromised:
+                # At once, and only said done once it is: a rotation under
+                # way is given up (its new root was never the only one).
+                for running in [t for t in background if t.get_name() == "root-rotation"]:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
+                try:
+                    run = rotation.run(compromised=True)
+                    done = await (_under_lease(lease, run) if lease is not None else run)
+                except (kube.ApiError, aiohttp.ClientError, OSError) as err:
+                    raise RuntimeError(f"the root was not replaced: {err}") from None
+                return {"started": True, "phase": done.phase, "root": done.new_root_serial}
+            run = rotation.run()
             task = asyncio.create_task(
                 _under_lease(lease, run) if lease is not None else run, name="root-rotation"
             )
@@ -346,7 +356,12 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     tasks = [
         asyncio.create_task(ctl.run(), name="controller"),
         *(
-            [asyncio.create_task(certificates.run(), name="certificates")]
+            [
+                asyncio.create_task(certificates.run(), name="certificates"),
+                # Streams whose certificate expired, or whose root's window
+                # ended, while they were open.
+                asyncio.create_task(ads.keep_checking(), name="stream-certificates"),
+            ]
             if certificates is not None
             else []
         ),
@@ -567,22 +582,30 @@ def serving_credentials(
     )
 
 
+def _held(ads: server.AdsServer, secret: str) -> dict[str, bytes | None]:
+    """A secret each proxy holds, by a name unique to it (status.names)."""
+    named = status.names(ads)
+    return {
+        named[c.stream_id]: status.held_secret(c, secret)
+        for c in sorted(ads.connections.values(), key=lambda c: c.stream_id)
+    }
+
+
 def _held_for_rotation(
     ads: server.AdsServer,
 ) -> dict[str, tuple[bytes | None, bytes | None]]:
-    out: dict[str, tuple[bytes | None, bytes | None]] = {}
-    for conn in ads.connections.values():
-        bundle = status.held_secret(conn, "ROOTCA")
-        cert = status.held_secret(conn, "default")
-        out[conn.node_id] = (bundle, report.chain_of_secret(cert) if cert else None)
-    return out
+    bundles, certs = _held(ads, "ROOTCA"), _held(ads, "default")
+    return {
+        name: (bundles[name], report.chain_of_secret(cert) if cert else None)
+        for name, cert in certs.items()
+    }
 
 
 def _config_dump(ads: server.AdsServer, query: Mapping[str, str]) -> Any:
     proxy_id = query.get("proxy")
     if not proxy_id:
-        raise ValueError("name a proxy: /debug/config_dump?proxy=ID")
-    conn = status.find(ads, proxy_id)
+        raise ValueError("name a proxy: /debug/config_dump?proxy=ID[&identity=NS/SA]")
+    conn = status.find(ads, proxy_id, query.get("identity", ""))
     return status.config_dump(conn) if conn is not None else None
 
 
@@ -874,7 +897,7 @@ def format_proxy_status(proxies: list[dict[str, Any]]) -> str:
             x["type"] == "SDS" and x["status"] != "NOT SENT" for p in proxies for x in p["types"]
         )
     ]
-    header = ["NAME", "CLUSTER", "MODE", *shown_types, "MESH", "CONNECTED"]
+    header = ["NAME", "CLUSTER", "MODE", *shown_types, "MESH", "CONNECTED", "IDENTITY"]
     rows = [header]
     errors = []
     for p in proxies:
@@ -889,7 +912,7 @@ def format_proxy_status(proxies: list[dict[str, Any]]) -> str:
                         f"{p['id']}: {t} version {x['sent']} rejected: {x['error']}", 2000
                     )
                 )
-        cells += [p["mesh"], f"{p['connected_s']:.0f}s"]
+        cells += [p["mesh"], f"{p['connected_s']:.0f}s", p.get("identity") or "-"]
         rows.append(_safe_cells([str(c) for c in cells]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -983,11 +1006,13 @@ def cmd_ca_join_token(args: argparse.Namespace) -> int:
 
 def cmd_ca_rotate_root(args: argparse.Namespace) -> int:
     if args.compromised:
-        _post(args.admin, "/ca/rotate-root?compromised=true")
+        done: dict[str, Any] = _post(args.admin, "/ca/rotate-root?compromised=true")
         print(
-            "root replaced after a compromise: nothing the old root signed is trusted any "
-            "more, and every proxy was disconnected.\nBootstrap every sidecar again "
-            "(`shoal bootstrap ...`, or a new join token) and restart its Envoy."
+            f"root replaced after a compromise (new root {done['root']}): the control plane "
+            "trusts nothing the old root signed, and every proxy was disconnected.\n"
+            "Sidecars still trust the old root for traffic between them until they are "
+            "bootstrapped again: bootstrap every sidecar again now (`shoal bootstrap ...`, "
+            "or a new join token) and restart its Envoy."
         )
         return 0
     _post(args.admin, "/ca/rotate-root")
@@ -1010,7 +1035,9 @@ def cmd_ca_rotate_root(args: argparse.Namespace) -> int:
 
 
 def cmd_config_dump(args: argparse.Namespace) -> int:
-    query = urllib.parse.urlencode({"proxy": args.proxy})
+    query = urllib.parse.urlencode(
+        {"proxy": args.proxy, **({"identity": args.identity} if args.identity else {})}
+    )
     dump: dict[str, Any] = _fetch(args.admin, f"/debug/config_dump?{query}")
     if args.type:
         dump["types"] = {k: v for k, v in dump["types"].items() if k == args.type.upper()}
@@ -1202,6 +1229,11 @@ def parser() -> argparse.ArgumentParser:
         "proxy", help="proxy id as proxy-status shows it, or a part of it naming one proxy"
     )
     dump.add_argument("--type", choices=["cds", "eds", "lds", "rds", "sds"], help="only one type")
+    dump.add_argument(
+        "--identity",
+        metavar="NS/SA",
+        help="the proxy of this identity, where proxies of several identities use one node id",
+    )
     _admin_flag(dump)
     dump.set_defaults(func=cmd_config_dump)
 

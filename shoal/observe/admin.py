@@ -14,8 +14,8 @@ directory (0600), every caller is an admin: the operating system has
 authenticated it (the socket's mode, and the peer's uid checked with
 SO_PEERCRED). On TCP (`--admin-address`) every caller is anonymous, and
 requests are refused unless their Host is an IP address, `localhost` or a
-name the operator listed, and their Origin (if any) is such a host: a web
-page in a browser can neither reach the API by a name that rebinds to
+name the operator listed, and their Origin (if any) is that same host: a
+web page in a browser can neither reach the API by a name that rebinds to
 127.0.0.1 nor send it cross-origin requests.
 """
 
@@ -138,7 +138,7 @@ def app(
             if not host_allowed(request.host, names):
                 return _refused(421, f"Host {request.host[:100]!r} is not served here")
             origin = request.headers.get("Origin")
-            if origin is not None and not host_allowed(urlsplit(origin).netloc, names):
+            if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
                 return _refused(403, "cross-origin requests are refused")
         if request.content_length is not None and request.content_length > MAX_BODY:
             return _refused(413, f"request bodies are limited to {MAX_BODY} bytes")

@@ -161,11 +161,15 @@ class Authority:
         return tuple(r for r in self.retired if r.until > now)
 
     def signed_client(self, cert_pem: bytes) -> bool:
-        """Whether a client certificate was issued by a key this authority
-        trusts for the xDS channel now (its signer, a root of the bundle, a
-        retired root in its window). TLS checked that when the connection was
-        made; a stream on a connection made before a compromise must not
-        ride on it."""
+        """Whether a client certificate is valid now and was issued by a key
+        this authority trusts for the xDS channel now (its signer, a root of
+        the bundle, a retired root in its window). TLS checked that when the
+        connection was made; a stream on a connection made before a
+        compromise, or before the certificate expired, must not ride on it."""
+        not_before, not_after = _validity(cert_pem)
+        now = self._clock()
+        if not not_before <= now <= not_after:
+            return False
         return _issued_by(cert_pem, self._xds_issuers())
 
     def _xds_issuers(self) -> tuple[bytes, ...]:
@@ -319,6 +323,12 @@ class Authority:
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise CAError("only ECDSA P-256 keys are signed")
         return self.issue(public_key, uri=expect_uri, ttl=ttl, server=server)
+
+
+@functools.lru_cache(maxsize=4096)
+def _validity(cert_pem: bytes) -> tuple[datetime.datetime, datetime.datetime]:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
 @functools.lru_cache(maxsize=4096)

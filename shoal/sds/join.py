@@ -16,8 +16,10 @@ from __future__ import annotations
 import collections
 import datetime
 import hashlib
+import ipaddress
 import logging
 import secrets
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -131,7 +133,18 @@ class FailedJoins:
 
 
 def _address(peer: str) -> str:
-    """`ipv4:1.2.3.4:5678` -> `ipv4:1.2.3.4`: failures count per address."""
+    """Whose failures count together: `ipv4:1.2.3.4:5678` -> `ipv4:1.2.3.4`;
+    an IPv6 peer by its /64 (one host may have a whole /64 to rotate its
+    source addresses through)."""
+    scheme, _, rest = peer.partition(":")
+    if scheme == "ipv6":
+        rest = urllib.parse.unquote(rest)
+        host = rest.rsplit(":", 1)[0].strip("[]").split("%")[0]
+        try:
+            network = ipaddress.IPv6Network(f"{host}/64", strict=False)
+        except ValueError:
+            return peer
+        return f"ipv6:{network}"
     return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
 
 

@@ -23,6 +23,7 @@ must be bootstrapped again.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -255,6 +256,9 @@ class RootRecord:
     phase: str = ""
     next: ca.KeyPair | None = None
     retired: tuple[ca.RetiredRoot, ...] = ()
+    # The record still had a retired root's key (written by an older shoal):
+    # it should be written again, without it.
+    legacy: bool = False
 
     @property
     def signature(self) -> tuple[str, ...]:
@@ -288,6 +292,7 @@ class RootRecord:
                 raise ca.CAError(f"{where}: rotation phase {phase!r} without a new root")
             following = ca.KeyPair(data[NEXT_CERT], data[NEXT_KEY])
         retired = []
+        legacy = False
         for key in sorted(data):
             if not (key.startswith(_RETIRED_PREFIX) and key.endswith(".crt")):
                 continue
@@ -295,15 +300,14 @@ class RootRecord:
             if stem + ".cross" in data:
                 root = ca.RetiredRoot(data[key], data[stem + ".cross"])
             elif stem + ".key" in data:
-                # Written by an older shoal, with the key: used once, to
-                # certify the signer; the next write leaves the key out.
-                old = ca.KeyPair(data[key], data[stem + ".key"])
-                root = ca.Authority(old).retire(signer)
+                legacy = True
+                root = _migrated(ca.KeyPair(data[key], data[stem + ".key"]), signer)
             else:
                 continue
             if root.until > ca.utcnow():
                 retired.append(root)
-        return cls(signer, phase, following, tuple(sorted(retired, key=lambda r: r.until)))
+        retired.sort(key=lambda r: r.until)
+        return cls(signer, phase, following, tuple(retired), legacy)
 
     def authority(self, trust_domain: str) -> ca.Authority:
         if self.phase and self.next is not None:
@@ -311,6 +315,23 @@ class RootRecord:
         authority = ca.Authority(self.signer, trust_domain=trust_domain)
         authority.retired = self.retired
         return authority
+
+
+_MIGRATED: dict[tuple[bytes, bytes], ca.RetiredRoot] = {}
+
+
+def _migrated(old: ca.KeyPair, signer: ca.KeyPair) -> ca.RetiredRoot:
+    """A root an older shoal retired with its key: certified once (per
+    process) for the signer, for the window that began when the signer was
+    made; so every read of the record gives the same, and no read extends
+    how long the old root is trusted."""
+    key = (old.cert_pem, signer.cert_pem)
+    found = _MIGRATED.get(key)
+    if found is None:
+        until = signer.not_before + ca.BOOTSTRAP_TTL
+        keep = max(until - ca.utcnow(), datetime.timedelta(0))
+        found = _MIGRATED[key] = ca.Authority(old).retire(signer, keep=keep)
+    return found
 
 
 class SharedRoot:
@@ -369,10 +390,15 @@ class SharedRoot:
         failing = False
         while True:
             try:
-                data, _ = await self._read()
+                data, version = await self._read()
                 record = RootRecord.decode(data, self.where)
                 if record.signature != self._applied:
                     self._install(record)
+                if record.legacy:
+                    # Written again without the retired key (if nobody wrote
+                    # meanwhile: the write is conditional on the version).
+                    await self._write(record.encode(), version)
+                    log.info("%s: the retired root's key is no longer kept", self.where)
                 failing = False
             except Exception as err:  # the API server may be away; keep the last root
                 if not failing:

@@ -115,9 +115,11 @@ class ClientStatus(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  # type:
     async def StreamClientStatus(
         self, requests: AsyncIterator[csds_pb2.ClientStatusRequest], context: Any
     ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
-        caller = await self._caller(context)
         async for request in requests:
-            yield self._response(request, caller)
+            # Checked at every request: a stream may outlive its caller's
+            # trust (a root replaced after a compromise, an expired
+            # certificate).
+            yield self._response(request, await self._caller(context))
 
 
 def register(

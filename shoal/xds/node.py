@@ -8,6 +8,7 @@ of truth for the service account.
 from __future__ import annotations
 
 import ipaddress
+import math
 from typing import Any
 
 from shoal import spiffe, terminal
@@ -42,7 +43,9 @@ def _port(fields: Any, key: str) -> int:
     number = value.number_value if value.HasField("number_value") else None
     if number is None and value.HasField("string_value") and value.string_value.isdigit():
         number = int(value.string_value)
-    if number is None or number != int(number) or not 1 <= number <= 65535:
+    if number is None or not math.isfinite(number) or number != int(number):
+        raise ValueError(f"node metadata {key} is not a port number")
+    if not 1 <= number <= 65535:
         raise ValueError(f"node metadata {key} is not a port number")
     return int(number)
 

@@ -58,20 +58,39 @@ MAX_NAME_LENGTH = 1024
 _EMPTY = cache.View("", ())
 
 
+# What Python holds for one name of a subscription besides its characters
+# (the str object, a set slot): names are charged their bytes plus this, so
+# the limits below are memory, however short the names.
+NAME_COST = 64
+# A NACK's error text is kept (for proxy-status) and logged up to this long.
+MAX_ERROR = 4096
+
+
+def names_cost(names: Collection[str]) -> int:
+    return sum(map(len, names)) + NAME_COST * len(names)
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one stream, and one identity's streams together, may make the
-    control plane hold. The README's Security section lists them."""
+    control plane hold and do. The README's Security section lists them."""
 
     # A stream that has not sent its first request by then is closed.
     first_request_s: float = 30.0
-    # Concurrent streams of one identity (a Deployment's Pods share one).
+    # Concurrent streams of one identity, from the moment its certificate
+    # is checked (a Deployment's Pods share one identity).
     streams_per_identity: int = 1024
-    # Names one stream subscribes to, of every type, in bytes.
-    subscription_bytes: int = 4 << 20
-    # Distinct subscriptions one identity's streams hold, in bytes: a fleet
-    # of one identity asking for the same names counts them once.
-    identity_bytes: int = 8 << 20
+    # What one stream subscribes to (every type) and a delta client says it
+    # holds, as names_cost.
+    subscription_bytes: int = 8 << 20
+    # The same, of every stream of an identity together, counting what
+    # several hold (a fleet asking for the same names) once.
+    identity_bytes: int = 16 << 20
+    # Names an identity's streams may make the server go through (in
+    # requests, and in subscriptions a request changes) per second, and
+    # in a burst: past it, that identity's requests wait their turn.
+    names_per_second: int = 2_000_000
+    names_burst: int = 10_000_000
     # Types a stream may ask for that the server does not serve.
     unknown_types: int = 8
     type_url_length: int = 256
@@ -80,12 +99,15 @@ class Limits:
 
 @dataclass
 class _Usage:
-    """One identity's streams and the distinct subscriptions they hold."""
+    """One identity's streams, the distinct things they hold, and the names
+    they may still go through before they wait."""
 
     streams: int = 0
-    # id of an interned subscription -> (references, bytes)
+    # id of an interned subscription or held view -> (references, cost)
     held: dict[int, tuple[int, int]] = field(default_factory=dict)
-    bytes: int = 0
+    cost: int = 0
+    tokens: float = 0.0
+    refilled: float = 0.0
 
 
 @dataclass
@@ -107,9 +129,12 @@ class TypeState:
     error: str = ""
     # Delta: subscribed names already reported as absent.
     told_absent: frozenset[str] = frozenset()
-    # The size of `names`, and of the held view a delta client announced.
-    names_bytes: int = 0
-    held_bytes: int = 0
+    # What `names` costs (names_cost), charged to the stream.
+    names_cost: int = 0
+    # The view a delta client said it held when it (re)connected, while it
+    # is charged to the stream (until the first response replaces it).
+    announced: cache.View | None = None
+    announced_cost: int = 0
 
     @property
     def in_flight(self) -> bool:
@@ -138,15 +163,16 @@ class Connection:
     inbox: collections.deque[Any] = field(default_factory=collections.deque)
     closed: bool = False
     watch: cache.Watch | None = None
-    # The SPIFFE ID its client certificate proves (None without mTLS).
+    # The SPIFFE ID its client certificate proves (None without mTLS), and
+    # the certificate (PEM), checked again while the stream lives.
     identity: str | None = None
-    admitted: bool = False
+    certificate: bytes = b""
     # Set when the stream must end: why.
     revoked: str = ""
     # Types it asked for that are not served (bounded by Limits).
     unknown: set[str] = field(default_factory=set)
-    # Bytes of every type's subscribed names.
-    subscription_bytes: int = 0
+    # What its subscriptions and announced views cost (names_cost).
+    cost: int = 0
 
     @property
     def snapshot(self) -> cache.Snapshot | None:
@@ -219,8 +245,10 @@ class AdsServer:
         self.limits = limits
         self._still_trusted = still_trusted
         self._usage: dict[str, _Usage] = {}
-        # Node id -> (the identity using it, its streams).
-        self._node_owners: dict[str, tuple[str, int]] = {}
+        self._monotonic = time.monotonic
+        # Moves when what is trusted changes: a stream that waited for its
+        # first request meanwhile is checked again.
+        self._trust_generation = 0
         self._ids = itertools.count(1)
         self.connections: dict[int, Connection] = {}
         self.nacks_total = 0
@@ -269,27 +297,41 @@ class AdsServer:
         RPC with a status and a return, never by raising: an exception's
         traceback would keep the request (megabytes, in C memory) alive in a
         reference cycle until the next full garbage collection."""
-        conn, refusal = await self._open(requests, context, delta=delta)
-        if conn is None:
-            if refusal is not None:
-                _end(context, context.peer(), *refusal)
-            return
-        try:
-            refusal = await self._serve(conn, requests, context)
-        finally:
-            self._release(conn)
-        if refusal is not None:
-            _end(context, f"proxy {conn.node_id}", *refusal)
-
-    async def _open(
-        self, requests: AsyncIterator[Any], context: Any, *, delta: bool
-    ) -> tuple[Connection | None, tuple[grpc.StatusCode, str] | None]:
-        """The stream's connection, once its caller and first request pass;
-        or why not (None: the client left before asking anything)."""
         try:
             identity = self.authenticate(context)
         except spiffe.IdentityError as err:
-            return None, (grpc.StatusCode.UNAUTHENTICATED, str(err))
+            _end(context, context.peer(), grpc.StatusCode.UNAUTHENTICATED, str(err))
+            return
+        # Counted from now: a stream waiting for its first request is one too.
+        if not self._admit(identity):
+            _end(
+                context,
+                context.peer(),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{identity} already has {self.limits.streams_per_identity} streams (the limit)",
+            )
+            return
+        conn: Connection | None = None
+        try:
+            conn, refusal = await self._open(requests, context, identity, delta=delta)
+            if conn is None:
+                if refusal is not None:
+                    _end(context, context.peer(), *refusal)
+                return
+            refusal = await self._serve(conn, requests, context)
+            if refusal is not None:
+                _end(context, f"proxy {conn.node_id}", *refusal)
+        finally:
+            if conn is not None:
+                self._release(conn)
+            self._discharge(identity)
+
+    async def _open(
+        self, requests: AsyncIterator[Any], context: Any, identity: str | None, *, delta: bool
+    ) -> tuple[Connection | None, tuple[grpc.StatusCode, str] | None]:
+        """The stream's connection, once its first request passes; or why
+        not (None: the client left before asking anything)."""
+        generation = self._trust_generation
         try:
             async with asyncio.timeout(self.limits.first_request_s):
                 first = await anext(aiter(requests))
@@ -298,6 +340,12 @@ class AdsServer:
         except TimeoutError:
             reason = f"no first request within {self.limits.first_request_s:.0f}s"
             return None, (grpc.StatusCode.DEADLINE_EXCEEDED, reason)
+        if generation != self._trust_generation:
+            # What is trusted changed while it waited (a root replaced).
+            try:
+                self.authenticate(context)
+            except spiffe.IdentityError as err:
+                return None, (grpc.StatusCode.UNAUTHENTICATED, str(err))
         node_id = first.node.id if first.HasField("node") else ""
         problem = _node_id_problem(node_id, self.limits.node_id_length)
         if problem is not None:
@@ -311,18 +359,13 @@ class AdsServer:
             delta=delta,
             connected_at=self._clock(),
             identity=identity,
+            certificate=peer_pem(context),
         )
-        try:
-            self._admit(conn)
-        except StreamError as err:
-            return None, (err.code, str(err))
         try:
             conn.watch = self._cache.watch(cache.Client(first.node, identity), conn.wake)
         except PermissionError as err:
-            self._release(conn)
             return None, (grpc.StatusCode.PERMISSION_DENIED, f"node {node_id}: {err}")
         except ValueError as err:
-            self._release(conn)
             return None, (grpc.StatusCode.INVALID_ARGUMENT, f"node {node_id}: {err}")
         conn.key = conn.watch.key
         conn.inbox.append(first)
@@ -354,12 +397,19 @@ class AdsServer:
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"more than {MAX_QUEUED_REQUESTS} requests queued without answer",
                         )
+                    wait = self._spend(conn, _work(conn, request))
+                    if wait:
+                        # This identity went through its names for now: its
+                        # requests wait their turn, and nobody else's do.
+                        await asyncio.sleep(wait)
                     try:
                         on_request(conn, request)
                     except StreamError as err:
                         return err.code, str(err)
                     finally:
                         del request
+                if conn.revoked:
+                    continue
                 snapshot = conn.snapshot
                 if snapshot is not None:
                     try:
@@ -381,78 +431,96 @@ class AdsServer:
 
     def authenticate(self, context: Any) -> str | None:
         """The workload identity of the stream's client certificate; with a
-        trust domain, IdentityError unless it proves exactly one of ours."""
+        trust domain, IdentityError unless it proves exactly one of ours,
+        issued by a key trusted now, and valid now."""
         if self.trust_domain is None:
             return None
         identity = spiffe.of_certificate(peer_uris(context), self.trust_domain)
         if self._still_trusted is not None and not self._still_trusted(peer_pem(context)):
-            raise spiffe.IdentityError("the client certificate's issuer is no longer trusted")
+            raise spiffe.IdentityError(
+                "the client certificate is not valid now or its issuer is no longer trusted"
+            )
         return identity
 
-    def _admit(self, conn: Connection) -> None:
-        """Count the stream against its identity: refused past the cap, or
-        when its node id is in use by another identity (proxy-status, config
-        dumps and the CA's holder map are all by node id)."""
-        if conn.identity is None:
-            return
-        usage = self._usage.setdefault(conn.identity, _Usage())
+    def _admit(self, identity: str | None) -> bool:
+        """Count a stream against its identity; False past the cap."""
+        if identity is None:
+            return True
+        usage = self._usage.get(identity)
+        if usage is None:
+            now = self._monotonic()
+            usage = self._usage[identity] = _Usage(tokens=self.limits.names_burst, refilled=now)
         if usage.streams >= self.limits.streams_per_identity:
-            if not usage.streams:
-                del self._usage[conn.identity]
-            raise StreamError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{conn.identity} already has {usage.streams} streams "
-                f"(limit {self.limits.streams_per_identity})",
-            )
-        owner, count = self._node_owners.get(conn.node_id, (conn.identity, 0))
-        if owner != conn.identity:
-            if not usage.streams:
-                del self._usage[conn.identity]
-            raise StreamError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"node id {conn.node_id!r} is in use by another identity",
-            )
-        self._node_owners[conn.node_id] = (owner, count + 1)
+            return False
         usage.streams += 1
-        conn.admitted = True
+        return True
+
+    def _discharge(self, identity: str | None) -> None:
+        if identity is None:
+            return
+        usage = self._usage[identity]
+        usage.streams -= 1
+        if not usage.streams:
+            del self._usage[identity]
 
     def _release(self, conn: Connection) -> None:
+        """Let go of everything the stream holds, now: the connection itself
+        may sit in a cycle (its tasks, its watch) that only a full collection
+        reclaims, and the heap keeper freezes old objects."""
         for state in conn.types.values():
-            self._set_names(conn, state, frozenset(), 0)
-            conn.subscription_bytes -= state.held_bytes
-            state.held_bytes = 0
-        # What the stream held goes now, by reference count: the connection
-        # itself may sit in a cycle (its tasks, its watch) that only a full
-        # collection reclaims, and the heap keeper freezes old objects.
+            self._set_names(conn, state, frozenset())
+            self._announce(conn, state, None)
         conn.types.clear()
         conn.inbox.clear()
         conn.unknown.clear()
         conn.watch = None
-        if not conn.admitted or conn.identity is None:
-            return
-        conn.admitted = False
-        owner, count = self._node_owners[conn.node_id]
-        if count <= 1:
-            del self._node_owners[conn.node_id]
-        else:
-            self._node_owners[conn.node_id] = (owner, count - 1)
-        usage = self._usage[conn.identity]
-        usage.streams -= 1
-        if not usage.streams:
-            del self._usage[conn.identity]
+
+    def recheck(self) -> int:
+        """End streams whose client certificate has expired, or whose issuer
+        is trusted no more (a retired root's window ended); how many."""
+        ended = 0
+        if self._still_trusted is None:
+            return ended
+        for conn in self.connections.values():
+            if conn.certificate and not conn.revoked and not self._still_trusted(conn.certificate):
+                conn.revoked = "the client certificate expired, or its issuer is no longer trusted"
+                conn.wake.set()
+                ended += 1
+        return ended
+
+    async def keep_checking(self, every: float = 60.0) -> None:
+        """`recheck` every `every` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(every)
+            self.recheck()
 
     def disconnect_all(self, reason: str) -> int:
-        """End every stream (UNAUTHENTICATED, with `reason`); proxies that
-        can, reconnect. How many there were."""
+        """End every stream (UNAUTHENTICATED, with `reason`), and check the
+        certificates of streams still opening again; proxies that can,
+        reconnect. How many there were."""
+        self._trust_generation += 1
         for conn in self.connections.values():
             conn.revoked = reason
             conn.wake.set()
         return len(self.connections)
 
     def usage(self, identity: str) -> tuple[int, int]:
-        """(streams, bytes of distinct subscriptions) of one identity."""
+        """(streams, cost of what they hold) of one identity."""
         found = self._usage.get(identity)
-        return (found.streams, found.bytes) if found is not None else (0, 0)
+        return (found.streams, found.cost) if found is not None else (0, 0)
+
+    def _spend(self, conn: Connection, work: int) -> float:
+        """Take `work` names from the identity's allowance; seconds to wait
+        before going on (0: at once)."""
+        usage = self._usage.get(conn.identity) if conn.identity is not None else None
+        if usage is None or not work:
+            return 0.0
+        now = self._monotonic()
+        rate = self.limits.names_per_second
+        usage.tokens = min(self.limits.names_burst, usage.tokens + (now - usage.refilled) * rate)
+        usage.refilled = now
+        usage.tokens -= work
+        return 0.0 if usage.tokens >= 0 else -usage.tokens / rate
 
     async def _read(self, requests: AsyncIterator[Any], conn: Connection) -> None:
         try:
@@ -472,59 +540,80 @@ class AdsServer:
 
     # -- requests ------------------------------------------------------------
 
-    def _subscribe(self, conn: Connection, state: TypeState, names: Iterable[str]) -> None:
+    def _subscribe(self, conn: Connection, state: TypeState, names: Collection[str]) -> None:
         """Make `names` what the stream subscribes to of the type, within its
         limits: one object per distinct subscription (a thousand sidecars
         asking for the same names share one set, and the views and diffs
         memoized on it are found by identity)."""
-        # Sized first: a request past the limit is refused before a set of
+        # Costed first: a request past the limit is refused before a set of
         # its names is made.
-        size = sum(map(len, names))
-        self._within_stream_limit(conn, state, size)
+        self._within_stream_limit(conn, names_cost(names) - state.names_cost)
         wanted = self._subscriptions(names if isinstance(names, frozenset) else frozenset(names))
-        if wanted is state.names:
-            return
-        self._set_names(conn, state, wanted, sum(map(len, wanted)))
+        if wanted is not state.names:
+            self._set_names(conn, state, wanted)
 
-    def _within_stream_limit(self, conn: Connection, state: TypeState, size: int) -> None:
-        grown = conn.subscription_bytes - state.names_bytes + size
-        if size and grown > self.limits.subscription_bytes:
+    def _within_stream_limit(self, conn: Connection, more: int) -> None:
+        if more > 0 and conn.cost + more > self.limits.subscription_bytes:
             raise StreamError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"subscriptions of {grown} bytes (limit {self.limits.subscription_bytes} "
-                "per stream)",
+                f"subscriptions of {conn.cost + more} bytes (names and {NAME_COST} per name; "
+                f"limit {self.limits.subscription_bytes} per stream)",
             )
 
-    def _set_names(
-        self, conn: Connection, state: TypeState, names: frozenset[str], size: int
-    ) -> None:
-        """Account for a new subscription: per stream, then per identity,
-        where a subscription its other streams hold already costs nothing."""
-        if names:
-            self._within_stream_limit(conn, state, size)
-        grown = conn.subscription_bytes - state.names_bytes + size
+    def _set_names(self, conn: Connection, state: TypeState, names: frozenset[str]) -> None:
+        """Replace a type's subscription, charged to the stream and (once per
+        distinct set) to its identity; refused, nothing changes."""
+        cost = names_cost(names)
+        self._within_stream_limit(conn, cost - state.names_cost)
+        self._replace(conn, (state.names, state.names_cost), (names, cost))
+        state.names, state.names_cost = names, cost
+
+    def _announce(self, conn: Connection, state: TypeState, view: cache.View | None) -> None:
+        """What a delta client said it holds (its initial_resource_versions),
+        charged like a subscription while it is what the stream holds."""
+        cost = 0
+        if view is not None:
+            cost = sum(len(r.name) + len(r.version) + 2 * NAME_COST for r in view.own)
+        self._within_stream_limit(conn, cost - state.announced_cost)
+        self._replace(conn, (state.announced, state.announced_cost), (view, cost))
+        state.announced, state.announced_cost = view, cost
+
+    def _replace(self, conn: Connection, old: tuple[object, int], new: tuple[object, int]) -> None:
+        """Charge `new` in place of `old`; if `new` is refused, `old` stays."""
+        self._uncharge(conn, *old)
+        try:
+            self._charge(conn, *new)
+        except StreamError:
+            self._charge(conn, *old, check=False)
+            raise
+
+    def _charge(self, conn: Connection, held: object, cost: int, *, check: bool = True) -> None:
+        if held is None or not cost:
+            return
         usage = self._usage.get(conn.identity) if conn.identity is not None else None
         if usage is not None:
-            if names:
-                refs, _ = usage.held.get(id(names), (0, size))
-                if not refs and usage.bytes + size > self.limits.identity_bytes:
-                    raise StreamError(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"{conn.identity}'s streams hold {usage.bytes} bytes of distinct "
-                        f"subscriptions; {size} more exceed the limit of "
-                        f"{self.limits.identity_bytes}",
-                    )
-                usage.held[id(names)] = (refs + 1, size)
-                usage.bytes += 0 if refs else size
-            if state.names:
-                refs, old = usage.held.pop(id(state.names), (1, 0))
-                if refs > 1:
-                    usage.held[id(state.names)] = (refs - 1, old)
-                else:
-                    usage.bytes -= old
-        conn.subscription_bytes = grown
-        state.names = names
-        state.names_bytes = size
+            refs, _ = usage.held.get(id(held), (0, cost))
+            if check and not refs and usage.cost + cost > self.limits.identity_bytes:
+                raise StreamError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{conn.identity}'s streams hold {usage.cost} bytes of distinct "
+                    f"subscriptions; {cost} more exceed the limit of {self.limits.identity_bytes}",
+                )
+            usage.held[id(held)] = (refs + 1, cost)
+            usage.cost += 0 if refs else cost
+        conn.cost += cost
+
+    def _uncharge(self, conn: Connection, held: object, cost: int) -> None:
+        if held is None or not cost:
+            return
+        usage = self._usage.get(conn.identity) if conn.identity is not None else None
+        if usage is not None:
+            refs, charged = usage.held.pop(id(held), (1, 0))
+            if refs > 1:
+                usage.held[id(held)] = (refs - 1, charged)
+            else:
+                usage.cost -= charged
+        conn.cost -= cost
 
     def _serves(self, conn: Connection, type_url: str) -> bool:
         """Whether this server serves the type; an unknown one is noted once,
@@ -606,20 +695,14 @@ class AdsServer:
             if request.initial_resource_versions:
                 versions = request.initial_resource_versions
                 _check_names(versions)
-                size = sum(map(len, versions)) + sum(map(len, versions.values()))
-                if conn.subscription_bytes + size > self.limits.subscription_bytes:
-                    raise StreamError(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"initial_resource_versions of {size} bytes (limit "
-                        f"{self.limits.subscription_bytes} per stream)",
-                    )
+                cost = sum(map(len, versions)) + sum(map(len, versions.values()))
+                self._within_stream_limit(conn, cost + 2 * NAME_COST * len(versions))
                 held = cache.make_view(
                     cache.Resource(type_url, name, b"", version)
                     for name, version in versions.items()
                 )
                 state.held = self._held_views.setdefault(f"{type_url}|{held.version}", held)
-                state.held_bytes = size
-                conn.subscription_bytes += size
+                self._announce(conn, state, state.held)
         # Subscription changes are deltas and apply whatever the nonce; only
         # the ACK or NACK is tied to the latest response.
         if request.response_nonce and request.response_nonce == state.nonce:
@@ -653,21 +736,24 @@ class AdsServer:
         state.pending = None
         now = self._clock()
         if request.HasField("error_detail"):
+            error = request.error_detail.message[:MAX_ERROR]
             if state.nacked_version != state.sent_version:
                 self.nacks_total += 1
                 self._listener.nacked(state.type_url)
                 log.error(
                     "proxy %s rejected %s version %s: %s",
-                    conn.node_id,
+                    printable(conn.node_id),
                     resources.short(state.type_url),
                     state.sent_version,
-                    request.error_detail.message,
+                    printable(error, 1000),
                 )
             state.nacked_version = state.sent_version
-            state.error = request.error_detail.message
+            state.error = error
             return
         if sent is not None:
             state.held = sent
+            if state.announced is not None:
+                self._announce(conn, state, None)
         state.acked_version = state.held.version
         state.acked_at = now
         state.error = ""
@@ -955,6 +1041,19 @@ def _uris_of(pem: bytes) -> tuple[str, ...]:
     except x509.ExtensionNotFound:
         return ()
     return tuple(str(u) for u in sans.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def _work(conn: Connection, request: Any) -> int:
+    """Names a request makes the server go through: those it carries, and
+    for a delta subscription change, the subscription it rebuilds."""
+    if request is _OVERFLOW:
+        return 0
+    if not conn.delta:
+        return len(request.resource_names)
+    changed = len(request.resource_names_subscribe) + len(request.resource_names_unsubscribe)
+    state = conn.types.get(request.type_url)
+    rebuilt = len(state.names) if changed and state is not None else 0
+    return changed + rebuilt + len(request.initial_resource_versions)
 
 
 def _node_id_problem(node_id: str, limit: int) -> str | None:

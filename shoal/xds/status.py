@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from google.protobuf import json_format
 
+from shoal import spiffe
 from shoal.xds import cache, resources, server
 
 SYNCED = "SYNCED"
@@ -80,6 +81,29 @@ def type_status(conn: server.Connection, type_url: str) -> TypeStatus:
     )
 
 
+def identity_of(conn: server.Connection) -> str:
+    """`namespace/service-account` of the stream's certificate ("" without)."""
+    if conn.identity is None:
+        return ""
+    _, namespace, account = spiffe.parse(conn.identity)
+    return f"{namespace}/{account}"
+
+
+def names(ads: server.AdsServer) -> dict[int, str]:
+    """A name per stream that no other identity's stream shares: the node id,
+    and where proxies of several identities use one node id (a node id is
+    what a proxy says it is), the identity too."""
+    by_id: dict[str, set[str]] = {}
+    for conn in ads.connections.values():
+        by_id.setdefault(conn.node_id, set()).add(identity_of(conn))
+    return {
+        conn.stream_id: conn.node_id
+        if len(by_id[conn.node_id]) == 1
+        else f"{conn.node_id} [{identity_of(conn)}]"
+        for conn in ads.connections.values()
+    }
+
+
 def proxies(ads: server.AdsServer, now: float | None = None) -> list[dict[str, object]]:
     """One entry per connected stream, sorted by proxy id."""
     now = time.time() if now is None else now
@@ -89,6 +113,7 @@ def proxies(ads: server.AdsServer, now: float | None = None) -> list[dict[str, o
         out.append(
             {
                 "id": conn.node_id,
+                "identity": identity_of(conn),
                 "cluster": conn.cluster,
                 "stream": conn.stream_id,
                 "peer": conn.peer,
@@ -105,20 +130,29 @@ def proxies(ads: server.AdsServer, now: float | None = None) -> list[dict[str, o
     return out
 
 
-def find(ads: server.AdsServer, proxy_id: str) -> server.Connection | None:
+class Ambiguous(ValueError):
+    """More than one proxy answers to that name."""
+
+
+def find(ads: server.AdsServer, proxy_id: str, identity: str = "") -> server.Connection | None:
     """The newest stream of a proxy: by exact id, else by a part of the id
-    (`frontend-1`, `sidecar~demo~front`) that names one proxy only."""
+    (`frontend-1`, `sidecar~demo~front`) that names one proxy only; of the
+    `identity` given (`namespace/service-account`) when proxies of several
+    identities use that id. Ambiguous says which to choose from."""
     conns = sorted(ads.connections.values(), key=lambda c: c.stream_id)
+    if identity:
+        conns = [c for c in conns if identity_of(c) == identity]
     for matches in (
         lambda c: c.node_id == proxy_id,
         lambda c: c.node_id.startswith(proxy_id),
         lambda c: proxy_id in c.node_id,
     ):
         found = [c for c in conns if matches(c)]
-        if len({c.node_id for c in found}) == 1:
+        if len({(c.node_id, identity_of(c)) for c in found}) == 1:
             return found[-1]
         if found:
-            return None  # ambiguous
+            choices = sorted({f"{c.node_id} ({identity_of(c)})" for c in found})
+            raise Ambiguous(f"{proxy_id!r} names {len(choices)} proxies: {', '.join(choices)}")
     return None
 
 
@@ -150,6 +184,7 @@ def config_dump(conn: server.Connection) -> dict[str, object]:
         }
     return {
         "id": conn.node_id,
+        "identity": identity_of(conn),
         "stream": conn.stream_id,
         "mode": "delta" if conn.delta else "sotw",
         "types": types,

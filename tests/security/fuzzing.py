@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import math
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -373,10 +374,20 @@ def discovery_requests(draw: st.DrawFn, *, delta: bool) -> list[Any]:
         namespace,
         draw(st.sampled_from(["web", "db", "web.v2", "UPPER"])),
     )
-    if draw(st.booleans()):
-        node_.metadata.fields[
-            draw(st.sampled_from(list(node_.metadata.fields)))
-        ].string_value = draw(hostile_text)
+    for _ in range(draw(st.integers(0, 2))):
+        field = node_.metadata.fields[draw(st.sampled_from(list(node_.metadata.fields)))]
+        if draw(st.booleans()):
+            field.string_value = draw(hostile_text)
+        else:
+            # Ports as numbers: infinities, NaN, fractions, huge and negative.
+            field.number_value = draw(
+                st.one_of(
+                    st.sampled_from(
+                        [math.inf, -math.inf, math.nan, 1e300, -1.0, 0.5, 0.0, 65536.0, 2.0**63]
+                    ),
+                    st.floats(allow_nan=True, allow_infinity=True),
+                )
+            )
     out = []
     for i in range(draw(st.integers(1, 6))):
         type_url = draw(st.one_of(st.sampled_from(TYPES), hostile_text))

@@ -176,13 +176,15 @@ metadata: {{name: demo{notes}}}
 """
 
 
-def _captured_db(folder: Path, *, namespace_mode: str | None = None) -> model.MeshState:
+def _captured_db(
+    folder: Path, *, namespace_mode: str | None = None, allow: str | None = "demo/web"
+) -> model.MeshState:
     notes = f", annotations: {{shoal.io/mtls: {namespace_mode}}}" if namespace_mode else ""
     write(folder, "pod.yaml", POD.format(notes=notes))
     write(
         folder,
         "db.yaml",
-        service("db", "tcp-db", 5432, "demo/web").replace(
+        service("db", "tcp-db", 5432, allow).replace(
             '  - addresses: ["127.0.0.1"]',
             f'  - addresses: ["{POD_IP}"]\n    targetRef: {{kind: Pod, name: db-1}}',
         ),
@@ -221,22 +223,23 @@ def pod_network() -> Iterator[netns.PodNetwork]:
 
 
 @pytest.mark.parametrize(
-    ("namespace_mode", "plain_text_served"),
-    [(None, False), ("permissive", True)],
-    ids=["strict", "permissive"],
+    ("namespace_mode", "allow", "others_served"),
+    [(None, "demo/web", False), ("permissive", None, True)],
+    ids=["strict-with-allow", "permissive-without-allow"],
 )
 async def test_strict_covers_ports_no_service_declares_in_capture_mode(
     registry_dir: Path,
     pod_network: netns.PodNetwork,
     namespace_mode: str | None,
-    plain_text_served: bool,
+    allow: str | None,
+    others_served: bool,
 ) -> None:
     """Found: STRICT did not cover undeclared ports in capture mode; they went
     to a plain-text passthrough chain. Here with real capture: the control
     plane, the app and Envoy (as the proxy's user) in a network namespace of
     the test's, iptables sending every connection to the Pod's IP to
     virtualInbound. The app listens on a port no Service declares."""
-    _captured_db(registry_dir, namespace_mode=namespace_mode)
+    _captured_db(registry_dir, namespace_mode=namespace_mode, allow=allow)
     shared = Path(tempfile.mkdtemp(prefix="shoal-pod-"))
     os.chmod(shared, 0o755)
     serve = ServeProcess(
@@ -283,22 +286,49 @@ async def test_strict_covers_ports_no_service_declares_in_capture_mode(
             dump = await pod_network.call(lambda: _fetch(admin_port, "/listeners"))
             return names.VIRTUAL_INBOUND in dump
 
+        authority = serve.authority()
+        web = authority.workload("demo", "web")
+
+        async def served_over_mtls() -> bool:
+            # Once the listener and the secrets of its chains are in place.
+            try:
+                reply = await pod_network.call(
+                    lambda: _mtls_reply(
+                        POD_IP, UNDECLARED, web, authority.trust_bundle, shared / "c"
+                    )
+                )
+            except (OSError, ssl.SSLError):
+                return False
+            return reply.startswith(b"HTTP/1.0 200")
+
         try:
             await eventually(inbound_active, 60)
+            await eventually(served_over_mtls, 60)
         except AssertionError as err:
             log = (shared / "envoy.log").read_text()[-3000:]
             raise AssertionError(f"{err}; Envoy's log:\n{log}\n{''.join(serve.output)}") from None
-        authority = serve.authority()
-        web = authority.workload("demo", "web")
-        served = await pod_network.call(
-            lambda: _mtls_reply(POD_IP, UNDECLARED, web, authority.trust_bundle, shared / "c")
-        )
-        assert served.startswith(b"HTTP/1.0 200"), served
-        plain = await pod_network.call(lambda: _plain_reply(POD_IP, UNDECLARED))
-        if plain_text_served:
-            assert plain is not None and plain.startswith(b"HTTP/1.0 200"), plain
-        else:
-            assert plain == b"", plain
+        # With `allow` on db, an identity it does not name gets nothing from
+        # the ports it does not declare either; nor does plain text, which
+        # has no identity. Without, PERMISSIVE lets both through.
+        intruder = authority.workload("demo", "intruder")
+
+        def intruder_reply() -> bytes:
+            try:
+                return _mtls_reply(
+                    POD_IP, UNDECLARED, intruder, authority.trust_bundle, shared / "i"
+                )
+            except (OSError, ssl.SSLError):
+                return b""
+
+        replies = [
+            await pod_network.call(intruder_reply),
+            await pod_network.call(lambda: _plain_reply(POD_IP, UNDECLARED)),
+        ]
+        for reply in replies:
+            if others_served:
+                assert reply is not None and reply.startswith(b"HTTP/1.0 200"), reply
+            else:
+                assert reply == b"", reply
     finally:
         if proc is not None:
             await proc.stop()

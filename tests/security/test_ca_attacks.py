@@ -200,7 +200,7 @@ async def test_after_a_compromise_nothing_the_old_root_signed_is_trusted(
     stolen = control_plane.certificates.authority.signer  # what the attacker holds
     forged = clients.certificate(stolen, uris=("spiffe://cluster.local/ns/default/sa/b-sa",))
     out = await _rotate(control_plane, "--compromised")
-    assert "Bootstrap every sidecar again" in out
+    assert "bootstrap every sidecar again now" in out
 
     # Every stream authenticated under the old root is gone, and stays gone.
     async def all_dropped() -> bool:
@@ -298,3 +298,29 @@ async def test_every_replica_follows_a_compromise_rotation_and_drops_its_streams
     assert revoked_b == [True]
     assert first.signer.cert_pem not in following.authority.xds_trust
     assert not [k for k in record["data"] if k.startswith("retired-")]  # type: ignore[attr-defined]
+
+
+def test_a_retired_key_in_an_older_shared_record_does_not_extend_its_trust() -> None:
+    """Kubernetes mode: a record an older shoal wrote still has a retired
+    root's key. Each replica reads the record every two seconds; the old
+    root's window must not move with them, nor the record look changed."""
+    old = ca.new_root("cluster.local")
+    signer = ca.new_root("cluster.local")
+    serial = f"{old.cert.serial_number:x}"
+    data = {
+        rotation.SIGNER_CERT: signer.cert_pem,
+        rotation.SIGNER_KEY: signer.key_pem,
+        f"retired-{serial}.crt": old.cert_pem,
+        f"retired-{serial}.key": old.key_pem,
+    }
+    first = rotation.RootRecord.decode(data, "record")
+    again = rotation.RootRecord.decode(data, "record")
+    assert first.legacy and first.signature == again.signature
+    (retired,) = first.retired
+    assert retired.until == min(signer.not_before + ca.BOOTSTRAP_TTL, old.not_after).replace(
+        microsecond=0
+    )
+    # Written again, the key is gone and the window stays.
+    written = first.encode()
+    assert f"retired-{serial}.key" not in written and f"retired-{serial}.cross" in written
+    assert rotation.RootRecord.decode(written, "record").retired == (retired,)

@@ -6,24 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import gc
+import json
 import logging
 import subprocess
 import sys
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import struct_pb2
 
 from shoal import cli, terminal
 from shoal.sds import ca
-from shoal.xds import node, resources
+from shoal.xds import cache, node, resources, server
 from tests import manifests
 from tests.conftest import ADMIN_IDENTITY, write
 from tests.e2e.helpers import caught_up, eventually
@@ -31,6 +34,7 @@ from tests.security import clients
 from tests.security.conftest import GUARDED
 from tests.xds import stream
 from tests.xds.test_ads_protocol import AdsClient, assignments_of
+from tests.xds.test_delta_protocol import DeltaClient
 
 SDS = resources.SECRET
 EDS = resources.ENDPOINT
@@ -144,27 +148,41 @@ async def test_csds_shows_a_workload_only_its_own_proxies(
 # -- finding 10: node ids taken over, and a terminal taken over -------------------
 
 
-async def test_a_node_id_in_use_cannot_be_taken_by_another_identity(
-    control_plane: cli.ControlPlane,
+async def test_a_node_id_claimed_by_another_identity_is_never_confused_with_the_proxy(
+    registry_dir: Path, control_plane: cli.ControlPlane
 ) -> None:
     """Found: identity `frontend` connected as `sidecar~demo~api-16003`, and
-    proxy-status, config-dump, /debug/ca and the rotation's holder map are
-    all keyed by node id."""
+    proxy-status, config-dump, /debug/ca and the rotation's holder map were
+    all keyed by node id. A node id is only what a proxy says: refusing the
+    second identity would let any identity squat the ids of others (they are
+    predictable), so both connect, and every view tells them apart by the
+    identity their certificates prove."""
+    write(registry_dir, "api.yaml", manifests.service("api", namespace="demo"))
+    await caught_up(control_plane, registry_dir)
+    thief = await _connect(control_plane, "demo", "frontend", "sidecar~demo~api-16003")
     api = await _connect(control_plane, "demo", "api", "sidecar~demo~api-16003")
     try:
-        pair = clients.workload(control_plane, "demo", "frontend")
-        async with ads(
-            control_plane, pair, sidecar_node("sidecar~demo~api-16003", "demo", "frontend")
-        ) as thief:
-            await thief.request(CDS)
-            err = await thief.status()
-        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "in use by another identity" in (err.details() or "")
-        # The same identity may reconnect under its id (an Envoy whose old
-        # stream is not gone yet does).
-        again = await _connect(control_plane, "demo", "api", "sidecar~demo~api-16003")
-        await again.close()
+        table = await asyncio.to_thread(_shoal, control_plane, "proxy-status")
+        rows = [line.split() for line in table.splitlines() if line.startswith("sidecar~")]
+        assert sorted(row[-1] for row in rows) == ["demo/api", "demo/frontend"], table
+        dump = await asyncio.to_thread(
+            _shoal, control_plane, "config-dump", "sidecar~demo~api-16003"
+        )
+        assert "names 2 proxies" in dump and "demo/frontend" in dump and "demo/api" in dump
+        dump = await asyncio.to_thread(
+            _shoal,
+            control_plane,
+            "config-dump",
+            "sidecar~demo~api-16003",
+            "--identity",
+            "demo/api",
+        )
+        assert json.loads(dump)["identity"] == "demo/api"
+        ca_status = await asyncio.to_thread(_shoal, control_plane, "ca", "status")
+        assert "sidecar~demo~api-16003 [demo/api]" in ca_status
+        assert "sidecar~demo~api-16003 [demo/frontend]" in ca_status
     finally:
+        await thief.close()
         await api.close()
 
 
@@ -306,7 +324,7 @@ async def test_abusive_subscriptions_are_bounded_and_memory_returns_after(
     """Found: 40 EDS subscriptions of 2 MB of names each took RSS from 80 to
     178 MB, which stayed after the streams closed (interning caches cleared
     only at 10,000 entries, with no bound in bytes). Scaled to the guarded
-    limits: one identity opens streams, each asking for its own ~0.9 MB of
+    limits: one identity opens streams, each asking for its own ~0.65 MB of
     names, while a healthy proxy of another identity keeps getting pushes."""
     write(
         registry_dir, "web.yaml", manifests.service_with_endpoints("web", [20001], namespace="demo")
@@ -327,7 +345,7 @@ async def test_abusive_subscriptions_are_bounded_and_memory_returns_after(
             client = AdsClient(clients.channel(guarded, pair), sidecar_node(f"abuser-{i}"))
             abusive.append(client)
             await client.request(
-                EDS, (f"outbound|80||s{i}-{j:06d}.demo.svc.cluster.local" for j in range(20_000))
+                EDS, (f"outbound|80||s{i}-{j:06d}.demo.svc.cluster.local" for j in range(6_000))
             )
             try:
                 await client.recv(timeout=2.0)
@@ -367,3 +385,176 @@ async def test_abusive_subscriptions_are_bounded_and_memory_returns_after(
     # Everything worked out for the abusive subscriptions went with them.
     assert during - baseline > 2 << 20, (baseline, during)
     assert after - baseline < 1 << 20, (baseline, during, after)
+
+
+# -- what the review of this change found ------------------------------------------
+
+
+async def test_a_stream_opened_before_a_compromise_is_checked_again_when_it_asks(
+    control_plane: cli.ControlPlane,
+) -> None:
+    """A stream that waits for its first request is not in the list a
+    revocation ends: when it asks, its certificate is checked again."""
+    assert control_plane.certificates is not None
+    stolen = control_plane.certificates.authority.signer
+    forged = clients.certificate(stolen, uris=("spiffe://cluster.local/ns/demo/sa/web",))
+    async with ads(control_plane, forged, sidecar_node("sidecar~demo~web-1")) as client:
+        # The handshake is done and the stream open (counted for its
+        # identity), before the rotation; it has not asked anything yet.
+        await client.call.wait_for_connection()
+
+        async def opening() -> bool:
+            return control_plane.ads.usage("spiffe://cluster.local/ns/demo/sa/web")[0] == 1
+
+        await eventually(opening)
+        out = await asyncio.to_thread(
+            _shoal_status, control_plane, "ca", "rotate-root", "--compromised"
+        )
+        assert "root replaced" in out, out
+        err = await refusal(client, SDS, ["default"])
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+    issued = {i.identity for i in control_plane.certificates.issued()}
+    assert ("demo", "web") not in issued
+
+
+def _shoal_status(cp: cli.ControlPlane, *args: str) -> str:
+    return _shoal(cp, *args)
+
+
+async def test_a_port_that_is_not_a_number_refuses_the_stream_and_holds_nothing(
+    guarded: cli.ControlPlane,
+) -> None:
+    """APP_PORT=inf raised OverflowError past the stream's accounting: the
+    stream was never released, and its node id stayed taken."""
+    pair = clients.workload(guarded, "demo", "web")
+    for value in (float("inf"), float("nan"), 1e300, -1.0):
+        node_ = sidecar_node("sidecar~demo~web-1")
+        node_.metadata.fields[node.APP_PORT].number_value = value
+        async with ads(guarded, pair, node_) as client:
+            await client.request(CDS)
+            err = await client.status()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (value, err)
+
+    async def released() -> bool:
+        return guarded.ads.usage("spiffe://cluster.local/ns/demo/sa/web") == (0, 0)
+
+    await eventually(released)
+
+
+async def test_a_nack_message_is_kept_and_logged_cut(
+    registry_dir: Path, guarded: cli.ControlPlane, caplog: pytest.LogCaptureFixture
+) -> None:
+    pair = clients.workload(guarded, "demo", "web")
+    async with ads(guarded, pair, sidecar_node("sidecar~demo~web-1")) as client:
+        await client.request(CDS)
+        first = await client.recv()
+        await client.request(CDS, nonce=first.nonce, error="x" * (2 << 20))
+
+        async def nacked() -> bool:
+            return any(c.types[CDS].error for c in guarded.ads.connections.values())
+
+        await eventually(nacked)
+        (conn,) = guarded.ads.connections.values()
+        assert len(conn.types[CDS].error) == server.MAX_ERROR
+    assert max(len(r.getMessage()) for r in caplog.records) < 2000
+
+
+async def test_what_delta_clients_say_they_hold_counts_against_their_identity(
+    guarded: cli.ControlPlane,
+) -> None:
+    """initial_resource_versions were held per stream only: a few hundred
+    streams of one identity could each hold megabytes."""
+    pair = clients.workload(guarded, "demo", "web")
+    refused = 0
+    held: list[Any] = []
+    try:
+        for i in range(GUARDED.streams_per_identity):
+            client = DeltaClient(clients.channel(guarded, pair), sidecar_node(f"d-{i}"))
+            held.append(client)
+            request = discovery_pb2.DeltaDiscoveryRequest(type_url=EDS)
+            for j in range(6_000):
+                request.initial_resource_versions[f"outbound|80||s{i}-{j:05d}.demo"] = "v1"
+            await client.send(request)
+            try:
+                await client.recv(timeout=2.0)
+            except TimeoutError:
+                pass
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                assert "distinct subscriptions" in (err.details() or "")
+                refused += 1
+        _, cost = guarded.ads.usage("spiffe://cluster.local/ns/demo/sa/web")
+        assert cost <= GUARDED.identity_bytes and refused >= 1, (cost, refused)
+    finally:
+        for client in held:
+            await client.close()
+
+
+def test_an_identity_that_keeps_the_server_busy_waits_its_turn() -> None:
+    """One small delta request made the server rebuild a subscription of a
+    million names (600 ms): now every identity has an allowance of names a
+    second, and its requests wait once it is spent; others' do not."""
+    clock = [1000.0]
+    limits = server.Limits(names_per_second=1_000, names_burst=5_000)
+    ads_ = server.AdsServer(cache.SnapshotCache(lambda c: "k"), limits=limits)
+    ads_._monotonic = lambda: clock[0]  # type: ignore[method-assign]
+    heavy = server.Connection(1, "a", "", "", "", True, 0.0, identity="spiffe://td/ns/a/sa/a")
+    light = server.Connection(2, "b", "", "", "", True, 0.0, identity="spiffe://td/ns/b/sa/b")
+    assert ads_._admit(heavy.identity) and ads_._admit(light.identity)
+    assert ads_._spend(heavy, 4_000) == 0.0, "within the burst"
+    assert ads_._spend(heavy, 3_000) == pytest.approx(2.0), "2,000 over, at 1,000 a second"
+    assert ads_._spend(light, 4_000) == 0.0, "another identity's allowance is its own"
+    clock[0] += 10.0
+    assert ads_._spend(heavy, 1_000) == 0.0, "refilled"
+
+
+async def test_streams_count_against_their_identity_before_they_ask(
+    guarded: cli.ControlPlane,
+) -> None:
+    pair = clients.workload(guarded, "demo", "web")
+    silent = []
+    try:
+        for _ in range(GUARDED.streams_per_identity):
+            channel = clients.channel(guarded, pair)
+            silent.append(
+                (
+                    channel,
+                    ads_pb2_grpc.AggregatedDiscoveryServiceStub(
+                        channel
+                    ).StreamAggregatedResources(),
+                )
+            )
+
+        async def all_counted() -> bool:
+            streams, _ = guarded.ads.usage("spiffe://cluster.local/ns/demo/sa/web")
+            return streams == GUARDED.streams_per_identity
+
+        await eventually(all_counted)
+        async with ads(guarded, pair, sidecar_node("one-too-many")) as extra:
+            err = await refusal(extra, CDS, [])
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for channel, call in silent:
+            call.cancel()
+            await channel.close()
+
+
+async def test_a_stream_ends_when_its_certificate_expires(control_plane: cli.ControlPlane) -> None:
+    assert control_plane.certificates is not None
+    signer = control_plane.certificates.authority.signer
+    short = clients.certificate(
+        signer,
+        uris=("spiffe://cluster.local/ns/demo/sa/web",),
+        ttl=datetime.timedelta(seconds=3),
+    )
+    async with ads(control_plane, short, sidecar_node("sidecar~demo~web-1")) as client:
+        await client.request(CDS)
+        await client.recv()
+
+        async def expired() -> bool:
+            return control_plane.ads.recheck() > 0
+
+        await eventually(expired)
+        err = await client.status()
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "expired" in (err.details() or "")

@@ -238,8 +238,9 @@ def _match_key(chain: listener_components_pb2.FilterChain) -> bytes:
 
 
 def _cluster_of(chain: listener_components_pb2.FilterChain) -> str:
+    # The terminal filter, after any RBAC.
     proxy_config = tcp_proxy_pb2.TcpProxy()
-    assert chain.filters[0].typed_config.Unpack(proxy_config)
+    assert chain.filters[-1].typed_config.Unpack(proxy_config)
     return proxy_config.cluster
 
 

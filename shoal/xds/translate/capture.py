@@ -457,6 +457,14 @@ def virtual_inbound(
             )
             sniffed.append(number)
     passthrough = _tcp_proxy(names.INBOUND_PASSTHROUGH_CLUSTER)
+    allowed = _pod_allow(security)
+    # Callers a Pod's Services name are all it admits on ports none of them
+    # declares (a debug or admin port is no way around `shoal.io/allow`).
+    secured = (
+        [listeners.network_rbac(allowed, "inbound_passthrough"), passthrough]
+        if allowed is not None
+        else [passthrough]
+    )
     if security is None:
         inspect = None if not sniffed else _port_in(sniffed)
         listener.default_filter_chain.CopyFrom(
@@ -476,13 +484,13 @@ def virtual_inbound(
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
                     transport_protocol="tls"
                 ),
-                filters=[passthrough],
+                filters=secured,
                 transport_socket=tls.downstream(),
             )
         )
         listener.default_filter_chain.CopyFrom(
             listener_components_pb2.FilterChain(
-                name=f"{INBOUND_PASSTHROUGH_CHAIN}|plaintext", filters=[passthrough]
+                name=f"{INBOUND_PASSTHROUGH_CHAIN}|plaintext", filters=secured
             )
         )
     else:
@@ -490,7 +498,7 @@ def virtual_inbound(
         listener.default_filter_chain.CopyFrom(
             listener_components_pb2.FilterChain(
                 name=f"{INBOUND_PASSTHROUGH_CHAIN}|mtls",
-                filters=[passthrough],
+                filters=secured,
                 transport_socket=tls.downstream(),
             )
         )
@@ -507,6 +515,21 @@ def virtual_inbound(
         listener.listener_filters_timeout.CopyFrom(common.duration(_SNIFF_TIMEOUT_S))
         listener.continue_on_listener_filters_timeout = True
     return listener
+
+
+def _pod_allow(security: PortSecurity) -> tuple[str, ...] | None:
+    """Who may reach the Pod's undeclared ports: nobody if a policy of its
+    Services is broken; else the callers its Services name (every one of
+    them, if none names any)."""
+    if security is None:
+        return None
+    each = [security] if isinstance(security, listeners.InboundSecurity) else security.values()
+    named = [e.allow for e in each if e.allow is not None]
+    if not named:
+        return None
+    if any(a == () for a in named):
+        return ()
+    return tuple(sorted({caller for a in named for caller in a}))
 
 
 _ALL_PORTS = listener_components_pb2.ListenerFilterChainMatchPredicate(any_match=True)

@@ -115,7 +115,7 @@ def _rbac(allow: tuple[str, ...]) -> hcm_pb2.HttpFilter:
     )
 
 
-def _network_rbac(allow: tuple[str, ...], stat_prefix: str) -> listener_components_pb2.Filter:
+def network_rbac(allow: tuple[str, ...], stat_prefix: str) -> listener_components_pb2.Filter:
     """The same callers for TCP: checked once per connection, before a byte
     reaches the app."""
     return listener_components_pb2.Filter(
@@ -152,7 +152,7 @@ def inbound(
         ]
     else:
         chain_filters = [
-            *([_network_rbac(allow, "inbound")] if allow is not None else []),
+            *([network_rbac(allow, "inbound")] if allow is not None else []),
             _tcp_proxy("inbound", cluster),
         ]
     listener = listener_pb2.Listener(
