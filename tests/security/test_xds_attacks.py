@@ -293,8 +293,7 @@ async def test_an_identity_holds_only_so_many_streams(guarded: cli.ControlPlane)
             await client.request(CDS)
             await client.recv()
         async with ads(guarded, pair, sidecar_node("s~one-too-many")) as extra:
-            await extra.request(CDS)
-            err = await extra.status()
+            err = await refusal(extra, CDS, [])
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         # Another identity is not affected.
         other = await _connect(guarded, "demo", "api", "s~api")
