@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -136,6 +137,15 @@ class ServeProcess:
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+
+    async def stop(self) -> None:
+        """Kill it if it runs, and reap it and its output pipe either way (a
+        pipe left open outlives the test's event loop)."""
+        if self.proc is None:
+            return
+        self.kill()
+        with contextlib.suppress(TimeoutError, ProcessLookupError):
+            await self.wait()
 
     async def wait(self) -> int:
         assert self.proc is not None

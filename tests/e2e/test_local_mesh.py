@@ -188,7 +188,7 @@ async def test_sidecars_outlive_a_killed_control_plane_and_resync_when_it_return
             n: w.envoy._proc.pid for n, w in local.workloads.items() if w.envoy._proc
         } == envoy_pids
     finally:
-        serve.kill()
+        await serve.stop()
         await local.close()
         local.kill_all()
 
@@ -204,7 +204,7 @@ async def test_serve_stops_cleanly_on_sigterm(registry_dir: Path, tmp_path: Path
         assert await serve.wait() == 0
         assert "shoal: stopping\n" in serve.output
     finally:
-        serve.kill()
+        await serve.stop()
 
 
 async def test_a_service_created_later_becomes_routable(

@@ -152,3 +152,13 @@ async def test_another_user_is_refused_on_the_admin_socket(control_plane: cli.Co
             timeout=30,
         )
     assert result.stdout.strip() == "HTTP/1.1 403 Forbidden", result.stdout + result.stderr
+
+
+async def test_only_a_same_origin_page_may_call_the_admin_port(
+    control_plane: cli.ControlPlane,
+) -> None:
+    own = f"127.0.0.1:{control_plane.admin_port}"
+    assert (await tcp(control_plane, "GET", "/metrics", {"Origin": f"http://{own}"}))[0] == 200
+    for origin in ("http://203.0.113.5", "http://localhost", "null", "http://127.0.0.1:1"):
+        status, _ = await tcp(control_plane, "GET", "/metrics", {"Origin": origin})
+        assert status == 403, origin

@@ -335,8 +335,7 @@ async def test_strict_covers_ports_no_service_declares_in_capture_mode(
         if app is not None and app.returncode is None:
             app.kill()
             await app.wait()
-        serve.kill()
-        await serve.wait()
+        await serve.stop()
         shutil.rmtree(shared, ignore_errors=True)
 
 
