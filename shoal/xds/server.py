@@ -86,15 +86,35 @@ class Limits:
     # The same, of every stream of an identity together, counting what
     # several hold (a fleet asking for the same names) once.
     identity_bytes: int = 16 << 20
-    # Names an identity's streams may make the server go through (in
-    # requests, and in subscriptions a request changes) per second, and
-    # in a burst: past it, that identity's requests wait their turn.
-    names_per_second: int = 2_000_000
-    names_burst: int = 10_000_000
+    # Names a stream, and an identity's streams together, may make the
+    # server go through (in requests, and in subscriptions a request
+    # changes) per second, and in a burst: past it, their requests wait
+    # their turn. A proxy reconnecting to 10,000 Services goes through some
+    # 40,000; a thousand of one identity reconnecting to 1,000, 5 million.
+    stream_names_per_second: int = 1_000_000
+    stream_names_burst: int = 2_000_000
+    names_per_second: int = 5_000_000
+    names_burst: int = 50_000_000
     # Types a stream may ask for that the server does not serve.
     unknown_types: int = 8
     type_url_length: int = 256
     node_id_length: int = 512
+
+
+@dataclass
+class _Allowance:
+    """A token bucket of names; `tokens` None: full."""
+
+    tokens: float | None = None
+    refilled: float = 0.0
+
+
+def _take(bucket: _Allowance, now: float, work: int, rate: int, burst: int) -> float:
+    """Take `work` from `bucket`; seconds until it is paid back (0: none)."""
+    tokens = burst if bucket.tokens is None else bucket.tokens + (now - bucket.refilled) * rate
+    bucket.tokens = min(burst, tokens) - work
+    bucket.refilled = now
+    return 0.0 if bucket.tokens >= 0 else -bucket.tokens / rate
 
 
 @dataclass
@@ -106,8 +126,7 @@ class _Usage:
     # id of an interned subscription or held view -> (references, cost)
     held: dict[int, tuple[int, int]] = field(default_factory=dict)
     cost: int = 0
-    tokens: float = 0.0
-    refilled: float = 0.0
+    allowance: _Allowance = field(default_factory=_Allowance)
 
 
 @dataclass
@@ -173,6 +192,7 @@ class Connection:
     unknown: set[str] = field(default_factory=set)
     # What its subscriptions and announced views cost (names_cost).
     cost: int = 0
+    allowance: _Allowance = field(default_factory=_Allowance)
 
     @property
     def snapshot(self) -> cache.Snapshot | None:
@@ -448,8 +468,7 @@ class AdsServer:
             return True
         usage = self._usage.get(identity)
         if usage is None:
-            now = self._monotonic()
-            usage = self._usage[identity] = _Usage(tokens=self.limits.names_burst, refilled=now)
+            usage = self._usage[identity] = _Usage()
         if usage.streams >= self.limits.streams_per_identity:
             return False
         usage.streams += 1
@@ -510,17 +529,19 @@ class AdsServer:
         return (found.streams, found.cost) if found is not None else (0, 0)
 
     def _spend(self, conn: Connection, work: int) -> float:
-        """Take `work` names from the identity's allowance; seconds to wait
-        before going on (0: at once)."""
+        """Take `work` names from the stream's allowance and its identity's;
+        seconds to wait before going on (0: at once)."""
         usage = self._usage.get(conn.identity) if conn.identity is not None else None
         if usage is None or not work:
             return 0.0
         now = self._monotonic()
-        rate = self.limits.names_per_second
-        usage.tokens = min(self.limits.names_burst, usage.tokens + (now - usage.refilled) * rate)
-        usage.refilled = now
-        usage.tokens -= work
-        return 0.0 if usage.tokens >= 0 else -usage.tokens / rate
+        limits = self.limits
+        return max(
+            _take(
+                conn.allowance, now, work, limits.stream_names_per_second, limits.stream_names_burst
+            ),
+            _take(usage.allowance, now, work, limits.names_per_second, limits.names_burst),
+        )
 
     async def _read(self, requests: AsyncIterator[Any], conn: Connection) -> None:
         try:

@@ -115,7 +115,10 @@ def test_the_readme_states_the_limits_in_force() -> None:
     stated(f"{limits.subscription_bytes // mib} MiB")
     stated(f"{limits.identity_bytes // mib} MiB")
     stated(f"{limits.streams_per_identity:,}")
-    stated(f"{limits.names_per_second:,} a second, bursts of {limits.names_burst:,}")
+    stated(
+        f"{limits.stream_names_per_second:,} a second, bursts of {limits.stream_names_burst:,}; "
+        f"{limits.names_per_second:,} a second, bursts of {limits.names_burst:,}"
+    )
     assert f"up to {server.MAX_ERROR:,} characters" in section
     stated(f"{limits.first_request_s:.0f} s")
     stated(f"{server.MAX_QUEUED_REQUESTS}")

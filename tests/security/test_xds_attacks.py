@@ -491,19 +491,34 @@ async def test_what_delta_clients_say_they_hold_counts_against_their_identity(
 
 def test_an_identity_that_keeps_the_server_busy_waits_its_turn() -> None:
     """One small delta request made the server rebuild a subscription of a
-    million names (600 ms): now every identity has an allowance of names a
-    second, and its requests wait once it is spent; others' do not."""
+    million names (600 ms): now every stream, and every identity, has an
+    allowance of names a second, and its requests wait once it is spent;
+    others' do not."""
     clock = [1000.0]
-    limits = server.Limits(names_per_second=1_000, names_burst=5_000)
+    limits = server.Limits(
+        stream_names_per_second=1_000,
+        stream_names_burst=5_000,
+        names_per_second=1_500,
+        names_burst=8_000,
+    )
     ads_ = server.AdsServer(cache.SnapshotCache(lambda c: "k"), limits=limits)
     ads_._monotonic = lambda: clock[0]  # type: ignore[method-assign]
-    heavy = server.Connection(1, "a", "", "", "", True, 0.0, identity="spiffe://td/ns/a/sa/a")
-    light = server.Connection(2, "b", "", "", "", True, 0.0, identity="spiffe://td/ns/b/sa/b")
-    assert ads_._admit(heavy.identity) and ads_._admit(light.identity)
+
+    def stream(n: int, identity: str) -> server.Connection:
+        return server.Connection(n, f"p{n}", "", "", "", True, 0.0, identity=identity)
+
+    heavy, second = stream(1, "spiffe://td/ns/a/sa/a"), stream(2, "spiffe://td/ns/a/sa/a")
+    light = stream(3, "spiffe://td/ns/b/sa/b")
+    for conn in (heavy, second, light):
+        assert ads_._admit(conn.identity)
     assert ads_._spend(heavy, 4_000) == 0.0, "within the burst"
     assert ads_._spend(heavy, 3_000) == pytest.approx(2.0), "2,000 over, at 1,000 a second"
+    # The identity's other stream has its own allowance, but not past the
+    # identity's: 8,000 taken of it now.
+    assert ads_._spend(second, 1_000) == pytest.approx(0.0)
+    assert ads_._spend(second, 1_000) == pytest.approx(1_000 / 1_500)
     assert ads_._spend(light, 4_000) == 0.0, "another identity's allowance is its own"
-    clock[0] += 10.0
+    clock[0] += 60.0
     assert ads_._spend(heavy, 1_000) == 0.0, "refilled"
 
 
