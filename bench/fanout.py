@@ -891,7 +891,7 @@ if env("FANOUT_EVENTS"):
         events.append(("write", time.monotonic(), 0.0))
         return await write(self, *args, **kwargs)
     server.AdsServer._write = timed_write
-profile = cProfile.Profile() if env("FANOUT_PROFILE") else None
+profile = cProfile.Profile(time.thread_time) if env("FANOUT_PROFILE") else None
 profiling = [False]
 def toggle(*_):
     if profiling[0]:
@@ -1570,7 +1570,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--server-profile",
         default="",
         metavar="FILE",
-        help="cProfile shoal serve's event loop in one phase (slows it down); pstats to FILE",
+        help="cProfile shoal serve's event loop in one phase, in the loop thread's CPU time "
+        "(gRPC's own threads and waits do not count; slows it down); pstats to FILE",
     )
     p.add_argument(
         "--server-profile-phase", choices=("connect", "push", "reconnect"), default="push"
