@@ -169,7 +169,10 @@ async def test_faults_abort_and_delay_the_configured_share(
         async def delayed() -> bool:
             started = time.monotonic()
             status, _ = await mesh.get(session, caller, "reviews")
-            return status == 200 and time.monotonic() - started >= 0.3
+            # Envoy's timers run on a coarse clock and fire up to a few
+            # milliseconds early (0.2985 s was seen for 300 ms), so the bound
+            # is under the delay but far above an undelayed answer (< 10 ms).
+            return status == 200 and time.monotonic() - started >= 0.25
 
         async def every_one_delayed() -> bool:
             # Several in a row: one request slowed by a busy machine (or by
