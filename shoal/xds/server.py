@@ -317,8 +317,10 @@ class AdsServer:
         RPC with a status and a return, never by raising: an exception's
         traceback would keep the request (megabytes, in C memory) alive in a
         reference cycle until the next full garbage collection."""
+        # Read once: gRPC builds the peer's auth context anew on every call.
+        certificate = peer_pem(context)
         try:
-            identity = self.authenticate(context)
+            identity = self._identity_of(certificate)
         except spiffe.IdentityError as err:
             _end(context, context.peer(), grpc.StatusCode.UNAUTHENTICATED, str(err))
             return
@@ -333,7 +335,7 @@ class AdsServer:
             return
         conn: Connection | None = None
         try:
-            conn, refusal = await self._open(requests, context, identity, delta=delta)
+            conn, refusal = await self._open(requests, context, identity, certificate, delta=delta)
             if conn is None:
                 if refusal is not None:
                     _end(context, context.peer(), *refusal)
@@ -347,7 +349,13 @@ class AdsServer:
             self._discharge(identity)
 
     async def _open(
-        self, requests: AsyncIterator[Any], context: Any, identity: str | None, *, delta: bool
+        self,
+        requests: AsyncIterator[Any],
+        context: Any,
+        identity: str | None,
+        certificate: bytes,
+        *,
+        delta: bool,
     ) -> tuple[Connection | None, tuple[grpc.StatusCode, str] | None]:
         """The stream's connection, once its first request passes; or why
         not (None: the client left before asking anything)."""
@@ -363,7 +371,7 @@ class AdsServer:
         if generation != self._trust_generation:
             # What is trusted changed while it waited (a root replaced).
             try:
-                self.authenticate(context)
+                self._identity_of(certificate)
             except spiffe.IdentityError as err:
                 return None, (grpc.StatusCode.UNAUTHENTICATED, str(err))
         node_id = first.node.id if first.HasField("node") else ""
@@ -379,7 +387,7 @@ class AdsServer:
             delta=delta,
             connected_at=self._clock(),
             identity=identity,
-            certificate=peer_pem(context),
+            certificate=certificate,
         )
         try:
             conn.watch = self._cache.watch(cache.Client(first.node, identity), conn.wake)
@@ -453,10 +461,14 @@ class AdsServer:
         """The workload identity of the stream's client certificate; with a
         trust domain, IdentityError unless it proves exactly one of ours,
         issued by a key trusted now, and valid now."""
+        return self._identity_of(peer_pem(context))
+
+    def _identity_of(self, certificate: bytes) -> str | None:
         if self.trust_domain is None:
             return None
-        identity = spiffe.of_certificate(peer_uris(context), self.trust_domain)
-        if self._still_trusted is not None and not self._still_trusted(peer_pem(context)):
+        uris = _uris_of(certificate) if certificate else ()
+        identity = spiffe.of_certificate(uris, self.trust_domain)
+        if self._still_trusted is not None and not self._still_trusted(certificate):
             raise spiffe.IdentityError(
                 "the client certificate is not valid now or its issuer is no longer trusted"
             )
@@ -1045,12 +1057,6 @@ def peer_pem(context: Any) -> bytes:
     auth = context.auth_context() or {}
     pems = auth.get("x509_pem_cert", ())
     return bytes(pems[0]) if pems else b""
-
-
-def peer_uris(context: Any) -> tuple[str, ...]:
-    """The URI SANs of the client certificate of a TLS stream (none without)."""
-    pem = peer_pem(context)
-    return _uris_of(pem) if pem else ()
 
 
 @functools.lru_cache(maxsize=4096)
