@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 
 PROTOS := $(wildcard protos/shoal/_gen/*.proto)
 
-$(STAMP): pyproject.toml $(PROTOS)
+# The install compiles protos/ into shoal/_gen (setup.py), so a changed proto
+# reinstalls.
+$(STAMP): pyproject.toml setup.py $(PROTOS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	touch $(STAMP)
 
 demo: $(STAMP)
