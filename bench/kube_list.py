@@ -61,10 +61,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from shoal import heap  # noqa: E402
+from shoal import heap, kube  # noqa: E402
 from shoal.model import mesh  # noqa: E402
 from shoal.registry import kubernetes  # noqa: E402
-from shoal.xds import cache, controller  # noqa: E402
+from shoal.xds import cache, controller, debounce  # noqa: E402
 from tests.kube import objects  # noqa: E402
 from tests.kube.emulator import KubeEmulator, running_emulator  # noqa: E402
 
@@ -319,7 +319,7 @@ async def run(args: argparse.Namespace, emu: KubeEmulator, r: Result) -> None:
     gc.callbacks.append(gc_clock)
     emu_tid = emulator_thread()
 
-    api = kubernetes.Api(kubernetes.Endpoint(emu.url, False), kubernetes.Backoff())
+    api = kube.Api(kube.ApiServer(emu.url, False), kube.Backoff())
     # As `shoal serve --kubernetes` builds it: no automatic garbage collection
     # during a list and the build after it (shoal/heap.py).
     keeper = heap.HeapKeeper()
@@ -403,7 +403,7 @@ async def run(args: argparse.Namespace, emu: KubeEmulator, r: Result) -> None:
 
     # -- first translation
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ctl = controller.Controller(snapshots, controller.Debouncer(0.1, 1.0))
+    ctl = controller.Controller(snapshots, debounce.Debouncer(0.1, 1.0))
     gc.collect()
     count = cache.serialization_count()
     if profile is not None and args.profile == "translate":

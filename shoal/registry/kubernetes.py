@@ -10,31 +10,24 @@ by all reflectors, so an unreachable API server gets a handful of requests
 a minute, not a loop. Objects go into the same ObjectStore the manifests
 folder uses: one code path for annotations and TrafficRoutes.
 
-The `kubernetes` package is used for what it is good at here: reading
-kubeconfig and in-cluster configuration (contexts, exec plugins, rotating
-service-account tokens). Requests go through aiohttp, since the package's
-client is synchronous (a thread per watch) and its typed models cost
-seconds per ten thousand objects; the JSON is read as it is.
+Talking to the API server (configuration, requests, paging, watch streams,
+errors, backoff) is shoal.kube's; this module is what the mesh makes of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import datetime
-import json
 import logging
-import os
 import random
-import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from shoal import kube
 from shoal.model import mesh, problems
 from shoal.registry import manifests, store
 
@@ -62,14 +55,7 @@ class Kind:
         return self.type[1]
 
     def path(self, namespace: str | None = None, name: str | None = None) -> str:
-        group_version = self.api_version
-        base = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
-        path = (
-            f"{base}/namespaces/{namespace}/{self.plural}"
-            if namespace
-            else (f"{base}/{self.plural}")
-        )
-        return f"{path}/{name}" if name else path
+        return kube.resource_path(self.api_version, self.plural, namespace, name)
 
 
 KINDS = (
@@ -80,454 +66,6 @@ KINDS = (
     Kind(manifests.SERVICE_ACCOUNT, "serviceaccounts"),
     Kind(manifests.TRAFFIC_ROUTE, "trafficroutes", optional=True),
 )
-
-
-class ApiError(Exception):
-    """A Kubernetes API answer other than success, with its Status."""
-
-    def __init__(self, code: int, reason: str, message: str) -> None:
-        super().__init__(f"{code} {reason}: {message}")
-        self.code = code
-        self.reason = reason
-        self.message = message
-
-
-class Expired(ApiError):
-    """410 Gone: the resourceVersion asked for is older than the server keeps."""
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """How to reach the API server and prove who we are."""
-
-    url: str
-    ssl: ssl.SSLContext | bool
-    # Called per request: projected service-account tokens rotate.
-    authorization: Callable[[], str | None] = lambda: None
-    namespace: str = "default"
-
-
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-def connect(
-    kubeconfig: str | None = None,
-    context: str | None = None,
-    *,
-    environ: Mapping[str, str] = os.environ,
-    service_account_dir: str = SERVICE_ACCOUNT_DIR,
-) -> Endpoint:
-    """In-cluster configuration when running in a Pod (and no kubeconfig is
-    named), else kubeconfig (KUBECONFIG or ~/.kube/config)."""
-    from kubernetes import client
-    from kubernetes.config import incluster_config, kube_config
-
-    # The package's loaders carry no type hints.
-    in_cluster: Any = incluster_config
-    from_file: Any = kube_config
-    cfg = client.Configuration()
-    namespace = "default"
-    if kubeconfig is None and "KUBERNETES_SERVICE_HOST" in environ:
-        # The token file is re-read as it rotates (projected tokens last an
-        # hour): the loader installs a refresh hook that authorization() runs.
-        in_cluster.InClusterConfigLoader(
-            token_filename=os.path.join(service_account_dir, "token"),
-            cert_filename=os.path.join(service_account_dir, "ca.crt"),
-            environ=environ,
-        ).load_and_set(client_configuration=cfg)
-        with (
-            contextlib.suppress(OSError),
-            open(os.path.join(service_account_dir, "namespace")) as f,
-        ):
-            namespace = f.read().strip() or namespace
-    else:
-        from_file.load_kube_config(
-            config_file=kubeconfig, context=context, client_configuration=cfg
-        )
-        with contextlib.suppress(Exception):
-            contexts, active = from_file.list_kube_config_contexts(config_file=kubeconfig)
-            if context is not None:
-                active = next(c for c in contexts if c["name"] == context)
-            namespace = active["context"].get("namespace") or namespace
-    namespace = environ.get("POD_NAMESPACE", namespace)
-    tls: ssl.SSLContext | bool = False
-    if cfg.host.startswith("https"):
-        if cfg.verify_ssl:
-            tls = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-        else:
-            tls = ssl.create_default_context()
-            tls.check_hostname = False
-            tls.verify_mode = ssl.CERT_NONE
-        if cfg.cert_file:
-            tls.load_cert_chain(cfg.cert_file, cfg.key_file)
-
-    def authorization() -> str | None:
-        # auth_settings() runs the loader's refresh hook (rotated tokens,
-        # exec plugins) and says what goes in the Authorization header.
-        settings: Any = cfg.auth_settings()
-        value = (settings.get("BearerToken") or {}).get("value")
-        return str(value) if value else None
-
-    return Endpoint(cfg.host.rstrip("/"), tls, authorization, namespace)
-
-
-class Backoff:
-    """Exponential backoff with jitter, shared by every caller of one API
-    server: while it is down, one caller at a time probes it, and the others
-    go on as soon as a probe gets through."""
-
-    def __init__(
-        self,
-        *,
-        initial: float = 0.5,
-        # Low for a backoff: an API server that is back must be noticed within
-        # seconds (objects deleted meanwhile must leave the mesh). One probe
-        # at a time for all watches keeps that to ~15 requests a minute.
-        maximum: float = 4.0,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self._clock = clock
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._failures = 0
-        self._next_try = 0.0
-        self._recovered = asyncio.Event()
-        self.down_since: float | None = None
-        self.last_error = ""
-
-    @property
-    def up(self) -> bool:
-        return self.down_since is None
-
-    def delay(self) -> float:
-        """The wait after the current run of failures: doubling, capped,
-        jittered down by up to a fifth so replicas spread out."""
-        return self._base(self._failures) * self._rng.uniform(1.0 - self.JITTER, 1.0)
-
-    JITTER = 0.2
-
-    def _base(self, failures: int) -> float:
-        return float(min(self.maximum, self.initial * 2.0 ** max(0, failures - 1)))
-
-    def most_probes(self, seconds: float) -> int:
-        """The most probes this backoff lets through in `seconds` of an
-        outage, its shortest jittered waits between them: what one API
-        server sees from a replica, however many watches it has."""
-        probes, elapsed = 1, 0.0
-        while True:
-            elapsed += self._base(probes) * (1.0 - self.JITTER)
-            if elapsed > seconds:
-                return probes
-            probes += 1
-
-    def failed(self, error: str) -> None:
-        self._failures += 1
-        now = self._clock()
-        if self.down_since is None:
-            self.down_since = now
-        self.last_error = error
-        self._recovered.clear()
-        self._next_try = now + self.delay()
-
-    def succeeded(self) -> None:
-        if self._failures or self.down_since is not None:
-            self._failures = 0
-            self.down_since = None
-            self.last_error = ""
-            self._recovered.set()
-
-    async def wait_turn(self) -> None:
-        """Return when a request may be made: at once while all is well;
-        while failing, when the backoff has passed (the caller then probes,
-        and the next slot is taken, so the others wait for its outcome)."""
-        while self._failures:
-            now = self._clock()
-            if now >= self._next_try:
-                self._next_try = now + self.delay()
-                return
-            sleeper = asyncio.ensure_future(self._sleep(self._next_try - now))
-            recovered = asyncio.ensure_future(self._recovered.wait())
-            try:
-                await asyncio.wait({sleeper, recovered}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                sleeper.cancel()
-                recovered.cancel()
-
-
-class Api:
-    """The few calls shoal makes, over one aiohttp session."""
-
-    def __init__(self, endpoint: Endpoint, backoff: Backoff | None = None) -> None:
-        self.endpoint = endpoint
-        self.backoff = backoff or Backoff()
-        self._session: aiohttp.ClientSession | None = None
-        self.requests_total = 0
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self.endpoint.ssl, limit=0),
-                headers={"Accept": "application/json"},
-            )
-        return self._session
-
-    def _headers(self, content_type: str | None = None) -> dict[str, str]:
-        headers = {}
-        token = self.endpoint.authorization()
-        if token:
-            headers["Authorization"] = token
-        if content_type:
-            headers["Content-Type"] = content_type
-        return headers
-
-    @contextlib.asynccontextmanager
-    async def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        body: Any = None,
-        content_type: str = "application/json",
-        timeout: aiohttp.ClientTimeout,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        self.requests_total += 1
-        async with self._http().request(
-            method,
-            self.endpoint.url + path,
-            params=params,
-            data=json.dumps(body) if body is not None else None,
-            headers=self._headers(content_type if body is not None else None),
-            timeout=timeout,
-        ) as response:
-            if response.status >= 400:
-                raise await _error(response)
-            # An answer, not just a connection: only that ends a backoff.
-            self.backoff.succeeded()
-            yield response
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        body: Any = None,
-        content_type: str = "application/json",
-    ) -> dict[str, Any]:
-        async with self._request(
-            method,
-            path,
-            params=params,
-            body=body,
-            content_type=content_type,
-            timeout=aiohttp.ClientTimeout(total=30, sock_connect=10),
-        ) as response:
-            data: dict[str, Any] = await response.json(content_type=None)
-            return data
-
-    async def watch(
-        self, path: str, params: Mapping[str, str], read_timeout: float
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Watch events, one JSON object per line, until the server ends the
-        stream. A silent stream (no event, no bookmark) for `read_timeout`
-        is taken for a dead one."""
-        async with self._request(
-            "GET",
-            path,
-            params={**params, "watch": "true"},
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=read_timeout),
-        ) as response:
-            buffer = b""
-            async for chunk in response.content.iter_any():
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        yield json.loads(line)
-
-
-async def _error(response: aiohttp.ClientResponse) -> ApiError:
-    try:
-        status = await response.json(content_type=None)
-    except (ValueError, aiohttp.ClientError):
-        status = {}
-    status = status if isinstance(status, dict) else {}
-    reason = str(status.get("reason") or response.reason or "")
-    message = str(status.get("message") or "")
-    cls = Expired if response.status == 410 else ApiError
-    return cls(response.status, reason, message)
-
-
-async def shared_secret(
-    api: Api, namespace: str, name: str, make: Callable[[], dict[str, bytes]]
-) -> tuple[dict[str, bytes], bool]:
-    """A Secret every replica agrees on: read it, or create it from `make()`
-    if absent. Two replicas starting together both try to create it; the
-    API server lets one win (409 AlreadyExists for the other), which then
-    reads the winner's. True if this call created it."""
-    kind = Kind(("v1", "Secret"), "secrets")
-    for _ in range(5):
-        try:
-            found = await api.call("GET", kind.path(namespace, name))
-            return _secret_data(found), False
-        except ApiError as err:
-            if err.code != 404:
-                raise
-        data = make()
-        body = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": name, "namespace": namespace, "labels": {"app": "shoal"}},
-            "type": "kubernetes.io/tls",
-            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
-        }
-        try:
-            await api.call("POST", kind.path(namespace), body=body)
-            return data, True
-        except ApiError as err:
-            if err.code != 409:
-                raise
-    raise ApiError(409, "Conflict", f"Secret {namespace}/{name} could not be read or created")
-
-
-SECRETS = Kind(("v1", "Secret"), "secrets")
-LEASES = Kind(("coordination.k8s.io/v1", "Lease"), "leases")
-
-
-async def read_secret(api: Api, namespace: str, name: str) -> tuple[dict[str, bytes], str]:
-    """A Secret's data and the resourceVersion to update it from."""
-    found = await api.call("GET", SECRETS.path(namespace, name))
-    return _secret_data(found), _resource_version(found)
-
-
-async def replace_secret(
-    api: Api, namespace: str, name: str, data: Mapping[str, bytes], resource_version: str
-) -> str:
-    """Replace a Secret's data if it is still at `resource_version` (409
-    otherwise: someone else wrote it since it was read)."""
-    body = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "resourceVersion": resource_version,
-            "labels": {"app": "shoal"},
-        },
-        "type": "kubernetes.io/tls",
-        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
-    }
-    written = await api.call("PUT", SECRETS.path(namespace, name), body=body)
-    return _resource_version(written)
-
-
-class Lease:
-    """A coordination.k8s.io Lease: work that must run on one replica at a
-    time runs while holding it. Taken only if free, expired or ours, and
-    written with the resourceVersion read, so two replicas cannot both win."""
-
-    def __init__(
-        self,
-        api: Api,
-        namespace: str,
-        name: str,
-        holder: str,
-        *,
-        duration_s: int = 30,
-        now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
-    ) -> None:
-        self.api = api
-        self.namespace = namespace
-        self.name = name
-        self.holder = holder
-        self.duration_s = duration_s
-        self._now = now
-
-    def _stamp(self) -> str:
-        return self._now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-    def _spec(self, acquired: str, transitions: int) -> dict[str, Any]:
-        return {
-            "holderIdentity": self.holder,
-            "leaseDurationSeconds": self.duration_s,
-            "acquireTime": acquired,
-            "renewTime": self._stamp(),
-            "leaseTransitions": transitions,
-        }
-
-    async def acquire(self) -> str | None:
-        """None once held; else who holds it."""
-        path = LEASES.path(self.namespace, self.name)
-        try:
-            current = await self.api.call("GET", path)
-        except ApiError as err:
-            if err.code != 404:
-                raise
-            body = {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": self._spec(self._stamp(), 0),
-            }
-            try:
-                await self.api.call("POST", LEASES.path(self.namespace), body=body)
-                return None
-            except ApiError as conflict:
-                if conflict.code != 409:
-                    raise
-                current = await self.api.call("GET", path)
-        spec = current.get("spec") or {}
-        holder = spec.get("holderIdentity") or ""
-        if holder and holder != self.holder and not self._expired(spec):
-            return str(holder)
-        transitions = int(spec.get("leaseTransitions") or 0) + (holder != self.holder)
-        acquired = spec.get("acquireTime") if holder == self.holder else self._stamp()
-        current["spec"] = self._spec(str(acquired or self._stamp()), transitions)
-        try:
-            await self.api.call("PUT", path, body=current)
-        except ApiError as err:
-            if err.code == 409:
-                return "another replica (it took the lease first)"
-            raise
-        return None
-
-    async def release(self) -> None:
-        path = LEASES.path(self.namespace, self.name)
-        current = await self.api.call("GET", path)
-        spec = current.get("spec") or {}
-        if spec.get("holderIdentity") != self.holder:
-            return
-        spec["holderIdentity"] = None
-        current["spec"] = spec
-        with contextlib.suppress(ApiError):
-            await self.api.call("PUT", path, body=current)
-
-    def _expired(self, spec: Mapping[str, Any]) -> bool:
-        renewed = spec.get("renewTime")
-        if not isinstance(renewed, str):
-            return True
-        try:
-            at = datetime.datetime.strptime(renewed, "%Y-%m-%dT%H:%M:%S.%fZ")
-        except ValueError:
-            at = datetime.datetime.strptime(renewed, "%Y-%m-%dT%H:%M:%SZ")
-        duration = int(spec.get("leaseDurationSeconds") or self.duration_s)
-        expires = at.replace(tzinfo=datetime.UTC) + datetime.timedelta(seconds=duration)
-        return self._now() > expires
-
-
-def _secret_data(secret: Mapping[str, Any]) -> dict[str, bytes]:
-    data = secret.get("data") or {}
-    return {k: base64.b64decode(v) for k, v in data.items() if isinstance(v, str)}
 
 
 # -- objects ----------------------------------------------------------------------------
@@ -545,7 +83,7 @@ _METADATA_KEEP = (
 )
 
 
-def trimmed(kind: Kind, obj: Mapping[str, Any]) -> dict[str, Any]:
+def trimmed(kind: Kind, obj: Mapping[str, Any]) -> kube.bodies.RawObject:
     """What the mesh reads of an object, and its type, which list items lack.
 
     Pods carry their whole spec and status; ten thousand of them would be
@@ -589,12 +127,6 @@ def _endpoint_kept(endpoint: Any) -> Any:
     if "zone" in endpoint:
         kept["zone"] = endpoint["zone"]
     return kept
-
-
-def _resource_version(obj: Mapping[str, Any]) -> str:
-    meta = obj.get("metadata")
-    rv = meta.get("resourceVersion") if isinstance(meta, Mapping) else None
-    return rv if isinstance(rv, str) else ""
 
 
 @dataclass
@@ -647,7 +179,7 @@ class Reflector:
                     # A server that ends watches at once must not be asked
                     # again at once: that would be a loop.
                     await self.registry.sleep(1.0)
-            except Expired:
+            except kube.Gone:
                 self.registry.stats.relists_after_expiry += 1
                 log.info(
                     "%s: resourceVersion %s expired; listing again",
@@ -655,8 +187,8 @@ class Reflector:
                     self.resource_version,
                 )
                 self.resource_version = ""
-            except ApiError as err:
-                if err.code == 404 and self.kind.optional:
+            except kube.ApiError as err:
+                if isinstance(err, kube.NotFound) and self.kind.optional:
                     api.backoff.succeeded()  # the server answered
                     if not self.absent:
                         log.warning(
@@ -688,22 +220,17 @@ class Reflector:
 
     async def _list_pages(self) -> None:
         api = self.registry.api
-        items: list[dict[str, Any]] = []
-        params = {"limit": str(self.page_size)}
-        while True:
-            try:
-                page = await api.call("GET", self.kind.path(self.namespace), params=params)
-            except Expired as err:
-                # A continue token outlived the server's history: an error
-                # (backed off), not a reason to list again at once.
-                raise ApiError(err.code, err.reason, err.message) from err
-            self.registry.stats.lists += 1
-            items.extend(trimmed(self.kind, i) for i in page.get("items") or ())
-            meta = page.get("metadata") or {}
-            token = meta.get("continue")
-            if not token:
-                break
-            params = {"limit": str(self.page_size), "continue": token}
+        items: list[kube.bodies.RawObject] = []
+        meta: kube.bodies.ListMeta = {}
+        try:
+            async for page in api.pages(self.kind.path(self.namespace), self.page_size):
+                self.registry.stats.lists += 1
+                items.extend(trimmed(self.kind, i) for i in page.get("items") or ())
+                meta = page.get("metadata") or {}
+        except kube.Gone as err:
+            # A continue token outlived the server's history: an error
+            # (backed off), not a reason to list again at once.
+            raise kube.ApiError(err.code, err.reason, err.message) from err
         self.resource_version = str(meta.get("resourceVersion") or "")
         self.registry.replace(self, items)
         self.synced = True
@@ -728,15 +255,7 @@ class Reflector:
             progressed = True
             kind = event.get("type")
             obj = event.get("object") if isinstance(event.get("object"), dict) else {}
-            assert isinstance(obj, dict)
-            if kind == "ERROR":
-                code = obj.get("code")
-                raise (Expired if code == 410 else ApiError)(
-                    int(code) if isinstance(code, int) else 500,
-                    str(obj.get("reason") or ""),
-                    str(obj.get("message") or ""),
-                )
-            rv = _resource_version(obj)
+            rv = kube.bodies.resource_version(obj)
             if kind == "BOOKMARK":
                 self.resource_version = rv or self.resource_version
                 continue
@@ -753,7 +272,7 @@ class KubernetesRegistry:
 
     def __init__(
         self,
-        api: Api,
+        api: kube.Api,
         *,
         namespaces: Iterable[str] | None = None,
         watch_timeout: tuple[float, float] = (300.0, 600.0),
@@ -885,7 +404,7 @@ class KubernetesRegistry:
                 self._store.put(SOURCE, store.Sourced(parsed, SOURCE))
         self.changed()
 
-    def replace(self, reflector: Reflector, items: list[dict[str, Any]]) -> None:
+    def replace(self, reflector: Reflector, items: list[kube.bodies.RawObject]) -> None:
         """A fresh list: it replaces every object of its kind and namespace,
         so what was deleted while we were not watching goes too."""
         kind, namespace = reflector.kind.kind, reflector.namespace
@@ -897,9 +416,9 @@ class KubernetesRegistry:
             key = manifests.key_of(obj)
             listed.add(key)
             previous = held.get(key)
-            if previous is not None and _resource_version(previous.obj.body) == _resource_version(
-                obj
-            ):
+            if previous is not None and kube.bodies.resource_version(
+                previous.obj.body
+            ) == kube.bodies.resource_version(obj):
                 continue  # unchanged: keep the very object, so nothing is redone
             parsed = self._parse(obj)
             if parsed is not None:

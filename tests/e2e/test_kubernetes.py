@@ -21,9 +21,8 @@ import aiohttp
 import pytest
 import yaml
 
-from shoal import envoy
+from shoal import envoy, kube
 from shoal.demo import mesh
-from shoal.registry import kubernetes as kube
 from shoal.sds import ca
 from tests.e2e.helpers import ServeProcess, eventually, who_answers
 from tests.kube import objects, retries

@@ -4,7 +4,7 @@ busy machine makes outages longer, never the policy looser)."""
 
 from __future__ import annotations
 
-from shoal.registry import kubernetes
+from shoal import kube
 
 # The emulator's outage accepts each connection and resets it, and aiohttp
 # retries an idempotent request once on a connection reset: one probe can
@@ -15,14 +15,14 @@ CONNECTIONS_PER_PROBE = 2
 WATCHES = 6
 
 
-def most_attempts(backoff: kubernetes.Backoff, outage_s: float, others: int = 0) -> int:
+def most_attempts(backoff: kube.Backoff, outage_s: float, others: int = 0) -> int:
     """Every connection the policy allows in `outage_s`, `others` (requests
     that were already on their way) included."""
     probes = WATCHES + others + backoff.most_probes(outage_s)
     return CONNECTIONS_PER_PROBE * probes
 
 
-def most_at_cap(backoff: kubernetes.Backoff, start: float, end: float) -> int:
+def most_at_cap(backoff: kube.Backoff, start: float, end: float) -> int:
     """Connections the policy allows between `start` and `end`, once the
     backoff has reached its cap: one probe per shortest capped wait."""
     gap = backoff.maximum * (1.0 - backoff.JITTER)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from shoal import kube
 from shoal.model import mesh
 from shoal.registry import kubernetes
 from tests.e2e.helpers import eventually
@@ -48,9 +49,9 @@ class Running:
 
 
 def _registry(emu: KubeEmulator, **options: Any) -> kubernetes.KubernetesRegistry:
-    backoff = options.pop("backoff", None) or kubernetes.Backoff(initial=0.05, maximum=0.5)
+    backoff = options.pop("backoff", None) or kube.Backoff(initial=0.05, maximum=0.5)
     token = f"Bearer {emu.token}" if emu.token else None
-    api = kubernetes.Api(kubernetes.Endpoint(emu.url, False, lambda: token), backoff)
+    api = kube.Api(kube.ApiServer(emu.url, False, lambda: token), backoff)
     options.setdefault("ready_grace", 1.0)
     return kubernetes.KubernetesRegistry(api, **options)
 
@@ -280,7 +281,7 @@ async def test_a_bad_update_keeps_the_last_good_object_and_says_why(
 def test_backoff_doubles_with_jitter_and_caps() -> None:
     import random
 
-    backoff = kubernetes.Backoff(initial=0.5, maximum=4, rng=random.Random(1))
+    backoff = kube.Backoff(initial=0.5, maximum=4, rng=random.Random(1))
     delays = []
     for _ in range(10):
         backoff.failed("down")
@@ -306,15 +307,15 @@ def test_in_cluster_configuration(tmp_path: Path) -> None:
     (account / "ca.crt").write_bytes(ca.new_root("cluster.local").cert_pem)
     (account / "namespace").write_text("shoal-system")
     environ = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
-    endpoint = kubernetes.connect(environ=environ, service_account_dir=str(account))
-    assert endpoint.url == "https://10.96.0.1:443"
-    assert (endpoint.authorization() or "").lower() == "bearer token-1"  # schemes ignore case
-    assert endpoint.namespace == "shoal-system"
-    assert isinstance(endpoint.ssl, ssl.SSLContext)
-    assert endpoint.ssl.verify_mode == ssl.CERT_REQUIRED
-    assert len(endpoint.ssl.get_ca_certs()) == 1
+    server = kube.connect(environ=environ, service_account_dir=str(account))
+    assert server.url == "https://10.96.0.1:443"
+    assert (server.authorization() or "").lower() == "bearer token-1"  # schemes ignore case
+    assert server.namespace == "shoal-system"
+    assert isinstance(server.ssl, ssl.SSLContext)
+    assert server.ssl.verify_mode == ssl.CERT_REQUIRED
+    assert len(server.ssl.get_ca_certs()) == 1
     # The Deployment's downward API names the namespace too, and wins.
-    again = kubernetes.connect(
+    again = kube.connect(
         environ={**environ, "POD_NAMESPACE": "mesh"}, service_account_dir=str(account)
     )
     assert again.namespace == "mesh"
@@ -322,17 +323,17 @@ def test_in_cluster_configuration(tmp_path: Path) -> None:
 
 def test_kubeconfig_with_a_context(emu: KubeEmulator, tmp_path: Path) -> None:
     path = emu.write_kubeconfig(tmp_path / "config", namespace="shop")
-    endpoint = kubernetes.connect(str(path), "emulator", environ={})
-    assert endpoint.url == emu.url
-    assert endpoint.authorization() == "Bearer t0ken"
-    assert endpoint.namespace == "shop"
-    assert endpoint.ssl is False
+    server = kube.connect(str(path), "emulator", environ={})
+    assert server.url == emu.url
+    assert server.authorization() == "Bearer t0ken"
+    assert server.namespace == "shop"
+    assert server.ssl is False
 
 
 async def test_a_refused_token_is_reported_not_retried_in_a_loop(emu: KubeEmulator) -> None:
-    api = kubernetes.Api(
-        kubernetes.Endpoint(emu.url, False, lambda: "Bearer not-the-token"),
-        kubernetes.Backoff(initial=0.05, maximum=0.5),
+    api = kube.Api(
+        kube.ApiServer(emu.url, False, lambda: "Bearer not-the-token"),
+        kube.Backoff(initial=0.05, maximum=0.5),
     )
     registry = kubernetes.KubernetesRegistry(api, ready_grace=0.2)
     stop = asyncio.Event()
