@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2
 
 from shoal.model import mesh
 from shoal.sds import ca, workloads
-from shoal.xds import cache, controller, node
+from shoal.xds import cache, controller, debounce, node
 
 
 def _node(i: int) -> base_pb2.Node:
@@ -64,7 +64,7 @@ async def run(count: int) -> dict[str, object]:
 
     certs = workloads.WorkloadCertificates(authority, ttl=datetime.timedelta(hours=24))
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ctl = controller.Controller(snapshots, controller.Debouncer(0.1, 1.0), certs)
+    ctl = controller.Controller(snapshots, debounce.Debouncer(0.1, 1.0), certs)
     ctl.update(_state(count))
     ctl.rebuild()
     trust_domain = authority.trust_domain

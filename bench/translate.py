@@ -35,7 +35,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
 from shoal.model import mesh
-from shoal.xds import cache, controller, node
+from shoal.xds import cache, controller, debounce, node
 
 NAMESPACES = 10
 ENDPOINTS_PER_SERVICE = 10
@@ -184,7 +184,7 @@ def _timed_rebuild(
 async def run(services: int, proxies: int, profile: cProfile.Profile | None) -> Run:
     result = Run(services, proxies)
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ctl = controller.Controller(snapshots, controller.Debouncer(0.1, 1.0))
+    ctl = controller.Controller(snapshots, debounce.Debouncer(0.1, 1.0))
 
     # Proxies connect first (to an empty mesh), as a server's streams would.
     events = [asyncio.Event() for _ in range(proxies)]

@@ -8,64 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from shoal.model import routing
+from shoal import spiffe
+from shoal.model import keys, routing
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
-CLUSTER_DOMAIN = "cluster.local"
+CLUSTER_DOMAIN = keys.CLUSTER_DOMAIN
 
 
-class FrozenMap(Mapping[str, str]):
-    """A read-only, hashable string map (labels, annotations).
-
-    Hashable so that model objects can key memo tables: translation of an
-    unchanged Service is looked up, not redone.
-    """
-
-    __slots__ = ("_hash", "_items")
-
-    def __init__(self, items: Mapping[str, str] | None = None) -> None:
-        self._items: dict[str, str] = dict(sorted(items.items())) if items else {}
-        self._hash: int | None = None
-
-    def __getitem__(self, key: str) -> str:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        if self._hash is None:
-            self._hash = hash(tuple(self._items.items()))
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, FrozenMap):
-            return self._items == other._items
-        return isinstance(other, Mapping) and self._items == dict(other.items())
-
-    def __repr__(self) -> str:
-        return f"FrozenMap({self._items!r})"
-
-
-_EMPTY = FrozenMap()
+FrozenMap = keys.FrozenMap
+frozen_map = keys.frozen_map
+ServiceKey = keys.ServiceKey
+_EMPTY = keys.frozen_map()
 
 
 def _fields_of(obj: object) -> tuple[object, ...]:
     """The values a dataclass compares by, for a hash made once."""
     return tuple(getattr(obj, f.name) for f in dataclasses.fields(obj) if f.compare)  # type: ignore[arg-type]
-
-
-def frozen_map(items: Mapping[str, str] | None = None) -> FrozenMap:
-    """A read-only copy, so a model object cannot be changed behind a snapshot."""
-    return FrozenMap(items) if items else _EMPTY
 
 
 class Protocol(enum.Enum):
@@ -77,19 +38,6 @@ class Protocol(enum.Enum):
     @property
     def is_http(self) -> bool:
         return self is not Protocol.TCP
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class ServiceKey:
-    namespace: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def fqdn(self) -> str:
-        return f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +119,7 @@ class Identity:
 
     @property
     def spiffe_id(self) -> str:
-        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+        return spiffe.workload_id(self.trust_domain, self.namespace, self.service_account)
 
     def __str__(self) -> str:
         return self.spiffe_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from shoal.model import mesh
+from shoal.model import keys
 
 
 class MatchKind(enum.Enum):
@@ -26,9 +26,9 @@ class HeaderMatch:
 class Backend:
     """A weighted destination: a Service, optionally a label subset of it."""
 
-    service: mesh.ServiceKey
+    service: keys.ServiceKey
     weight: int = 100
-    subset: mesh.FrozenMap = field(default_factory=mesh.FrozenMap)
+    subset: keys.FrozenMap = field(default_factory=keys.FrozenMap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +73,7 @@ class Fault:
 
 @dataclass(frozen=True, slots=True)
 class Mirror:
-    service: mesh.ServiceKey
+    service: keys.ServiceKey
     percent: float = 100.0
 
 
@@ -81,7 +81,7 @@ class Mirror:
 class ServiceRoute:
     """The routing of one Service; its last rule matches everything."""
 
-    service: mesh.ServiceKey
+    service: keys.ServiceKey
     rules: tuple[RouteRule, ...]
     source: str = ""  # where it came from: annotations, or a TrafficRoute
     timeout_s: float | None = None
@@ -89,7 +89,7 @@ class ServiceRoute:
     fault: Fault | None = None
     mirror: Mirror | None = None
 
-    def backends(self) -> frozenset[mesh.ServiceKey]:
+    def backends(self) -> frozenset[keys.ServiceKey]:
         """Every Service this route sends traffic (or copies of it) to."""
         targets = {b.service for r in self.rules for b in r.backends}
         for mirror in (self.mirror, *(r.mirror for r in self.rules)):
@@ -97,6 +97,6 @@ class ServiceRoute:
                 targets.add(mirror.service)
         return frozenset(targets)
 
-    def subsets(self) -> frozenset[tuple[mesh.ServiceKey, mesh.FrozenMap]]:
+    def subsets(self) -> frozenset[tuple[keys.ServiceKey, keys.FrozenMap]]:
         """Label subsets of Services this route sends to."""
         return frozenset((b.service, b.subset) for r in self.rules for b in r.backends if b.subset)

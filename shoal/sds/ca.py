@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shoal import spiffe
+
 ROOT_TTL = datetime.timedelta(days=3650)
 WORKLOAD_TTL = datetime.timedelta(hours=24)
 # A proxy's xDS client certificate (from `shoal bootstrap` or a join): what
@@ -101,7 +103,7 @@ def spiffe_ids(cert: x509.Certificate) -> list[str]:
     return [
         u
         for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
-        if u.startswith("spiffe://")
+        if u.startswith(spiffe.SCHEME)
     ]
 
 
@@ -191,7 +193,7 @@ class Authority:
         return b""
 
     def spiffe_id(self, namespace: str, service_account: str) -> str:
-        return f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{service_account}"
+        return spiffe.workload_id(self.trust_domain, namespace, service_account)
 
     def issue(
         self,

@@ -1,13 +1,18 @@
-"""Memos that forget with their keys.
+"""Memos, and what bounds them.
 
-The server and the cache remember work shared by streams that are in the same
-place: the view of a subscription, the diff between two views, the names a
-subscription asks for that do not exist. Their keys are objects a stream
-holds (an interned subscription, the view it was sent). A memo entry lives
-exactly as long as every object of its key: when the last stream holding a
-subscription goes, so does everything worked out for it, and the control
-plane's memory returns to where it was. No count or byte bound decides
-what to keep, so no stream can evict another's work or pin its own.
+Two lifetimes cover every memo in the push path; no memo counts its entries
+or clears itself at an arbitrary size.
+
+- Work shared by streams (the view of a subscription, the diff between two
+  views, the names a subscription asks for that do not exist) is keyed by
+  objects the streams hold (an interned subscription, the view it was sent):
+  a `WeakMemo` entry lives exactly as long as every object of its key. When
+  the last stream holding a subscription goes, so does everything worked out
+  for it. No stream can evict another's work or pin its own.
+- Work shared by a rebuild (a Service's clusters, a scope's route tables) is
+  keyed by named tuples of its inputs and kept by `Generations`: what one
+  rebuild did not use is gone after the next, so memory follows the mesh as
+  it is, not its history.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import weakref
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
+K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 T = TypeVar("T")
 
@@ -84,6 +90,43 @@ class Interned(Generic[T]):
             return found if found == value else value
         self._by_hash[h] = weakref.ref(value, _Drop(self._by_hash, h))  # type: ignore[arg-type]
         return value
+
+
+class Generations(Generic[K, V]):
+    """Values kept while rebuilds use them. Each rebuild begins a generation
+    (`advance`); an entry the previous generation did not use is forgotten.
+    An entry is `fresh` once this generation has looked it up or put it: a
+    rebuild compares its inputs once, not once per proxy."""
+
+    __slots__ = ("_fresh", "_previous")
+
+    def __init__(self) -> None:
+        self._fresh: dict[K, V] = {}
+        self._previous: dict[K, V] = {}
+
+    def __len__(self) -> int:
+        return len(self._fresh) + sum(1 for k in self._previous if k not in self._fresh)
+
+    def get(self, key: K) -> V | None:
+        """The value of `key` from this generation or the last (which then
+        carries it into this one)."""
+        found = self._fresh.get(key)
+        if found is None:
+            found = self._previous.get(key)
+            if found is not None:
+                self._fresh[key] = found
+        return found
+
+    def fresh(self, key: K) -> V | None:
+        """The value of `key` if this generation already used it."""
+        return self._fresh.get(key)
+
+    def put(self, key: K, value: V) -> V:
+        self._fresh[key] = value
+        return value
+
+    def advance(self) -> None:
+        self._previous, self._fresh = self._fresh, {}
 
 
 def frozen(names: Iterable[str]) -> frozenset[str]:

@@ -39,7 +39,7 @@ from shoal import cli
 from shoal._gen import ca_pb2, ca_pb2_grpc
 from shoal.registry import annotations, files
 from shoal.sds import ca, join
-from shoal.xds import cache, controller, node, resources
+from shoal.xds import cache, controller, debounce, node, resources
 from tests import manifests
 from tests.security import clients
 
@@ -568,7 +568,7 @@ def manifest(h: Harness, text: str) -> None:
     for problem in registry.problems:
         assert "\n" not in str(problem) or "Traceback" not in str(problem)
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ctl = controller.Controller(snapshots, controller.Debouncer(0, 0))
+    ctl = controller.Controller(snapshots, debounce.Debouncer(0, 0))
     ctl.update(state)
     ctl.rebuild()
     for namespace in {k.namespace for k in state.services} or {"demo"}:

@@ -22,7 +22,7 @@ from google.protobuf import json_format, struct_pb2
 
 from shoal.model import mesh, proxy, routing
 from shoal.sds import ca
-from shoal.xds import cache, controller, node, resources
+from shoal.xds import cache, controller, debounce, node, resources
 from shoal.xds.translate import (
     bootstrap,
     capture,
@@ -674,7 +674,7 @@ def test_pod_overlay_completes_a_bootstrap_written_before_the_pod_ran() -> None:
 
 async def test_the_controller_serves_a_captured_pod_and_refuses_a_stranger() -> None:
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ctl = controller.Controller(snapshots, controller.Debouncer(0.01, 0.1))
+    ctl = controller.Controller(snapshots, debounce.Debouncer(0.01, 0.1))
     ctl.update(state())
     ctl.rebuild()
     woken = asyncio.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -10,7 +11,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
 from shoal.model import mesh
-from shoal.xds import cache, controller, node, resources
+from shoal.xds import cache, controller, debounce, node, resources
 from shoal.xds.translate import refs
 from tests.xds import fixtures
 
@@ -29,7 +30,7 @@ class FakeTime:
 
 async def test_debounce_waits_for_quiet() -> None:
     t = FakeTime()
-    d = controller.Debouncer(0.1, 1.0, clock=t.clock, sleep=t.sleep)
+    d = debounce.Debouncer(0.1, 1.0, clock=t.clock, sleep=t.sleep)
     d.touch()
     t.now = 0.05
     d.touch()
@@ -39,7 +40,7 @@ async def test_debounce_waits_for_quiet() -> None:
 
 async def test_debounce_never_waits_past_max_delay() -> None:
     t = FakeTime()
-    d = controller.Debouncer(0.1, 1.0, clock=t.clock, sleep=t.sleep)
+    d = debounce.Debouncer(0.1, 1.0, clock=t.clock, sleep=t.sleep)
 
     async def keep_touching() -> None:
         while True:
@@ -71,7 +72,7 @@ def _node(outbound_port: int) -> base_pb2.Node:
 
 async def test_one_endpoint_change_serializes_one_resource_whatever_the_proxy_count() -> None:
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ctl = controller.Controller(snapshots, controller.Debouncer(0.1, 1.0))
+    ctl = controller.Controller(snapshots, debounce.Debouncer(0.1, 1.0))
     state = fixtures.state()
     ctl.update(state)
     ctl.rebuild()
@@ -105,7 +106,7 @@ def _cluster(name: str, eds: bool) -> cache.Resource:
 
 def test_an_inconsistent_snapshot_is_not_published_and_is_reported() -> None:
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ctl = controller.Controller(snapshots, controller.Debouncer(0.1, 1.0))
+    ctl = controller.Controller(snapshots, debounce.Debouncer(0.1, 1.0))
     good = cache.Snapshot({resources.CLUSTER: (cache.ResourceGroup([_cluster("s", False)]),)})
     assert ctl.publish("k", good)
     bad = cache.Snapshot(
@@ -118,3 +119,73 @@ def test_an_inconsistent_snapshot_is_not_published_and_is_reported() -> None:
     assert snapshots.get("k") is good
     (problem,) = ctl.problems
     assert "refers to missing EDS e" in str(problem)
+
+
+async def test_debounce_says_why_a_burst_is_pushed() -> None:
+    t = FakeTime()
+    d = debounce.Debouncer(0.1, 1.0, clock=t.clock, sleep=t.sleep)
+    d.touch(controller.MESH_CHANGED)
+    d.touch(controller.MESH_CHANGED)
+    d.touch("certificates of 2 identities renewed")
+    reasons = await d.settled()
+    assert reasons == {controller.MESH_CHANGED: 2, "certificates of 2 identities renewed": 1}
+    assert debounce.describe(reasons) == ("certificates of 2 identities renewed, mesh state x2")
+    d.touch()
+    assert await d.settled() == {"change": 1}, "each burst has its own reasons"
+
+
+def test_a_push_says_what_changed_and_why() -> None:
+    snapshots = cache.SnapshotCache(controller.Controller.key_of)
+    ctl = controller.Controller(snapshots, debounce.Debouncer(0.1, 1.0))
+    state = fixtures.state()
+    ctl.update(state)
+    ctl.rebuild()
+    first = ctl.recent_pushes[-1]
+    assert first.changes.services == frozenset(state.services), "everything is new at first"
+
+    web = mesh.ServiceKey("shop", "web")
+    eps = (*state.endpoints[web][:-1], mesh.Endpoint("10.9.9.9", 9000, "grpc-api"))
+    ctl.update(
+        dataclasses.replace(
+            state, version=state.version + 1, endpoints={**state.endpoints, web: eps}
+        )
+    )
+    ctl.rebuild(collections.Counter({controller.MESH_CHANGED: 3}))
+    push = ctl.recent_pushes[-1]
+    assert push.number == first.number + 1
+    assert push.changes.endpoints == {web} and not push.changes.services
+    assert str(push).startswith(
+        f"push {push.number} (mesh version {state.version + 1}, mesh state x3): "
+        "endpoints of shop/web; "
+    )
+    assert push.as_dict()["changed"] == "endpoints of shop/web"
+
+
+def test_memos_follow_the_mesh_not_its_history() -> None:
+    snapshots = cache.SnapshotCache(controller.Controller.key_of)
+    ctl = controller.Controller(snapshots, debounce.Debouncer(0.1, 1.0))
+    state = fixtures.state()
+    many = {
+        mesh.ServiceKey("bulk", f"s{i}"): mesh.Service(
+            "bulk", f"s{i}", ports=(mesh.Port(80, "http"),)
+        )
+        for i in range(200)
+    }
+    ctl.update(dataclasses.replace(state, services={**state.services, **many}))
+    ctl.rebuild()
+    memos = ctl._memos
+    assert len(memos.service_clusters) >= 200
+    # Two rebuilds without them: the first still remembers them (a Service
+    # that comes back within one push is not translated again), the second not.
+    for version in (1, 2):
+        ctl.update(dataclasses.replace(state, version=state.version + version))
+        ctl.rebuild()
+    assert len(memos.service_clusters) == len(state.services)
+    # As much as a controller that never saw them.
+    fresh = controller.Controller(
+        cache.SnapshotCache(controller.Controller.key_of), debounce.Debouncer(0.1, 1.0)
+    )
+    fresh.update(state)
+    fresh.rebuild()
+    assert len(memos.assignments) == len(fresh._memos.assignments)
+    assert len(memos.groups) == len(fresh._memos.groups)

@@ -9,7 +9,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
 from shoal.registry import files
-from shoal.xds import cache, controller, node, resources
+from shoal.xds import cache, controller, debounce, node, resources
 from tests import manifests
 from tests.conftest import write
 
@@ -36,7 +36,7 @@ class Mesh:
     def __init__(self, folder: Path) -> None:
         self.registry = files.FolderRegistry(folder)
         self.snapshots = cache.SnapshotCache(controller.Controller.key_of)
-        self.ctl = controller.Controller(self.snapshots, controller.Debouncer(0.1, 1.0))
+        self.ctl = controller.Controller(self.snapshots, debounce.Debouncer(0.1, 1.0))
         self.ctl.update(self.registry.load())
         self.ctl.rebuild()
 

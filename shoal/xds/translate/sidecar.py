@@ -13,6 +13,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 
+from shoal import spiffe
 from shoal.model import mesh, proxy
 from shoal.xds.translate import clusters, listeners, names, routes
 
@@ -43,7 +44,7 @@ def security(
     allow = None
     if service is not None and service.allow is not None:
         allow = tuple(
-            sorted(f"spiffe://{trust_domain}/ns/{ns}/sa/{account}" for ns, account in service.allow)
+            sorted(spiffe.workload_id(trust_domain, ns, account) for ns, account in service.allow)
         )
     return listeners.InboundSecurity(permissive=mode == "permissive", allow=allow)
 

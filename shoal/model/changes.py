@@ -1,0 +1,69 @@
+"""What changed between two mesh states: the subject of a push, in words a
+log line or the dashboard can show."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from shoal.model import mesh
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSet:
+    """Keys of what was added, removed or changed, by kind of object."""
+
+    services: frozenset[mesh.ServiceKey] = frozenset()
+    endpoints: frozenset[mesh.ServiceKey] = frozenset()
+    routes: frozenset[mesh.ServiceKey] = frozenset()
+    namespaces: frozenset[str] = frozenset()
+    pods: frozenset[tuple[str, str]] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.services or self.endpoints or self.routes or self.namespaces or self.pods)
+
+    def summary(self, most: int = 3) -> str:
+        """ "endpoints of shop/reviews; route of shop/web" (`most` named per
+        kind, then a count)."""
+        parts = []
+        for label, keys in (
+            ("Service", self.services),
+            ("endpoints of", self.endpoints),
+            ("route of", self.routes),
+            ("namespace", self.namespaces),
+            ("Pod", {f"{ns}/{name}" for ns, name in self.pods}),
+        ):
+            if not keys:
+                continue
+            named = sorted(str(k) for k in keys)
+            more = f" and {len(named) - most} more" if len(named) > most else ""
+            parts.append(f"{label} {', '.join(named[:most])}{more}")
+        return "; ".join(parts) or "nothing in the mesh"
+
+
+def between(before: mesh.MeshState, after: mesh.MeshState) -> ChangeSet:
+    """What differs. Registries keep the objects of what did not change, so
+    most comparisons are by identity."""
+    if before is after:
+        return ChangeSet()
+    return ChangeSet(
+        services=_differing(before.services, after.services),
+        endpoints=_differing(before.endpoints, after.endpoints),
+        routes=_differing(before.routes, after.routes),
+        namespaces=_differing(before.namespaces, after.namespaces),
+        pods=_differing(before.pods, after.pods),
+    )
+
+
+def _differing(before: Mapping[K, object], after: Mapping[K, object]) -> frozenset[K]:
+    if before is after:
+        return frozenset()
+    out = set(before.keys() ^ after.keys())
+    for key, value in after.items():
+        old = before.get(key)
+        if old is not None and old is not value and old != value:
+            out.add(key)
+    return frozenset(out)

@@ -1,0 +1,280 @@
+"""One generator per kind of proxy: which groups of resources it is sent.
+
+A local sidecar (its workload's ports), a sidecar of a captured Pod
+(whatever the Pod serves and calls) and a proxyless gRPC client (only what it
+may call). A generator picks the groups of its scope from what the rebuild
+shares (`shared.Shared`), builds what is the proxy's own through
+translation, and memoizes it: the controller neither knows nor asks which
+kind a proxy is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from shoal.model import mesh, proxy
+from shoal.xds import cache, identities, resources
+from shoal.xds import shared as sharing
+from shoal.xds.translate import capture, proxyless, sidecar
+
+P = TypeVar("P", contravariant=True)
+OwnGroups = tuple[cache.ResourceGroup, cache.ResourceGroup]
+
+
+class Unconfigurable(Exception):
+    """The proxy cannot be configured now, and why (it keeps its last
+    configuration)."""
+
+
+class Own:
+    """A proxy's own clusters and listeners, with what they were built from:
+    one entry per connected proxy, found by the proxy (a thousand
+    disconnecting must not each scan the others')."""
+
+    def __init__(self) -> None:
+        self._by_proxy: dict[proxy.Proxy, tuple[Any, OwnGroups]] = {}
+
+    def get(self, p: proxy.Proxy, inputs: Any, build: Callable[[], OwnGroups]) -> OwnGroups:
+        found = self._by_proxy.get(p)
+        if found is None or found[0] != inputs:
+            found = self._by_proxy[p] = (inputs, build())
+        return found[1]
+
+    def forget(self, p: proxy.Proxy) -> None:
+        self._by_proxy.pop(p, None)
+
+
+@dataclass
+class Context:
+    """What generating one proxy's configuration reads."""
+
+    shared: sharing.Shared
+    own: Own
+    # None without mutual TLS.
+    secrets: identities.SecretGroups | None
+    # (namespace, Pod) of the captured sidecars connected, for the Pod index.
+    captured_pods: Collection[tuple[str, str]] = field(default_factory=tuple)
+
+    @property
+    def trust_domain(self) -> str | None:
+        return self.shared.trust_domain
+
+    def pod_index(self) -> capture.PodIndex:
+        return self.shared.pod_index(self.captured_pods)
+
+    def secret_groups(self, identity: mesh.Identity) -> dict[str, tuple[cache.ResourceGroup, ...]]:
+        if self.secrets is None:
+            return {}
+        return {resources.SECRET: (self.secrets.group(identity),)}
+
+
+class Generator(Protocol[P]):
+    def dependencies(self, p: P, ctx: Context) -> frozenset[tuple[str, str]] | None:
+        """What the proxy declared it calls (None: everything visible)."""
+        ...
+
+    def generate(self, p: P, ctx: Context, in_scope: sharing.Scope | None) -> sharing.Groups:
+        """Its groups by type URL; the first cluster group and the route
+        group are the scope's, checked once per scope. Raises Unconfigurable."""
+        ...
+
+
+def _declared(
+    p: proxy.Sidecar | proxy.Proxyless, ctx: Context
+) -> frozenset[tuple[str, str]] | None:
+    own = ctx.shared.state.services.get(p.service_key)
+    return own.dependencies if own is not None else None
+
+
+def _route_inputs(ctx: Context, visible: tuple[mesh.Service, ...]) -> Any:
+    # Route tables depend on the visible Services (annotations included)
+    # and on the routes between them.
+    return (visible, ctx.shared.state.routes)
+
+
+class SidecarGenerator:
+    """A local-mode sidecar: its own inbound cluster and listeners, and the
+    scope's outbound clusters, endpoints and routes."""
+
+    def dependencies(self, p: proxy.Sidecar, ctx: Context) -> frozenset[tuple[str, str]] | None:
+        return _declared(p, ctx)
+
+    def generate(
+        self, p: proxy.Sidecar, ctx: Context, in_scope: sharing.Scope | None
+    ) -> sharing.Groups:
+        shared = ctx.shared
+        state = shared.state
+        scoped_clusters, scoped_endpoints = shared.scoped_groups(in_scope)
+        visible = shared.visible(in_scope)
+        own_clusters, own_listeners = self._own(p, ctx)
+        route_group = shared.route_table(
+            sharing.RouteTable("outbound", p.namespace, in_scope),
+            _route_inputs(ctx, visible),
+            lambda: [
+                sharing.resource(
+                    resources.ROUTE, sidecar.outbound_routes(p.namespace, visible, state)
+                )
+            ],
+        )
+        return {
+            resources.CLUSTER: (scoped_clusters, own_clusters),
+            resources.ENDPOINT: (scoped_endpoints,),
+            resources.LISTENER: (own_listeners,),
+            resources.ROUTE: (route_group,),
+            **ctx.secret_groups(p.identity),
+        }
+
+    def _own(self, s: proxy.Sidecar, ctx: Context) -> OwnGroups:
+        """Its inbound cluster and listeners: they change only with the
+        sidecar itself, its Service's protocol or its security."""
+        state = ctx.shared.state
+        domain = ctx.trust_domain
+        security = sidecar.security(s, state, domain) if domain is not None else None
+        return ctx.own.get(
+            s,
+            (sidecar.inbound_protocol(s, state), security),
+            lambda: (
+                cache.ResourceGroup(
+                    sharing.resource_list(resources.CLUSTER, sidecar.own_clusters(s, state))
+                ),
+                cache.ResourceGroup(
+                    sharing.resource_list(
+                        resources.LISTENER, sidecar.own_listeners(s, state, security)
+                    )
+                ),
+            ),
+        )
+
+
+class CapturedGenerator:
+    """A captured Pod's sidecar: inbound for every port the Pod serves, one
+    outbound listener for whatever it calls (headless Services included)."""
+
+    def dependencies(
+        self, p: proxy.CapturedSidecar, ctx: Context
+    ) -> frozenset[tuple[str, str]] | None:
+        # A Pod behind one Service takes its dependencies; behind several,
+        # any of them may be what it is asked to do, so none narrow it.
+        served = capture.served_services(p, ctx.shared.state, ctx.pod_index())
+        return served[0].dependencies if len(served) == 1 else None
+
+    def generate(
+        self, p: proxy.CapturedSidecar, ctx: Context, in_scope: sharing.Scope | None
+    ) -> sharing.Groups:
+        shared = ctx.shared
+        state = shared.state
+        _, scoped_endpoints = shared.scoped_groups(in_scope)
+        visible = shared.visible(in_scope)
+        problem = capture.pod_problem(p, state)
+        if problem is not None:
+            raise Unconfigurable(problem)
+        own_clusters, own_listeners = self._own(p, ctx)
+        outbound = shared.route_table(
+            sharing.RouteTable("capture-lds", None, in_scope),
+            (visible, _headless_endpoints(visible, state)),
+            lambda: [
+                sharing.resource(resources.LISTENER, capture.virtual_outbound(visible, state))
+            ],
+        )
+        route_group = shared.route_table(
+            sharing.RouteTable("capture-rds", p.namespace, in_scope),
+            _route_inputs(ctx, visible),
+            lambda: sharing.resource_list(
+                resources.ROUTE, capture.route_configs(visible, p.namespace, state)
+            ),
+        )
+        return {
+            resources.CLUSTER: (shared.clusters_with_headless(in_scope), own_clusters),
+            resources.ENDPOINT: (scoped_endpoints,),
+            resources.LISTENER: (outbound, own_listeners),
+            resources.ROUTE: (route_group,),
+            **ctx.secret_groups(p.identity),
+        }
+
+    def _own(self, s: proxy.CapturedSidecar, ctx: Context) -> OwnGroups:
+        """Its inbound clusters and listener: they change only with the ports
+        it serves and their security."""
+        state, index, domain = ctx.shared.state, ctx.pod_index(), ctx.trust_domain
+        security = capture.security(s, state, domain, index) if domain is not None else None
+        return ctx.own.get(
+            s,
+            (
+                capture.inbound_ports(s, state, index),
+                tuple(sorted(security.items())) if security is not None else None,
+                capture.passthrough_permissive(s, state),
+            ),
+            lambda: (
+                cache.ResourceGroup(
+                    sharing.resource_list(resources.CLUSTER, capture.own_clusters(s, state, index))
+                ),
+                cache.ResourceGroup(
+                    [
+                        sharing.resource(
+                            resources.LISTENER,
+                            capture.virtual_inbound(s, state, security, index),
+                        )
+                    ]
+                ),
+            ),
+        )
+
+
+class ProxylessGenerator:
+    """A gRPC application's xDS client: an API listener and route table per
+    Service port it may dial, and the scope's clusters and endpoints."""
+
+    def dependencies(self, p: proxy.Proxyless, ctx: Context) -> frozenset[tuple[str, str]] | None:
+        return _declared(p, ctx)
+
+    def generate(
+        self, p: proxy.Proxyless, ctx: Context, in_scope: sharing.Scope | None
+    ) -> sharing.Groups:
+        shared = ctx.shared
+        state = shared.state
+        scoped_clusters, scoped_endpoints = shared.scoped_groups(in_scope)
+        visible = shared.visible(in_scope)
+        inputs = _route_inputs(ctx, visible)
+        listeners = shared.route_table(
+            sharing.RouteTable("proxyless-lds", p.namespace, in_scope),
+            inputs,
+            lambda: sharing.resource_list(
+                resources.LISTENER, proxyless.listeners(visible, p.namespace)
+            ),
+        )
+        route_group = shared.route_table(
+            sharing.RouteTable("proxyless-rds", None, in_scope),
+            inputs,
+            lambda: sharing.resource_list(resources.ROUTE, proxyless.route_configs(visible, state)),
+        )
+        if ctx.trust_domain is not None:
+            # gRPC's xDS client takes TLS only from certificate providers,
+            # not SDS: proxyless clients call in plain text for now.
+            scoped_clusters = shared.plain_clusters(in_scope)
+        return {
+            resources.CLUSTER: (scoped_clusters,),
+            resources.ENDPOINT: (scoped_endpoints,),
+            resources.LISTENER: (listeners,),
+            resources.ROUTE: (route_group,),
+        }
+
+
+_BY_KIND: dict[type, Generator[Any]] = {
+    proxy.Sidecar: SidecarGenerator(),
+    proxy.CapturedSidecar: CapturedGenerator(),
+    proxy.Proxyless: ProxylessGenerator(),
+}
+
+
+def of(p: proxy.Proxy) -> Generator[Any]:
+    """The generator of a proxy's kind."""
+    return _BY_KIND[type(p)]
+
+
+def _headless_endpoints(
+    visible: tuple[mesh.Service, ...], state: mesh.MeshState
+) -> tuple[tuple[mesh.Endpoint, ...], ...]:
+    """What the outbound capture listener reads besides the Services: the
+    endpoints of headless ones, which it matches by address."""
+    return tuple(state.endpoints.get(s.key, ()) for s in visible if s.headless)

@@ -1,0 +1,29 @@
+"""The memos' lifetimes: generations for rebuilds."""
+
+from __future__ import annotations
+
+from shoal.xds import memo
+
+
+def test_a_generation_keeps_what_it_used_and_forgets_the_rest_after_the_next() -> None:
+    g: memo.Generations[str, int] = memo.Generations()
+    g.put("a", 1)
+    g.put("b", 2)
+    g.advance()
+    assert g.fresh("a") is None, "not used yet in this generation"
+    assert g.get("a") == 1 and g.fresh("a") == 1, "carried into this generation"
+    assert len(g) == 2
+    g.advance()
+    assert g.get("b") is None, "unused for a whole generation: forgotten"
+    assert g.get("a") == 1
+    assert len(g) == 1
+
+
+def test_a_value_put_again_replaces_the_last_one() -> None:
+    g: memo.Generations[tuple[str, int], str] = memo.Generations()
+    g.put(("k", 1), "old")
+    g.advance()
+    g.put(("k", 1), "new")
+    assert g.get(("k", 1)) == "new"
+    g.advance()
+    assert g.get(("k", 1)) == "new"
