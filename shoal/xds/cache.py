@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from shoal.xds import memo
+from shoal.xds import memo, wire
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +35,6 @@ _serialized = 0
 
 def serialization_count() -> int:
     return _serialized
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-def length_delimited(field_number: int, payload: bytes) -> bytes:
-    """A protobuf length-delimited field: tag, length, bytes."""
-    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def content_version(*parts: bytes | str) -> str:
@@ -96,18 +79,13 @@ class Resource:
     @cached_property
     def sotw_field(self) -> bytes:
         """`resources` (field 2) of a DiscoveryResponse, ready to concatenate."""
-        return length_delimited(2, self.any_bytes)
+        return wire.sotw_resource(self.any_bytes)
 
     @cached_property
     def delta_field(self) -> bytes:
         """`resources` (field 2) of a DeltaDiscoveryResponse: a Resource
         message with version (1), resource (2) and name (3)."""
-        inner = (
-            length_delimited(1, self.version.encode())
-            + length_delimited(2, self.any_bytes)
-            + length_delimited(3, self.name.encode())
-        )
-        return length_delimited(2, inner)
+        return wire.delta_resource(self.version, self.any_bytes, self.name)
 
     def as_any(self) -> any_pb2.Any:
         """For config dumps and tests; never on the push path."""

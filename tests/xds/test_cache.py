@@ -8,7 +8,7 @@ import gc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from shoal.xds import cache, memo, resources
+from shoal.xds import cache, memo, resources, wire
 
 
 def _cluster(name: str, timeout_s: int = 1) -> cache.Resource:
@@ -20,10 +20,10 @@ def _cluster(name: str, timeout_s: int = 1) -> cache.Resource:
 def test_preencoded_response_parses_as_a_discovery_response() -> None:
     view = cache.make_view([_cluster("b"), _cluster("a")])
     body = (
-        cache.length_delimited(1, view.version.encode())
+        wire.length_delimited(1, view.version.encode())
         + view.encoded
-        + cache.length_delimited(4, resources.CLUSTER.encode())
-        + cache.length_delimited(5, b"7")
+        + wire.length_delimited(4, resources.CLUSTER.encode())
+        + wire.length_delimited(5, b"7")
     )
     response = discovery_pb2.DiscoveryResponse.FromString(body)
     assert response.version_info == view.version

@@ -1,0 +1,72 @@
+"""xDS responses as bytes, without building messages.
+
+A resource is serialized once (cache.Resource) and every response is a
+concatenation of fields around those bytes, as protobuf's wire format allows:
+a message is its fields in any order, a repeated field is its elements one
+after another. The field numbers are those of envoy.service.discovery.v3's
+DiscoveryResponse and DeltaDiscoveryResponse and of its Resource.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """A protobuf length-delimited field: tag, length, bytes."""
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def sotw_resource(any_bytes: bytes) -> bytes:
+    """DiscoveryResponse.resources (2): the resource as an Any."""
+    return length_delimited(2, any_bytes)
+
+
+def delta_resource(version: str, any_bytes: bytes, name: str) -> bytes:
+    """DeltaDiscoveryResponse.resources (2): a Resource with version (1),
+    resource (2) and name (3)."""
+    inner = (
+        length_delimited(1, version.encode())
+        + length_delimited(2, any_bytes)
+        + length_delimited(3, name.encode())
+    )
+    return length_delimited(2, inner)
+
+
+def sotw_response(version: str, resources: bytes, type_url: str, nonce: str) -> bytes:
+    """A DiscoveryResponse: version_info (1), the `resources` fields as
+    encoded, type_url (4), nonce (5)."""
+    return (
+        length_delimited(1, version.encode())
+        + resources
+        + length_delimited(4, type_url.encode())
+        + length_delimited(5, nonce.encode())
+    )
+
+
+def delta_response(
+    version: str, resources: bytes, type_url: str, removed: Iterable[str], nonce: str
+) -> bytes:
+    """A DeltaDiscoveryResponse: system_version_info (1), the `resources`
+    fields as encoded, type_url (4), removed_resources (6), nonce (5)."""
+    return b"".join(
+        (
+            length_delimited(1, version.encode()),
+            resources,
+            length_delimited(4, type_url.encode()),
+            *(length_delimited(6, name.encode()) for name in removed),
+            length_delimited(5, nonce.encode()),
+        )
+    )
