@@ -13,7 +13,7 @@ from shoal.xds import resources
 
 
 class XdsMetrics:
-    """Counts what the ADS server does; implements its Listener protocol."""
+    """Counts what the ADS server does; implements its StreamObserver protocol."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.pushes = Counter(

@@ -27,7 +27,7 @@ from cryptography import x509
 from envoy.service.discovery.v3 import discovery_pb2
 
 from shoal import spiffe, terminal
-from shoal.xds import cache, memo, resources
+from shoal.xds import cache, memo, resources, wire
 
 log = logging.getLogger(__name__)
 printable = terminal.printable
@@ -205,14 +205,22 @@ class StreamError(Exception):
         self.code = code
 
 
-class Listener(Protocol):
-    """Told of what happens on streams (metrics, logs of a fleet)."""
+class StreamObserver(Protocol):
+    """Told of what happens on streams (metrics, a benchmark's timings).
 
-    def pushed(self, type_url: str, resources: int, delta: bool) -> None: ...
-    def nacked(self, type_url: str) -> None: ...
+    Called on the event loop, inline, on the push path: a method must be
+    quick and must not raise."""
+
+    def pushed(self, type_url: str, resources: int, delta: bool) -> None:
+        """A response of `resources` resources is about to be written to a
+        stream: called once per response, just before the write starts."""
+
+    def nacked(self, type_url: str) -> None:
+        """A proxy rejected a response: called once per version a stream
+        rejects, however often it says so."""
 
 
-class _NoListener:
+class _NoObserver:
     def pushed(self, type_url: str, resources: int, delta: bool) -> None:
         pass
 
@@ -246,7 +254,7 @@ class AdsServer:
         *,
         clock: Callable[[], float] = time.time,
         write_timeout: float = 30.0,
-        listener: Listener | None = None,
+        observer: StreamObserver | None = None,
         trust_domain: str | None = None,
         limits: Limits = Limits(),
         still_trusted: Callable[[bytes], bool] | None = None,
@@ -260,7 +268,7 @@ class AdsServer:
         self._cache = snapshots
         self._clock = clock
         self._write_timeout = write_timeout
-        self._listener = listener or _NoListener()
+        self._observer = observer or _NoObserver()
         self.trust_domain = trust_domain
         self.limits = limits
         self._still_trusted = still_trusted
@@ -772,7 +780,7 @@ class AdsServer:
             error = request.error_detail.message[:MAX_ERROR]
             if state.nacked_version != state.sent_version:
                 self.nacks_total += 1
-                self._listener.nacked(state.type_url)
+                self._observer.nacked(state.type_url)
                 log.error(
                     "proxy %s rejected %s version %s: %s",
                     printable(conn.node_id),
@@ -922,12 +930,7 @@ class AdsServer:
         self, conn: Connection, state: TypeState, view: cache.View, context: Any
     ) -> None:
         nonce = str(next(conn.nonces))
-        body = (
-            cache.length_delimited(1, view.version.encode())
-            + view.encoded
-            + cache.length_delimited(4, state.type_url.encode())
-            + cache.length_delimited(5, nonce.encode())
-        )
+        body = wire.sotw_response(view.version, view.encoded, state.type_url, nonce)
         await self._write(conn, state, view, nonce, body, len(view.resources), context)
 
     def _diff(self, held: cache.View, want: cache.View) -> Diff:
@@ -994,15 +997,7 @@ class AdsServer:
             return False
         state.told_absent |= absent | (frozenset(diff.removed) & state.names)
         nonce = str(next(conn.nonces))
-        body = b"".join(
-            (
-                cache.length_delimited(1, view.version.encode()),
-                diff.encoded,
-                cache.length_delimited(4, state.type_url.encode()),
-                *(cache.length_delimited(6, name.encode()) for name in removed),
-                cache.length_delimited(5, nonce.encode()),
-            )
-        )
+        body = wire.delta_response(view.version, diff.encoded, state.type_url, removed, nonce)
         await self._write(conn, state, view, nonce, body, len(diff.changed), context)
         return True
 
@@ -1021,7 +1016,7 @@ class AdsServer:
         state.nonce = nonce
         state.sent_at = self._clock()
         self.pushes_total += 1
-        self._listener.pushed(state.type_url, count, conn.delta)
+        self._observer.pushed(state.type_url, count, conn.delta)
         log.debug(
             "proxy %s: %s version %s (%d resources, nonce %s)",
             conn.node_id,

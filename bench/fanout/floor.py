@@ -1,0 +1,103 @@
+"""The floor: a bare grpc.aio server, with shoal's gRPC options and the same
+TLS, that holds every stream and, on SIGUSR1, writes the same pre-serialized
+response to each: what the fan-out would cost if the server did nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from shoal.xds import server as ads_server
+
+from . import processes, wire
+
+# Shoal's own, so the floor holds as many streams the same way.
+SERVER_OPTIONS = ads_server.GRPC_OPTIONS
+
+
+class Floor:
+    """Holds streams; on SIGUSR1 writes the bytes of `body_file` to every one."""
+
+    def __init__(self, body_file: Path) -> None:
+        self._body_file = body_file
+        self._body = b""
+        self._wakes: set[asyncio.Event] = set()
+        self._hello = discovery_pb2.DeltaDiscoveryResponse(
+            type_url=wire.HELLO, nonce="0"
+        ).SerializeToString()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(
+            self._stream, request_deserializer=wire.identity, response_serializer=wire.identity
+        )
+        return grpc.method_handlers_generic_handler(
+            wire.ADS_SERVICE, {name: method for name in wire.ADS_METHODS.values()}
+        )
+
+    def push(self) -> None:
+        self._body = self._body_file.read_bytes()
+        for wake in self._wakes:
+            wake.set()
+
+    async def _drain(self, requests: AsyncIterator[bytes], wake: asyncio.Event) -> None:
+        with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+            async for _ in requests:
+                pass
+        wake.set()
+
+    async def _stream(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        try:
+            await anext(aiter(requests))
+        except StopAsyncIteration:
+            return
+        wake = asyncio.Event()
+        reader = asyncio.create_task(self._drain(requests, wake))
+        self._wakes.add(wake)
+        try:
+            await context.write(self._hello)
+            while not reader.done():
+                await wake.wait()
+                wake.clear()
+                if self._body and not reader.done():
+                    await context.write(self._body)
+        finally:
+            self._wakes.discard(wake)
+            reader.cancel()
+
+
+async def floor_main(port: int, body_file: Path, tls: Path | None) -> None:
+    """`tls`: a folder of cert.pem, key.pem and roots.pem (plain text without)."""
+    processes.raise_open_files()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    floor = Floor(body_file)
+    server.add_generic_rpc_handlers((floor.handler(),))
+    address = f"127.0.0.1:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, _credentials(tls))
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, floor.push)
+    print(f"floor: listening on 127.0.0.1:{bound}", flush=True)
+    await stop.wait()
+    await server.stop(grace=0.5)
+
+
+def _credentials(folder: Path) -> grpc.ServerCredentials:
+    # As shoal serves xDS: its own certificate, client certificates required.
+    return grpc.ssl_server_credentials(
+        [((folder / "key.pem").read_bytes(), (folder / "cert.pem").read_bytes())],
+        root_certificates=(folder / "roots.pem").read_bytes(),
+        require_client_auth=True,
+    )

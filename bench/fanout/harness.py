@@ -1,0 +1,128 @@
+"""The server under test: `shoal serve` on a manifests folder, as a process
+of its own (in instrumented_serve.py when a look inside is asked for), and
+the mesh CA's certificates its proxies and the floor present."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.sds import ca
+
+from . import processes
+
+# Runs `shoal serve` with a look inside, in place of `python -m shoal.cli`.
+INSTRUMENTED_SERVE = Path(__file__).resolve().parent / "instrumented_serve.py"
+TRUST_DOMAIN = "cluster.local"  # shoal serve's default
+
+
+@dataclass
+class Tls:
+    """Certificates from the mesh CA in shoal's state directory: one xDS client
+    certificate (every proxy is default/default, so one identity), as
+    `shoal bootstrap` writes for a sidecar, and a serving one for the floor."""
+
+    enabled: bool
+    client_cert: bytes = b""
+    client_key: bytes = b""
+    roots: bytes = b""
+    server_cert: bytes = b""
+    server_key: bytes = b""
+
+    @classmethod
+    def from_state(cls, state_dir: Path) -> Tls:
+        # The root shoal serve would create on its first start, made first.
+        signer, _ = ca.load_or_create(state_dir, TRUST_DOMAIN)
+        authority = ca.Authority(signer, trust_domain=TRUST_DOMAIN)
+        key = ca.new_key()
+        cert = authority.issue(
+            key.public_key(),
+            uri=authority.spiffe_id("default", "default"),
+            ttl=datetime.timedelta(days=1),
+            server=False,
+        )
+        serving = authority.serving(["127.0.0.1", "localhost"])
+        return cls(
+            True, cert, ca.key_pem(key), authority.trust_bundle, serving.cert_pem, serving.key_pem
+        )
+
+    def client(self) -> dict[str, str] | None:
+        """For a worker's connect command."""
+        if not self.enabled:
+            return None
+        return {
+            "cert": self.client_cert.decode(),
+            "key": self.client_key.decode(),
+            "roots": self.roots.decode(),
+        }
+
+    def write_server(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cert.pem").write_bytes(self.server_cert)
+        (folder / "key.pem").write_bytes(self.server_key)
+        (folder / "roots.pem").write_bytes(self.roots)
+        return folder
+
+
+@dataclass
+class Shoal:
+    proc: asyncio.subprocess.Process
+    xds_port: int
+    events: Path | None
+    stderr: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+async def start_shoal(registry: Path, logs: Path, args: argparse.Namespace) -> Shoal:
+    xds, admin = processes.free_port(), processes.free_port()
+    argv = [
+        "--log-level",
+        "warning",
+        "serve",
+        "--registry",
+        str(registry),
+        "--xds-address",
+        f"127.0.0.1:{xds}",
+        "--admin-address",
+        f"127.0.0.1:{admin}",
+        "--state-dir",
+        str(logs / "state"),
+        # Every simulated proxy is default/default: one identity for the
+        # whole fleet, past the default cap on one identity's streams.
+        "--max-streams-per-identity",
+        "1000000",
+    ]
+    if args.xds_security == "insecure":
+        argv.append("--insecure-xds")
+    env: dict[str, str] = {}
+    events = None
+    if args.tracemalloc:
+        env["FANOUT_TRACEMALLOC"] = args.tracemalloc
+    if args.instrument:
+        events = logs / f"events-{registry.name}.json"
+        env["FANOUT_EVENTS"] = str(events)
+    if args.server_profile:
+        env["FANOUT_PROFILE"] = args.server_profile
+    python = processes.PYTHON
+    cmd = [python, str(INSTRUMENTED_SERVE), *argv] if env else [python, "-m", "shoal.cli", *argv]
+    name = f"shoal-{registry.name}"
+    proc, _ = await processes.start_process(cmd, logs, name, "shoal: xDS on", env)
+    return Shoal(proc, xds, events, logs / f"{name}.err")
+
+
+Event = tuple[str, float, float]
+
+
+def server_events(log: Path) -> list[Event]:
+    """(what, started, seconds) as instrumented_serve.py wrote them: gc0,
+    gc1, gc2, reload, rebuild, write."""
+    if not log.exists():
+        return []
+    return [(str(w), float(t), float(d)) for w, t, d in json.loads(log.read_text())]
