@@ -16,24 +16,21 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 import grpc
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from shoal import heap, sidecar_files, spiffe, terminal
+from shoal import heap, kube, sidecar_files, spiffe, tasks, terminal
 from shoal.model import proxy
 from shoal.observe import admin, metrics
-from shoal.registry import files
-from shoal.registry import kubernetes as kube
-from shoal.sds import ca, join, report, workloads
-from shoal.sds import rotation as rotation_mod
-from shoal.xds import cache, controller, csds, server, status
+from shoal.observe import reports as observe_reports
+from shoal.registry import files, kubernetes
+from shoal.sds import ca, join, operations, report, roots, rotation, tls, workloads
+from shoal.xds import cache, controller, csds, debounce, server, status
 from shoal.xds.translate import bootstrap as bootstrap_config
 
 log = logging.getLogger("shoal")
@@ -45,9 +42,10 @@ ADMIN_SOCKET = "admin.sock"
 # Where the CLI finds a control plane: its admin socket in the state
 # directory, unless --admin or SHOAL_ADMIN says otherwise.
 ADMIN_ENV = "SHOAL_ADMIN"
-# Join tokens live at most this long: a token is a credential.
-MAX_JOIN_TOKEN_TTL = datetime.timedelta(hours=24)
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# `shoal demo` runs examples/demo unless given a mesh; a wheel has no
+# examples/, so its build copies that folder into the package (setup.py).
+PACKAGED_DEMO_MESH = Path(__file__).resolve().parent / "demo" / "manifests"
+CHECKOUT_DEMO_MESH = Path(__file__).resolve().parent.parent / "examples" / "demo"
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -103,7 +101,7 @@ class ControlPlane:
 
     xds_port: int
     admin_port: int
-    registry: files.FolderRegistry | kube.KubernetesRegistry
+    registry: files.FolderRegistry | kubernetes.KubernetesRegistry
     controller: controller.Controller
     ads: server.AdsServer
     authority: ca.Authority | None
@@ -114,267 +112,182 @@ class ControlPlane:
 
 @contextlib.asynccontextmanager
 async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
-    """Start everything `shoal serve` runs; stop all of it on exit."""
-    keeper = heap.HeapKeeper()
-    registry: files.FolderRegistry | kube.KubernetesRegistry
-    kube_api: kube.Api | None = None
-    if options.kubernetes:
-        kube_api = kube.Api(kube.connect(options.kubeconfig, options.kube_context))
-        # Sidecars reach xDS through shoal's Service: its names go in the
-        # serving certificate.
-        namespace = kube_api.endpoint.namespace
-        options = dataclasses.replace(
-            options,
-            xds_hosts=(
-                *options.xds_hosts,
-                "shoal",
-                f"shoal.{namespace}",
-                f"shoal.{namespace}.svc",
-                f"shoal.{namespace}.svc.cluster.local",
+    """Start everything `shoal serve` runs; stop all of it, in reverse, on exit."""
+    async with contextlib.AsyncExitStack() as stack:
+        keeper = heap.HeapKeeper()
+        kube_api: kube.Api | None = None
+        registry: files.FolderRegistry | kubernetes.KubernetesRegistry
+        if options.kubernetes:
+            kube_api = kube.Api(kube.connect(options.kubeconfig, options.kube_context))
+            stack.push_async_callback(kube_api.close)
+            # Sidecars reach xDS through shoal's Service: its names go in the
+            # serving certificate.
+            namespace = kube_api.server.namespace
+            options = dataclasses.replace(
+                options,
+                xds_hosts=(
+                    *options.xds_hosts,
+                    "shoal",
+                    f"shoal.{namespace}",
+                    f"shoal.{namespace}.svc",
+                    f"shoal.{namespace}.svc.cluster.local",
+                ),
+            )
+            registry = kubernetes.KubernetesRegistry(
+                kube_api, namespaces=options.namespaces or None, quiet_gc=keeper.paused
+            )
+        else:
+            assert options.registry is not None
+            registry = files.FolderRegistry(options.registry)
+
+        authority: ca.Authority | None = None
+        record: rotation.RootRecord | None = None
+        if not options.insecure_xds:
+            if kube_api is not None and options.ca_cert is None:
+                authority, record = await roots.load_shared(
+                    kube_api, options.ca_secret, options.trust_domain
+                )
+            else:
+                authority = roots.load_local(
+                    options.state_dir, options.trust_domain, _plugged(options)
+                )
+        certificates = (
+            workloads.WorkloadCertificates(authority, ttl=options.workload_ttl)
+            if authority is not None
+            else None
+        )
+
+        snapshots = cache.SnapshotCache(controller.Controller.key_of)
+        ctl = controller.Controller(
+            snapshots,
+            debounce.Debouncer(options.debounce_quiet, options.debounce_max),
+            certificates,
+        )
+        if certificates is not None:
+            certificates.on_change = lambda due: ctl.refresh(
+                f"certificates of {len(due)} identities renewed"
+            )
+        if isinstance(registry, files.FolderRegistry):
+            ctl.update(registry.load())
+            ctl.rebuild()
+        # From Kubernetes, the first state comes once every kind is listed;
+        # until then proxies wait rather than get an empty mesh.
+
+        metric_registry = CollectorRegistry()
+        ads = server.AdsServer(
+            snapshots,
+            observer=metrics.XdsMetrics(metric_registry),
+            trust_domain=options.trust_domain if certificates is not None else None,
+            limits=options.limits,
+            still_trusted=(
+                (lambda pem: certificates.authority.signed_client(pem))
+                if certificates is not None
+                else None
             ),
         )
-        registry = kube.KubernetesRegistry(
-            kube_api, namespaces=options.namespaces or None, quiet_gc=keeper.paused
-        )
-    else:
-        assert options.registry is not None
-        registry = files.FolderRegistry(options.registry)
-    snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    authority = None
-    record: rotation_mod.RootRecord | None = None
-    if not options.insecure_xds:
-        if kube_api is not None and options.ca_cert is None:
-            authority, record = await load_kube_authority(kube_api, options)
-        else:
-            authority = load_authority(options)
-    certificates = (
-        workloads.WorkloadCertificates(authority, ttl=options.workload_ttl)
-        if authority is not None
-        else None
-    )
-    ctl = controller.Controller(
-        snapshots,
-        controller.Debouncer(options.debounce_quiet, options.debounce_max),
-        certificates,
-    )
-    if certificates is not None:
-        certificates.on_change = lambda _: ctl.refresh()
-    if isinstance(registry, files.FolderRegistry):
-        ctl.update(registry.load())
-        ctl.rebuild()
-    # From Kubernetes, the first state comes once every kind is listed; until
-    # then proxies wait rather than get an empty mesh.
-    metric_registry = CollectorRegistry()
-    ads = server.AdsServer(
-        snapshots,
-        listener=metrics.XdsMetrics(metric_registry),
-        trust_domain=options.trust_domain if certificates is not None else None,
-        limits=options.limits,
-        still_trusted=(
-            (lambda pem: certificates.authority.signed_client(pem))
-            if certificates is not None
-            else None
-        ),
-    )
-    metric_registry.register(
-        metrics.Gauges(
-            {
-                "shoal_xds_connected_streams": (
-                    "ADS streams open now",
-                    lambda: len(ads.connections),
-                ),
-                "shoal_mesh_services": ("Services in the mesh", lambda: len(ctl.state.services)),
-                "shoal_mesh_endpoints": (
-                    "Endpoints in the mesh",
-                    lambda: sum(len(e) for e in ctl.state.endpoints.values()),
-                ),
-                "shoal_mesh_version": ("Version of the mesh state", lambda: ctl.state.version),
-                "shoal_config_problems": (
-                    "Problems in the input, each reported with its object and reason",
-                    lambda: len(registry.problems) + len(ctl.problems),
-                ),
-            }
-        )
-    )
-    if isinstance(registry, kube.KubernetesRegistry):
-        metric_registry.register(metrics.KubernetesMetrics(registry.health))
+        metric_registry.register(_gauges(ads, ctl, registry))
+        if isinstance(registry, kubernetes.KubernetesRegistry):
+            metric_registry.register(metrics.KubernetesMetrics(registry.health))
 
-    grpc_server = grpc.aio.server(options=server.GRPC_OPTIONS)
-    grpc_server.add_generic_rpc_handlers((ads.handler(),))
-    csds.register(
-        grpc_server,
-        ads,
-        frozenset(
-            spiffe.workload_id(options.trust_domain, *a.split("/", 1))
-            for a in options.admin_identities
-        ),
-    )
-    xds_host, xds_port = _host_port(options.xds_address)
-    if certificates is None:
-        xds_port = grpc_server.add_insecure_port(f"{xds_host}:{xds_port}")
-    else:
-        xds_port = grpc_server.add_secure_port(
-            f"{xds_host}:{xds_port}", xds_credentials(certificates, options, xds_host)
-        )
-    if xds_port == 0:
-        raise OSError(f"cannot listen on {options.xds_address}")
-    await grpc_server.start()
+        xds_port = await _xds_server(stack, options, ads, certificates)
 
-    reports: dict[str, admin.Report] = {
-        "problems": lambda: [str(p) for p in registry.problems + ctl.problems],
-        "syncz": lambda: status.proxies(ads),
-        "services": lambda: _services(ctl),
-    }
-    if isinstance(registry, kube.KubernetesRegistry):
-        reports["kubernetes"] = registry.health
-    if authority is not None and certificates is not None:
-        reports["ca"] = lambda: report.status(
-            # The authority now: a root rotation replaces it.
-            certificates.authority,
-            certificates,
-            _held(ads, "default"),
-        )
-    actions: dict[str, admin.Action] = {}
-    background: set[asyncio.Task[Any]] = set()
-    shared_root: rotation_mod.SharedRoot | None = None
+        reports: dict[str, admin.Report] = {
+            "problems": lambda: [str(p) for p in registry.problems + ctl.problems],
+            "syncz": lambda: status.proxies(ads),
+            "services": lambda: observe_reports.services(ctl.state),
+            "pushes": lambda: [p.as_dict() for p in reversed(ctl.recent_pushes)],
+        }
+        if isinstance(registry, kubernetes.KubernetesRegistry):
+            reports["kubernetes"] = registry.health
+        actions: dict[str, admin.Action] = {}
+        background = await stack.enter_async_context(tasks.Tasks())
+        shared_root: rotation.SharedRoot | None = None
+        join_port = 0
+        if authority is not None and certificates is not None:
+            reports["ca"] = lambda: report.status(
+                # The authority now: a root rotation replaces it.
+                certificates.authority,
+                certificates,
+                status.held_by_proxy(ads, "default"),
+            )
 
-    def revoke() -> None:
-        # The root these streams were authenticated under is no longer
-        # trusted: each must reconnect with a certificate of the new one.
-        ads.disconnect_all("the root that signed this proxy's certificate is no longer trusted")
-
-    if certificates is not None and kube_api is not None and record is not None:
-        shared_root = _shared_root(kube_api, options, certificates, revoke)
-        shared_root.applied(record)
-    if certificates is not None and options.ca_cert is None:
-        rotation = rotation_mod.RootRotation(
-            None if shared_root is not None else options.state_dir,
-            certificates,
-            lambda: _held_for_rotation(ads),
-            step_timeout=options.root_rotation_step_timeout,
-            announce=shared_root.announce if shared_root is not None else None,
-            on_revoke=revoke,
-            # Other replicas read the record every poll, then push.
-            settle=2 * shared_root.poll + 1 if shared_root is not None else 0.0,
-        )
-        lease = (
-            kube.Lease(kube_api, kube_api.endpoint.namespace, LEADER_LEASE, _replica_name())
-            if kube_api is not None
-            else None
-        )
-
-        async def rotate_root(query: Mapping[str, str]) -> dict[str, Any]:
-            compromised = query.get("compromised", "") in ("1", "true", "yes")
-            if rotation.running and not compromised:
-                raise RuntimeError(
-                    f"a root rotation is already running ({rotation.progress.phase})"
+            def revoke() -> None:
+                # The root these streams were authenticated under is no longer
+                # trusted: each must reconnect with a certificate of the new one.
+                ads.disconnect_all(
+                    "the root that signed this proxy's certificate is no longer trusted"
                 )
-            if lease is not None:
-                holder = await lease.acquire()
-                if holder is not None:
-                    raise RuntimeError(
-                        f"lease {LEADER_LEASE} is held by {holder}: a rotation runs once, "
-                        "on the replica holding it"
+
+            if kube_api is not None and record is not None:
+                shared_root = roots.shared_root(kube_api, options.ca_secret, certificates, revoke)
+                shared_root.applied(record)
+            if options.ca_cert is None:
+                rotations = operations.RootRotations(
+                    rotation.RootRotation(
+                        None if shared_root is not None else options.state_dir,
+                        certificates,
+                        lambda: _held_for_rotation(ads),
+                        step_timeout=options.root_rotation_step_timeout,
+                        announce=shared_root.announce if shared_root is not None else None,
+                        on_revoke=revoke,
+                        # Other replicas read the record every poll, then push.
+                        settle=2 * shared_root.poll + 1 if shared_root is not None else 0.0,
+                    ),
+                    kube.Lease(
+                        kube_api,
+                        kube_api.server.namespace,
+                        operations.LEADER_LEASE,
+                        _replica_name(),
                     )
-            if compromised:
-                # At once, and only said done once it is: a rotation under
-                # way is given up (its new root was never the only one).
-                for running in [t for t in background if t.get_name() == "root-rotation"]:
-                    running.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await running
-                try:
-                    run = rotation.run(compromised=True)
-                    done = await (_under_lease(lease, run) if lease is not None else run)
-                except (kube.ApiError, aiohttp.ClientError, OSError) as err:
-                    raise RuntimeError(f"the root was not replaced: {err}") from None
-                return {"started": True, "phase": done.phase, "root": done.new_root_serial}
-            run = rotation.run()
-            task = asyncio.create_task(
-                _under_lease(lease, run) if lease is not None else run, name="root-rotation"
-            )
-            background.add(task)
-            task.add_done_callback(background.discard)
-            task.add_done_callback(_log_failure)
-            await asyncio.sleep(0)
-            return {"started": True, "phase": rotation.progress.phase}
+                    if kube_api is not None
+                    else None,
+                    background,
+                )
+                actions["ca/rotate-root"] = rotations.start
+                reports["ca/rotation"] = rotations.progress
+            if options.join_address:
+                tokens = join.JoinTokens()
+                join_host, port = _host_port(options.join_address)
+                join_port = await stack.enter_async_context(
+                    operations.join_port(certificates, tokens, join_host, port, options.xds_hosts)
+                )
+                actions["ca/join-token"] = operations.JoinTokenIssuer(
+                    tokens, options.trust_domain, join_port
+                ).mint
 
-        actions["ca/rotate-root"] = rotate_root
-        reports["ca/rotation"] = lambda: dataclasses.asdict(rotation.progress)
-    join_server = None
-    join_port = 0
-    if certificates is not None and options.join_address:
-        tokens = join.JoinTokens()
-        join_server = grpc.aio.server(options=join.server_options())
-        join.register(join_server, join.CertificateService(lambda: certificates.authority, tokens))
-        join_host, join_port = _host_port(options.join_address)
-        join_hosts = {join_host, "localhost", "127.0.0.1", socket.gethostname(), *options.xds_hosts}
-        join_hosts.discard("0.0.0.0")
-        join_port = join_server.add_secure_port(
-            f"{join_host}:{join_port}",
-            serving_credentials(certificates, sorted(join_hosts), client_auth=False),
+        socket_path = options.admin_socket or options.state_dir / ADMIN_SOCKET
+        admin_host, admin_port = _host_port(options.admin_address)
+        admin_port = await stack.enter_async_context(
+            admin.serve(
+                admin.app(
+                    ready=registry.ready,
+                    reports=reports,
+                    queries={"config_dump": lambda q: status.config_dump_of(ads, q)},
+                    metrics=lambda: metrics.render(metric_registry),
+                    actions=actions,
+                    hosts=options.admin_hosts,
+                    socket_path=str(socket_path),
+                ),
+                admin_host,
+                admin_port,
+                socket_path,
+            )
         )
-        await join_server.start()
 
-        async def join_token(query: Mapping[str, str]) -> dict[str, Any]:
-            namespace, account = query.get("namespace", ""), query.get("service_account", "")
-            if not namespace or not account:
-                raise ValueError("name the identity: ?namespace=NS&service_account=SA")
-            if not spiffe.is_dns_label(namespace) or not spiffe.is_dns_subdomain(account):
-                raise ValueError(f"{namespace!r}/{account!r} is not a namespace/service account")
-            ttl = _join_token_ttl(query.get("ttl", "600"))
-            try:
-                token = tokens.mint(namespace, account, ttl)
-            except join.TokenError as err:
-                raise RuntimeError(str(err)) from None
-            log.info(
-                "join token minted for %s",
-                spiffe.workload_id(options.trust_domain, namespace, account),
-            )
-            return {"token": token, "expires_in_s": ttl.total_seconds(), "join_port": join_port}
-
-        actions["ca/join-token"] = join_token
-    socket_path = options.admin_socket or options.state_dir / ADMIN_SOCKET
-    admin_app = admin.app(
-        ready=registry.ready,
-        reports=reports,
-        queries={"config_dump": lambda q: _config_dump(ads, q)},
-        metrics=lambda: metrics.render(metric_registry),
-        actions=actions,
-        hosts=options.admin_hosts,
-        socket_path=str(socket_path),
-    )
-    runner = web.AppRunner(admin_app, access_log=None)
-    await runner.setup()
-    admin_host, admin_port = _host_port(options.admin_address)
-    site = web.TCPSite(runner, admin_host, admin_port)
-    await site.start()
-    admin_port = runner.addresses[0][1]
-    await _admin_socket(runner, socket_path)
-
-    stop_watch = asyncio.Event()
-    tasks = [
-        asyncio.create_task(ctl.run(), name="controller"),
-        *(
-            [
-                asyncio.create_task(certificates.run(), name="certificates"),
-                # Streams whose certificate expired, or whose root's window
-                # ended, while they were open.
-                asyncio.create_task(ads.keep_checking(), name="stream-certificates"),
-            ]
-            if certificates is not None
-            else []
-        ),
-        asyncio.create_task(registry.watch(ctl.update, stop_watch), name="registry-watch"),
+        running = await stack.enter_async_context(tasks.Tasks())
+        stop_watch = asyncio.Event()
+        stack.callback(stop_watch.set)
+        running.start(ctl.run(), "controller")
+        if certificates is not None:
+            running.start(certificates.run(), "certificates")
+            # Streams whose certificate expired, or whose root's window
+            # ended, while they were open.
+            running.start(ads.keep_checking(), "stream-certificates")
+        running.start(registry.watch(ctl.update, stop_watch), "registry-watch")
         # Full garbage collections out of the push path (see shoal/heap.py).
-        asyncio.create_task(keeper.run(), name="heap-keeper"),
-        *(
-            [asyncio.create_task(shared_root.follow(), name="shared-root")]
-            if shared_root is not None
-            else []
-        ),
-    ]
-    try:
+        running.start(keeper.run(), "heap-keeper")
+        if shared_root is not None:
+            running.start(shared_root.follow(), "shared-root")
         yield ControlPlane(
             xds_port,
             admin_port,
@@ -386,59 +299,67 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             join_port,
             str(socket_path),
         )
-    finally:
-        stop_watch.set()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for t in background:
-            t.cancel()
-        if join_server is not None:
-            await join_server.stop(grace=None)
-        await grpc_server.stop(grace=1)
-        await runner.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            socket_path.unlink()
-        if kube_api is not None:
-            await kube_api.close()
 
 
-def _join_token_ttl(text: str) -> datetime.timedelta:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ValueError(f"ttl {text[:40]!r} is not a number of seconds") from None
-    limit = MAX_JOIN_TOKEN_TTL.total_seconds()
-    if not 0 < seconds <= limit:  # also refuses nan and inf
-        raise ValueError(f"ttl must be more than 0 and at most {limit:.0f} seconds")
-    return datetime.timedelta(seconds=seconds)
+def _plugged(options: ServeOptions) -> roots.PluggedCa | None:
+    if options.ca_cert is None or options.ca_key is None:
+        return None
+    return roots.PluggedCa(options.ca_cert, options.ca_key, options.ca_chain)
 
 
-def _free_admin_socket(path: Path) -> None:
-    """Make room for the admin socket: a stale one (from a control plane
-    that did not stop cleanly) goes; a live one means another control plane."""
-    if len(os.fsencode(path)) >= 108:
-        raise OSError(f"admin socket path {path} is too long for a Unix socket; use a shorter one")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not (path.exists() or path.is_symlink()):
-        return
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()
+def _gauges(
+    ads: server.AdsServer,
+    ctl: controller.Controller,
+    registry: files.FolderRegistry | kubernetes.KubernetesRegistry,
+) -> metrics.Gauges:
+    return metrics.Gauges(
+        {
+            "shoal_xds_connected_streams": ("ADS streams open now", lambda: len(ads.connections)),
+            "shoal_mesh_services": ("Services in the mesh", lambda: len(ctl.state.services)),
+            "shoal_mesh_endpoints": (
+                "Endpoints in the mesh",
+                lambda: sum(len(e) for e in ctl.state.endpoints.values()),
+            ),
+            "shoal_mesh_version": ("Version of the mesh state", lambda: ctl.state.version),
+            "shoal_config_problems": (
+                "Problems in the input, each reported with its object and reason",
+                lambda: len(registry.problems) + len(ctl.problems),
+            ),
+        }
+    )
+
+
+async def _xds_server(
+    stack: contextlib.AsyncExitStack,
+    options: ServeOptions,
+    ads: server.AdsServer,
+    certificates: workloads.WorkloadCertificates | None,
+) -> int:
+    """ADS and CSDS on the xDS address, mutual TLS unless --insecure-xds;
+    the port bound."""
+    grpc_server = grpc.aio.server(options=server.GRPC_OPTIONS)
+    grpc_server.add_generic_rpc_handlers((ads.handler(),))
+    csds.register(
+        grpc_server,
+        ads,
+        frozenset(
+            spiffe.workload_id(options.trust_domain, *a.split("/", 1))
+            for a in options.admin_identities
+        ),
+    )
+    host, port = _host_port(options.xds_address)
+    if certificates is None:
+        port = grpc_server.add_insecure_port(f"{host}:{port}")
     else:
-        raise OSError(f"another control plane serves {path}; give it another --state-dir")
-    finally:
-        probe.close()
-
-
-async def _admin_socket(runner: web.AppRunner, path: Path) -> None:
-    """Serve the admin API on a Unix socket only this user can open."""
-    _free_admin_socket(path)
-    await web.UnixSite(runner, str(path)).start()
-    # Besides the mode, each caller's uid is checked (admin.caller_role).
-    os.chmod(path, 0o600)
+        credentials = tls.serving_credentials(
+            certificates, tls.serving_hosts(host, options.xds_hosts), client_auth=True
+        )
+        port = grpc_server.add_secure_port(f"{host}:{port}", credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {options.xds_address}")
+    await grpc_server.start()
+    stack.push_async_callback(grpc_server.stop, 1)
+    return port
 
 
 INSECURE_WARNING = (
@@ -448,181 +369,18 @@ INSECURE_WARNING = (
 )
 
 
-async def load_kube_authority(
-    api: kube.Api, options: ServeOptions
-) -> tuple[ca.Authority, rotation_mod.RootRecord]:
-    """The root in a Secret of shoal's namespace, made by whichever replica
-    gets there first; mid-rotation, the phase it records."""
-
-    def new_root() -> dict[str, bytes]:
-        return rotation_mod.RootRecord(ca.new_root(options.trust_domain)).encode()
-
-    data, created = await kube.shared_secret(
-        api, api.endpoint.namespace, options.ca_secret, new_root
-    )
-    where = f"Secret {api.endpoint.namespace}/{options.ca_secret}"
-    record = rotation_mod.RootRecord.decode(data, where)
-    log.info("%s the mesh root CA in %s", "created" if created else "using", where)
-    return record.authority(options.trust_domain), record
-
-
-LEADER_LEASE = "shoal-leader"
-
-
 def _replica_name() -> str:
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
-
-
-def _shared_root(
-    api: kube.Api,
-    options: ServeOptions,
-    certificates: workloads.WorkloadCertificates,
-    revoke: Callable[[], None],
-) -> rotation_mod.SharedRoot:
-    namespace, name = api.endpoint.namespace, options.ca_secret
-
-    async def read() -> tuple[dict[str, bytes], str]:
-        if not api.backoff.up:
-            # The watches are probing it with backoff; no polling meanwhile.
-            raise ConnectionError("the kubernetes API server is unreachable")
-        return await kube.read_secret(api, namespace, name)
-
-    async def write(data: dict[str, bytes], version: str) -> str:
-        return await kube.replace_secret(api, namespace, name, data, version)
-
-    return rotation_mod.SharedRoot(
-        certificates, read, write, where=f"Secret {namespace}/{name}", on_revoke=revoke
-    )
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("%s failed", task.get_name(), exc_info=task.exception())
-
-
-async def _under_lease(lease: kube.Lease, work: Awaitable[T]) -> T:
-    """Run `work` while renewing the lease; let it go after."""
-
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(lease.duration_s / 3)
-            try:
-                holder = await lease.acquire()
-            except (kube.ApiError, aiohttp.ClientError, OSError) as err:
-                # The API server may be away for a while; try again next time.
-                log.warning("renewing lease %s: %s", lease.name, err)
-                continue
-            if holder is not None:
-                log.error("lost lease %s to %s", lease.name, holder)
-
-    renewing = asyncio.create_task(renew())
-    try:
-        return await work
-    finally:
-        renewing.cancel()
-        with contextlib.suppress(Exception):
-            await lease.release()
-
-
-def load_authority(options: ServeOptions) -> ca.Authority:
-    """The operator's CA if given, else the root in the state directory."""
-    if options.ca_cert is not None and options.ca_key is not None:
-        signer = ca.load_plugin(options.ca_cert, options.ca_key, options.ca_chain)
-    else:
-        signer, created = ca.load_or_create(options.state_dir, options.trust_domain)
-        if created:
-            log.info("created the mesh root CA in %s", options.state_dir / "ca")
-    authority = ca.Authority(signer, trust_domain=options.trust_domain)
-    if options.ca_cert is None:
-        authority.retired = ca.load_retired(options.state_dir, signer)
-    return authority
-
-
-def xds_credentials(
-    certificates: workloads.WorkloadCertificates, options: ServeOptions, host: str
-) -> grpc.ServerCredentials:
-    """TLS for xDS: the control plane's own certificate, and a client
-    certificate from the mesh CA required of every proxy."""
-    hosts = {host, "localhost", "127.0.0.1", socket.gethostname(), *options.xds_hosts}
-    hosts.discard("0.0.0.0")
-    return serving_credentials(certificates, sorted(hosts), client_auth=True)
-
-
-def serving_credentials(
-    certificates: workloads.WorkloadCertificates, hosts: Sequence[str], *, client_auth: bool
-) -> grpc.ServerCredentials:
-    """The control plane's TLS, following the authority in force without a
-    restart: a new serving certificate (and trusted roots for client
-    certificates) after each step of a root rotation, checked at every new
-    connection's handshake."""
-
-    def configuration(authority: ca.Authority) -> grpc.ServerCertificateConfiguration:
-        serving = authority.serving(hosts)
-        return grpc.ssl_server_certificate_configuration(
-            [(serving.key_pem, serving.cert_pem)],
-            root_certificates=authority.xds_trust if client_auth else None,
-        )
-
-    # (authority, the xDS trust as configured): the trust also changes alone,
-    # when a retired root's window ends.
-    current = [(certificates.authority, certificates.authority.xds_trust)]
-
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        authority = certificates.authority
-        trust = authority.xds_trust
-        if (authority, trust) == current[0]:
-            return None
-        current[0] = (authority, trust)
-        return configuration(authority)
-
-    return grpc.dynamic_ssl_server_credentials(
-        configuration(current[0][0]),
-        fetch,  # type: ignore[arg-type]  # gRPC documents None as "no change"
-        require_client_authentication=client_auth,
-    )
-
-
-def _held(ads: server.AdsServer, secret: str) -> dict[str, bytes | None]:
-    """A secret each proxy holds, by a name unique to it (status.names)."""
-    named = status.names(ads)
-    return {
-        named[c.stream_id]: status.held_secret(c, secret)
-        for c in sorted(ads.connections.values(), key=lambda c: c.stream_id)
-    }
 
 
 def _held_for_rotation(
     ads: server.AdsServer,
 ) -> dict[str, tuple[bytes | None, bytes | None]]:
-    bundles, certs = _held(ads, "ROOTCA"), _held(ads, "default")
+    bundles = status.held_by_proxy(ads, "ROOTCA")
+    certs = status.held_by_proxy(ads, "default")
     return {
         name: (bundles[name], report.chain_of_secret(cert) if cert else None)
         for name, cert in certs.items()
-    }
-
-
-def _config_dump(ads: server.AdsServer, query: Mapping[str, str]) -> Any:
-    proxy_id = query.get("proxy")
-    if not proxy_id:
-        raise ValueError("name a proxy: /debug/config_dump?proxy=ID[&identity=NS/SA]")
-    conn = status.find(ads, proxy_id, query.get("identity", ""))
-    return status.config_dump(conn) if conn is not None else None
-
-
-def _services(ctl: controller.Controller) -> dict[str, Any]:
-    state = ctl.state
-    return {
-        "version": state.version,
-        "services": {
-            str(k): {
-                "ports": [f"{p.port}/{p.protocol.value}" for p in s.ports],
-                "endpoints": [
-                    f"{e.address}:{e.port}{'' if e.ready else ' (not ready)'}"
-                    for e in state.endpoints.get(k, ())
-                ],
-            }
-            for k, s in sorted(state.services.items())
-        },
     }
 
 
@@ -701,7 +459,7 @@ async def _join(
 ) -> sidecar_files.XdsCredentials:
     """Make a key here, send only a CSR, get the xDS certificate back."""
     key = ca.new_key()
-    spiffe_id = f"spiffe://{args.trust_domain}/ns/{s.namespace}/sa/{s.service_account}"
+    spiffe_id = spiffe.workload_id(args.trust_domain, s.namespace, s.service_account)
     csr = ca.csr(key, spiffe_id)
     try:
         answer = await join.join(args.join, args.token, csr, ca_root)
@@ -771,16 +529,16 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     elif args.insecure_xds:
         print(INSECURE_WARNING.format(what="this sidecar"), file=sys.stderr)
     else:
-        authority = load_authority(
-            ServeOptions(
-                registry=Path("."),
-                state_dir=Path(args.state_dir),
-                trust_domain=args.trust_domain,
-                ca_cert=Path(args.ca_cert) if args.ca_cert else None,
-                ca_key=Path(args.ca_key) if args.ca_key else None,
-                ca_chain=Path(args.ca_chain) if args.ca_chain else None,
+        plugged = (
+            roots.PluggedCa(
+                Path(args.ca_cert),
+                Path(args.ca_key),
+                Path(args.ca_chain) if args.ca_chain else None,
             )
+            if args.ca_cert and args.ca_key
+            else None
         )
+        authority = roots.load_local(Path(args.state_dir), args.trust_domain, plugged)
     host, port = _host_port(args.xds)
     path = sidecar_files.write(
         out,
@@ -794,7 +552,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         credentials=credentials,
     )
     if credentials is not None:
-        joined = f"spiffe://{args.trust_domain}/ns/{s.namespace}/sa/{s.service_account}"
+        joined = spiffe.workload_id(args.trust_domain, s.namespace, s.service_account)
         print(f"joined as {joined}: the private key was made here and stays here")
     extra = (
         ""
@@ -808,7 +566,12 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from shoal.demo import runner
 
-    registry = Path(args.registry) if args.registry else EXAMPLES / "demo"
+    if args.registry:
+        registry = Path(args.registry)
+    elif PACKAGED_DEMO_MESH.is_dir():
+        registry = PACKAGED_DEMO_MESH
+    else:
+        registry = CHECKOUT_DEMO_MESH
     return asyncio.run(
         runner.run(
             registry,
@@ -1074,10 +837,8 @@ def _identity_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-chain", metavar="PEM", help="plug-in CA: intermediates up to the root")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shoal", description="A service mesh control plane for Envoy.")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub = p.add_subparsers(dest="command", required=True)
+def _serve_command(sub: Any) -> None:
+    """`shoal serve`: run the control plane."""
 
     serve = sub.add_parser("serve", help="run the control plane")
     serve.add_argument("--registry", metavar="DIR", help="folder of Kubernetes manifests")
@@ -1173,6 +934,9 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
 
+
+def _bootstrap_command(sub: Any) -> None:
+    """`shoal bootstrap`: one sidecar's Envoy bootstrap, or a gRPC app's."""
     boot = sub.add_parser(
         "bootstrap",
         help="write the Envoy bootstrap of one local sidecar (or, with --grpc, of a gRPC app)",
@@ -1219,11 +983,17 @@ def parser() -> argparse.ArgumentParser:
     boot.add_argument("--out", required=True, metavar="DIR", help="writes DIR/envoy.yaml")
     boot.set_defaults(func=cmd_bootstrap)
 
+
+def _proxy_status_command(sub: Any) -> None:
+    """`shoal proxy-status`."""
     ps = sub.add_parser("proxy-status", help="every connected proxy's sync state per xDS type")
     ps.add_argument("proxy", nargs="?", help="only this proxy (its id, or part of it)")
     _admin_flag(ps)
     ps.set_defaults(func=cmd_proxy_status)
 
+
+def _config_dump_command(sub: Any) -> None:
+    """`shoal config-dump`."""
     dump = sub.add_parser("config-dump", help="what the control plane last sent a proxy, as JSON")
     dump.add_argument(
         "proxy", help="proxy id as proxy-status shows it, or a part of it naming one proxy"
@@ -1237,6 +1007,9 @@ def parser() -> argparse.ArgumentParser:
     _admin_flag(dump)
     dump.set_defaults(func=cmd_config_dump)
 
+
+def _analyze_command(sub: Any) -> None:
+    """`shoal analyze`."""
     analyze = sub.add_parser(
         "analyze", help="list every problem in the manifests (exits 1 if there is one)"
     )
@@ -1244,6 +1017,9 @@ def parser() -> argparse.ArgumentParser:
     _admin_flag(analyze)
     analyze.set_defaults(func=cmd_analyze)
 
+
+def _ca_commands(sub: Any) -> None:
+    """`shoal ca status | rotate-root | join-token`."""
     ca_cmd = sub.add_parser("ca", help="the mesh certificate authority")
     ca_sub = ca_cmd.add_subparsers(dest="ca_command", required=True)
     ca_status = ca_sub.add_parser(
@@ -1276,6 +1052,9 @@ def parser() -> argparse.ArgumentParser:
     _admin_flag(token)
     token.set_defaults(func=cmd_ca_join_token)
 
+
+def _demo_command(sub: Any) -> None:
+    """`shoal demo`."""
     demo = sub.add_parser("demo", help="a running mesh with real Envoy sidecars")
     demo.add_argument(
         "--check", action="store_true", help="verify unattended and exit non-zero on any failure"
@@ -1283,6 +1062,19 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--registry", metavar="DIR", help="default examples/demo")
     demo.add_argument("--state-dir", default=".shoal")
     demo.set_defaults(func=cmd_demo)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shoal", description="A service mesh control plane for Envoy.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+    _serve_command(sub)
+    _bootstrap_command(sub)
+    _proxy_status_command(sub)
+    _config_dump_command(sub)
+    _analyze_command(sub)
+    _ca_commands(sub)
+    _demo_command(sub)
     return p
 
 

@@ -21,6 +21,7 @@ web page in a browser can neither reach the API by a name that rebinds to
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import json
@@ -28,7 +29,8 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -228,3 +230,46 @@ def app(
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    application: web.Application, host: str, port: int, socket_path: Path
+) -> AsyncIterator[int]:
+    """The admin API on host:port (anonymous callers) and on a Unix socket
+    only this user can open (readers and admins); yields the TCP port bound."""
+    runner = web.AppRunner(application, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound: int = runner.addresses[0][1]
+        _free_socket(socket_path)
+        await web.UnixSite(runner, str(socket_path)).start()
+        # Besides the mode, each caller's uid is checked (caller_role).
+        os.chmod(socket_path, 0o600)
+        try:
+            yield bound
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)
+    finally:
+        await runner.cleanup()
+
+
+def _free_socket(path: Path) -> None:
+    """Make room for the admin socket: a stale one (from a control plane
+    that did not stop cleanly) goes; a live one means another control plane."""
+    if len(os.fsencode(path)) >= 108:
+        raise OSError(f"admin socket path {path} is too long for a Unix socket; use a shorter one")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not (path.exists() or path.is_symlink()):
+        return
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+    else:
+        raise OSError(f"another control plane serves {path}; give it another --state-dir")
+    finally:
+        probe.close()

@@ -9,6 +9,7 @@ NOT SENT: nothing of that type was sent (or asked for) on this stream.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from google.protobuf import json_format
@@ -200,3 +201,21 @@ def held_secret(conn: server.Connection, name: str) -> bytes | None:
         if r.name == name:
             return r.body
     return None
+
+
+def held_by_proxy(ads: server.AdsServer, secret: str) -> dict[str, bytes | None]:
+    """A secret each proxy holds, by a name unique to it (see names)."""
+    named = names(ads)
+    return {
+        named[c.stream_id]: held_secret(c, secret)
+        for c in sorted(ads.connections.values(), key=lambda c: c.stream_id)
+    }
+
+
+def config_dump_of(ads: server.AdsServer, query: Mapping[str, str]) -> dict[str, object] | None:
+    """`/debug/config_dump?proxy=ID[&identity=NS/SA]`."""
+    proxy_id = query.get("proxy")
+    if not proxy_id:
+        raise ValueError("name a proxy: /debug/config_dump?proxy=ID[&identity=NS/SA]")
+    conn = find(ads, proxy_id, query.get("identity", ""))
+    return config_dump(conn) if conn is not None else None

@@ -16,7 +16,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from shoal import cli
 from shoal._gen import ca_pb2, ca_pb2_grpc
-from shoal.sds import join
+from shoal.sds import join, operations
 from shoal.xds import resources, server
 from tests.security import clients
 from tests.security.test_admin_attacks import tcp, unix
@@ -131,7 +131,7 @@ def test_the_readme_states_the_limits_in_force() -> None:
     assert f"{join.MAX_TOKENS:,}" in section
     assert dict(server.GRPC_OPTIONS)["grpc.max_receive_message_length"] == 4 * mib
     assert "| a DiscoveryRequest | 4 MiB" in section
-    assert f"{cli.MAX_JOIN_TOKEN_TTL.total_seconds() / 3600:.0f} h" in section
+    assert f"{operations.MAX_JOIN_TOKEN_TTL.total_seconds() / 3600:.0f} h" in section
 
 
 async def test_an_admin_request_body_is_bounded(control_plane: cli.ControlPlane) -> None:
