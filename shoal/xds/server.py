@@ -27,7 +27,7 @@ from cryptography import x509
 from envoy.service.discovery.v3 import discovery_pb2
 
 from shoal import spiffe, terminal
-from shoal.xds import cache, memo, resources, wire
+from shoal.xds import accounts, cache, memo, resources, wire
 
 log = logging.getLogger(__name__)
 printable = terminal.printable
@@ -56,77 +56,12 @@ MAX_QUEUED_REQUESTS = 256
 MAX_NAMES = 100_000
 MAX_NAME_LENGTH = 1024
 _EMPTY = cache.View("", ())
-
-
-# What Python holds for one name of a subscription besides its characters
-# (the str object, a set slot): names are charged their bytes plus this, so
-# the limits below are memory, however short the names.
-NAME_COST = 64
 # A NACK's error text is kept (for proxy-status) and logged up to this long.
 MAX_ERROR = 4096
-
-
-def names_cost(names: Collection[str]) -> int:
-    return sum(map(len, names)) + NAME_COST * len(names)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one stream, and one identity's streams together, may make the
-    control plane hold and do. The README's Security section lists them."""
-
-    # A stream that has not sent its first request by then is closed.
-    first_request_s: float = 30.0
-    # Concurrent streams of one identity, from the moment its certificate
-    # is checked (a Deployment's Pods share one identity).
-    streams_per_identity: int = 1024
-    # What one stream subscribes to (every type) and a delta client says it
-    # holds, as names_cost.
-    subscription_bytes: int = 8 << 20
-    # The same, of every stream of an identity together, counting what
-    # several hold (a fleet asking for the same names) once.
-    identity_bytes: int = 16 << 20
-    # Names a stream, and an identity's streams together, may make the
-    # server go through (in requests, and in subscriptions a request
-    # changes) per second, and in a burst: past it, their requests wait
-    # their turn. A proxy reconnecting to 10,000 Services goes through some
-    # 40,000; a thousand of one identity reconnecting to 1,000, 5 million.
-    stream_names_per_second: int = 1_000_000
-    stream_names_burst: int = 2_000_000
-    names_per_second: int = 5_000_000
-    names_burst: int = 50_000_000
-    # Types a stream may ask for that the server does not serve.
-    unknown_types: int = 8
-    type_url_length: int = 256
-    node_id_length: int = 512
-
-
-@dataclass
-class _Allowance:
-    """A token bucket of names; `tokens` None: full."""
-
-    tokens: float | None = None
-    refilled: float = 0.0
-
-
-def _take(bucket: _Allowance, now: float, work: int, rate: int, burst: int) -> float:
-    """Take `work` from `bucket`; seconds until it is paid back (0: none)."""
-    tokens = burst if bucket.tokens is None else bucket.tokens + (now - bucket.refilled) * rate
-    bucket.tokens = min(burst, tokens) - work
-    bucket.refilled = now
-    return 0.0 if bucket.tokens >= 0 else -bucket.tokens / rate
-
-
-@dataclass
-class _Usage:
-    """One identity's streams, the distinct things they hold, and the names
-    they may still go through before they wait."""
-
-    streams: int = 0
-    # id of an interned subscription or held view -> (references, cost)
-    held: dict[int, tuple[int, int]] = field(default_factory=dict)
-    cost: int = 0
-    allowance: _Allowance = field(default_factory=_Allowance)
+# Kept here too: the server's limits are part of its interface.
+Limits = accounts.Limits
+NAME_COST = accounts.NAME_COST
+names_cost = accounts.names_cost
 
 
 @dataclass
@@ -192,7 +127,7 @@ class Connection:
     unknown: set[str] = field(default_factory=set)
     # What its subscriptions and announced views cost (names_cost).
     cost: int = 0
-    allowance: _Allowance = field(default_factory=_Allowance)
+    allowance: accounts.Allowance = field(default_factory=accounts.Allowance)
 
     @property
     def snapshot(self) -> cache.Snapshot | None:
@@ -256,7 +191,7 @@ class AdsServer:
         write_timeout: float = 30.0,
         observer: StreamObserver | None = None,
         trust_domain: str | None = None,
-        limits: Limits = Limits(),
+        limits: Limits = accounts.DEFAULT_LIMITS,
         still_trusted: Callable[[bytes], bool] | None = None,
     ) -> None:
         """With `trust_domain`, every stream must prove a workload identity
@@ -272,8 +207,7 @@ class AdsServer:
         self.trust_domain = trust_domain
         self.limits = limits
         self._still_trusted = still_trusted
-        self._usage: dict[str, _Usage] = {}
-        self._monotonic = time.monotonic
+        self._accounts = accounts.Accounts(limits, time.monotonic)
         # Moves when what is trusted changes: a stream that waited for its
         # first request meanwhile is checked again.
         self._trust_generation = 0
@@ -333,7 +267,7 @@ class AdsServer:
             _end(context, context.peer(), grpc.StatusCode.UNAUTHENTICATED, str(err))
             return
         # Counted from now: a stream waiting for its first request is one too.
-        if not self._admit(identity):
+        if not self._accounts.admit(identity):
             _end(
                 context,
                 context.peer(),
@@ -354,7 +288,7 @@ class AdsServer:
         finally:
             if conn is not None:
                 self._release(conn)
-            self._discharge(identity)
+            self._accounts.discharge(identity)
 
     async def _open(
         self,
@@ -433,7 +367,7 @@ class AdsServer:
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"more than {MAX_QUEUED_REQUESTS} requests queued without answer",
                         )
-                    wait = self._spend(conn, _work(conn, request))
+                    wait = self._accounts.spend(conn, _work(conn, request))
                     if wait:
                         # This identity went through its names for now: its
                         # requests wait their turn, and nobody else's do.
@@ -442,6 +376,8 @@ class AdsServer:
                         on_request(conn, request)
                     except StreamError as err:
                         return err.code, str(err)
+                    except accounts.Exceeded as err:
+                        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
                     finally:
                         del request
                 if conn.revoked:
@@ -481,26 +417,6 @@ class AdsServer:
                 "the client certificate is not valid now or its issuer is no longer trusted"
             )
         return identity
-
-    def _admit(self, identity: str | None) -> bool:
-        """Count a stream against its identity; False past the cap."""
-        if identity is None:
-            return True
-        usage = self._usage.get(identity)
-        if usage is None:
-            usage = self._usage[identity] = _Usage()
-        if usage.streams >= self.limits.streams_per_identity:
-            return False
-        usage.streams += 1
-        return True
-
-    def _discharge(self, identity: str | None) -> None:
-        if identity is None:
-            return
-        usage = self._usage[identity]
-        usage.streams -= 1
-        if not usage.streams:
-            del self._usage[identity]
 
     def _release(self, conn: Connection) -> None:
         """Let go of everything the stream holds, now: the connection itself
@@ -545,23 +461,7 @@ class AdsServer:
 
     def usage(self, identity: str) -> tuple[int, int]:
         """(streams, cost of what they hold) of one identity."""
-        found = self._usage.get(identity)
-        return (found.streams, found.cost) if found is not None else (0, 0)
-
-    def _spend(self, conn: Connection, work: int) -> float:
-        """Take `work` names from the stream's allowance and its identity's;
-        seconds to wait before going on (0: at once)."""
-        usage = self._usage.get(conn.identity) if conn.identity is not None else None
-        if usage is None or not work:
-            return 0.0
-        now = self._monotonic()
-        limits = self.limits
-        return max(
-            _take(
-                conn.allowance, now, work, limits.stream_names_per_second, limits.stream_names_burst
-            ),
-            _take(usage.allowance, now, work, limits.names_per_second, limits.names_burst),
-        )
+        return self._accounts.usage(identity)
 
     async def _read(self, requests: AsyncIterator[Any], conn: Connection) -> None:
         try:
@@ -588,25 +488,17 @@ class AdsServer:
         memoized on it are found by identity)."""
         # Costed first: a request past the limit is refused before a set of
         # its names is made.
-        self._within_stream_limit(conn, names_cost(names) - state.names_cost)
+        self._accounts.check(conn, names_cost(names) - state.names_cost)
         wanted = self._subscriptions(names if isinstance(names, frozenset) else frozenset(names))
         if wanted is not state.names:
             self._set_names(conn, state, wanted)
-
-    def _within_stream_limit(self, conn: Connection, more: int) -> None:
-        if more > 0 and conn.cost + more > self.limits.subscription_bytes:
-            raise StreamError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"subscriptions of {conn.cost + more} bytes (names and {NAME_COST} per name; "
-                f"limit {self.limits.subscription_bytes} per stream)",
-            )
 
     def _set_names(self, conn: Connection, state: TypeState, names: frozenset[str]) -> None:
         """Replace a type's subscription, charged to the stream and (once per
         distinct set) to its identity; refused, nothing changes."""
         cost = names_cost(names)
-        self._within_stream_limit(conn, cost - state.names_cost)
-        self._replace(conn, (state.names, state.names_cost), (names, cost))
+        self._accounts.check(conn, cost - state.names_cost)
+        self._accounts.replace(conn, (state.names, state.names_cost), (names, cost))
         state.names, state.names_cost = names, cost
 
     def _announce(self, conn: Connection, state: TypeState, view: cache.View | None) -> None:
@@ -615,46 +507,9 @@ class AdsServer:
         cost = 0
         if view is not None:
             cost = sum(len(r.name) + len(r.version) + 2 * NAME_COST for r in view.own)
-        self._within_stream_limit(conn, cost - state.announced_cost)
-        self._replace(conn, (state.announced, state.announced_cost), (view, cost))
+        self._accounts.check(conn, cost - state.announced_cost)
+        self._accounts.replace(conn, (state.announced, state.announced_cost), (view, cost))
         state.announced, state.announced_cost = view, cost
-
-    def _replace(self, conn: Connection, old: tuple[object, int], new: tuple[object, int]) -> None:
-        """Charge `new` in place of `old`; if `new` is refused, `old` stays."""
-        self._uncharge(conn, *old)
-        try:
-            self._charge(conn, *new)
-        except StreamError:
-            self._charge(conn, *old, check=False)
-            raise
-
-    def _charge(self, conn: Connection, held: object, cost: int, *, check: bool = True) -> None:
-        if held is None or not cost:
-            return
-        usage = self._usage.get(conn.identity) if conn.identity is not None else None
-        if usage is not None:
-            refs, _ = usage.held.get(id(held), (0, cost))
-            if check and not refs and usage.cost + cost > self.limits.identity_bytes:
-                raise StreamError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{conn.identity}'s streams hold {usage.cost} bytes of distinct "
-                    f"subscriptions; {cost} more exceed the limit of {self.limits.identity_bytes}",
-                )
-            usage.held[id(held)] = (refs + 1, cost)
-            usage.cost += 0 if refs else cost
-        conn.cost += cost
-
-    def _uncharge(self, conn: Connection, held: object, cost: int) -> None:
-        if held is None or not cost:
-            return
-        usage = self._usage.get(conn.identity) if conn.identity is not None else None
-        if usage is not None:
-            refs, charged = usage.held.pop(id(held), (1, 0))
-            if refs > 1:
-                usage.held[id(held)] = (refs - 1, charged)
-            else:
-                usage.cost -= charged
-        conn.cost -= cost
 
     def _serves(self, conn: Connection, type_url: str) -> bool:
         """Whether this server serves the type; an unknown one is noted once,
@@ -737,7 +592,7 @@ class AdsServer:
                 versions = request.initial_resource_versions
                 _check_names(versions)
                 cost = sum(map(len, versions)) + sum(map(len, versions.values()))
-                self._within_stream_limit(conn, cost + 2 * NAME_COST * len(versions))
+                self._accounts.check(conn, cost + 2 * NAME_COST * len(versions))
                 held = cache.make_view(
                     cache.Resource(type_url, name, b"", version)
                     for name, version in versions.items()

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -186,3 +188,27 @@ async def test_a_nack_shows_in_proxy_status_with_envoys_error(
         assert 'shoal_xds_nacks_total{type="CDS"} 1.0' in text
         await requests.put(None)
         stream.cancel()
+
+
+async def test_debug_pushes_says_what_each_push_changed_and_why(
+    registry_dir: Path, control_plane: cli.ControlPlane
+) -> None:
+    write(registry_dir, "a.yaml", manifests.service_with_endpoints("a", [envoy.free_port()]))
+    await caught_up(control_plane, registry_dir)
+    connector = aiohttp.UnixConnector(path=control_plane.admin_socket)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def pushes() -> list[dict[str, Any]]:
+            async with session.get("http://localhost/debug/pushes") as response:
+                assert response.status == 200
+                found: list[dict[str, Any]] = await response.json()
+                return found
+
+        async def a_pushed() -> bool:
+            return any("Service default/a" in p["changed"] for p in await pushes())
+
+        await eventually(a_pushed)
+        latest = (await pushes())[0]
+        assert latest["push"] == max(p["push"] for p in await pushes()), "newest first"
+        assert latest["reasons"].get("mesh state", 0) >= 1
+        assert latest["mesh_version"] == control_plane.controller.state.version

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2
 
 from shoal import cli, terminal
 from shoal.sds import ca
-from shoal.xds import cache, node, resources, server
+from shoal.xds import accounts, node, resources, server
 from tests import manifests
 from tests.conftest import ADMIN_IDENTITY, write
 from tests.e2e.helpers import caught_up, eventually
@@ -501,8 +501,7 @@ def test_an_identity_that_keeps_the_server_busy_waits_its_turn() -> None:
         names_per_second=1_500,
         names_burst=8_000,
     )
-    ads_ = server.AdsServer(cache.SnapshotCache(lambda c: "k"), limits=limits)
-    ads_._monotonic = lambda: clock[0]  # type: ignore[method-assign]
+    ads_ = accounts.Accounts(limits, lambda: clock[0])
 
     def stream(n: int, identity: str) -> server.Connection:
         return server.Connection(n, f"p{n}", "", "", "", True, 0.0, identity=identity)
@@ -510,16 +509,16 @@ def test_an_identity_that_keeps_the_server_busy_waits_its_turn() -> None:
     heavy, second = stream(1, "spiffe://td/ns/a/sa/a"), stream(2, "spiffe://td/ns/a/sa/a")
     light = stream(3, "spiffe://td/ns/b/sa/b")
     for conn in (heavy, second, light):
-        assert ads_._admit(conn.identity)
-    assert ads_._spend(heavy, 4_000) == 0.0, "within the burst"
-    assert ads_._spend(heavy, 3_000) == pytest.approx(2.0), "2,000 over, at 1,000 a second"
+        assert ads_.admit(conn.identity)
+    assert ads_.spend(heavy, 4_000) == 0.0, "within the burst"
+    assert ads_.spend(heavy, 3_000) == pytest.approx(2.0), "2,000 over, at 1,000 a second"
     # The identity's other stream has its own allowance, but not past the
     # identity's: 8,000 taken of it now.
-    assert ads_._spend(second, 1_000) == pytest.approx(0.0)
-    assert ads_._spend(second, 1_000) == pytest.approx(1_000 / 1_500)
-    assert ads_._spend(light, 4_000) == 0.0, "another identity's allowance is its own"
+    assert ads_.spend(second, 1_000) == pytest.approx(0.0)
+    assert ads_.spend(second, 1_000) == pytest.approx(1_000 / 1_500)
+    assert ads_.spend(light, 4_000) == 0.0, "another identity's allowance is its own"
     clock[0] += 60.0
-    assert ads_._spend(heavy, 1_000) == 0.0, "refilled"
+    assert ads_.spend(heavy, 1_000) == 0.0, "refilled"
 
 
 async def test_streams_count_against_their_identity_before_they_ask(
