@@ -65,9 +65,11 @@ class JoinTokens:
     def mint(self, namespace: str, service_account: str, ttl: datetime.timedelta) -> str:
         self._forget_expired()
         if len(self._tokens) >= MAX_TOKENS:
+            self._forget_spent()
+        if len(self._tokens) >= MAX_TOKENS:
             raise TokenError(
-                f"{len(self._tokens)} join tokens are outstanding (the most kept at once); "
-                "let some be used or expire"
+                f"{len(self._tokens)} join tokens are outstanding, unused and unexpired "
+                "(the most kept at once); let some be used or expire"
             )
         token = secrets.token_urlsafe(32)
         self._tokens[_digest(token)] = _Token(namespace, service_account, self._clock() + ttl)
@@ -89,6 +91,13 @@ class JoinTokens:
 
     def spend(self, token: str) -> None:
         self._tokens[_digest(token)].used = True
+
+    def _forget_spent(self) -> None:
+        """Used and expired tokens are kept only to say why they no longer
+        work: when the table is full, they make room."""
+        now = self._clock()
+        for key in [k for k, t in self._tokens.items() if t.used or t.expires <= now]:
+            del self._tokens[key]
 
     def _forget_expired(self) -> None:
         now = self._clock()

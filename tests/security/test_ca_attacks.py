@@ -90,6 +90,29 @@ def test_the_join_token_table_is_bounded() -> None:
     assert len(tokens) == 1
 
 
+def test_used_and_expired_join_tokens_make_room_for_new_ones() -> None:
+    """Found by bench/fuzz.py: a fleet joining used up the table for a day,
+    every token spent, and minting was refused as "outstanding"."""
+    now = [datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)]
+    tokens = join.JoinTokens(clock=lambda: now[0])
+    minted = [tokens.mint("default", "vm", datetime.timedelta(hours=1)) for _ in range(1000)]
+    for token in minted:
+        tokens.check(token)
+        tokens.spend(token)
+    short = [
+        tokens.mint("default", "vm", datetime.timedelta(seconds=5))
+        for _ in range(join.MAX_TOKENS - len(minted))
+    ]
+    now[0] += datetime.timedelta(seconds=10)
+    with pytest.raises(join.TokenError, match="already used"):
+        tokens.check(minted[0])  # still known while there is room
+    fresh = tokens.mint("default", "vm", datetime.timedelta(hours=1))
+    assert tokens.check(fresh) == ("default", "vm")
+    assert len(tokens) == 1, "the spent and the expired made room"
+    with pytest.raises(join.TokenError, match="unknown"):
+        tokens.check(short[0])
+
+
 async def test_failed_joins_from_one_address_are_refused_for_a_while(
     control_plane: cli.ControlPlane,
 ) -> None:
