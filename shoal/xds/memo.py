@@ -18,7 +18,7 @@ or clears itself at an arbitrary size.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -125,8 +125,12 @@ class Generations(Generic[K, V]):
         self._fresh[key] = value
         return value
 
-    def advance(self) -> None:
+    def advance(self) -> tuple[Mapping[K, V], dict[K, V]]:
+        """Begin a generation; the last one and this one, for a rebuild that
+        visits each key once and reads and fills them directly (keys that
+        are tuples hash anew at every lookup: once each way is enough)."""
         self._previous, self._fresh = self._fresh, {}
+        return self._previous, self._fresh
 
 
 def frozen(names: Iterable[str]) -> frozenset[str]:

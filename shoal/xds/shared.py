@@ -39,12 +39,12 @@ class ServiceClusters(NamedTuple):
 
 
 class Assignment(NamedTuple):
-    """One ClusterLoadAssignment: a port of a Service, or a subset of it."""
+    """One ClusterLoadAssignment: a port of a Service, or a subset of it
+    (its endpoints are the memo's inputs, compared)."""
 
     service: mesh.ServiceKey
     port: mesh.Port
     subset: mesh.FrozenMap | None
-    endpoints: tuple[mesh.Endpoint, ...]
 
 
 class HeadlessClusters(NamedTuple):
@@ -87,8 +87,8 @@ class Memos:
     service_clusters: memo.Generations[ServiceClusters, list[cache.Resource]] = field(
         default_factory=memo.Generations
     )
-    assignments: memo.Generations[Assignment, cache.Resource] = field(
-        default_factory=memo.Generations
+    assignments: memo.Generations[Assignment, tuple[tuple[mesh.Endpoint, ...], cache.Resource]] = (
+        field(default_factory=memo.Generations)
     )
     # The last groups of each key: kept when unchanged, so that every view
     # over them stays the same object (see Shared.kept).
@@ -286,8 +286,10 @@ class Shared:
 def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shared:
     """Every Service's clusters and endpoints for `state`, and the whole
     mesh's groups of them (not yet checked: see Shared.whole)."""
-    memos.service_clusters.advance()
-    memos.assignments.advance()
+    # This loop visits each key once: it reads the last generation and fills
+    # this one directly (see Generations.advance).
+    last_clusters, clusters_now = memos.service_clusters.advance()
+    last_assignments, assignments_now = memos.assignments.advance()
     memos.groups.advance()
     subsets: dict[mesh.ServiceKey, set[mesh.FrozenMap]] = {}
     for route in state.routes.values():
@@ -298,16 +300,12 @@ def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shar
     for svc in services:
         its_subsets = tuple(sorted(subsets.get(svc.key, ()), key=names.subset_name))
         key = ServiceClusters(svc, shared.peers(svc), its_subsets)
-        built = memos.service_clusters.get(key)
+        built = last_clusters.get(key)
         if built is None:
-            built = memos.service_clusters.put(
-                key,
-                resource_list(
-                    resources.CLUSTER,
-                    clusters.outbound_for_service(svc, key.peers, its_subsets),
-                ),
+            built = resource_list(
+                resources.CLUSTER, clusters.outbound_for_service(svc, key.peers, its_subsets)
             )
-        shared.clusters[svc.key] = built
+        clusters_now[key] = shared.clusters[svc.key] = built
         assigned_all = []
         for port in svc.ports:
             for subset in (None, *its_subsets):
@@ -316,13 +314,16 @@ def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shar
                     eps = tuple(
                         e for e in eps if all(e.labels.get(k) == v for k, v in subset.items())
                     )
-                assignment = Assignment(svc.key, port, subset, eps)
-                assigned = memos.assignments.get(assignment)
-                if assigned is None:
+                assignment = Assignment(svc.key, port, subset)
+                found = last_assignments.get(assignment)
+                # Endpoints are compared, not hashed into the key: the same
+                # objects when unchanged, so the comparison is by identity.
+                if found is None or found[0] != eps:
                     cla = endpoints.load_assignment(
                         names.outbound_cluster(svc.key, port, subset), eps
                     )
-                    assigned = memos.assignments.put(assignment, resource(resources.ENDPOINT, cla))
-                assigned_all.append(assigned)
+                    found = (eps, resource(resources.ENDPOINT, cla))
+                assignments_now[assignment] = found
+                assigned_all.append(found[1])
         shared.endpoints[svc.key] = assigned_all
     return shared
