@@ -50,7 +50,7 @@ CHECKOUT_DEMO_MESH = Path(__file__).resolve().parent.parent / "examples" / "demo
 
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
     return host or "127.0.0.1", int(port)
 

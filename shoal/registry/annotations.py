@@ -43,12 +43,14 @@ MAX_RETRIES = 10
 # Envoy refuses regular expressions whose RE2 program is larger than this
 # (runtime key re2.max_program_size.error_level): check the same here.
 MAX_REGEX_PROGRAM = 100
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MTLS = PREFIX + "mtls"
 ALLOW = PREFIX + "allow"
 MTLS_MODES = ("strict", "permissive")
 
+# ASCII digits only: float() also reads "1_0", "1e1" and other scripts' digits.
+_DECIMAL = re.compile(r"^[0-9]+(?:\.[0-9]+)?$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
@@ -115,11 +117,10 @@ def _weighted(text: str, namespace: str) -> tuple[routing.Backend, ...]:
     backends = []
     for item in _names(text):
         name, sep, weight_text = item.partition("=")
-        if not sep or not weight_text.strip().isdigit():
+        weight = whole_number(weight_text.strip())
+        if not sep or weight is None:
             raise AnnotationError(SPLIT, f"{item!r} is not SERVICE=WEIGHT with a whole number")
-        backends.append(
-            routing.Backend(service_ref(name.strip(), namespace, SPLIT), int(weight_text))
-        )
+        backends.append(routing.Backend(service_ref(name.strip(), namespace, SPLIT), weight))
     if not backends:
         raise AnnotationError(SPLIT, "names no backend")
     seen = [b.service for b in backends]
@@ -170,6 +171,15 @@ def check_regex(pattern: str, annotation: str) -> None:
         )
 
 
+def whole_number(text: str) -> int | None:
+    """A whole number in at most 9 ASCII digits, else None. str.isdigit()
+    also takes "²" (which int() refuses) and Arabic-Indic digits (which it
+    takes): found by fuzzing the annotations."""
+    if not text or len(text) > 9 or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
 def duration(text: str, annotation: str, *, most: float = 3600.0) -> float:
     """`200ms`, `2s`, `1.5m`, `1h` in seconds, more than 0 and at most `most`."""
     found = _DURATION.match(text.strip())
@@ -183,10 +193,9 @@ def duration(text: str, annotation: str, *, most: float = 3600.0) -> float:
 
 def percent(text: str, annotation: str) -> float:
     value = text.strip().removesuffix("%")
-    try:
-        number = float(value)
-    except ValueError:
-        raise AnnotationError(annotation, f"{text.strip()!r} is not a percentage") from None
+    if _DECIMAL.match(value) is None:
+        raise AnnotationError(annotation, f"{text.strip()!r} is not a percentage")
+    number = float(value)
     if not 0 <= number <= 100:
         raise AnnotationError(annotation, f"{text.strip()!r} is not between 0% and 100%")
     return number
@@ -198,7 +207,8 @@ def _retry(notes: Mapping[str, str]) -> routing.Retry | None:
             raise AnnotationError(RETRY_ON, f"needs {RETRIES} (how many attempts)")
         return None
     text = notes[RETRIES].strip()
-    if not text.isdigit() or int(text) > MAX_RETRIES:
+    attempts = whole_number(text)
+    if attempts is None or attempts > MAX_RETRIES:
         raise AnnotationError(RETRIES, f"{text!r} is not a whole number from 0 to {MAX_RETRIES}")
     retry_on = routing.Retry(0).retry_on
     if RETRY_ON in notes:
@@ -210,7 +220,7 @@ def _retry(notes: Mapping[str, str]) -> routing.Retry | None:
                 RETRY_ON, f"{', '.join(unknown) or 'nothing'} is not one of {known}"
             )
         retry_on = ",".join(wanted)
-    return routing.Retry(int(text), retry_on)
+    return routing.Retry(attempts, retry_on)
 
 
 def _fault(text: str) -> routing.Fault:
@@ -223,9 +233,10 @@ def _fault(text: str) -> routing.Fault:
                 FAULT, f"{item!r} is not abort=STATUS@PERCENT or delay=DURATION@PERCENT"
             )
         if kind == "abort":
-            if not what.isdigit() or not 200 <= int(what) <= 599:
+            status = whole_number(what)
+            if status is None or not 200 <= status <= 599:
                 raise AnnotationError(FAULT, f"{what!r} is not an HTTP status from 200 to 599")
-            abort_status, abort_percent = int(what), percent(share, FAULT)
+            abort_status, abort_percent = status, percent(share, FAULT)
         elif kind == "delay":
             delay, delay_percent = duration(what, FAULT, most=60.0), percent(share, FAULT)
         else:
@@ -261,11 +272,12 @@ def outlier(annotations: Mapping[str, str]) -> mesh.OutlierPolicy | None:
             )
         fields[key] = rest
     count = fields.get("consecutive-5xx", "5")
-    if not count.isdigit() or not 1 <= int(count) <= 1000:
+    consecutive = whole_number(count)
+    if consecutive is None or not 1 <= consecutive <= 1000:
         raise AnnotationError(OUTLIER, f"consecutive-5xx {count!r} is not from 1 to 1000")
     ejection = duration(fields.get("ejection", "30s"), OUTLIER)
     share = percent(fields.get("max-ejection", "50%"), OUTLIER)
-    return mesh.OutlierPolicy(int(count), ejection, round(share))
+    return mesh.OutlierPolicy(consecutive, ejection, round(share))
 
 
 def service_route(

@@ -41,8 +41,9 @@ def _port(fields: Any, key: str) -> int:
         raise ValueError(f"node metadata lacks {key}")
     value = fields[key]
     number = value.number_value if value.HasField("number_value") else None
-    if number is None and value.HasField("string_value") and value.string_value.isdigit():
-        number = int(value.string_value)
+    text = value.string_value if value.HasField("string_value") else ""
+    if number is None and 0 < len(text) <= 5 and text.isascii() and text.isdigit():
+        number = int(text)
     if number is None or not math.isfinite(number) or number != int(number):
         raise ValueError(f"node metadata {key} is not a port number")
     if not 1 <= number <= 65535:

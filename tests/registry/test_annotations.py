@@ -83,6 +83,16 @@ def test_no_routing_annotations_means_no_route() -> None:
         ({annotations.MIRROR: "reviews@10%"}, "cannot mirror to itself"),
         ({annotations.MIRROR: "ghost@10%"}, "Service shop/ghost does not exist"),
         ({annotations.MIRROR: "other@ten"}, "is not a percentage"),
+        # Found by fuzzing: str.isdigit() takes "²", which int() refuses (a
+        # ValueError instead of the annotation's error), and other scripts'
+        # digits, which int() and float() take.
+        ({annotations.RETRIES: "²"}, "is not a whole number from 0 to 10"),
+        ({annotations.RETRIES: "\u0663"}, "is not a whole number from 0 to 10"),
+        ({annotations.SPLIT: "reviews=5\u0660,reviews-v2=50"}, "is not SERVICE=WEIGHT"),
+        ({annotations.SPLIT: "reviews=" + "1" * 5000}, "is not SERVICE=WEIGHT"),
+        ({annotations.FAULT: "abort=5\u00b2\u00b2@10%"}, "is not an HTTP status"),
+        ({annotations.FAULT: "abort=503@1_0%"}, "is not a percentage"),
+        ({annotations.TIMEOUT: "\u0663s"}, "is not a duration"),
     ],
 )
 def test_invalid_routing_annotations_say_why(notes: dict[str, str], error: str) -> None:
@@ -140,6 +150,7 @@ def test_a_bad_edit_keeps_the_services_last_good_route(registry_dir: Path) -> No
         ("consecutive-5xx=5,ejection=forever", "is not a duration"),
         ("errors=5", "expected consecutive-5xx=N"),
         ("consecutive-5xx=5,max-ejection=120%", "is not between 0% and 100%"),
+        ("consecutive-5xx=\u00b9,ejection=30s", "is not from 1 to 1000"),
     ],
 )
 def test_invalid_outlier_annotations_say_why(value: str, error: str) -> None:

@@ -616,6 +616,9 @@ def test_a_claim_other_than_the_certificate_is_refused(identity: str) -> None:
         ({node.POD_IP: "web-1"}, "POD_IP"),
         ({node.POD_UID: ""}, "POD_UID"),
         ({node.OUTBOUND_PORT: 0}, "OUTBOUND_PORT"),
+        # int() refuses "\u00b2" (str.isdigit() takes it) and takes Arabic-Indic digits.
+        ({node.OUTBOUND_PORT: "\u00b2"}, "OUTBOUND_PORT"),
+        ({node.OUTBOUND_PORT: "\u0661\u0665\u0660\u0660\u0661"}, "OUTBOUND_PORT"),
     ],
 )
 def test_bad_captured_metadata_names_the_key(metadata: dict[str, Any], says: str) -> None:
