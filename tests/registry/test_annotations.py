@@ -227,3 +227,28 @@ def test_a_namespace_sets_the_default_mtls_mode(registry_dir: Path) -> None:
     assert state.namespaces["typo"].mtls is None
     (problem,) = registry.problems
     assert "Namespace typo: annotation shoal.io/mtls: 'lenient' is not one of" in str(problem)
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [
+        ("shoal.io/retries", "\u00b2"),
+        ("shoal.io/split", "reviews=\u00b9\u2070\u2070"),
+        ("shoal.io/fault", "abort=5\u2070\u00b3@10%"),
+        ("shoal.io/outlier", "consecutive-5xx=\u00b2"),
+    ],
+)
+def test_a_number_int_refuses_is_a_problem_not_a_failed_load(
+    registry_dir: Path, annotation: str, value: str
+) -> None:
+    """Found by fuzzing: a Service annotated with a digit str.isdigit() takes
+    and int() refuses made the whole folder fail to load (ValueError), so
+    one annotation could stop every change to the mesh."""
+    note = f'\n  annotations:\n    {annotation}: "{value}"'
+    write(registry_dir, "v2.yaml", manifests.service("reviews-v2"))
+    write(registry_dir, "r.yaml", manifests.service("reviews", extra=note))
+    registry = files.FolderRegistry(registry_dir)
+    state = registry.load()
+    assert {k.name for k in state.services} == {"reviews", "reviews-v2"}
+    (problem,) = registry.problems
+    assert annotation in str(problem) and "reviews" in str(problem)
