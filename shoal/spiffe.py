@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 SCHEME = "spiffe://"
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_LABEL = re.compile(rf"^{_LABEL}$")
-_DNS_SUBDOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+_DNS_LABEL = re.compile(rf"^{_LABEL}\Z")
+_DNS_SUBDOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
 # A trust domain is a host name (SPIFFE ID spec, section 2.1): lower-case
 # letters, digits, dots, dashes and underscores.
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+\Z")
 
 
 class IdentityError(ValueError):

@@ -43,16 +43,16 @@ MAX_RETRIES = 10
 # Envoy refuses regular expressions whose RE2 program is larger than this
 # (runtime key re2.max_program_size.error_level): check the same here.
 MAX_REGEX_PROGRAM = 100
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)\Z")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MTLS = PREFIX + "mtls"
 ALLOW = PREFIX + "allow"
 MTLS_MODES = ("strict", "permissive")
 
 # ASCII digits only: float() also reads "1_0", "1e1" and other scripts' digits.
-_DECIMAL = re.compile(r"^[0-9]+(?:\.[0-9]+)?$")
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_DECIMAL = re.compile(r"^[0-9]+(?:\.[0-9]+)?\Z")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
 
 
 class AnnotationError(ValueError):

@@ -7,12 +7,12 @@ means the same thing wherever it was read from.
 
 from __future__ import annotations
 
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal import spiffe
 from shoal.model import mesh
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -28,8 +28,6 @@ KNOWN_KINDS = frozenset({SERVICE, ENDPOINT_SLICE, NAMESPACE, SERVICE_ACCOUNT, PO
 NAMESPACED = frozenset({SERVICE, ENDPOINT_SLICE, SERVICE_ACCOUNT, POD, TRAFFIC_ROUTE})
 
 # RFC 1123 label (Service and Namespace names) and subdomain (most other names).
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 class ManifestError(ValueError):
@@ -91,12 +89,14 @@ def parse_object(doc: Any) -> KubeObject | None:
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise ManifestError("missing metadata.name")
-    pattern = _DNS_LABEL if kind in ("Service", "Namespace") else _DNS_SUBDOMAIN
-    if len(name) > 253 or not pattern.match(name):
+    # Kubernetes' rules: a Service or Namespace name is a DNS label (63
+    # characters at most), other names DNS subdomains (253).
+    valid = spiffe.is_dns_label if kind in ("Service", "Namespace") else spiffe.is_dns_subdomain
+    if not valid(name):
         raise ManifestError(f"metadata.name {name!r} is not a valid DNS name")
     _, namespace, _ = key_of(doc)
     given = meta.get("namespace")
-    if namespace and (not _DNS_LABEL.match(namespace) or not isinstance(given, str | None)):
+    if namespace and (not spiffe.is_dns_label(namespace) or not isinstance(given, str | None)):
         shown = given if given is not None else namespace
         raise ManifestError(f"metadata.namespace {shown!r} is not a valid DNS label")
     return KubeObject(api_version, kind, namespace, name, doc)

@@ -167,6 +167,27 @@ BROKEN = [
         "metadata.name 'Web_1' is not a valid DNS name",
     ),
     (
+        # Found by fuzzing: Kubernetes' 63-character limit was not applied,
+        # and the proxies of such a namespace could never connect.
+        "namespace longer than a DNS label",
+        manifests.service("web", namespace="a" * 64),
+        "#0",
+        f"metadata.namespace {'a' * 64!r} is not a valid DNS label",
+    ),
+    (
+        "service name longer than a DNS label",
+        manifests.service("w" * 64),
+        "#0",
+        "is not a valid DNS name",
+    ),
+    (
+        # `$` in a pattern also matches before a final newline.
+        "name with a newline",
+        manifests.service("web").replace("name: web", 'name: "web\\n"', 1),
+        "#0",
+        "is not a valid DNS name",
+    ),
+    (
         "slice without service label",
         manifests.endpoint_slice("web", "web", [9001]).replace(
             "kubernetes.io/service-name: web", "app: web"
