@@ -60,8 +60,6 @@ _EMPTY = cache.View("", ())
 MAX_ERROR = 4096
 # Kept here too: the server's limits are part of its interface.
 Limits = accounts.Limits
-NAME_COST = accounts.NAME_COST
-names_cost = accounts.names_cost
 
 
 @dataclass
@@ -488,7 +486,7 @@ class AdsServer:
         memoized on it are found by identity)."""
         # Costed first: a request past the limit is refused before a set of
         # its names is made.
-        self._accounts.check(conn, names_cost(names) - state.names_cost)
+        self._accounts.check(conn, accounts.names_cost(names) - state.names_cost)
         wanted = self._subscriptions(names if isinstance(names, frozenset) else frozenset(names))
         if wanted is not state.names:
             self._set_names(conn, state, wanted)
@@ -496,7 +494,7 @@ class AdsServer:
     def _set_names(self, conn: Connection, state: TypeState, names: frozenset[str]) -> None:
         """Replace a type's subscription, charged to the stream and (once per
         distinct set) to its identity; refused, nothing changes."""
-        cost = names_cost(names)
+        cost = accounts.names_cost(names)
         self._accounts.check(conn, cost - state.names_cost)
         self._accounts.replace(conn, (state.names, state.names_cost), (names, cost))
         state.names, state.names_cost = names, cost
@@ -506,7 +504,7 @@ class AdsServer:
         charged like a subscription while it is what the stream holds."""
         cost = 0
         if view is not None:
-            cost = sum(len(r.name) + len(r.version) + 2 * NAME_COST for r in view.own)
+            cost = sum(len(r.name) + len(r.version) + 2 * accounts.NAME_COST for r in view.own)
         self._accounts.check(conn, cost - state.announced_cost)
         self._accounts.replace(conn, (state.announced, state.announced_cost), (view, cost))
         state.announced, state.announced_cost = view, cost
@@ -592,7 +590,7 @@ class AdsServer:
                 versions = request.initial_resource_versions
                 _check_names(versions)
                 cost = sum(map(len, versions)) + sum(map(len, versions.values()))
-                self._accounts.check(conn, cost + 2 * NAME_COST * len(versions))
+                self._accounts.check(conn, cost + 2 * accounts.NAME_COST * len(versions))
                 held = cache.make_view(
                     cache.Resource(type_url, name, b"", version)
                     for name, version in versions.items()
