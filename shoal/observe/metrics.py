@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -51,6 +51,28 @@ class XdsMetrics:
 
     def nacked(self, type_url: str) -> None:
         self.nacks.labels(resources.short(type_url)).inc()
+
+
+class InjectionMetrics:
+    """What the injection webhook answered, and how long it took."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reviews = Counter(
+            "shoal_injection_reviews",
+            "AdmissionReviews answered, by outcome (injected, skipped, refused, malformed)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "shoal_injection_seconds",
+            "Time to answer an AdmissionReview",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=registry,
+        )
+
+    def observe(self, outcome: str, seconds: float) -> None:
+        self.reviews.labels(outcome).inc()
+        self.seconds.observe(seconds)
 
 
 class KubernetesMetrics(Collector):

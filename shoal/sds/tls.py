@@ -1,9 +1,13 @@
-"""The control plane's own TLS, on xDS and on the join port."""
+"""The control plane's own TLS, on xDS, on the join port and on the injection
+webhook."""
 
 from __future__ import annotations
 
 import socket
+import ssl
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -50,3 +54,38 @@ def serving_credentials(
         fetch,  # type: ignore[arg-type]  # gRPC documents None as "no change"
         require_client_authentication=client_auth,
     )
+
+
+def _ssl_context(serving: ca.KeyPair) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # load_cert_chain reads only files: the key is on disk, in a folder only
+    # this user may open, for as long as the call takes.
+    with tempfile.TemporaryDirectory(prefix="shoal-tls-") as folder:
+        cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+        cert.write_bytes(serving.cert_pem)
+        ca.write_private(key, serving.key_pem)
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def serving_ssl_context(
+    certificates: workloads.WorkloadCertificates, hosts: Sequence[str]
+) -> ssl.SSLContext:
+    """An HTTPS server's TLS (no client certificate) that follows the
+    authority in force as serving_credentials does: every handshake checks
+    whether the authority changed and, if it did, is served the new
+    certificate."""
+    current = [certificates.authority]
+    contexts = [_ssl_context(current[0].serving(hosts))]
+
+    def choose(connection: ssl.SSLObject, _server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        authority = certificates.authority
+        if authority is not current[0]:
+            current[0] = authority
+            contexts[0] = _ssl_context(authority.serving(hosts))
+            contexts[0].sni_callback = choose
+        connection.context = contexts[0]
+
+    contexts[0].sni_callback = choose
+    return contexts[0]
