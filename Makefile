@@ -31,12 +31,16 @@ unit: $(STAMP) system
 test: lint unit
 
 # What tests need from the system: iptables (capture is tested with real
-# rules, inside network namespaces the tests make). Installed from Debian's
-# packages when missing; needs root, as the capture tests themselves do.
+# rules, inside network namespaces the tests make) and curl (what an app in
+# a captured Pod calls with). Installed from Debian's packages when missing;
+# needs root, as the capture tests themselves do.
+SYSTEM_TOOLS := iptables iptables-restore curl
 system:
-	@command -v iptables >/dev/null || { \
-	  echo "installing iptables (Debian package) for the capture tests"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null; }
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing iptables and curl (Debian packages) for the capture tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables curl >/dev/null; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python bench/translate.py
