@@ -22,9 +22,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import yaml
 from prometheus_client import CollectorRegistry
 
 from shoal import heap, kube, sidecar_files, spiffe, tasks, terminal
+from shoal.injector import bundle as injector_bundle
+from shoal.injector import patch as injector_patch
+from shoal.injector import settings as injector_settings
+from shoal.injector import webhook
+from shoal.injector import workloads as injector_workloads
 from shoal.model import proxy
 from shoal.observe import admin, metrics
 from shoal.observe import reports as observe_reports
@@ -74,8 +80,11 @@ class ServeOptions:
     ca_chain: Path | None = None
     # How long each step of a root rotation waits for proxies to catch up.
     root_rotation_step_timeout: float = 60.0
-    # Where machines outside join with a token and a CSR ("" for nowhere).
+    # Where machines outside join with a token and a CSR ("" for nowhere),
+    # and Pods' sidecar agents certify with their service-account token.
     join_address: str = "127.0.0.1:15012"
+    # Lifetime of the xDS client certificates agents get (tests shorten it).
+    agent_ttl: datetime.timedelta = ca.AGENT_TTL
     # Watch a Kubernetes API server instead of a folder.
     kubernetes: bool = False
     kubeconfig: str | None = None
@@ -93,6 +102,19 @@ class ServeOptions:
     # Names (besides IP addresses and localhost) callers of the TCP admin
     # port may use in Host, e.g. a Service name Prometheus scrapes by.
     admin_hosts: tuple[str, ...] = ()
+    # The sidecar injection webhook (HTTPS): None for the default (on
+    # 0.0.0.0:15017 with --kubernetes, else off), "" for off.
+    webhook_address: str | None = None
+    # What the webhook injects.
+    injection: injector_settings.Settings = dataclasses.field(
+        default_factory=injector_settings.Settings
+    )
+    # Where injected sidecars reach xDS and the join port (default: shoal's
+    # Service in its own namespace, ports 15010 and 15012).
+    sidecar_xds_address: str | None = None
+    sidecar_ca_address: str | None = None
+    # The MutatingWebhookConfiguration whose caBundle shoal keeps current.
+    webhook_configuration: str = injector_bundle.CONFIGURATION
 
 
 @dataclass
@@ -108,6 +130,7 @@ class ControlPlane:
     certificates: workloads.WorkloadCertificates | None
     join_port: int = 0
     admin_socket: str = ""
+    webhook_port: int = 0
 
 
 @contextlib.asynccontextmanager
@@ -202,7 +225,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         actions: dict[str, admin.Action] = {}
         background = await stack.enter_async_context(tasks.Tasks())
         shared_root: rotation.SharedRoot | None = None
-        join_port = 0
+        join_port = webhook_port = 0
         if authority is not None and certificates is not None:
             reports["ca"] = lambda: report.status(
                 # The authority now: a root rotation replaces it.
@@ -249,11 +272,21 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 tokens = join.JoinTokens()
                 join_host, port = _host_port(options.join_address)
                 join_port = await stack.enter_async_context(
-                    operations.join_port(certificates, tokens, join_host, port, options.xds_hosts)
+                    operations.join_port(
+                        certificates,
+                        tokens,
+                        join_host,
+                        port,
+                        options.xds_hosts,
+                        # Agents' tokens are checked with the API server's TokenReview.
+                        reviewer=kube.TokenReviews(kube_api) if kube_api is not None else None,
+                        agent_ttl=options.agent_ttl,
+                    )
                 )
                 actions["ca/join-token"] = operations.JoinTokenIssuer(
                     tokens, options.trust_domain, join_port
                 ).mint
+            webhook_port = await _webhook(stack, options, certificates, kube_api, metric_registry)
 
         socket_path = options.admin_socket or options.state_dir / ADMIN_SOCKET
         admin_host, admin_port = _host_port(options.admin_address)
@@ -288,6 +321,18 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         running.start(keeper.run(), "heap-keeper")
         if shared_root is not None:
             running.start(shared_root.follow(), "shared-root")
+        if kube_api is not None and webhook_port and certificates is not None:
+            trusted = certificates
+            keeper_of_bundle = injector_bundle.CaBundle(
+                kube_api,
+                lambda: trusted.authority.xds_trust,
+                kube.Lease(
+                    kube_api, kube_api.server.namespace, injector_bundle.LEASE, _replica_name()
+                ),
+                name=options.webhook_configuration,
+            )
+            reports["injection"] = lambda: {"caBundle": keeper_of_bundle.last}
+            running.start(keeper_of_bundle.run(), "webhook-ca-bundle")
         yield ControlPlane(
             xds_port,
             admin_port,
@@ -298,7 +343,47 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             certificates,
             join_port,
             str(socket_path),
+            webhook_port,
         )
+
+
+async def _webhook(
+    stack: contextlib.AsyncExitStack,
+    options: ServeOptions,
+    certificates: workloads.WorkloadCertificates,
+    kube_api: kube.Api | None,
+    metric_registry: CollectorRegistry,
+) -> int:
+    """The injection webhook, if it is on; the port bound (0 if off)."""
+    address = options.webhook_address
+    if address is None:
+        address = f"0.0.0.0:{injector_settings.WEBHOOK_PORT}" if kube_api is not None else ""
+    if not address:
+        return 0
+    own = kube_api.server.namespace if kube_api is not None else "shoal-system"
+    injection = dataclasses.replace(
+        options.injection,
+        trust_domain=options.trust_domain,
+        xds_address=options.sidecar_xds_address or f"shoal.{own}.svc:15010",
+        ca_address=options.sidecar_ca_address or f"shoal.{own}.svc:15012",
+    )
+
+    def current() -> injector_settings.Settings:
+        # Pods injected after a root rotation trust the roots of then.
+        return dataclasses.replace(injection, trust_pem=certificates.authority.xds_trust.decode())
+
+    host, port = _host_port(address)
+    hosts = tls.serving_hosts(host, options.xds_hosts)
+    observed = metrics.InjectionMetrics(metric_registry)
+    bound: int = await stack.enter_async_context(
+        webhook.serve(
+            webhook.app(current, skip_namespaces=frozenset({own}), observe=observed.observe),
+            host,
+            port,
+            tls.serving_ssl_context(certificates, hosts),
+        )
+    )
+    return bound
 
 
 def _plugged(options: ServeOptions) -> roots.PluggedCa | None:
@@ -430,12 +515,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         insecure_xds=args.insecure_xds,
         xds_hosts=tuple(args.xds_host),
         join_address=args.join_address,
+        agent_ttl=datetime.timedelta(seconds=args.agent_cert_ttl),
         ca_cert=Path(args.ca_cert) if args.ca_cert else None,
         ca_key=Path(args.ca_key) if args.ca_key else None,
         ca_chain=Path(args.ca_chain) if args.ca_chain else None,
         admin_socket=Path(args.admin_socket) if args.admin_socket else None,
         admin_hosts=tuple(args.admin_host),
         admin_identities=tuple(args.admin_identity),
+        webhook_address=args.webhook_address,
+        webhook_configuration=args.webhook_configuration,
+        injection=injector_settings.Settings(
+            image=args.sidecar_image, image_pull_policy=args.sidecar_image_pull_policy
+        ),
+        sidecar_xds_address=args.sidecar_xds_address,
+        sidecar_ca_address=args.sidecar_ca_address,
         limits=dataclasses.replace(
             server.Limits(), streams_per_identity=args.max_streams_per_identity
         ),
@@ -445,6 +538,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not spiffe.is_dns_label(namespace) or not spiffe.is_dns_subdomain(account):
             print(f"shoal serve: --admin-identity {identity!r} is not NS/SA", file=sys.stderr)
             return 2
+    if not 1 <= args.agent_cert_ttl <= ca.BOOTSTRAP_TTL.total_seconds():  # also nan
+        print(
+            "shoal serve: --agent-cert-ttl must be 1 to "
+            f"{ca.BOOTSTRAP_TTL.total_seconds():.0f} seconds",
+            file=sys.stderr,
+        )
+        return 2
     if options.insecure_xds:
         print(INSECURE_WARNING.format(what="every proxy"), file=sys.stderr, flush=True)
     heap.tune_malloc()  # before gRPC starts its threads
@@ -895,6 +995,15 @@ def _serve_command(sub: Any) -> None:
         help="where machines join with a token and a CSR (default 127.0.0.1:15012; '' for off)",
     )
     serve.add_argument(
+        "--agent-cert-ttl",
+        type=float,
+        default=ca.AGENT_TTL.total_seconds(),
+        metavar="SECONDS",
+        help="with --kubernetes: lifetime of the xDS client certificates Pods' sidecar "
+        "agents get on the join port, renewed at about half of it (default "
+        f"{ca.AGENT_TTL.total_seconds():.0f})",
+    )
+    serve.add_argument(
         "--admin-socket",
         metavar="PATH",
         help="the admin API for authenticated callers, mode 0600 "
@@ -932,7 +1041,104 @@ def _serve_command(sub: Any) -> None:
         metavar="NAME",
         help="another name or address sidecars use to reach xDS (for its certificate)",
     )
+    _injection_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+
+def _injection_flags(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("sidecar injection")
+    group.add_argument(
+        "--webhook-address",
+        metavar="HOST:PORT",
+        help="the injection webhook, HTTPS with a mesh CA certificate (default "
+        f"0.0.0.0:{injector_settings.WEBHOOK_PORT} with --kubernetes, else off; '' for off)",
+    )
+    group.add_argument(
+        "--webhook-configuration",
+        default=injector_bundle.CONFIGURATION,
+        metavar="NAME",
+        help="the MutatingWebhookConfiguration whose caBundle shoal keeps current "
+        f"(default {injector_bundle.CONFIGURATION})",
+    )
+    group.add_argument(
+        "--sidecar-image",
+        default=os.environ.get("SHOAL_IMAGE", injector_settings.Settings().image),
+        metavar="IMAGE",
+        help="the image of the injected containers: shoal's own, which holds the agent, "
+        "Envoy and iptables (default $SHOAL_IMAGE, else shoal:latest)",
+    )
+    group.add_argument(
+        "--sidecar-image-pull-policy",
+        default="IfNotPresent",
+        choices=["Always", "IfNotPresent", "Never"],
+    )
+    group.add_argument(
+        "--sidecar-xds-address",
+        metavar="HOST:PORT",
+        help="where injected sidecars reach xDS (default shoal.NAMESPACE.svc:15010)",
+    )
+    group.add_argument(
+        "--sidecar-ca-address",
+        metavar="HOST:PORT",
+        help="where injected sidecars certify (default shoal.NAMESPACE.svc:15012)",
+    )
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    """`shoal inject -f FILE`: what the webhook would make of each object."""
+    source = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    trust = Path(args.ca_root).read_text() if args.ca_root else ""
+    if not trust:
+        found = Path(args.state_dir) / "ca" / ca.ROOT_CERT
+        trust = found.read_text() if found.exists() else ""
+    s = injector_settings.Settings(
+        image=args.sidecar_image,
+        xds_address=args.xds_address,
+        ca_address=args.ca_address,
+        trust_domain=args.trust_domain,
+        trust_pem=trust,
+    )
+
+    def report(outcome: injector_workloads.Outcome) -> None:
+        if not outcome.injected:
+            print(f"shoal inject: {outcome.what} not injected: {outcome.reason}", file=sys.stderr)
+
+    try:
+        documents = list(yaml.safe_load_all(source))
+        injected = [injector_workloads.inject_object(d, s, report) for d in documents if d]
+    except yaml.YAMLError as err:
+        print(f"shoal inject: {args.filename} is not YAML: {err}", file=sys.stderr)
+        return 2
+    except injector_patch.InjectionError as err:
+        print(f"shoal inject: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(yaml.safe_dump_all(injected, sort_keys=False))
+    return 0
+
+
+def _inject_command(sub: Any) -> None:
+    inject = sub.add_parser(
+        "inject",
+        help="print objects with the sidecar injected, as the webhook would (offline)",
+        description="Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs, CronJobs "
+        "and Lists in; the same objects with their Pods injected out. Other objects pass "
+        "through; an object the webhook would skip is printed unchanged, with the reason "
+        "on stderr.",
+    )
+    inject.add_argument("-f", "--filename", required=True, metavar="FILE", help="'-' for stdin")
+    inject.add_argument(
+        "--sidecar-image", default=os.environ.get("SHOAL_IMAGE", injector_settings.Settings().image)
+    )
+    inject.add_argument("--xds-address", default=injector_settings.Settings().xds_address)
+    inject.add_argument("--ca-address", default=injector_settings.Settings().ca_address)
+    inject.add_argument("--trust-domain", default="cluster.local")
+    inject.add_argument(
+        "--ca-root",
+        metavar="PEM",
+        help="roots the sidecars trust the control plane by (default STATE_DIR's root)",
+    )
+    inject.add_argument("--state-dir", default=".shoal")
+    inject.set_defaults(func=cmd_inject)
 
 
 def _bootstrap_command(sub: Any) -> None:
@@ -1053,6 +1259,205 @@ def _ca_commands(sub: Any) -> None:
     token.set_defaults(func=cmd_ca_join_token)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    """`shoal agent`: the sidecar container's entry point in a Pod."""
+    from shoal.agent import health
+    from shoal.agent import run as agent_run
+    from shoal.agent import settings as agent_settings
+
+    try:
+        xds_host, xds_port = agent_settings.host_port("--xds-address", args.xds_address)
+        agent_settings.host_port("--ca-address", args.ca_address)
+        for flag in ("health_port", "admin_port", "stats_port", "inbound_port", "outbound_port"):
+            agent_settings.check_port(f"--{flag.replace('_', '-')}", getattr(args, flag))
+        if not 0 <= args.drain_seconds <= 3600:
+            raise agent_settings.SettingsError("--drain-seconds must be 0 to 3600")
+        if not 1 <= args.concurrency <= 1024:
+            raise agent_settings.SettingsError("--concurrency must be 1 to 1024")
+        root_pem = (
+            Path(args.ca_root).read_bytes()
+            if args.ca_root
+            else os.environ.get("SHOAL_CA_ROOT_PEM", "").encode()
+        )
+        settings = agent_settings.AgentSettings(
+            pod=agent_settings.pod_from_env(os.environ),
+            xds_host=xds_host,
+            xds_port=xds_port,
+            ca_address=args.ca_address,
+            trust_domain=args.trust_domain,
+            work_dir=Path(args.work_dir),
+            token_path=Path(args.token_path),
+            ca_root_pem=root_pem,
+            health_address=args.health_address,
+            health_port=args.health_port,
+            admin_port=args.admin_port,
+            stats_port=args.stats_port,
+            inbound_port=args.inbound_port,
+            outbound_port=args.outbound_port,
+            drain_seconds=args.drain_seconds,
+            delta=args.delta,
+            concurrency=args.concurrency,
+            envoy_log_level=args.envoy_log_level,
+            app_probes=os.environ.get("SHOAL_APP_PROBES", "{}"),
+        )
+        health.parse_probes(settings.app_probes)
+    except (agent_settings.SettingsError, health.ProbeError, OSError) as err:
+        print(f"shoal agent: {err}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await agent_run.Agent(settings).run(stop)
+
+    return asyncio.run(main())
+
+
+def cmd_agent_iptables(args: argparse.Namespace) -> int:
+    """`shoal agent iptables`: the init container's capture rules."""
+    from shoal.agent import iptables
+
+    try:
+        capture = iptables.settings(
+            outbound_port=args.outbound_port,
+            inbound_port=args.inbound_port,
+            proxy_uid=args.proxy_uid,
+            proxy_gid=args.proxy_gid,
+            include_inbound_ports=args.include_inbound_ports,
+            exclude_inbound_ports=args.exclude_inbound_ports,
+            include_outbound_cidrs=args.include_outbound_cidrs,
+            exclude_outbound_cidrs=args.exclude_outbound_cidrs,
+            exclude_outbound_ports=args.exclude_outbound_ports,
+        )
+    except iptables.FlagError as err:
+        print(f"shoal agent iptables: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(iptables.rules(capture), end="")
+        return 0
+    try:
+        applied = iptables.apply(capture)
+    except iptables.ApplyError as err:
+        print(f"shoal agent iptables: {err}", file=sys.stderr)
+        return 1
+    print(applied, end="")
+    return 0
+
+
+def _agent_command(sub: Any) -> None:
+    """`shoal agent` and `shoal agent iptables`."""
+    from shoal.agent import settings as agent_settings
+
+    agent = sub.add_parser(
+        "agent",
+        help="the sidecar's entry point in a Pod: certify with the Pod's service-account "
+        "token, run Envoy, serve probes (`shoal agent iptables`: the init container)",
+        description="Reads the Pod from POD_NAME, POD_NAMESPACE, POD_UID, POD_IP, "
+        "SERVICE_ACCOUNT (downward API), SHOAL_CA_ROOT_PEM, SHOAL_APP_PROBES, "
+        "SHOAL_WORKLOAD and SHOAL_TOKEN_PATH.",
+    )
+    agent.add_argument(
+        "--xds-address",
+        required=False,
+        default="shoal.shoal-system.svc:15010",
+        metavar="HOST:PORT",
+        help="the control plane's xDS (mTLS)",
+    )
+    agent.add_argument(
+        "--ca-address",
+        default="shoal.shoal-system.svc:15012",
+        metavar="HOST:PORT",
+        help="the control plane's join/certify port (TLS)",
+    )
+    agent.add_argument("--trust-domain", default="cluster.local")
+    agent.add_argument(
+        "--ca-root",
+        metavar="PEM",
+        help="the mesh root(s) to verify the control plane by "
+        "(default: $SHOAL_CA_ROOT_PEM, the PEM itself)",
+    )
+    agent.add_argument(
+        "--work-dir",
+        default=agent_settings.WORK_DIR,
+        metavar="DIR",
+        help=f"key, certificates, bootstrap (default {agent_settings.WORK_DIR})",
+    )
+    agent.add_argument(
+        "--token-path",
+        default=os.environ.get("SHOAL_TOKEN_PATH") or agent_settings.TOKEN_PATH,
+        metavar="FILE",
+        help="the projected service-account token "
+        f"(default $SHOAL_TOKEN_PATH, else {agent_settings.TOKEN_PATH})",
+    )
+    agent.add_argument("--health-address", default="0.0.0.0", metavar="IP")
+    agent.add_argument(
+        "--health-port",
+        type=int,
+        default=15021,
+        help="/healthz/ready and /app-health/... (default 15021)",
+    )
+    agent.add_argument(
+        "--admin-port", type=int, default=15000, help="Envoy admin, on 127.0.0.1 (default 15000)"
+    )
+    agent.add_argument(
+        "--stats-port", type=int, default=15090, help="Envoy's Prometheus stats (default 15090)"
+    )
+    agent.add_argument("--inbound-port", type=int, default=15006, help="default 15006")
+    agent.add_argument("--outbound-port", type=int, default=15001, help="default 15001")
+    agent.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long Envoy drains before it stops (default 5)",
+    )
+    agent.add_argument("--delta", action="store_true", help="incremental (delta) xDS")
+    agent.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads")
+    agent.add_argument(
+        "--envoy-log-level",
+        default="warning",
+        choices=["trace", "debug", "info", "warning", "error", "critical", "off"],
+    )
+    agent.set_defaults(func=cmd_agent)
+    agent_sub = agent.add_subparsers(dest="agent_command", required=False)
+    tables = agent_sub.add_parser(
+        "iptables",
+        help="install the Pod's capture rules (nat table, iptables-restore --noflush)",
+    )
+    tables.add_argument("--outbound-port", default="15001", help="default 15001")
+    tables.add_argument("--inbound-port", default="15006", help="default 15006")
+    tables.add_argument("--proxy-uid", default="1337", help="left uncaptured (default 1337)")
+    tables.add_argument("--proxy-gid", default="1337", help="left uncaptured (default 1337)")
+    tables.add_argument(
+        "--include-inbound-ports",
+        default="*",
+        metavar="PORTS",
+        help="comma list, '*' for all (default), '' for none",
+    )
+    tables.add_argument(
+        "--exclude-inbound-ports",
+        default="",
+        metavar="PORTS",
+        help="comma list; 15020,15021,15090 are always excluded",
+    )
+    tables.add_argument(
+        "--include-outbound-cidrs",
+        default="*",
+        metavar="CIDRS",
+        help="comma list of IPv4 CIDRs, '*' for all (default), '' for none",
+    )
+    tables.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDRS")
+    tables.add_argument("--exclude-outbound-ports", default="", metavar="PORTS")
+    tables.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the iptables-restore input instead of applying it",
+    )
+    tables.set_defaults(func=cmd_agent_iptables)
+
+
 def _demo_command(sub: Any) -> None:
     """`shoal demo`."""
     demo = sub.add_parser("demo", help="a running mesh with real Envoy sidecars")
@@ -1075,6 +1480,8 @@ def parser() -> argparse.ArgumentParser:
     _analyze_command(sub)
     _ca_commands(sub)
     _demo_command(sub)
+    _agent_command(sub)
+    _inject_command(sub)
     return p
 
 

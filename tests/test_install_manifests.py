@@ -35,7 +35,13 @@ OLDEST = "1.31"
 NEWEST = ".".join(kubernetes_validate.latest_version().split(".")[:2])
 VERSIONS = sorted({OLDEST, NEWEST}, key=lambda v: tuple(int(p) for p in v.split(".")))
 
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "MutatingWebhookConfiguration",
+}
 READ_ONLY = {"get", "list", "watch"}
 WATCHED = {
     ("", "services"),
@@ -288,11 +294,23 @@ def _no_wildcards(rules: list[dict[str, Any]]) -> None:
         assert "nonResourceURLs" not in rule, rule
 
 
+# Beyond reading what it watches: TokenReview (create reveals nothing of
+# other objects), and its own webhook configuration's caBundle, by name.
+TOKEN_REVIEWS = ("authentication.k8s.io", "tokenreviews")
+WEBHOOK_CONFIGURATIONS = ("admissionregistration.k8s.io", "mutatingwebhookconfigurations")
+
+
 def test_the_cluster_role_only_reads_what_the_control_plane_watches() -> None:
     rules = _one("ClusterRole")["rules"]
     _no_wildcards(rules)
     grants = _grants(rules)
-    assert set(grants) == WATCHED
+    assert set(grants) == WATCHED | {TOKEN_REVIEWS, WEBHOOK_CONFIGURATIONS}
+    assert grants.pop(TOKEN_REVIEWS) == {"create"}
+    assert grants.pop(WEBHOOK_CONFIGURATIONS) == {"get", "update"}
+    (webhook_rule,) = [r for r in rules if "mutatingwebhookconfigurations" in r["resources"]]
+    assert webhook_rule["resourceNames"] == [
+        _one("MutatingWebhookConfiguration", "shoal-sidecar-injector")["metadata"]["name"]
+    ]
     for (group, resource), verbs in grants.items():
         assert verbs <= READ_ONLY, (group, resource, verbs)
         assert resource != "secrets" and not resource.startswith("secrets/")
@@ -331,7 +349,7 @@ def test_the_role_is_namespaced_and_narrow() -> None:
         if "secrets" in rule["resources"] and set(rule["verbs"]) != {"create"}:
             assert names == ["shoal-ca"], rule
         if "leases" in rule["resources"] and set(rule["verbs"]) != {"create"}:
-            assert names == ["shoal-leader"], rule
+            assert names == ["shoal-leader", "shoal-injector"], rule
 
     binding = _one("RoleBinding")
     assert binding["metadata"]["namespace"] == NAMESPACE
@@ -438,6 +456,7 @@ def test_the_service_exposes_xds_and_the_webhook_only() -> None:
     ports = {p["port"]: p for p in service["spec"]["ports"]}
     assert {p: _resolve_port(s["targetPort"]) for p, s in ports.items()} == {
         15010: 15010,
+        15012: 15012,
         443: 15017,
     }
     assert ports[15010]["name"] == "grpc-xds" and ports[15010]["appProtocol"] == "grpc"
@@ -450,7 +469,12 @@ def test_the_container_ports_are_what_the_service_targets_and_the_probes() -> No
     service = _one("Service")
     targets = {_resolve_port(p["targetPort"]) for p in service["spec"]["ports"]}
     assert set(_container_ports().values()) == targets | {15014}
-    assert _container_ports() == {"grpc-xds": 15010, "http-admin": 15014, "https-webhook": 15017}
+    assert _container_ports() == {
+        "grpc-xds": 15010,
+        "grpc-ca": 15012,
+        "http-admin": 15014,
+        "https-webhook": 15017,
+    }
     annotations = _one("Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == "15014"
 
@@ -506,8 +530,12 @@ def test_the_deployment_args_parse_with_shoal_cli(capsys: pytest.CaptureFixture[
         "0.0.0.0:15010",
         "--admin-address",
         "0.0.0.0:15014",
+        "--join-address",
+        "0.0.0.0:15012",
         "--state-dir",
         "/var/lib/shoal",
+        "--sidecar-image",
+        "ghcr.io/shoal-mesh/shoal:0.1.0",
     ]
     try:
         parsed = cli.parser().parse_args(args)
@@ -519,6 +547,8 @@ def test_the_deployment_args_parse_with_shoal_cli(capsys: pytest.CaptureFixture[
     assert parsed.xds_address == "0.0.0.0:15010"
     assert parsed.admin_address == "0.0.0.0:15014"
     assert str(parsed.state_dir) == "/var/lib/shoal"
+    # The sidecars it injects run the image it runs from.
+    assert parsed.sidecar_image == _container()["image"]
 
 
 # --- 4. The image ---------------------------------------------------------------------------
@@ -583,3 +613,51 @@ def test_the_image_exposes_the_deployment_container_ports() -> None:
         int(port.split("/")[0]) for ins, rest in final if ins == "EXPOSE" for port in rest.split()
     }
     assert exposed == set(_container_ports().values())
+
+
+def test_the_webhook_configuration_sends_labelled_namespaces_pods_to_shoal() -> None:
+    configuration = _one("MutatingWebhookConfiguration", "shoal-sidecar-injector")
+    assert configuration["metadata"]["name"] == cli.injector_bundle.CONFIGURATION
+    (hook,) = configuration["webhooks"]
+    service = _one("Service")
+    https = next(p for p in service["spec"]["ports"] if p["name"] == "https-webhook")
+    assert hook["clientConfig"] == {
+        "service": {
+            "name": service["metadata"]["name"],
+            "namespace": NAMESPACE,
+            "path": "/inject",
+            "port": https["port"],
+        }
+    }
+    # shoal writes the caBundle: one written here would go stale at a root rotation.
+    assert "caBundle" not in hook["clientConfig"]
+    assert hook["rules"] == [
+        {
+            "operations": ["CREATE"],
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    assert (hook["failurePolicy"], hook["sideEffects"], hook["reinvocationPolicy"]) == (
+        "Fail",
+        "None",
+        "IfNeeded",
+    )
+    assert 1 <= hook["timeoutSeconds"] <= 30
+    expressions = {e["key"]: e for e in hook["namespaceSelector"]["matchExpressions"]}
+    assert expressions["shoal.io/inject"] == {
+        "key": "shoal.io/inject",
+        "operator": "In",
+        "values": ["enabled"],
+    }
+    never = expressions["kubernetes.io/metadata.name"]
+    assert never["operator"] == "NotIn"
+    assert {"kube-system", NAMESPACE} <= set(never["values"])
+
+
+def test_the_image_holds_iptables_and_the_proxy_user() -> None:
+    final = " ".join(rest for _, rest in _dockerfile_stages()[-1])
+    assert "apt-get install -y --no-install-recommends iptables" in final
+    assert "--uid 1337" in final

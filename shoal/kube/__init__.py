@@ -1,7 +1,8 @@
 """The Kubernetes client layer, shared by the registry, the CA and (to come)
 the injector: the API server's address and credentials (config), one
 session to it (client), its refusals as classes (errors), the shapes of what
-goes over the wire (bodies), the shared backoff, Secrets and Leases.
+goes over the wire (bodies), the shared backoff, Secrets and Leases, and
+TokenReview (who a service-account token belongs to).
 
 It knows nothing of the mesh: nothing here imports the model, the
 registries or xDS. Code outside imports the package (`from shoal import
@@ -25,6 +26,7 @@ from shoal.kube.errors import (
 )
 from shoal.kube.lease import Lease
 from shoal.kube.secrets import read_secret, replace_secret, shared_secret
+from shoal.kube.tokenreview import TokenReviews
 
 __all__ = [
     "Api",
@@ -38,6 +40,7 @@ __all__ = [
     "Lease",
     "NotFound",
     "ServerError",
+    "TokenReviews",
     "TooManyRequests",
     "Unauthorized",
     "bodies",

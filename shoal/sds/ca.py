@@ -30,6 +30,11 @@ WORKLOAD_TTL = datetime.timedelta(hours=24)
 # rotation stays trusted for these certificates exactly as long as one
 # issued under it may still be valid.
 BOOTSTRAP_TTL = datetime.timedelta(days=90)
+# A Pod's sidecar agent's xDS client certificate: it proves itself again
+# with its service-account token (which lives an hour) and renews at about
+# half of this, so a Pod deleted or a token revoked stops being trusted
+# within a day, not a quarter.
+AGENT_TTL = datetime.timedelta(hours=24)
 # Certificates start slightly in the past: clocks of peers differ.
 BACKDATE = datetime.timedelta(minutes=5)
 

@@ -9,6 +9,13 @@ The certificate is what `shoal bootstrap` writes for a local sidecar: client
 authentication only, for ca.BOOTSTRAP_TTL. Tokens outstanding are bounded,
 and an address whose joins keep failing is refused for a while (guessing a
 token is hopeless, 256 bits, but a flood of attempts is not free).
+
+In a Pod, the sidecar agent certifies instead (`Certify`): its token is the
+Pod's projected service-account token, bound to the audience "shoal" and to
+the Pod, which the API server vouches for (TokenReview, through an injected
+TokenReviewer); the Pod must still exist with the uid the token names. The
+certificate is a client certificate for ca.AGENT_TTL. The token is never
+logged: refusals name the Pod.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ import logging
 import secrets
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 
+from shoal import spiffe
 from shoal._gen import ca_pb2, ca_pb2_grpc
 from shoal.sds import ca
 
@@ -43,6 +51,94 @@ MAX_PEERS = 10_000
 
 class TokenError(Exception):
     pass
+
+
+# The audience an agent's projected token is bound to, and the user.extra
+# keys the API server adds for a token bound to a Pod ("Service account
+# tokens", Kubernetes docs: authentication.kubernetes.io/pod-name, -uid).
+AUDIENCE = "shoal"
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+_SA_PREFIX = "system:serviceaccount:"
+
+
+class ReviewedToken(Protocol):
+    """What the API server said of a token (TokenReview status)."""
+
+    @property
+    def authenticated(self) -> bool: ...
+    @property
+    def error(self) -> str: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def audiences(self) -> tuple[str, ...]: ...
+    @property
+    def extra(self) -> dict[str, tuple[str, ...]]: ...
+
+
+class TokenReviewer(Protocol):
+    """The API server's word on a token and on a Pod. Raises anything when
+    it cannot be asked (the agent is told to try again, UNAVAILABLE)."""
+
+    async def review(self, token: str, audience: str) -> ReviewedToken: ...
+
+    async def pod_uid(self, namespace: str, name: str) -> str | None:
+        """The Pod's uid, None if there is no such Pod."""
+        ...
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    namespace: str
+    service_account: str
+    pod: str
+    pod_uid: str
+
+    def __str__(self) -> str:
+        return f"Pod {self.namespace}/{self.pod} (uid {self.pod_uid}, sa {self.service_account})"
+
+
+class Refused(Exception):
+    """A certification refused; its message says why (never the token)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, pod: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.pod = pod
+
+
+def _one(extra: dict[str, tuple[str, ...]], key: str) -> str:
+    values = extra.get(key) or ()
+    return values[0] if len(values) == 1 else ""
+
+
+def pod_identity(reviewed: ReviewedToken, audience: str = AUDIENCE) -> PodIdentity:
+    """Whose token it is, if the review vouches for a Pod-bound service
+    account token for `audience`; Refused (PERMISSION_DENIED) says why not."""
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    if not reviewed.authenticated:
+        why = reviewed.error or "the API server did not authenticate it"
+        raise Refused(denied, f"token not authenticated: {why}")
+    if audience not in reviewed.audiences:
+        raise Refused(
+            denied, f"token is not for audience {audience!r} (it is for {list(reviewed.audiences)})"
+        )
+    name = reviewed.username
+    parts = name.removeprefix(_SA_PREFIX).split(":")
+    if not name.startswith(_SA_PREFIX) or len(parts) != 2:
+        raise Refused(denied, f"token is not a service account's (user {name[:200]!r})")
+    namespace, account = parts
+    if not spiffe.is_dns_label(namespace) or not spiffe.is_dns_subdomain(account):
+        raise Refused(denied, f"token names no valid service account (user {name[:200]!r})")
+    pod, uid = _one(reviewed.extra, POD_NAME_EXTRA), _one(reviewed.extra, POD_UID_EXTRA)
+    if not pod or not uid:
+        raise Refused(
+            denied,
+            f"token of {namespace}/{account} is not bound to a Pod (a projected "
+            "serviceAccountToken volume binds it)",
+        )
+    return PodIdentity(namespace, account, pod, uid)
 
 
 @dataclass
@@ -159,13 +255,110 @@ def _address(peer: str) -> str:
 
 class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
     def __init__(
-        self, authority: Any, tokens: JoinTokens, failures: FailedJoins | None = None
+        self,
+        authority: Any,
+        tokens: JoinTokens,
+        failures: FailedJoins | None = None,
+        *,
+        reviewer: TokenReviewer | None = None,
+        no_reviewer_reason: str = "this control plane does not watch Kubernetes "
+        "(`shoal serve --kubernetes`), so it cannot check service-account tokens",
+        agent_ttl: datetime.timedelta = ca.AGENT_TTL,
     ) -> None:
         # `authority` is a callable returning the current ca.Authority, so a
         # root rotation applies to joins too.
         self._authority = authority
         self._tokens = tokens
         self._failures = failures or FailedJoins()
+        self._reviewer = reviewer
+        self._no_reviewer_reason = no_reviewer_reason
+        self._agent_ttl = agent_ttl
+
+    async def Certify(
+        self,
+        request: ca_pb2.CertifyRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> ca_pb2.JoinResponse:
+        peer = _address(context.peer())
+        wait = self._failures.blocked_for(peer)
+        if wait:
+            await _refuse(
+                context,
+                peer,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_FAILURES} failed requests from this address; try again in {wait:.0f}s",
+                what="certify",
+            )
+        if self._reviewer is None:
+            await _refuse(
+                context,
+                peer,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cannot certify: {self._no_reviewer_reason}",
+                what="certify",
+            )
+        try:
+            chain, spiffe_id, pod = await self._certify(request, self._reviewer)
+        except Refused as err:
+            if err.code != grpc.StatusCode.UNAVAILABLE:
+                # The API server being away is not the caller's failure.
+                self._failures.failed(peer)
+            await _refuse(context, f"{peer} {err.pod}".strip(), err.code, str(err), what="certify")
+        authority: ca.Authority = self._authority()
+        log.info("certified: %s for %s (from %s)", spiffe_id, pod, context.peer())
+        return ca_pb2.JoinResponse(
+            spiffe_id=spiffe_id, certificate_chain_pem=chain, xds_trust_pem=authority.xds_trust
+        )
+
+    async def _certify(
+        self, request: ca_pb2.CertifyRequest, reviewer: TokenReviewer
+    ) -> tuple[bytes, str, PodIdentity]:
+        if not request.kubernetes_token:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "no kubernetes_token")
+        if not request.csr_pem:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "no csr_pem")
+        try:
+            reviewed = await reviewer.review(request.kubernetes_token, AUDIENCE)
+        except Exception as err:  # whatever the API client raises: ask again later
+            raise Refused(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot check the token with the Kubernetes API now: {type(err).__name__}: "
+                f"{str(err)[:300]}",
+            ) from None
+        who = pod_identity(reviewed)
+        try:
+            uid = await reviewer.pod_uid(who.namespace, who.pod)
+        except Exception as err:  # as above
+            raise Refused(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot read {who} from the Kubernetes API now: {type(err).__name__}: "
+                f"{str(err)[:300]}",
+                str(who),
+            ) from None
+        if uid is None:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"Pod {who.namespace}/{who.pod} the token is bound to no longer exists",
+                str(who),
+            )
+        if uid != who.pod_uid:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"Pod {who.namespace}/{who.pod} is now uid {uid}, not the token's {who.pod_uid} "
+                "(it was deleted and created again)",
+                str(who),
+            )
+        authority: ca.Authority = self._authority()
+        spiffe_id = authority.spiffe_id(who.namespace, who.service_account)
+        try:
+            chain = authority.sign_csr(
+                request.csr_pem, expect_uri=spiffe_id, ttl=self._agent_ttl, server=False
+            )
+        except ca.CAError as err:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"CSR refused: {err}", str(who)
+            ) from None
+        return chain, spiffe_id, who
 
     async def Join(
         self,
@@ -209,8 +402,10 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
         )
 
 
-async def _refuse(context: Any, who: str, code: grpc.StatusCode, message: str) -> NoReturn:
-    log.warning("join refused: %s (from %s)", message, who)
+async def _refuse(
+    context: Any, who: str, code: grpc.StatusCode, message: str, *, what: str = "join"
+) -> NoReturn:
+    log.warning("%s refused: %s (from %s)", what, message, who)
     await context.abort(code, message)
     raise AssertionError("abort returns only by raising")
 
@@ -233,5 +428,24 @@ async def join(
         stub = ca_pb2_grpc.CertificateServiceStub(channel)  # type: ignore[no-untyped-call]
         response: ca_pb2.JoinResponse = await stub.Join(
             ca_pb2.JoinRequest(token=token, csr_pem=csr_pem), timeout=timeout
+        )
+        return response
+
+
+async def certify(
+    address: str,
+    kubernetes_token: str,
+    csr_pem: bytes,
+    ca_root_pem: bytes,
+    *,
+    timeout: float = 10.0,
+) -> ca_pb2.JoinResponse:
+    """The agent's side: TLS to the join port, verified by the mesh root(s)."""
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_root_pem)
+    async with grpc.aio.secure_channel(address, creds) as channel:
+        stub = ca_pb2_grpc.CertificateServiceStub(channel)  # type: ignore[no-untyped-call]
+        response: ca_pb2.JoinResponse = await stub.Certify(
+            ca_pb2.CertifyRequest(kubernetes_token=kubernetes_token, csr_pem=csr_pem),
+            timeout=timeout,
         )
         return response

@@ -16,7 +16,7 @@ import aiohttp
 import grpc
 
 from shoal import kube, spiffe, tasks
-from shoal.sds import join, rotation, tls, workloads
+from shoal.sds import ca, join, rotation, tls, workloads
 
 log = logging.getLogger("shoal")
 
@@ -114,11 +114,20 @@ async def join_port(
     host: str,
     port: int,
     names: Collection[str],
+    *,
+    reviewer: join.TokenReviewer | None = None,
+    agent_ttl: datetime.timedelta = ca.AGENT_TTL,
 ) -> AsyncIterator[int]:
-    """The join service on host:port (server TLS only: a joining machine has
-    no certificate yet); yields the port bound."""
+    """The join service on host:port (server TLS only: a joining machine, or
+    a Pod's agent, has no certificate yet); yields the port bound. Without a
+    `reviewer` (no Kubernetes API), agents cannot certify there."""
     server = grpc.aio.server(options=join.server_options())
-    join.register(server, join.CertificateService(lambda: certificates.authority, tokens))
+    join.register(
+        server,
+        join.CertificateService(
+            lambda: certificates.authority, tokens, reviewer=reviewer, agent_ttl=agent_ttl
+        ),
+    )
     bound = server.add_secure_port(
         f"{host}:{port}",
         tls.serving_credentials(certificates, tls.serving_hosts(host, names), client_auth=False),

@@ -27,10 +27,84 @@ class XdsTls:
     ca_file: str
 
 
-def _xds_transport_socket(tls: XdsTls, host: str, is_ip: bool) -> dict[str, Any]:
-    context: dict[str, Any] = {
-        "@type": f"type.googleapis.com/{_UPSTREAM_TLS}",
-        "common_tls_context": {
+@dataclass(frozen=True)
+class XdsSds:
+    """The same, read through file-based SDS: each file holds one Secret
+    (see `client_secret` and `trust_secret`), and Envoy reads it again
+    whenever a file is moved into `watched_dir`. A renewal writes the new
+    file beside it and renames it into place: the running Envoy picks it
+    up for its next connection to the control plane, without a restart."""
+
+    cert_path: str
+    trust_path: str
+    watched_dir: str
+
+
+XDS_CLIENT_SECRET = "shoal-xds-client"
+XDS_TRUST_SECRET = "shoal-xds-trust"
+_SECRET = "envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def _file_sds(name: str, path: str, watched_dir: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sds_config": {
+            "path_config_source": {"path": path, "watched_directory": {"path": watched_dir}},
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def client_secret(cert_pem: bytes, key_pem: bytes) -> dict[str, Any]:
+    """The file `XdsSds.cert_path` holds: certificate and key in one Secret,
+    so that Envoy never pairs a new certificate with an old key."""
+    return {
+        "resources": [
+            {
+                "@type": f"type.googleapis.com/{_SECRET}",
+                "name": XDS_CLIENT_SECRET,
+                "tls_certificate": {
+                    "certificate_chain": {"inline_string": cert_pem.decode()},
+                    "private_key": {"inline_string": key_pem.decode()},
+                },
+            }
+        ]
+    }
+
+
+def trust_secret(trust_pem: bytes) -> dict[str, Any]:
+    """The file `XdsSds.trust_path` holds: the roots the control plane is
+    verified by (they change with a root rotation)."""
+    return {
+        "resources": [
+            {
+                "@type": f"type.googleapis.com/{_SECRET}",
+                "name": XDS_TRUST_SECRET,
+                "validation_context": {"trusted_ca": {"inline_string": trust_pem.decode()}},
+            }
+        ]
+    }
+
+
+def _xds_transport_socket(tls: XdsTls | XdsSds, host: str, is_ip: bool) -> dict[str, Any]:
+    # The control plane must be the one it was told to reach.
+    sans = [{"san_type": "IP_ADDRESS" if is_ip else "DNS", "matcher": {"exact": host}}]
+    common: dict[str, Any]
+    if isinstance(tls, XdsSds):
+        common = {
+            "alpn_protocols": ["h2"],
+            "tls_certificate_sds_secret_configs": [
+                _file_sds(XDS_CLIENT_SECRET, tls.cert_path, tls.watched_dir)
+            ],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": sans},
+                "validation_context_sds_secret_config": _file_sds(
+                    XDS_TRUST_SECRET, tls.trust_path, tls.watched_dir
+                ),
+            },
+        }
+    else:
+        common = {
             "alpn_protocols": ["h2"],
             "tls_certificates": [
                 {
@@ -40,12 +114,12 @@ def _xds_transport_socket(tls: XdsTls, host: str, is_ip: bool) -> dict[str, Any]
             ],
             "validation_context": {
                 "trusted_ca": {"filename": tls.ca_file},
-                # The control plane must be the one it was told to reach.
-                "match_typed_subject_alt_names": [
-                    {"san_type": "IP_ADDRESS" if is_ip else "DNS", "matcher": {"exact": host}}
-                ],
+                "match_typed_subject_alt_names": sans,
             },
-        },
+        }
+    context: dict[str, Any] = {
+        "@type": f"type.googleapis.com/{_UPSTREAM_TLS}",
+        "common_tls_context": common,
     }
     if not is_ip:
         context["sni"] = host
@@ -56,7 +130,7 @@ def _is_ip(host: str) -> bool:
     return all(part.isdigit() for part in host.split(".")) or ":" in host
 
 
-def _xds_cluster(xds_host: str, xds_port: int, tls: XdsTls | None) -> dict[str, Any]:
+def _xds_cluster(xds_host: str, xds_port: int, tls: XdsTls | XdsSds | None) -> dict[str, Any]:
     is_ip = _is_ip(xds_host)
     xds_cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
@@ -77,6 +151,14 @@ def _xds_cluster(xds_host: str, xds_port: int, tls: XdsTls | None) -> dict[str, 
     }
     if tls is not None:
         xds_cluster["transport_socket"] = _xds_transport_socket(tls, xds_host, is_ip)
+    if isinstance(tls, XdsSds):
+        # A renewed certificate is presented only by a new connection, and
+        # gRPC would open the next ADS stream on the connection it has (the
+        # control plane ends a stream whose certificate expired, not the
+        # connection): one stream per connection makes every reconnect a
+        # new handshake, with the certificate in force.
+        options = xds_cluster["typed_extension_protocol_options"][_HTTP_OPTIONS]
+        options["common_http_protocol_options"] = {"max_requests_per_connection": 1}
     return xds_cluster
 
 
@@ -183,17 +265,19 @@ def captured_sidecar(
     xds_port: int,
     workload: str = "",
     delta: bool = False,
-    tls: XdsTls | None = None,
+    tls: XdsTls | XdsSds | None = None,
     admin_port: int = ADMIN_PORT,
     stats_port: int = STATS_PORT,
-    health_port: int = HEALTH_PORT,
+    health_port: int | None = HEALTH_PORT,
 ) -> dict[str, Any]:
     """The bootstrap of a Kubernetes sidecar whose Pod's traffic is captured.
 
     `workload` (the Pod's `app` label, say) names it in traces and stats;
     without one, its namespace does. Readiness on `health_port`
     (`/healthz/ready`) is Envoy's own: ready once its first configuration
-    from the control plane is in place."""
+    from the control plane is in place. With `health_port` None, Envoy
+    serves no health port: the sidecar agent (shoal/agent) serves it, with
+    the Pod's rewritten probes beside readiness."""
     admin = _address("127.0.0.1", admin_port)
     admin_cluster = {
         "name": ADMIN_CLUSTER,
@@ -225,7 +309,11 @@ def captured_sidecar(
             "clusters": [_xds_cluster(xds_host, xds_port, tls), admin_cluster],
             "listeners": [
                 _admin_door("shoal-stats", stats_port, "/stats/prometheus", None),
-                _admin_door("shoal-health", health_port, "/healthz/ready", "/ready"),
+                *(
+                    [_admin_door("shoal-health", health_port, "/healthz/ready", "/ready")]
+                    if health_port is not None
+                    else []
+                ),
             ],
         },
     }
