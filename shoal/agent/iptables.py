@@ -21,68 +21,32 @@ applying twice gives what applying once gives.
 
 from __future__ import annotations
 
-import ipaddress
 import shutil
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import TypeVar
+
+from shoal.model import capture
+
+T = TypeVar("T")
 
 INBOUND = "SHOAL_INBOUND"
 IN_REDIRECT = "SHOAL_IN_REDIRECT"
 OUTPUT = "SHOAL_OUTPUT"
 REDIRECT = "SHOAL_REDIRECT"
 CHAINS = (INBOUND, IN_REDIRECT, OUTPUT, REDIRECT)
-# The sidecar's own inbound ports, never captured: 15020 (merged metrics,
-# Istio's number kept free), 15021 health (kubelet probes), 15090 Prometheus.
-ALWAYS_EXCLUDED_INBOUND = (15020, 15021, 15090)
-ALL = "*"
+Capture = capture.Capture
 
 
 class FlagError(ValueError):
     """A flag's value is not valid; the message names the flag."""
 
 
-@dataclass(frozen=True)
-class Capture:
-    outbound_port: int = 15001
-    inbound_port: int = 15006
-    proxy_uid: int = 1337
-    proxy_gid: int = 1337
-    # None: every port ("*"); () captures no inbound traffic.
-    include_inbound_ports: tuple[int, ...] | None = None
-    exclude_inbound_ports: tuple[int, ...] = ALWAYS_EXCLUDED_INBOUND
-    # None: every destination ("*"); () captures no outbound traffic.
-    include_outbound_cidrs: tuple[str, ...] | None = None
-    exclude_outbound_cidrs: tuple[str, ...] = ()
-    exclude_outbound_ports: tuple[int, ...] = ()
-
-
-def _port(flag: str, text: str) -> int:
-    text = text.strip()
-    if not (text.isascii() and text.isdigit()) or len(text) > 5 or not 1 <= int(text) <= 65535:
-        raise FlagError(f"{flag}: {text[:40]!r} is not a port (1-65535)")
-    return int(text)
-
-
-def ports(flag: str, text: str) -> tuple[int, ...]:
-    """A comma list of ports ('' for none), sorted, without repeats."""
-    return tuple(sorted({_port(flag, p) for p in text.split(",") if p.strip()}))
-
-
-def cidrs(flag: str, text: str) -> tuple[str, ...]:
-    """A comma list of IPv4 CIDRs ('' for none), normalised."""
-    out: list[str] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            network = ipaddress.ip_network(part, strict=False)
-        except ValueError:
-            raise FlagError(f"{flag}: {part[:60]!r} is not a CIDR (like 10.0.0.0/8)") from None
-        if network.version != 4:
-            raise FlagError(f"{flag}: {part[:60]!r} is IPv6; only IPv4 ranges are captured")
-        if str(network) not in out:
-            out.append(str(network))
-    return tuple(out)
+def _flag(flag: str, parse: Callable[[str], T], text: str) -> T:
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise FlagError(f"{flag}: {err}") from None
 
 
 def identity(flag: str, value: int) -> int:
@@ -97,9 +61,9 @@ def settings(
     inbound_port: str = "15006",
     proxy_uid: str = "1337",
     proxy_gid: str = "1337",
-    include_inbound_ports: str = ALL,
+    include_inbound_ports: str = capture.ALL,
     exclude_inbound_ports: str = "",
-    include_outbound_cidrs: str = ALL,
+    include_outbound_cidrs: str = capture.ALL,
     exclude_outbound_cidrs: str = "",
     exclude_outbound_ports: str = "",
 ) -> Capture:
@@ -111,23 +75,25 @@ def settings(
         return identity(flag, int(text))
 
     return Capture(
-        outbound_port=_port("--outbound-port", outbound_port),
-        inbound_port=_port("--inbound-port", inbound_port),
+        outbound_port=_flag("--outbound-port", capture.port, outbound_port),
+        inbound_port=_flag("--inbound-port", capture.port, inbound_port),
         proxy_uid=number("--proxy-uid", proxy_uid),
         proxy_gid=number("--proxy-gid", proxy_gid),
-        include_inbound_ports=None
-        if include_inbound_ports.strip() == ALL
-        else ports("--include-inbound-ports", include_inbound_ports),
-        exclude_inbound_ports=tuple(
-            sorted(
-                {*ALWAYS_EXCLUDED_INBOUND, *ports("--exclude-inbound-ports", exclude_inbound_ports)}
-            )
+        include_inbound_ports=_flag(
+            "--include-inbound-ports", capture.included_ports, include_inbound_ports
         ),
-        include_outbound_cidrs=None
-        if include_outbound_cidrs.strip() == ALL
-        else cidrs("--include-outbound-cidrs", include_outbound_cidrs),
-        exclude_outbound_cidrs=cidrs("--exclude-outbound-cidrs", exclude_outbound_cidrs),
-        exclude_outbound_ports=ports("--exclude-outbound-ports", exclude_outbound_ports),
+        exclude_inbound_ports=_flag(
+            "--exclude-inbound-ports", capture.inbound_excluded, exclude_inbound_ports
+        ),
+        include_outbound_cidrs=_flag(
+            "--include-outbound-cidrs", capture.included_cidrs, include_outbound_cidrs
+        ),
+        exclude_outbound_cidrs=_flag(
+            "--exclude-outbound-cidrs", capture.cidrs, exclude_outbound_cidrs
+        ),
+        exclude_outbound_ports=_flag(
+            "--exclude-outbound-ports", capture.ports, exclude_outbound_ports
+        ),
     )
 
 

@@ -266,7 +266,7 @@ def injected(pod: Mapping[str, Any], s: settings.Settings, namespace: str = "") 
     The caller has checked `skip_reason`."""
     annotations = _annotations(pod)
     try:
-        flags = capture.of(annotations).flags(s.proxy_uid)
+        flags = capture.of(annotations, s.proxy_uid).flags()
         resources = _resources(s, annotations)
     except capture.AnnotationError as err:
         raise InjectionError(f"{describe(pod, namespace)}: {err}") from None

@@ -42,15 +42,11 @@ WORK_DIR = "/var/run/shoal"
 ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
-AGENT_PORT = 15020
 HEALTH_PORT = 15021
 # The control plane's webhook (DESIGN.md).
 WEBHOOK_PORT = 15017
 STATS_PORT = 15090
 PROXY_UID = 1337
-# Never captured inbound: the kubelet's probes and Prometheus reach the
-# sidecar itself in plain text.
-SIDECAR_INBOUND_PORTS = (AGENT_PORT, HEALTH_PORT, STATS_PORT)
 
 # A Kubernetes resource.Quantity (k8s.io/apimachinery/pkg/api/resource).
 _QUANTITY = re.compile(

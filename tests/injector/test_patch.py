@@ -148,7 +148,7 @@ def test_a_pod_the_user_scrapes_their_own_way_keeps_it() -> None:
         (settings.EXCLUDE_INBOUND_PORTS, "80,http", "'http' is not a port"),
         (settings.EXCLUDE_OUTBOUND_PORTS, "70000", "'70000' is not a port"),
         (settings.EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/33", "'10.0.0.0/33' is not an IP range"),
-        (settings.INCLUDE_OUTBOUND_CIDRS, "fd00::/8", "only IPv4 ranges"),
+        (settings.INCLUDE_OUTBOUND_CIDRS, "fd00::/8", "is IPv6: only IPv4 traffic is captured"),
         (settings.INCLUDE_INBOUND_PORTS, "²", "is not a port"),
         (settings.PROXY_MEMORY, "lots", "'lots' is not a quantity"),
         (settings.EXCLUDE_INBOUND_PORTS, ",".join(["1"] * 65), "at most 64"),

@@ -150,7 +150,8 @@ async def test_a_bad_annotation_refuses_the_pod_naming_it_and_the_reason(hook: W
     assert response["status"]["code"] == 400
     assert response["status"]["message"] == (
         "shoal sidecar injection: Pod shop/web-1: annotation "
-        "traffic.shoal.io/excludeOutboundIPRanges: '10.0.0.0/99' is not an IP range"
+        "traffic.shoal.io/excludeOutboundIPRanges: "
+        "'10.0.0.0/99' is not an IP range (like 10.0.0.0/8)"
     )
     assert hook.outcomes == ["refused"]
 
