@@ -102,9 +102,9 @@ class ServeOptions:
     # Names (besides IP addresses and localhost) callers of the TCP admin
     # port may use in Host, e.g. a Service name Prometheus scrapes by.
     admin_hosts: tuple[str, ...] = ()
-    # The sidecar injection webhook (HTTPS): None for the default (on
-    # 0.0.0.0:15017 with --kubernetes, else off), "" for off.
-    webhook_address: str | None = None
+    # The sidecar injection webhook (HTTPS), "" for off (`shoal serve
+    # --kubernetes` turns it on at 0.0.0.0:15017 unless told otherwise).
+    webhook_address: str = ""
     # What the webhook injects.
     injection: injector_settings.Settings = dataclasses.field(
         default_factory=injector_settings.Settings
@@ -356,8 +356,6 @@ async def _webhook(
 ) -> int:
     """The injection webhook, if it is on; the port bound (0 if off)."""
     address = options.webhook_address
-    if address is None:
-        address = f"0.0.0.0:{injector_settings.WEBHOOK_PORT}" if kube_api is not None else ""
     if not address:
         return 0
     own = kube_api.server.namespace if kube_api is not None else "shoal-system"
@@ -522,7 +520,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_socket=Path(args.admin_socket) if args.admin_socket else None,
         admin_hosts=tuple(args.admin_host),
         admin_identities=tuple(args.admin_identity),
-        webhook_address=args.webhook_address,
+        webhook_address=(
+            args.webhook_address
+            if args.webhook_address is not None
+            else f"0.0.0.0:{injector_settings.WEBHOOK_PORT}"
+            if args.kubernetes
+            else ""
+        ),
         webhook_configuration=args.webhook_configuration,
         injection=injector_settings.Settings(
             image=args.sidecar_image, image_pull_policy=args.sidecar_image_pull_policy
