@@ -26,6 +26,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from shoal import heap, kube, sidecar_files, spiffe, tasks, terminal
+from shoal.agent import health as agent_health
+from shoal.agent import iptables
+from shoal.agent import run as agent_run
+from shoal.agent import settings as agent_settings
 from shoal.injector import bundle as injector_bundle
 from shoal.injector import patch as injector_patch
 from shoal.injector import settings as injector_settings
@@ -1265,10 +1269,6 @@ def _ca_commands(sub: Any) -> None:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     """`shoal agent`: the sidecar container's entry point in a Pod."""
-    from shoal.agent import health
-    from shoal.agent import run as agent_run
-    from shoal.agent import settings as agent_settings
-
     try:
         xds_host, xds_port = agent_settings.host_port("--xds-address", args.xds_address)
         agent_settings.host_port("--ca-address", args.ca_address)
@@ -1304,8 +1304,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
             envoy_log_level=args.envoy_log_level,
             app_probes=os.environ.get("SHOAL_APP_PROBES", "{}"),
         )
-        health.parse_probes(settings.app_probes)
-    except (agent_settings.SettingsError, health.ProbeError, OSError) as err:
+        agent_health.parse_probes(settings.app_probes)
+    except (agent_settings.SettingsError, agent_health.ProbeError, OSError) as err:
         print(f"shoal agent: {err}", file=sys.stderr)
         return 2
 
@@ -1321,8 +1321,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def cmd_agent_iptables(args: argparse.Namespace) -> int:
     """`shoal agent iptables`: the init container's capture rules."""
-    from shoal.agent import iptables
-
     try:
         capture = iptables.settings(
             outbound_port=args.outbound_port,
@@ -1352,8 +1350,6 @@ def cmd_agent_iptables(args: argparse.Namespace) -> int:
 
 def _agent_command(sub: Any) -> None:
     """`shoal agent` and `shoal agent iptables`."""
-    from shoal.agent import settings as agent_settings
-
     agent = sub.add_parser(
         "agent",
         help="the sidecar's entry point in a Pod: certify with the Pod's service-account "

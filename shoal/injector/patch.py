@@ -192,6 +192,8 @@ def proxy_container(s: settings.Settings, resources: JSON, app_probes: str, work
         s.trust_domain,
         "--drain-seconds",
         str(s.drain_s),
+        # Incremental xDS: a change sends what changed (BENCHMARKS.md).
+        *(["--delta"] if s.delta else []),
     ]
     return {
         "name": settings.PROXY_CONTAINER,

@@ -88,5 +88,4 @@ class Settings:
     # Seconds Envoy drains for on SIGTERM; the Pod's grace period should
     # cover it.
     drain_s: int = 5
-    log_level: str = "info"
     delta: bool = True
