@@ -82,6 +82,12 @@ def targets(h: fuzzing.Harness) -> dict[str, Callable[[], None]]:
         fuzzing.manifest(h, text)
 
     @CHUNK
+    @given(request=fuzzing.admission_reviews())
+    def admission(request: tuple[bytes, str]) -> None:
+        fuzzing.admission_review(*request)
+        h.examples += 1
+
+    @CHUNK
     @given(request=fuzzing.admin_requests(), on_socket=st.booleans())
     def admin(request: tuple[str, str, dict[str, str], bytes], on_socket: bool) -> None:
         fuzzing.admin_request(h, *request, on_socket)
@@ -94,6 +100,7 @@ def targets(h: fuzzing.Harness) -> dict[str, Callable[[], None]]:
         "annotations": annotations,
         "manifests": manifests_,
         "admin": admin,
+        "admission": admission,
     }
 
 

@@ -19,6 +19,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -62,28 +63,31 @@ def _review(body: bytes) -> tuple[str, Mapping[str, Any]]:
     return uid, request
 
 
-def _answer(uid: str, response: Mapping[str, Any]) -> web.Response:
-    return web.json_response(
-        {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": {"uid": uid, **response}}
-    )
+def _review_of(uid: str, response: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "AdmissionReview",
+        "response": {"uid": uid, **response},
+    }
 
 
-def _allowed(uid: str, why: str) -> web.Response:
-    return _answer(uid, {"allowed": True, "auditAnnotations": {AUDIT_KEY: why[:1000]}})
+def _allowed(uid: str, why: str) -> dict[str, Any]:
+    return _review_of(uid, {"allowed": True, "auditAnnotations": {AUDIT_KEY: why[:1000]}})
 
 
-def _refused(uid: str, code: int, message: str) -> web.Response:
-    return _answer(uid, {"allowed": False, "status": {"code": code, "message": message[:4000]}})
+def _refused(uid: str, code: int, message: str) -> dict[str, Any]:
+    return _review_of(uid, {"allowed": False, "status": {"code": code, "message": message[:4000]}})
 
 
 def decide(
     uid: str, request: Mapping[str, Any], s: settings.Settings, skip: frozenset[str]
-) -> tuple[str, web.Response]:
-    """The outcome and the answer to one well-formed review."""
+) -> tuple[str, dict[str, Any]]:
+    """The outcome and the AdmissionReview answering one well-formed request."""
     kind = request.get("kind")
     operation = request.get("operation")
     if kind != POD_KIND or operation != "CREATE":
-        return "skipped", _allowed(uid, f"skipped: {operation} of {kind} is not a Pod create")
+        what = f"{str(operation)[:40]} of {str(kind)[:200]}"
+        return "skipped", _allowed(uid, f"skipped: {what} is not a Pod create")
     pod = request.get("object")
     if not isinstance(pod, dict):
         raise Malformed("request.object is not a Pod")
@@ -101,7 +105,7 @@ def decide(
         return "skipped", _allowed(uid, f"skipped: {outcome.reason}")
     log.info("%s injected%s", what, dry)
     encoded = base64.b64encode(json.dumps(outcome.patch, separators=(",", ":")).encode())
-    return "injected", _answer(
+    return "injected", _review_of(
         uid,
         {
             "allowed": True,
@@ -110,6 +114,36 @@ def decide(
             "auditAnnotations": {AUDIT_KEY: "injected"},
         },
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the webhook answers to one request: 200 with an AdmissionReview,
+    or 400 with the reason in plain text."""
+
+    status: int
+    outcome: str
+    review: dict[str, Any] | None = None
+    reason: str = ""
+
+
+def answer(body: bytes, content_type: str, s: settings.Settings, skip: frozenset[str]) -> Answer:
+    """The whole webhook but HTTP itself, for any bytes."""
+    try:
+        if content_type != "application/json":
+            raise Malformed(f"Content-Type {content_type[:100]!r} is not application/json")
+        if len(body) > MAX_BODY:
+            raise Malformed(f"the body is over {MAX_BODY} bytes")
+        uid, request = _review(body)
+        outcome, review = decide(uid, request, s, skip)
+        return Answer(200, outcome, review)
+    except Malformed as err:
+        return Answer(400, "malformed", reason=str(err))
+    except Exception:
+        # A bug of ours must not look like the API server's fault: it sees
+        # a refusal (what failurePolicy Fail would make of an error too).
+        log.exception("admission request: injection failed")
+        return Answer(400, "failed", reason="injection failed; see the control plane's log")
 
 
 async def _body(request: web.Request) -> bytes:
@@ -129,24 +163,17 @@ def app(
 ) -> web.Application:
     async def inject(request: web.Request) -> web.Response:
         started = time.perf_counter()
-        outcome = "malformed"
         try:
-            if request.content_type != "application/json":
-                raise Malformed(f"Content-Type {request.content_type!r} is not application/json")
-            uid, review = _review(await _body(request))
-            outcome, answer = decide(uid, review, current(), skip_namespaces)
-            return answer
+            body = await _body(request)
         except Malformed as err:
-            log.warning("admission request from %s refused: %s", request.remote, err)
-            return web.Response(status=400, text=f"{err}\n")
-        except Exception:
-            # A bug of ours must not look like the API server's fault: the
-            # API server sees a refusal (failurePolicy Fail does the same).
-            outcome = "failed"
-            log.exception("admission request from %s: injection failed", request.remote)
-            return web.Response(status=400, text="injection failed; see the control plane's log\n")
-        finally:
-            observe(outcome, time.perf_counter() - started)
+            result = Answer(400, "malformed", reason=str(err))
+        else:
+            result = answer(body, request.content_type, current(), skip_namespaces)
+        observe(result.outcome, time.perf_counter() - started)
+        if result.review is None:
+            log.warning("admission request from %s refused: %s", request.remote, result.reason)
+            return web.Response(status=result.status, text=f"{result.reason}\n")
+        return web.json_response(result.review)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -15,8 +15,10 @@ the control plane still serves a healthy proxy after the example.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
+import json
 import logging
 import math
 import tempfile
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import grpc
+import jsonpatch
 import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -37,6 +40,8 @@ from hypothesis import strategies as st
 
 from shoal import cli
 from shoal._gen import ca_pb2, ca_pb2_grpc
+from shoal.injector import settings as injector_settings
+from shoal.injector import webhook
 from shoal.registry import annotations, files
 from shoal.sds import ca, join
 from shoal.xds import cache, controller, debounce, node, resources
@@ -226,6 +231,123 @@ json_values = st.recursive(
     ),
     max_leaves=20,
 )
+
+
+@st.composite
+def admission_reviews(draw: st.DrawFn) -> tuple[bytes, str]:
+    """What reaches the injection webhook: AdmissionReviews whose Pods are
+    close to real ones (containers, probes, capture and resource
+    annotations) with hostile values anywhere, or any JSON, or any bytes;
+    and the Content-Type they come with."""
+    probe = st.fixed_dictionaries(
+        {},
+        optional={
+            "httpGet": st.fixed_dictionaries(
+                {},
+                optional={
+                    "port": st.one_of(st.integers(-1, 70000), names, json_values),
+                    "path": hostile_text,
+                    "scheme": st.sampled_from(["HTTP", "HTTPS", "ftp"]),
+                    "httpHeaders": json_values,
+                },
+            ),
+            "tcpSocket": st.fixed_dictionaries({"port": st.one_of(st.integers(), names)}),
+            "grpc": st.fixed_dictionaries({"port": json_values}),
+            "timeoutSeconds": json_values,
+        },
+    )
+    container = st.fixed_dictionaries(
+        {"name": st.one_of(names, json_values)},
+        optional={
+            "ports": st.one_of(
+                st.lists(
+                    st.fixed_dictionaries(
+                        {"containerPort": st.one_of(st.integers(-1, 70000), json_values)},
+                        optional={"name": names},
+                    ),
+                    max_size=3,
+                ),
+                json_values,
+            ),
+            "livenessProbe": probe,
+            "readinessProbe": st.one_of(probe, json_values),
+            "startupProbe": probe,
+        },
+    )
+    annotation_keys = st.sampled_from(
+        [
+            injector_settings.INJECT_ANNOTATION,
+            injector_settings.STATUS_ANNOTATION,
+            injector_settings.INCLUDE_INBOUND_PORTS,
+            injector_settings.EXCLUDE_INBOUND_PORTS,
+            injector_settings.INCLUDE_OUTBOUND_CIDRS,
+            injector_settings.EXCLUDE_OUTBOUND_CIDRS,
+            injector_settings.EXCLUDE_OUTBOUND_PORTS,
+            injector_settings.PROXY_CPU,
+            injector_settings.PROXY_MEMORY_LIMIT,
+            injector_settings.REWRITE_PROBES_ANNOTATION,
+        ]
+    )
+    pod = st.fixed_dictionaries(
+        {
+            "metadata": st.fixed_dictionaries(
+                {},
+                optional={
+                    "name": names,
+                    "generateName": names,
+                    "annotations": st.one_of(
+                        st.dictionaries(
+                            annotation_keys,
+                            st.one_of(
+                                hostile_text,
+                                st.sampled_from(["*", "", "80,443", "10.0.0.0/8", "fd00::/8"]),
+                            ),
+                            max_size=4,
+                        ),
+                        json_values,
+                    ),
+                    "labels": st.one_of(st.dictionaries(names, names, max_size=3), json_values),
+                },
+            ),
+            "spec": st.one_of(
+                st.fixed_dictionaries(
+                    {"containers": st.one_of(st.lists(container, max_size=3), json_values)},
+                    optional={
+                        "initContainers": st.one_of(st.lists(container, max_size=2), json_values),
+                        "volumes": json_values,
+                        "hostNetwork": json_values,
+                    },
+                ),
+                json_values,
+            ),
+        }
+    )
+    request = st.fixed_dictionaries(
+        {
+            "uid": st.one_of(st.uuids().map(str), hostile_text, json_values),
+            "kind": st.one_of(st.just({"group": "", "version": "v1", "kind": "Pod"}), json_values),
+            "operation": st.one_of(st.just("CREATE"), hostile_text),
+            "object": st.one_of(pod, json_values),
+        },
+        optional={"namespace": names, "dryRun": json_values},
+    )
+    review = st.fixed_dictionaries(
+        {
+            "apiVersion": st.one_of(st.just("admission.k8s.io/v1"), hostile_text),
+            "kind": st.one_of(st.just("AdmissionReview"), hostile_text),
+            "request": st.one_of(request, json_values),
+        }
+    )
+    body = draw(
+        st.one_of(
+            review.map(lambda r: json.dumps(r).encode()),
+            json_values.map(lambda v: json.dumps(v).encode()),
+            st.binary(max_size=300),
+            st.integers(1, 20_000).map(lambda n: b"[" * n + b"]" * n),
+        )
+    )
+    content_type = draw(st.one_of(st.just("application/json"), hostile_text))
+    return body, content_type
 
 
 @st.composite
@@ -639,6 +761,34 @@ def annotations_only(value: dict[str, str]) -> None:
     ):
         with contextlib.suppress(annotations.AnnotationError):
             parse()
+
+
+_INJECTION = injector_settings.Settings(trust_pem="-----BEGIN CERTIFICATE-----\n")
+
+
+def admission_review(body: bytes, content_type: str) -> None:
+    """The webhook on any request: a 400 with a reason, or an
+    AdmissionReview answering the request's uid; a patch it sends applies
+    to the Pod, and the injected Pod is not injected again."""
+    answer = webhook.answer(body, content_type, _INJECTION, frozenset({"shoal-system"}))
+    assert answer.outcome != "failed", body[:500]
+    if answer.status == 400:
+        assert answer.reason and answer.review is None
+        return
+    assert answer.status == 200 and answer.review is not None
+    response = answer.review["response"]
+    request = json.loads(body)["request"]
+    assert response["uid"] == request["uid"]
+    if "patch" in response:
+        pod = request["object"]
+        injected = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
+        again = webhook.answer(
+            json.dumps({**json.loads(body), "request": {**request, "object": injected}}).encode(),
+            content_type,
+            _INJECTION,
+            frozenset(),
+        )
+        assert again.review is not None and "patch" not in again.review["response"]
 
 
 def sign_csr(csr: bytes) -> None:

@@ -59,6 +59,12 @@ def test_csrs(csr: bytes) -> None:
 
 
 @FAST
+@given(request=fuzzing.admission_reviews())
+def test_admission_reviews(request: tuple[bytes, str]) -> None:
+    fuzzing.admission_review(*request)
+
+
+@FAST
 @given(value=fuzzing.annotation_values())
 def test_annotation_values(value: dict[str, str]) -> None:
     fuzzing.annotations_only(value)
