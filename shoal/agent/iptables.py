@@ -135,6 +135,8 @@ def rules(c: Capture, existing_nat: str = "") -> str:
         ]
 
     out.append(f"-A OUTPUT -p tcp -j {OUTPUT}")
+    # The proxy's inbound passthrough to its own app: never back into it.
+    out.append(f"-A {OUTPUT} -s {capture.INBOUND_PASSTHROUGH_SOURCE}/32 -o lo -j RETURN")
     for flag, value in (("--uid-owner", uid), ("--gid-owner", gid)):
         out += [
             # The proxy calling its own Pod's IP (a Pod calling its own

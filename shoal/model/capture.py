@@ -13,6 +13,13 @@ import re
 from dataclasses import dataclass
 
 ALL = "*"
+# The source address of the sidecar's inbound passthrough (a connection to
+# a port of the Pod no Service declares, handed on to the app at the Pod's
+# IP): iptables lets it through, where the proxy's other connections to its
+# own Pod's IP are sent to inbound capture. Without it, each such
+# connection would be captured back into the proxy, which would connect
+# again, without end. Istio uses the same address for the same reason.
+INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"
 # The sidecar's own inbound ports, never captured: 15020 (Istio's merged
 # metrics port, kept free), 15021 health (kubelet's probes), 15090 Prometheus.
 ALWAYS_EXCLUDED_INBOUND = (15020, 15021, 15090)

@@ -555,5 +555,5 @@ def own_clusters(
             for number, protocol in inbound_ports(s, state, index)
         ),
         clusters.passthrough(names.PASSTHROUGH_CLUSTER),
-        clusters.passthrough(names.INBOUND_PASSTHROUGH_CLUSTER),
+        clusters.inbound_passthrough(names.INBOUND_PASSTHROUGH_CLUSTER),
     ]

@@ -9,7 +9,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import wrappers_pb2
 
-from shoal.model import mesh, proxy
+from shoal.model import capture, mesh, proxy
 from shoal.xds.translate import common, names, tls
 
 CONNECT_TIMEOUT_S = 5.0
@@ -147,6 +147,17 @@ def passthrough(name: str) -> cluster_pb2.Cluster:
     """On to the address the app dialled, in plain text: traffic the mesh
     does not know keeps working as if there were no sidecar."""
     return _original_dst_shape(name, None)
+
+
+def inbound_passthrough(name: str) -> cluster_pb2.Cluster:
+    """On to the app at the address the caller dialled (the Pod's IP), from
+    capture.INBOUND_PASSTHROUGH_SOURCE: the one source iptables does not
+    send back to the sidecar's inbound port."""
+    cluster = _original_dst_shape(name, None)
+    source = cluster.upstream_bind_config.source_address
+    source.address = capture.INBOUND_PASSTHROUGH_SOURCE
+    source.port_value = 0
+    return cluster
 
 
 def original_dst(
