@@ -31,15 +31,17 @@ unit: $(STAMP) system
 test: lint unit
 
 # What tests need from the system: iptables (capture is tested with real
-# rules, inside network namespaces the tests make) and curl (what an app in
-# a captured Pod calls with). Installed from Debian's packages when missing;
-# needs root, as the capture tests themselves do.
-SYSTEM_TOOLS := iptables iptables-restore curl
+# rules, inside network namespaces the tests make), curl (what an app in a
+# captured Pod calls with) and Debian's python3 (the apps of the injection
+# test run as an ordinary user, who cannot enter the virtualenv's Python
+# under /root). Installed from Debian's packages when missing; needs root,
+# as the capture tests themselves do.
+SYSTEM_TOOLS := iptables iptables-restore curl /usr/bin/python3
 system:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing iptables and curl (Debian packages) for the capture tests"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables curl >/dev/null; \
+	  echo "installing iptables, curl and python3 (Debian packages) for the capture tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables curl python3 >/dev/null; \
 	fi
 
 bench: $(STAMP)
