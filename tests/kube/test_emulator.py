@@ -737,3 +737,88 @@ def test_the_official_kubernetes_client_is_happy(threaded: KubeEmulator, tmp_pat
         )
         routes = custom.list_cluster_custom_object("shoal.io", "v1alpha1", "trafficroutes")
         assert routes["items"][0]["kind"] == "TrafficRoute"  # unstructured lists keep it
+
+
+# ----------------------------------------------------------------------- strategic merge patch
+
+
+def test_strategic_merge_patch_follows_the_schemas_merge_keys() -> None:
+    from tests.kube.emulator import strategic_merge_patch
+
+    pod = {
+        "metadata": {"finalizers": ["a"], "labels": {"x": "1"}},
+        "spec": {
+            "containers": [
+                {"name": "app", "image": "app:1", "ports": [{"containerPort": 80}]},
+                {"name": "side", "image": "side:1", "args": ["--a"]},
+            ],
+            "volumes": [{"name": "v", "emptyDir": {}}],
+        },
+    }
+    patch = {
+        "metadata": {"finalizers": ["b"], "labels": {"x": None, "y": "2"}},
+        "spec": {
+            "$setElementOrder/containers": [{"name": "side"}, {"name": "app"}],
+            "containers": [
+                {"name": "app", "image": "app:2"},
+                {"name": "side", "args": ["--b"]},
+                {"name": "new", "image": "new:1"},
+            ],
+            "volumes": [{"name": "v", "$patch": "delete"}],
+        },
+    }
+    merged = strategic_merge_patch(pod, patch, {"$ref": "io.k8s.api.core.v1.Pod"})
+    # finalizers: a merged primitive list (union); labels: a map.
+    assert merged["metadata"] == {"finalizers": ["a", "b"], "labels": {"y": "2"}}
+    containers = merged["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["side", "app", "new"]
+    # Merged by name; each container a map merge; args (no strategy) replaced.
+    assert containers[1] == {"name": "app", "image": "app:2", "ports": [{"containerPort": 80}]}
+    assert containers[0] == {"name": "side", "image": "side:1", "args": ["--b"]}
+    assert merged["spec"]["volumes"] == []
+    # $patch: replace, $retainKeys and $deleteFromPrimitiveList.
+    replaced = strategic_merge_patch(
+        pod,
+        {
+            "metadata": {"$patch": "replace", "name": "p"},
+            "$deleteFromPrimitiveList/x": [1],
+            "x": [1, 2],
+        },
+        {"$ref": "io.k8s.api.core.v1.Pod"},
+    )
+    assert replaced["metadata"] == {"name": "p"}
+    retained = strategic_merge_patch(
+        {"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}}},
+        {"strategy": {"$retainKeys": ["type"], "type": "Recreate"}},
+        {},
+    )
+    assert retained == {"strategy": {"type": "Recreate"}}
+
+
+async def test_strategic_patch_over_http_and_unknown_fields(
+    emu: KubeEmulator, http: aiohttp.ClientSession
+) -> None:
+    service = objects.service("default", "web", ports=[("http", 80), ("grpc", 90)])
+    emu.create(service)
+    patch = {"spec": {"ports": [{"port": 90, "name": "grpc2"}, {"port": 100, "name": "x"}]}}
+    status, patched = await call(
+        http,
+        "PATCH",
+        emu.url + SERVICES + "/web",
+        patch,
+        "application/strategic-merge-patch+json",
+    )
+    assert status == 200
+    assert [(p["port"], p["name"]) for p in patched["spec"]["ports"]] == [
+        (80, "http"),
+        (90, "grpc2"),
+        (100, "x"),
+    ]
+    bad = objects.service("default", "bad")
+    bad["spec"]["portz"] = []
+    status, body = await call(http, "POST", emu.url + SERVICES, bad, fieldValidation="Strict")
+    assert status == 400 and 'unknown field "spec.portz"' in body["message"]
+    async with http.post(emu.url + SERVICES, json=bad) as response:
+        assert response.status == 201
+        assert response.headers.getall("Warning") == ['299 - "unknown field \\"spec.portz\\""']
+        assert "portz" not in (await response.json())["spec"]
