@@ -131,7 +131,7 @@ async def _agent_starts(count: int) -> dict[str, Any]:
         sys.path.insert(0, str(ROOT))
     from shoal import cli
     from tests.agent.helpers import AgentProcess, work_dir
-    from tests.kube import objects
+    from tests.kube import objects, serving
     from tests.kube.emulator import running_emulator
 
     seconds: list[float] = []
@@ -139,15 +139,7 @@ async def _agent_starts(count: int) -> dict[str, Any]:
         for ns in ("shop", "shoal-system"):
             emu.create(objects.namespace(ns))
         pod = emu.create(objects.pod("shop", "web-1", service_account="web", ip="10.1.0.7"))
-        options = cli.ServeOptions(
-            kubernetes=True,
-            kubeconfig=str(emu.write_kubeconfig(Path(folder) / "kubeconfig", "shoal-system")),
-            xds_address="127.0.0.1:0",
-            admin_address="127.0.0.1:0",
-            join_address="127.0.0.1:0",
-            state_dir=Path(folder) / "state",
-        )
-        async with cli.control_plane(options) as cp:
+        async with cli.control_plane(serving.options(emu, Path(folder))) as cp:
             assert cp.authority is not None
             token = Path(folder) / "token"
             token.write_text(emu.token_for_pod("shop", "web-1"))

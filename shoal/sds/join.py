@@ -274,11 +274,9 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
         self._no_reviewer_reason = no_reviewer_reason
         self._agent_ttl = agent_ttl
 
-    async def Certify(
-        self,
-        request: ca_pb2.CertifyRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
-    ) -> ca_pb2.JoinResponse:
+    async def _unless_blocked(self, context: Any, what: str) -> str:
+        """The caller's address, unless its recent failures (joins and
+        certifies count together) refuse it for now."""
         peer = _address(context.peer())
         wait = self._failures.blocked_for(peer)
         if wait:
@@ -286,9 +284,17 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
                 context,
                 peer,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{MAX_FAILURES} failed requests from this address; try again in {wait:.0f}s",
-                what="certify",
+                f"{MAX_FAILURES} failed {what}s from this address; try again in {wait:.0f}s",
+                what=what,
             )
+        return peer
+
+    async def Certify(
+        self,
+        request: ca_pb2.CertifyRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> ca_pb2.JoinResponse:
+        peer = await self._unless_blocked(context, "certify")
         if self._reviewer is None:
             await _refuse(
                 context,
@@ -365,15 +371,7 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
         request: ca_pb2.JoinRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> ca_pb2.JoinResponse:
-        peer = _address(context.peer())
-        wait = self._failures.blocked_for(peer)
-        if wait:
-            await _refuse(
-                context,
-                peer,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{MAX_FAILURES} failed joins from this address; try again in {wait:.0f}s",
-            )
+        peer = await self._unless_blocked(context, "join")
         refusal: tuple[grpc.StatusCode, str] | None = None
         try:
             namespace, account = self._tokens.check(request.token)

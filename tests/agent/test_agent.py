@@ -26,7 +26,7 @@ from shoal.sds import ca
 from shoal.xds import status
 from tests.agent.helpers import AgentProcess, work_dir
 from tests.e2e.helpers import eventually
-from tests.kube import objects
+from tests.kube import objects, serving
 from tests.kube.emulator import KubeEmulator, running_emulator
 
 NS = "shop"
@@ -50,18 +50,7 @@ def emu() -> Iterator[KubeEmulator]:
 
 @pytest.fixture
 async def kube_cp(emu: KubeEmulator, tmp_path: Path) -> AsyncIterator[cli.ControlPlane]:
-    options = cli.ServeOptions(
-        kubernetes=True,
-        kubeconfig=str(emu.write_kubeconfig(tmp_path / "kubeconfig", namespace=HOME)),
-        xds_address="127.0.0.1:0",
-        admin_address="127.0.0.1:0",
-        join_address="127.0.0.1:0",
-        state_dir=tmp_path / "state",
-        agent_ttl=AGENT_TTL,
-        debounce_quiet=0.05,
-        debounce_max=0.5,
-    )
-    async with cli.control_plane(options) as cp:
+    async with cli.control_plane(serving.options(emu, tmp_path, agent_ttl=AGENT_TTL)) as cp:
         yield cp
 
 

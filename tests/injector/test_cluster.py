@@ -21,7 +21,7 @@ from shoal import cli, kube
 from shoal.injector import bundle, settings
 from tests.e2e.helpers import eventually
 from tests.injector import shapes
-from tests.kube import objects
+from tests.kube import objects, serving
 from tests.kube.emulator import KubeEmulator, running_emulator
 
 HOME = "shoal-system"
@@ -115,17 +115,7 @@ async def test_only_the_lease_holder_writes(emu: KubeEmulator, api: kube.Api) ->
 
 @pytest.fixture
 async def control_plane(emu: KubeEmulator, tmp_path: Path) -> AsyncIterator[cli.ControlPlane]:
-    options = cli.ServeOptions(
-        kubernetes=True,
-        kubeconfig=str(emu.write_kubeconfig(tmp_path / "kubeconfig", namespace=HOME)),
-        xds_address="127.0.0.1:0",
-        admin_address="127.0.0.1:0",
-        join_address="127.0.0.1:0",
-        webhook_address="127.0.0.1:0",
-        state_dir=tmp_path / "state",
-        debounce_quiet=0.05,
-        debounce_max=0.5,
-    )
+    options = serving.options(emu, tmp_path, webhook_address="127.0.0.1:0")
     async with cli.control_plane(options) as cp:
         yield cp
 

@@ -20,7 +20,7 @@ from shoal import cli
 from shoal._gen import ca_pb2, ca_pb2_grpc
 from shoal.kube import tokenreview
 from shoal.sds import ca, join
-from tests.kube import objects
+from tests.kube import objects, serving
 from tests.kube.emulator import (
     DEFAULT_TOKEN_SECONDS,
     POD_NAME_EXTRA,
@@ -63,16 +63,7 @@ def emu(clock: Clock) -> Iterator[KubeEmulator]:
 
 @pytest.fixture
 async def kube_cp(emu: KubeEmulator, tmp_path: Path) -> AsyncIterator[cli.ControlPlane]:
-    options = cli.ServeOptions(
-        kubernetes=True,
-        kubeconfig=str(emu.write_kubeconfig(tmp_path / "kubeconfig", namespace=HOME)),
-        xds_address="127.0.0.1:0",
-        admin_address="127.0.0.1:0",
-        join_address="127.0.0.1:0",
-        state_dir=tmp_path / "state",
-        agent_ttl=AGENT_TTL,
-    )
-    async with cli.control_plane(options) as cp:
+    async with cli.control_plane(serving.options(emu, tmp_path, agent_ttl=AGENT_TTL)) as cp:
         yield cp
 
 
