@@ -1221,6 +1221,14 @@ class _Dropper(asyncio.Protocol):
 # --------------------------------------------------------------------------- emulator
 
 
+# The Content-Type of each kind of patch (API Concepts, "Patch").
+PATCH_CONTENT_TYPES = {
+    "merge": "application/merge-patch+json",
+    "strategic": "application/strategic-merge-patch+json",
+    "json": "application/json-patch+json",
+}
+
+
 class KubeEmulator:
     """An in-memory kube-apiserver on 127.0.0.1 at a port picked at start.
 
@@ -1567,11 +1575,7 @@ class KubeEmulator:
         patch_type: Literal["merge", "strategic", "json"] = "merge",
     ) -> JSON:
         kind = self.kind(resource)
-        content_type = {
-            "merge": "application/merge-patch+json",
-            "strategic": "application/strategic-merge-patch+json",
-            "json": "application/json-patch+json",
-        }[patch_type]
+        content_type = PATCH_CONTENT_TYPES[patch_type]
         ns = self._default_namespace(kind, namespace)
         with self._lock:
             candidate, current = self._patch_candidate(kind, ns, name, content_type, patch)
@@ -1592,11 +1596,7 @@ class KubeEmulator:
     ) -> JSON:
         """`patch()`, awaitable."""
         kind = self.kind(resource)
-        content_type = {
-            "merge": "application/merge-patch+json",
-            "strategic": "application/strategic-merge-patch+json",
-            "json": "application/json-patch+json",
-        }[patch_type]
+        content_type = PATCH_CONTENT_TYPES[patch_type]
         ns = self._default_namespace(kind, namespace)
         return copy.deepcopy(await self._apatch(kind, ns, name, content_type, patch))
 

@@ -81,18 +81,7 @@ class Kubectl:
 
     def __call__(self, *args: str, stdin: str | None = None) -> str:
         """Run kubectl; its stdout, or KubectlError with its stderr."""
-        done = subprocess.run(
-            self.command(*args),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=self.timeout + 10,
-            env=self._env(),
-            check=False,
-        )
-        if done.returncode != 0:
-            raise KubectlError(args, done.returncode, done.stdout, done.stderr)
-        return done.stdout
+        return self.run(*args, stdin=stdin)[0]
 
     def run(self, *args: str, stdin: str | None = None) -> tuple[str, str]:
         """(stdout, stderr): for warnings, which kubectl prints on stderr."""
