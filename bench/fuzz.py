@@ -84,7 +84,7 @@ def targets(h: fuzzing.Harness) -> dict[str, Callable[[], None]]:
     @CHUNK
     @given(request=fuzzing.admission_reviews())
     def admission(request: tuple[bytes, str]) -> None:
-        fuzzing.admission_review(*request)
+        fuzzing.admission_review(h, *request)
         h.examples += 1
 
     @CHUNK

@@ -21,6 +21,7 @@ import datetime
 import json
 import logging
 import math
+import ssl
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -112,6 +113,7 @@ class Harness:
             admin_address="127.0.0.1:0",
             state_dir=self._folder / "state",
             join_address="127.0.0.1:0",
+            webhook_address="127.0.0.1:0",
             debounce_quiet=0.01,
             debounce_max=0.1,
             admin_identities=("shoal-system/shoal-admin",),
@@ -346,7 +348,10 @@ def admission_reviews(draw: st.DrawFn) -> tuple[bytes, str]:
             st.integers(1, 20_000).map(lambda n: b"[" * n + b"]" * n),
         )
     )
-    content_type = draw(st.one_of(st.just("application/json"), hostile_text))
+    # What an HTTP client can send as a header (it refuses control characters).
+    content_type = draw(
+        st.one_of(st.just("application/json"), st.from_regex(r"[ -~]{0,40}", fullmatch=True))
+    )
     return body, content_type
 
 
@@ -763,32 +768,42 @@ def annotations_only(value: dict[str, str]) -> None:
             parse()
 
 
-_INJECTION = injector_settings.Settings(trust_pem="-----BEGIN CERTIFICATE-----\n")
+def admission_review(h: Harness, body: bytes, content_type: str) -> None:
+    """The webhook, over HTTPS as the API server calls it, on any request: a
+    400 with a reason, or an AdmissionReview answering the request's uid; a
+    patch it sends applies to the Pod, and the injected Pod is not injected
+    again."""
+    h.run(_admission(h.control_plane, body, content_type), timeout=60)
+    h.check()
 
 
-def admission_review(body: bytes, content_type: str) -> None:
-    """The webhook on any request: a 400 with a reason, or an
-    AdmissionReview answering the request's uid; a patch it sends applies
-    to the Pod, and the injected Pod is not injected again."""
-    answer = webhook.answer(body, content_type, _INJECTION, frozenset({"shoal-system"}))
-    assert answer.outcome != "failed", body[:500]
-    if answer.status == 400:
-        assert answer.reason and answer.review is None
-        return
-    assert answer.status == 200 and answer.review is not None
-    response = answer.review["response"]
-    request = json.loads(body)["request"]
-    assert response["uid"] == request["uid"]
-    if "patch" in response:
+async def _admission(cp: cli.ControlPlane, body: bytes, content_type: str) -> None:
+    assert cp.authority is not None
+    context = ssl.create_default_context(cadata=cp.authority.xds_trust.decode())
+    url = f"https://127.0.0.1:{cp.webhook_port}{webhook.PATH}"
+    async with aiohttp.ClientSession() as session:
+
+        async def post(data: bytes) -> tuple[int, bytes]:
+            async with session.post(
+                url, data=data, headers={"Content-Type": content_type}, ssl=context
+            ) as r:
+                return r.status, await r.read()
+
+        status, answer = await post(body)
+        assert status in (200, 400), (status, answer[:300])
+        if status == 400:
+            assert answer.strip() and b"injection failed" not in answer, answer[:300]
+            return
+        response = json.loads(answer)["response"]
+        request = json.loads(body)["request"]
+        assert response["uid"] == request["uid"]
+        if "patch" not in response:
+            return
         pod = request["object"]
         injected = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
-        again = webhook.answer(
-            json.dumps({**json.loads(body), "request": {**request, "object": injected}}).encode(),
-            content_type,
-            _INJECTION,
-            frozenset(),
-        )
-        assert again.review is not None and "patch" not in again.review["response"]
+        again = json.dumps({**json.loads(body), "request": {**request, "object": injected}})
+        status, answer = await post(again.encode())
+        assert status == 200 and "patch" not in json.loads(answer)["response"], answer[:300]
 
 
 def sign_csr(csr: bytes) -> None:

@@ -58,10 +58,10 @@ def test_csrs(csr: bytes) -> None:
     fuzzing.sign_csr(csr)
 
 
-@FAST
+@CI
 @given(request=fuzzing.admission_reviews())
-def test_admission_reviews(request: tuple[bytes, str]) -> None:
-    fuzzing.admission_review(*request)
+def test_admission_reviews(harness: fuzzing.Harness, request: tuple[bytes, str]) -> None:
+    fuzzing.admission_review(harness, *request)
 
 
 @FAST
