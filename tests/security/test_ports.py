@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import stat
 from pathlib import Path
 
@@ -71,6 +72,49 @@ async def test_the_join_port(control_plane: cli.ControlPlane) -> None:
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_certify_needs_kubernetes_to_check_a_token(
+    control_plane: cli.ControlPlane,
+) -> None:
+    """Without --kubernetes nothing can check a Pod's token: refused, saying so."""
+    assert control_plane.authority is not None
+    creds = grpc.ssl_channel_credentials(control_plane.authority.root_pem)
+    async with grpc.aio.secure_channel(f"127.0.0.1:{control_plane.join_port}", creds) as channel:
+        stub = ca_pb2_grpc.CertificateServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Certify(
+                ca_pb2.CertifyRequest(kubernetes_token="t", csr_pem=b"x"), timeout=30
+            )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_the_webhook_port(tmp_path: Path) -> None:
+    options = cli.ServeOptions(
+        registry=tmp_path,
+        xds_address="127.0.0.1:0",
+        admin_address="127.0.0.1:0",
+        join_address="",
+        webhook_address="127.0.0.1:0",
+        state_dir=tmp_path / "state",
+    )
+    async with cli.control_plane(options) as cp, aiohttp.ClientSession() as session:
+        assert cp.authority is not None and cp.webhook_port
+        trusted = ssl.create_default_context(cadata=cp.authority.xds_trust.decode())
+        url = f"https://127.0.0.1:{cp.webhook_port}"
+        # TLS only.
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(f"http://127.0.0.1:{cp.webhook_port}/healthz") as r:
+                await r.read()
+        async with session.get(f"{url}/healthz", ssl=trusted) as r:
+            assert r.status == 200
+        async with session.get(f"{url}/inject", ssl=trusted) as r:
+            assert r.status == 405
+        async with session.post(f"{url}/inject", json={}, ssl=trusted) as r:
+            assert r.status == 400
+            assert "expected kind AdmissionReview" in await r.text()
+        async with session.get(f"{url}/debug/syncz", ssl=trusted) as r:
+            assert r.status == 404
+
+
 async def test_the_admin_port_and_the_admin_socket(control_plane: cli.ControlPlane) -> None:
     for path in ("/healthz", "/ready", "/metrics", "/"):
         assert (await tcp(control_plane, "GET", path))[0] == 200, path
@@ -100,7 +144,16 @@ def test_the_readme_table_has_a_row_for_every_port() -> None:
     section = _security_section()
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     firsts = [row.split("|")[1].strip() for row in rows]
-    for port in ("15010 xDS", "15012 join", "15014 admin", "admin socket", "sidecar inbound"):
+    for port in (
+        "15010 xDS",
+        "15012 join",
+        "15014 admin",
+        "15017 injection webhook",
+        "admin socket",
+        "sidecar inbound",
+        "sidecar health 15021",
+        "sidecar stats 15090",
+    ):
         assert any(first.startswith(port) for first in firsts), port
 
 
