@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from shoal import cli
 from shoal.injector import patch, probes, settings, workloads
 from tests.injector import shapes
 
@@ -263,3 +264,23 @@ def test_any_pod_is_injected_or_refused_with_a_reason(pod: dict[str, Any]) -> No
     if isinstance(outcome, patch.Injected):
         assert jsonpatch.apply_patch(pod, outcome.patch) == outcome.pod
         assert isinstance(patch.inject(outcome.pod, shapes.SETTINGS, "shop"), patch.Skipped)
+
+
+@pytest.mark.parametrize(
+    "name", ["named_probe_ports", "excluded_ports_and_cidrs", "included_ports_and_cidrs"]
+)
+def test_the_injected_command_lines_are_shoals_own(name: str) -> None:
+    pod = _outcome(name)["result"]
+    init, proxy = pod["spec"]["initContainers"][:2]
+    assert init["command"][0] == proxy["command"][0] == "shoal"
+    parsed = cli.parser().parse_args(init["command"][1:])
+    assert parsed.func is cli.cmd_agent_iptables
+    # What the init container applies, without applying it.
+    assert cli.main([*init["command"][1:], "--dry-run"]) == 0
+    parsed = cli.parser().parse_args([*proxy["command"][1:], *proxy["args"]])
+    assert parsed.func is cli.cmd_agent
+    assert (parsed.xds_address, parsed.ca_address) == (
+        shapes.SETTINGS.xds_address,
+        shapes.SETTINGS.ca_address,
+    )
+    assert parsed.delta is True
