@@ -116,8 +116,11 @@ def test_the_folder_holds_the_install() -> None:
         "pdb.yaml",
         "trafficroute-crd.yaml",
     }
-    # Docker reads .dockerignore only at the root of the build context.
+    # Docker reads .dockerignore only at the root of the build context: the
+    # repository's keeps the virtualenv and local CA keys out of it.
     assert not (FOLDER / ".dockerignore").exists()
+    ignored = (FOLDER.parent.parent / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".shoal"} <= set(ignored)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
