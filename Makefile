@@ -43,6 +43,12 @@ system:
 	  echo "installing iptables, curl and python3 (Debian packages) for the capture tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables curl python3 >/dev/null; \
 	fi
+	@# Debian's chromium, for the dashboard's browser tests (Playwright cannot
+	@# download its own browser here).
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "installing chromium (Debian package) for the dashboard's browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python bench/translate.py

@@ -35,9 +35,10 @@ from shoal.injector import patch as injector_patch
 from shoal.injector import settings as injector_settings
 from shoal.injector import webhook
 from shoal.injector import workloads as injector_workloads
-from shoal.model import proxy
-from shoal.observe import admin, metrics
+from shoal.model import mesh, proxy
+from shoal.observe import admin, metrics, traces
 from shoal.observe import reports as observe_reports
+from shoal.observe.dashboard import launch as dashboard_launch
 from shoal.registry import files, kubernetes
 from shoal.sds import ca, join, operations, report, roots, rotation, tls, workloads
 from shoal.xds import cache, controller, csds, debounce, server, status
@@ -48,6 +49,7 @@ T = TypeVar("T")
 
 DEFAULT_XDS = "127.0.0.1:15010"
 DEFAULT_ADMIN = "127.0.0.1:15014"
+DEFAULT_COLLECTOR = "127.0.0.1:15018"
 ADMIN_SOCKET = "admin.sock"
 # Where the CLI finds a control plane: its admin socket in the state
 # directory, unless --admin or SHOAL_ADMIN says otherwise.
@@ -119,6 +121,13 @@ class ServeOptions:
     sidecar_ca_address: str | None = None
     # The MutatingWebhookConfiguration whose caBundle shoal keeps current.
     webhook_configuration: str = injector_bundle.CONFIGURATION
+    # Tracing and access logs of every sidecar (README "Introspection").
+    telemetry: mesh.Telemetry = dataclasses.field(default_factory=mesh.Telemetry)
+    # The embedded trace collector (HTTPS, mesh client certificates), "" for
+    # off (`shoal serve` listens on DEFAULT_COLLECTOR unless told otherwise).
+    collector_address: str = ""
+    max_spans: int = traces.DEFAULT_MAX_SPANS
+    max_span_bytes: int = traces.DEFAULT_MAX_BYTES
 
 
 @dataclass
@@ -135,6 +144,8 @@ class ControlPlane:
     join_port: int = 0
     admin_socket: str = ""
     webhook_port: int = 0
+    collector_port: int = 0
+    traces: traces.SpanStore | None = None
 
 
 @contextlib.asynccontextmanager
@@ -194,8 +205,15 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             certificates.on_change = lambda due: ctl.refresh(
                 f"certificates of {len(due)} identities renewed"
             )
+        mesh_telemetry = options.telemetry
+
+        def update(state: mesh.MeshState) -> None:
+            # The mesh-wide telemetry settings travel with the state, so
+            # translation reads them as it reads everything else.
+            ctl.update(dataclasses.replace(state, telemetry=mesh_telemetry))
+
         if isinstance(registry, files.FolderRegistry):
-            ctl.update(registry.load())
+            update(registry.load())
             ctl.rebuild()
         # From Kubernetes, the first state comes once every kind is listed;
         # until then proxies wait rather than get an empty mesh.
@@ -213,10 +231,25 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             ),
         )
         metric_registry.register(_gauges(ads, ctl, registry))
-        if isinstance(registry, kubernetes.KubernetesRegistry):
-            metric_registry.register(metrics.KubernetesMetrics(registry.health))
+        _more_metrics(metric_registry, ads, ctl, registry, certificates)
 
         xds_port = await _xds_server(stack, options, ads, certificates)
+        span_store = traces.SpanStore(options.max_spans, options.max_span_bytes)
+        collector_port = 0
+        if options.collector_address:
+            collector_host, port = _host_port(options.collector_address)
+            collector_port = await stack.enter_async_context(
+                traces.serve(
+                    span_store,
+                    collector_host,
+                    port,
+                    tls.mutual_ssl_context(
+                        certificates, tls.serving_hosts(collector_host, options.xds_hosts)
+                    )
+                    if certificates is not None
+                    else None,
+                )
+            )
 
         reports: dict[str, admin.Report] = {
             "problems": lambda: [str(p) for p in registry.problems + ctl.problems],
@@ -299,7 +332,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 admin.app(
                     ready=registry.ready,
                     reports=reports,
-                    queries={"config_dump": lambda q: status.config_dump_of(ads, q)},
+                    queries={
+                        "config_dump": lambda q: status.config_dump_of(ads, q),
+                        "traces": span_store.query_list,
+                        "traces/{trace_id}": span_store.query_one,
+                    },
                     metrics=lambda: metrics.render(metric_registry),
                     actions=actions,
                     hosts=options.admin_hosts,
@@ -320,7 +357,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             # Streams whose certificate expired, or whose root's window
             # ended, while they were open.
             running.start(ads.keep_checking(), "stream-certificates")
-        running.start(registry.watch(ctl.update, stop_watch), "registry-watch")
+        running.start(registry.watch(update, stop_watch), "registry-watch")
         # Full garbage collections out of the push path (see shoal/heap.py).
         running.start(keeper.run(), "heap-keeper")
         if shared_root is not None:
@@ -348,6 +385,8 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             join_port,
             str(socket_path),
             webhook_port,
+            collector_port,
+            span_store,
         )
 
 
@@ -392,6 +431,30 @@ def _plugged(options: ServeOptions) -> roots.PluggedCa | None:
     if options.ca_cert is None or options.ca_key is None:
         return None
     return roots.PluggedCa(options.ca_cert, options.ca_key, options.ca_chain)
+
+
+def _more_metrics(
+    metric_registry: CollectorRegistry,
+    ads: server.AdsServer,
+    ctl: controller.Controller,
+    registry: files.FolderRegistry | kubernetes.KubernetesRegistry,
+    certificates: workloads.WorkloadCertificates | None,
+) -> None:
+    """Proxies by mode and kind, pushes, certificates and the registry (see
+    the README's Metrics table); read at scrape time, or once per push."""
+    metric_registry.register(metrics.ProxyMetrics(ads, ctl.kind_of))
+    ctl.on_push = metrics.PushMetrics(metric_registry).observe
+    if certificates is not None:
+        metric_registry.register(metrics.CertificateMetrics(certificates))
+    if isinstance(registry, kubernetes.KubernetesRegistry):
+        stats = registry.stats
+        watched = metrics.KubernetesMetrics(registry.health, lambda: stats.events_by)
+        metric_registry.register(watched)
+    else:
+        folder = registry
+        metric_registry.register(
+            metrics.FolderMetrics(lambda: folder.reloads, lambda: folder.reload_failures)
+        )
 
 
 def _gauges(
@@ -532,6 +595,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             else ""
         ),
         webhook_configuration=args.webhook_configuration,
+        collector_address=(
+            args.collector_address
+            if args.collector_address is not None
+            # In a cluster, Pods' sidecars reach it through shoal's Service.
+            else f"0.0.0.0:{bootstrap_config.COLLECTOR_PORT}"
+            if args.kubernetes
+            else DEFAULT_COLLECTOR
+        ),
+        telemetry=mesh.Telemetry(
+            trace_sampling=args.trace_sampling,
+            access_log=args.access_log == "on",
+            external=args.tracing,
+        ),
         injection=injector_settings.Settings(
             image=args.sidecar_image, image_pull_policy=args.sidecar_image_pull_policy
         ),
@@ -653,6 +729,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         s,
         xds_host=host,
         xds_port=port,
+        collector=args.collector or (host, bootstrap_config.COLLECTOR_PORT),
         admin_port=args.admin_port,
         node_id=args.node_id,
         delta=args.delta,
@@ -690,12 +767,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     admin_address="127.0.0.1:0",
                     state_dir=Path(args.state_dir),
                     join_address="127.0.0.1:0",
+                    collector_address="127.0.0.1:0",
+                    # Every request traced and logged: the demo shows them.
+                    telemetry=mesh.Telemetry(trace_sampling=100.0, access_log=True),
                 )
             ),
             check=args.check,
             workdir=Path(args.state_dir) / "demo",
         )
     )
+
+
+def cmd_demo_app(args: argparse.Namespace) -> int:
+    """One of the demo's apps on 127.0.0.1, as `shoal demo` runs it (docker-compose.yml)."""
+    from shoal.demo import apps
+
+    calls = tuple(h.strip() for h in args.calls.split(",") if h.strip())
+    if calls and not args.outbound_port:
+        print("shoal demo app: --calls needs --outbound-port", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        app = apps.App(args.service, args.name, args.version, calls, args.outbound_port or 0)
+        runner = await apps.start(app, args.port)
+        print(
+            f"shoal demo app: {args.name} ({args.service} {args.version}) on 127.0.0.1:{args.port}"
+        )
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+        return 0
+
+    return asyncio.run(main())
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -916,6 +1021,30 @@ def cmd_config_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """The dashboard for this user, or one proxy's Envoy admin page."""
+    browser = not args.no_browser
+    if args.what == "envoy":
+        if not args.proxy:
+            raise SystemExit("shoal: name a proxy: shoal dashboard envoy PROXY")
+        try:
+            found = dashboard_launch.find_proxy(_fetch(args.admin, "/debug/syncz"), args.proxy)
+        except LookupError as err:
+            raise SystemExit(terminal.printable(f"shoal: {err}", 1000)) from err
+        return dashboard_launch.envoy_admin(found, browser=browser)
+    if args.what is not None or args.proxy:
+        raise SystemExit("shoal: `shoal dashboard` or `shoal dashboard envoy PROXY`")
+    if not _is_socket_address(args.admin):
+        raise SystemExit(
+            "shoal: the dashboard reads /debug/*, which only the admin socket serves: "
+            "give --admin the socket's path"
+        )
+    # Fail now, with the reason, rather than on the first page load.
+    _fetch(args.admin, "/debug/problems")
+    host, port = _host_port(args.address)
+    return dashboard_launch.run(args.admin.removeprefix("unix:"), host, port, browser=browser)
+
+
 def _admin_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--admin",
@@ -945,6 +1074,62 @@ def _identity_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-chain", metavar="PEM", help="plug-in CA: intermediates up to the root")
 
 
+def _percent(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 100:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a percentage from 0 to 100")
+    return number
+
+
+def _zipkin_url(value: str) -> mesh.ZipkinEndpoint:
+    url = urllib.parse.urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an http(s) URL, e.g. http://zipkin:9411/api/v2/spans"
+        )
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{value!r}: {err}") from None
+    return mesh.ZipkinEndpoint(
+        url.hostname, port, url.path or traces.SPANS_PATH, tls=url.scheme == "https"
+    )
+
+
+def _telemetry_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--collector-address",
+        help=f"the embedded trace collector, HTTPS with mesh client certificates "
+        f"(default {DEFAULT_COLLECTOR}, with --kubernetes 0.0.0.0:"
+        f"{bootstrap_config.COLLECTOR_PORT}; '' for none)",
+    )
+    serve.add_argument(
+        "--tracing",
+        type=_zipkin_url,
+        metavar="URL",
+        help="send spans to this Zipkin v2 endpoint (Zipkin, Jaeger, an OpenTelemetry "
+        "Collector's zipkin receiver) instead of the embedded collector",
+    )
+    serve.add_argument(
+        "--trace-sampling",
+        type=_percent,
+        default=1.0,
+        metavar="PERCENT",
+        help="percent of requests that start a trace (default 1; a Service's "
+        "shoal.io/trace-sampling overrides it)",
+    )
+    serve.add_argument(
+        "--access-log",
+        choices=["on", "off"],
+        default="off",
+        help="every sidecar logs one JSON line per request to its stdout (default off; "
+        "shoal.io/access-log on a Namespace or Service overrides it)",
+    )
+
+
 def _serve_command(sub: Any) -> None:
     """`shoal serve`: run the control plane."""
 
@@ -971,6 +1156,7 @@ def _serve_command(sub: Any) -> None:
     )
     serve.add_argument("--xds-address", default=DEFAULT_XDS, help=f"default {DEFAULT_XDS}")
     serve.add_argument("--admin-address", default=DEFAULT_ADMIN, help=f"default {DEFAULT_ADMIN}")
+    _telemetry_flags(serve)
     serve.add_argument(
         "--state-dir", default=".shoal", help="where the CA lives (default ./.shoal)"
     )
@@ -1156,6 +1342,13 @@ def _bootstrap_command(sub: Any) -> None:
         help="write the Envoy bootstrap of one local sidecar (or, with --grpc, of a gRPC app)",
     )
     boot.add_argument("--xds", default=DEFAULT_XDS, metavar="HOST:PORT")
+    boot.add_argument(
+        "--collector",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="the control plane's trace collector (default: the --xds host, port "
+        f"{bootstrap_config.COLLECTOR_PORT})",
+    )
     boot.add_argument("--namespace", default="default")
     boot.add_argument("--service", help="the Service this workload serves (required for a sidecar)")
     boot.add_argument("--service-account", default="default")
@@ -1458,6 +1651,27 @@ def _agent_command(sub: Any) -> None:
     tables.set_defaults(func=cmd_agent_iptables)
 
 
+def _dashboard_command(sub: Any) -> None:
+    """`shoal dashboard [envoy PROXY]`."""
+    dash = sub.add_parser(
+        "dashboard",
+        help="the mesh's web dashboard for this user (read-only); "
+        "`dashboard envoy PROXY`: that proxy's Envoy admin page",
+    )
+    dash.add_argument("what", nargs="?", choices=["envoy"], help="envoy: a proxy's admin page")
+    dash.add_argument("proxy", nargs="?", help="with envoy: the proxy id, or a part of it")
+    dash.add_argument(
+        "--address",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where to serve the pages (default 127.0.0.1, a free port); the URL printed "
+        "carries a one-time token",
+    )
+    dash.add_argument("--no-browser", action="store_true", help="only print the URL")
+    _admin_flag(dash)
+    dash.set_defaults(func=cmd_dashboard)
+
+
 def _demo_command(sub: Any) -> None:
     """`shoal demo`."""
     demo = sub.add_parser("demo", help="a running mesh with real Envoy sidecars")
@@ -1467,6 +1681,27 @@ def _demo_command(sub: Any) -> None:
     demo.add_argument("--registry", metavar="DIR", help="default examples/demo")
     demo.add_argument("--state-dir", default=".shoal")
     demo.set_defaults(func=cmd_demo)
+    _demo_app_command(demo)
+
+
+def _demo_app_command(demo: argparse.ArgumentParser) -> None:
+    """`shoal demo app NAME`: one demo app alone (hidden; docker-compose.yml runs it)."""
+    hidden = demo.add_subparsers(dest="demo_command", help=argparse.SUPPRESS)
+    app = hidden.add_parser(
+        "app",
+        help=argparse.SUPPRESS,
+        description="Run one of the demo's apps on 127.0.0.1 until SIGTERM, as `shoal demo` "
+        "does for each instance; its sidecar is started on its own (docker-compose.yml).",
+    )
+    app.add_argument("name", help="the instance, e.g. reviews-1 (the Pod's name)")
+    app.add_argument("--service", required=True)
+    app.add_argument("--version", default="v1", help="the Pod's version label (default v1)")
+    app.add_argument(
+        "--calls", default="", metavar="HOST,HOST", help="services it calls on each request"
+    )
+    app.add_argument("--port", type=int, required=True, help="where the app listens")
+    app.add_argument("--outbound-port", type=int, help="its sidecar's outbound port, for --calls")
+    app.set_defaults(func=cmd_demo_app)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -1480,6 +1715,7 @@ def parser() -> argparse.ArgumentParser:
     _analyze_command(sub)
     _ca_commands(sub)
     _demo_command(sub)
+    _dashboard_command(sub)
     _agent_command(sub)
     _inject_command(sub)
     return p

@@ -49,6 +49,7 @@ def write(
     credentials: XdsCredentials | None = None,
     stats_port: int = bootstrap.STATS_PORT,
     health_port: int = bootstrap.HEALTH_PORT,
+    collector: tuple[str, int] | None = None,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tls = None
@@ -72,6 +73,7 @@ def write(
             tls=tls,
             stats_port=stats_port,
             health_port=health_port,
+            collector=collector,
         )
     else:
         config = bootstrap.sidecar(
@@ -82,6 +84,7 @@ def write(
             admin_port=admin_port,
             delta=delta,
             tls=tls,
+            collector=collector,
         )
     path = out / "envoy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

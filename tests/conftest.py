@@ -48,6 +48,7 @@ async def control_plane(
         admin_address="127.0.0.1:0",
         state_dir=tmp_path / "state",
         join_address="127.0.0.1:0",
+        collector_address="127.0.0.1:0",
         debounce_quiet=0.05,
         debounce_max=0.5,
         insecure_xds=xds_security == "insecure",
@@ -75,6 +76,7 @@ async def local_mesh(
         control_plane.xds_port,
         delta=xds_mode == "delta",
         authority=control_plane.authority,
+        collector_port=control_plane.collector_port,
     )
     try:
         yield m

@@ -460,6 +460,7 @@ def test_the_service_exposes_xds_and_the_webhook_only() -> None:
     assert {p: _resolve_port(s["targetPort"]) for p, s in ports.items()} == {
         15010: 15010,
         15012: 15012,
+        15018: 15018,
         443: 15017,
     }
     assert ports[15010]["name"] == "grpc-xds" and ports[15010]["appProtocol"] == "grpc"
@@ -477,6 +478,7 @@ def test_the_container_ports_are_what_the_service_targets_and_the_probes() -> No
         "grpc-ca": 15012,
         "http-admin": 15014,
         "https-webhook": 15017,
+        "https-traces": 15018,
     }
     annotations = _one("Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == "15014"

@@ -54,6 +54,10 @@ class WriteTimes:
         if self._inner is not None:
             self._inner.nacked(type_url)
 
+    def acked(self, type_url: str, seconds: float) -> None:
+        if self._inner is not None:
+            self._inner.acked(type_url, seconds)
+
 
 def observe_writes(events: list[Event]) -> None:
     """Every ADS server built from now on (shoal serve builds one) has a

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+# What an app must copy from the request it serves to the calls it makes,
+# for the mesh to stitch one trace across services (Envoy starts and reports
+# the spans; only the app knows which call belongs to which request).
+TRACE_HEADERS = ("x-request-id", "x-b3-", "b3", "traceparent", "tracestate")
+
 
 @dataclass
 class App:
@@ -57,7 +62,7 @@ class App:
         forward = {
             k: v
             for k, v in request.headers.items()
-            if k.lower().startswith(("x-request-id", "x-b3-", "traceparent", "x-user"))
+            if k.lower().startswith((*TRACE_HEADERS, "x-user"))
         }
         try:
             async with session.get(

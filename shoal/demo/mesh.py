@@ -36,8 +36,11 @@ class LocalMesh:
         *,
         delta: bool = False,
         authority: ca.Authority | None = None,
+        collector_port: int | None = None,
     ) -> None:
         self.workdir = workdir
+        # The control plane's trace collector (None: the default port).
+        self.collector_port = collector_port
         self.xds_port = xds_port
         self.delta = delta
         self.authority = authority
@@ -73,6 +76,7 @@ class LocalMesh:
             node_id=f"sidecar~{namespace}~{name}",
             delta=self.delta,
             authority=self.authority,
+            collector=("127.0.0.1", self.collector_port) if self.collector_port else None,
         )
         app = apps.App(service, name, version, calls, s.outbound_port)
         w = Workload(s, app, envoy.EnvoyProcess(path, admin_port))

@@ -287,7 +287,12 @@ async def run(
             f"admin on http://127.0.0.1:{cp.admin_port}/"
         )
         print(f"shoal demo: manifests in {folder} (edit them: changes are live)")
-        local = mesh.LocalMesh(workdir / "sidecars", cp.xds_port, authority=cp.authority)
+        local = mesh.LocalMesh(
+            workdir / "sidecars",
+            cp.xds_port,
+            authority=cp.authority,
+            collector_port=cp.collector_port,
+        )
         try:
             for i in instances:
                 w = await local.add(

@@ -41,6 +41,33 @@ class Protocol(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Telemetry:
+    """Mesh-wide tracing and access-log settings (`shoal serve` flags); a
+    Service or Namespace annotation overrides them for its own traffic."""
+
+    # Percent of requests that start a trace (one that arrives with a
+    # sampling decision keeps it).
+    trace_sampling: float = 1.0
+    # One JSON line per request on each sidecar's stdout.
+    access_log: bool = False
+    # Where spans go: None, the control plane's embedded collector (a
+    # cluster in every sidecar's bootstrap); else an external Zipkin-protocol
+    # endpoint, reached through a cluster served over CDS.
+    external: ZipkinEndpoint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ZipkinEndpoint:
+    """A Zipkin v2 (JSON) endpoint: Zipkin, Jaeger's or the OpenTelemetry
+    Collector's Zipkin receiver."""
+
+    host: str
+    port: int
+    path: str = "/api/v2/spans"
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Port:
     """A port the Service offers to callers (the number in `Host: web:80`)."""
 
@@ -84,6 +111,10 @@ class Service:
     # Eject an endpoint after this many consecutive 5xx, for this long.
     outlier: OutlierPolicy | None = None
     limits: ConnectionLimits | None = None
+    # Percent of requests to it that start a trace; None: the mesh's.
+    trace_sampling: float | None = None
+    # Access logs of its sidecars; None: its namespace's, else the mesh's.
+    access_log: bool | None = None
     # Made once: translation asks for it hundreds of thousands of times.
     key: ServiceKey = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
@@ -158,6 +189,8 @@ class Namespace:
     annotations: FrozenMap = field(default=_EMPTY)
     # Default mutual-TLS mode of its Services ("strict" or "permissive").
     mtls: str | None = None
+    # Default access-log switch of its Services' sidecars; None: the mesh's.
+    access_log: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +222,7 @@ class MeshState:
     routes: Mapping[ServiceKey, routing.ServiceRoute] = field(default_factory=dict)
     # Pods by (namespace, name); only Kubernetes registries know them.
     pods: Mapping[tuple[str, str], Pod] = field(default_factory=dict)
+    telemetry: Telemetry = Telemetry()
 
     def endpoints_of(self, key: ServiceKey, port: Port) -> tuple[Endpoint, ...]:
         """Endpoints serving `port`: matched by port name, as Kubernetes does."""

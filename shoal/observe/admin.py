@@ -178,7 +178,9 @@ def app(
     def query_handler(query: Query) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.Response:
             try:
-                found = query(request.query)
+                # A query's name may hold a path parameter
+                # ("traces/{trace_id}"): it is read like a query argument.
+                found = query({**request.query, **request.match_info})
             except ValueError as err:
                 return web.json_response({"error": str(err)}, status=400)
             if found is None:

@@ -48,6 +48,9 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MTLS = PREFIX + "mtls"
 ALLOW = PREFIX + "allow"
 MTLS_MODES = ("strict", "permissive")
+TRACE_SAMPLING = PREFIX + "trace-sampling"
+ACCESS_LOG = PREFIX + "access-log"
+_SWITCH = {"on": True, "off": False}
 
 # ASCII digits only: float() also reads "1_0", "1e1" and other scripts' digits.
 _DECIMAL = re.compile(r"^[0-9]+(?:\.[0-9]+)?\Z")
@@ -345,3 +348,22 @@ def allow(annotations: Mapping[str, str]) -> frozenset[tuple[str, str]] | None:
     if not out:
         raise AnnotationError(ALLOW, "names no caller; remove it to allow everyone")
     return frozenset(out)
+
+
+def trace_sampling(annotations: Mapping[str, str]) -> float | None:
+    """Percent of requests to the Service that start a trace, 0-100."""
+    value = annotations.get(TRACE_SAMPLING)
+    if value is None:
+        return None
+    return percent(value.strip(), TRACE_SAMPLING)
+
+
+def access_log(annotations: Mapping[str, str]) -> bool | None:
+    """`on` or `off`: the sidecars' access logs (Service or Namespace)."""
+    value = annotations.get(ACCESS_LOG)
+    if value is None:
+        return None
+    switch = _SWITCH.get(value.strip().lower())
+    if switch is None:
+        raise AnnotationError(ACCESS_LOG, f"{value!r} is not 'on' or 'off'")
+    return switch

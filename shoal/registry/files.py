@@ -106,6 +106,10 @@ class FolderRegistry:
         # Set once the folder is watched and was read again after that.
         self.armed = asyncio.Event()
         self._loaded: tuple[tuple[str, bytes], ...] = ()
+        # Reads of the folder (whole, or the files that changed), and those
+        # that failed, for metrics.
+        self.reloads = 0
+        self.reload_failures = 0
 
     @property
     def state(self) -> mesh.MeshState:
@@ -130,6 +134,7 @@ class FolderRegistry:
         """Read the whole folder (first start, or when the watcher lost track)."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"registry folder {self.root} does not exist")
+        self.reloads += 1
         self._loaded = _fingerprint(self.root)
         present = {self._label(p): p for p in _manifest_files(self.root)}
         for gone in set(self._store.sources()) | set(self._file_problems):
@@ -140,6 +145,7 @@ class FolderRegistry:
         return self._rebuild()
 
     def reload(self, paths: set[Path]) -> mesh.MeshState:
+        self.reloads += 1
         for path in paths:
             if path.suffix not in SUFFIXES:
                 continue
@@ -203,4 +209,5 @@ class FolderRegistry:
                 else:
                     on_change(self.reload({Path(p) for _, p in changes}))
             except Exception:
+                self.reload_failures += 1
                 log.exception("reloading %s failed; keeping the last state", self.root)

@@ -17,12 +17,13 @@ errors, backoff) is shoal.kube's; this module is what the mesh makes of it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -138,6 +139,8 @@ class Stats:
     watches: int = 0
     events: int = 0
     errors: int = 0
+    # Watch events by (kind, ADDED/MODIFIED/DELETED): a handful of keys.
+    events_by: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
 
 
 class Reflector:
@@ -262,6 +265,7 @@ class Reflector:
             if kind not in ("ADDED", "MODIFIED", "DELETED"):
                 continue
             self.registry.stats.events += 1
+            self.registry.stats.events_by[(self.kind.kind, kind)] += 1
             self.registry.apply(self, kind, trimmed(self.kind, obj))
             self.resource_version = rv or self.resource_version
         return progressed

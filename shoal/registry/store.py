@@ -216,7 +216,13 @@ class ObjectStore:
     def _namespace(self, item: Sourced, found: list[problems.Problem]) -> mesh.Namespace:
         namespace = manifests.to_namespace(item.obj)
         try:
-            return dataclasses.replace(namespace, mtls=notes.mtls(namespace.annotations))
+            namespace = dataclasses.replace(namespace, mtls=notes.mtls(namespace.annotations))
+        except notes.AnnotationError as err:
+            found.append(problems.Problem(item.source, str(item.obj), f"{err}; ignored"))
+        try:
+            return dataclasses.replace(
+                namespace, access_log=notes.access_log(namespace.annotations)
+            )
         except notes.AnnotationError as err:
             found.append(problems.Problem(item.source, str(item.obj), f"{err}; ignored"))
             return namespace
@@ -232,6 +238,8 @@ class ObjectStore:
             "mtls": lambda: notes.mtls(svc.annotations),
             "allow": lambda: notes.allow(svc.annotations),
             "outlier": lambda: notes.outlier(svc.annotations),
+            "trace_sampling": lambda: notes.trace_sampling(svc.annotations),
+            "access_log": lambda: notes.access_log(svc.annotations),
         }
         good = self._good_notes.setdefault(svc.key, {})
         values: dict[str, object] = {}

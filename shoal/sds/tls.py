@@ -89,3 +89,36 @@ def serving_ssl_context(
 
     contexts[0].sni_callback = choose
     return contexts[0]
+
+
+def _mutual_ssl_context(serving: ca.KeyPair, trust_pem: bytes) -> ssl.SSLContext:
+    context = _ssl_context(serving)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=trust_pem.decode())
+    return context
+
+
+def mutual_ssl_context(
+    certificates: workloads.WorkloadCertificates, hosts: Sequence[str]
+) -> ssl.SSLContext:
+    """An HTTPS server's TLS that, like xDS, takes only callers with a
+    client certificate of the mesh CA (the roots trusted now, rotation
+    included); it follows the authority in force as serving_ssl_context
+    does."""
+    current = [(certificates.authority, certificates.authority.xds_trust)]
+
+    def build() -> ssl.SSLContext:
+        authority, trust = current[0]
+        made = _mutual_ssl_context(authority.serving(hosts), trust)
+        made.sni_callback = choose
+        return made
+
+    def choose(connection: ssl.SSLObject, _server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        now = (certificates.authority, certificates.authority.xds_trust)
+        if now != current[0]:
+            current[0] = now
+            contexts[0] = build()
+        connection.context = contexts[0]
+
+    contexts = [build()]
+    return contexts[0]

@@ -52,7 +52,10 @@ class WorkloadCertificates:
         self.on_change = on_change
         self._issued: dict[Identity, Issued] = {}
         self._wake = asyncio.Event()
+        # Counted for metrics: renewals, and every certificate signed
+        # (first issues, renewals, reissues under a new root).
         self.renewals = 0
+        self.issues = 0
 
     @property
     def trust_domain(self) -> str:
@@ -81,6 +84,7 @@ class WorkloadCertificates:
         early = lifetime * (JITTER * self._rng.random())
         issued = Issued(identity, pair, self._clock() + lifetime / 2 - early)
         self._issued[identity] = issued
+        self.issues += 1
         log.info(
             "issued certificate %x for %s, valid until %s, renewal at %s",
             issued.serial,

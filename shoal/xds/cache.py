@@ -260,6 +260,9 @@ class Snapshot:
 
     groups: Mapping[str, Sequence[ResourceGroup]]
     label: str = ""
+    # When (time.monotonic) the change this snapshot answers was first seen
+    # (its debounce began); 0 if unknown. The server times ACKs from it.
+    changed_at: float = 0.0
     _all: dict[str, View] = field(default_factory=dict)
     _views: memo.WeakMemo[View] = field(default_factory=memo.WeakMemo)
 

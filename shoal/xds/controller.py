@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shoal.model import changes, mesh, problems, proxy
@@ -34,6 +35,8 @@ class Push:
     changes: changes.ChangeSet
     proxies: int
     seconds: float
+    # From the first change of its burst until the rebuild began.
+    debounce_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         """For /debug/pushes."""
@@ -44,6 +47,7 @@ class Push:
             "changed": self.changes.summary(),
             "proxies": self.proxies,
             "build_ms": round(self.seconds * 1000, 1),
+            "debounce_ms": round(self.debounce_seconds * 1000, 1),
         }
 
     def __str__(self) -> str:
@@ -84,6 +88,11 @@ class Controller:
         self._started = False
         self.problems: list[problems.Problem] = []
         self.last_build_seconds = 0.0
+        # When (time.monotonic) the change the current push answers began;
+        # carried by its snapshots, so the server can time ACKs from it.
+        self._changed_at = 0.0
+        # Told of every push once it is published (metrics); must be quick.
+        self.on_push: Callable[[Push], None] = lambda _: None
         snapshots.on_watch = self._on_watch
         snapshots.on_idle = self._on_idle
 
@@ -94,6 +103,16 @@ class Controller:
     @property
     def state(self) -> mesh.MeshState:
         return self._state
+
+    def kind_of(self, key: str) -> str:
+        """What kind of proxy reads `key`: sidecar (local), captured (a
+        Pod's, iptables), proxyless (gRPC); "" for one not placed."""
+        found = self._proxies.get(key)
+        if isinstance(found, proxy.CapturedSidecar):
+            return "captured"
+        if isinstance(found, proxy.Proxyless):
+            return "proxyless"
+        return "" if found is None else "sidecar"
 
     def update(self, state: mesh.MeshState) -> None:
         """A new mesh state; pushed after the debounce."""
@@ -109,7 +128,7 @@ class Controller:
         while True:
             reasons = await self._debouncer.settled()
             try:
-                self.rebuild(reasons)
+                self.rebuild(reasons, waited=self._debouncer.waited)
             except Exception:
                 log.exception("rebuild of mesh version %d failed", self._state.version)
 
@@ -150,11 +169,16 @@ class Controller:
 
     # -- building -------------------------------------------------------------
 
-    def rebuild(self, reasons: collections.Counter[str] | None = None) -> None:
+    def rebuild(
+        self, reasons: collections.Counter[str] | None = None, *, waited: float = 0.0
+    ) -> None:
+        """Build and publish every proxy's snapshot; `waited`: how long the
+        change waited in the debounce before this."""
         if not self._started:
             return
         state = self._state
         started = time.perf_counter()
+        self._changed_at = time.monotonic() - waited
         self.problems = []
         shared = self._shared = self._build_shared(state)
         if shared.whole:
@@ -170,11 +194,13 @@ class Controller:
             changes=changes.between(self._pushed_state, state),
             proxies=len(self._proxies),
             seconds=self.last_build_seconds,
+            debounce_seconds=waited,
         )
         if shared.whole:
             self._pushed_state = state
         self.recent_pushes.append(push)
         log.info("%s", push)
+        self.on_push(push)
 
     def _build_shared(self, state: mesh.MeshState) -> sharing.Shared:
         shared = sharing.build(state, self._memos, self._trust_domain)
@@ -211,7 +237,11 @@ class Controller:
             frozenset(shared.verified),
         ):
             shared.verified.add(id(route_group))
-        snapshot = cache.Snapshot(groups=groups, label=f"mesh version {shared.state.version}")
+        snapshot = cache.Snapshot(
+            groups=groups,
+            label=f"mesh version {shared.state.version}",
+            changed_at=self._changed_at,
+        )
         if self._check(key, snapshot, skip=frozenset(shared.verified)):
             self._cache.set_snapshot(key, snapshot)
 

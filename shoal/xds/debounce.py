@@ -28,6 +28,9 @@ class Debouncer:
         self._last = 0.0
         self._event = asyncio.Event()
         self._reasons: collections.Counter[str] = collections.Counter()
+        # How long the last burst waited, from its first change until it
+        # settled (for the push it becomes: metrics and change-to-ACK times).
+        self.waited = 0.0
 
     def touch(self, reason: str = "change") -> None:
         now = self._clock()
@@ -48,6 +51,7 @@ class Debouncer:
             if now >= due:
                 break
             await self._sleep(due - now)
+        self.waited = now - self._first
         self._first = None
         self._event.clear()
         reasons, self._reasons = self._reasons, collections.Counter()

@@ -132,16 +132,17 @@ class SidecarGenerator:
         state = ctx.shared.state
         domain = ctx.trust_domain
         security = sidecar.security(s, state, domain) if domain is not None else None
+        observed = sidecar.observe(s, state, domain)
         return ctx.own.get(
             s,
-            (sidecar.inbound_protocol(s, state), security),
+            (sidecar.inbound_protocol(s, state), security, observed),
             lambda: (
                 cache.ResourceGroup(
                     sharing.resource_list(resources.CLUSTER, sidecar.own_clusters(s, state))
                 ),
                 cache.ResourceGroup(
                     sharing.resource_list(
-                        resources.LISTENER, sidecar.own_listeners(s, state, security)
+                        resources.LISTENER, sidecar.own_listeners(s, state, security, observed)
                     )
                 ),
             ),
@@ -171,11 +172,18 @@ class CapturedGenerator:
         if problem is not None:
             raise Unconfigurable(problem)
         own_clusters, own_listeners = self._own(p, ctx)
+        _, observed = capture.observe(p, state, ctx.trust_domain, ctx.pod_index())
+        # Shared by the Pods of one scope that trace and log alike (the
+        # same identity and Service, the same access-log switch).
+        variant = f"{observed.identity}|{observed.service}|{observed.access_log}"
         outbound = shared.route_table(
-            sharing.RouteTable("capture-lds", None, in_scope),
-            (visible, _headless_endpoints(visible, state)),
+            sharing.RouteTable(f"capture-lds|{variant}", None, in_scope),
+            (visible, _headless_endpoints(visible, state), observed),
             lambda: [
-                sharing.resource(resources.LISTENER, capture.virtual_outbound(visible, state))
+                sharing.resource(
+                    resources.LISTENER,
+                    capture.virtual_outbound(visible, state, observe=observed),
+                )
             ],
         )
         route_group = shared.route_table(
@@ -198,9 +206,11 @@ class CapturedGenerator:
         it serves and their security."""
         state, index, domain = ctx.shared.state, ctx.pod_index(), ctx.trust_domain
         security = capture.security(s, state, domain, index) if domain is not None else None
+        observed, _ = capture.observe(s, state, domain, index)
         return ctx.own.get(
             s,
             (
+                tuple(sorted(observed.items())),
                 capture.inbound_ports(s, state, index),
                 tuple(sorted(security.items())) if security is not None else None,
                 capture.passthrough_permissive(s, state),
@@ -213,7 +223,7 @@ class CapturedGenerator:
                     [
                         sharing.resource(
                             resources.LISTENER,
-                            capture.virtual_inbound(s, state, security, index),
+                            capture.virtual_inbound(s, state, security, index, observed),
                         )
                     ]
                 ),

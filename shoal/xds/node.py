@@ -22,6 +22,10 @@ APP_PORT = "APP_PORT"
 INBOUND_PORT = "INBOUND_PORT"
 OUTBOUND_PORT = "OUTBOUND_PORT"
 INBOUND_ADDRESS = "INBOUND_ADDRESS"
+# The sidecar's Envoy admin port on its own 127.0.0.1: what `shoal dashboard`
+# scrapes for request numbers and opens for `shoal dashboard envoy`. Only
+# shown, never used to configure anything.
+ADMIN_PORT = "ADMIN_PORT"
 # Set by `shoal bootstrap --grpc`: a gRPC application with no sidecar.
 PROXYLESS = "PROXYLESS"
 # Set in the bootstrap of a Kubernetes sidecar whose Pod's traffic iptables

@@ -77,6 +77,9 @@ class TypeState:
     sent_at: float = 0.0
     acked_version: str = ""
     acked_at: float = 0.0
+    # The change (time.monotonic) the response in flight answers: see
+    # cache.Snapshot.changed_at.
+    changed_at: float = 0.0
     nacked_version: str = ""
     error: str = ""
     # Delta: subscribed names already reported as absent.
@@ -126,10 +129,35 @@ class Connection:
     # What its subscriptions and announced views cost (names_cost).
     cost: int = 0
     allowance: accounts.Allowance = field(default_factory=accounts.Allowance)
+    # time.monotonic at connect: a change older than the stream is not one
+    # it converged on (its first configuration is not timed).
+    opened: float = field(default_factory=time.monotonic)
+    # Where its Envoy admin is, as its node metadata says (shown by the
+    # dashboard; a claim, so never used for configuration): a local
+    # sidecar's port on its own 127.0.0.1, a captured sidecar's Pod.
+    admin_port: int = 0
+    pod: str = ""
 
     @property
     def snapshot(self) -> cache.Snapshot | None:
         return self.watch.snapshot if self.watch is not None else None
+
+
+def _admin_port(node: Any) -> int:
+    """The admin port a local sidecar's metadata names (shoal.xds.node.ADMIN_PORT;
+    the server knows no more of the node): 0 for none, or not a port."""
+    field = node.metadata.fields.get("ADMIN_PORT")
+    number = field.number_value if field is not None and field.HasField("number_value") else 0
+    return int(number) if number == int(number) and 0 < number < 65536 else 0
+
+
+def _pod_of(node: Any) -> str:
+    """`namespace/pod` of a captured sidecar, as its metadata says ("" else)."""
+    fields = node.metadata.fields
+    namespace, pod = fields.get("NAMESPACE"), fields.get("POD_NAME")
+    if namespace is None or pod is None or not pod.string_value:
+        return ""
+    return printable(f"{namespace.string_value}/{pod.string_value}", 256)
 
 
 class StreamError(Exception):
@@ -152,12 +180,19 @@ class StreamObserver(Protocol):
         """A proxy rejected a response: called once per version a stream
         rejects, however often it says so."""
 
+    def acked(self, type_url: str, seconds: float) -> None:
+        """A proxy ACKed a response that a change made after it connected
+        caused: `seconds` from that change (its debounce's start) to now."""
+
 
 class _NoObserver:
     def pushed(self, type_url: str, resources: int, delta: bool) -> None:
         pass
 
     def nacked(self, type_url: str) -> None:
+        pass
+
+    def acked(self, type_url: str, seconds: float) -> None:
         pass
 
 
@@ -328,6 +363,8 @@ class AdsServer:
             connected_at=self._clock(),
             identity=identity,
             certificate=certificate,
+            admin_port=_admin_port(first.node),
+            pod=_pod_of(first.node),
         )
         try:
             conn.watch = self._cache.watch(cache.Client(first.node, identity), conn.wake)
@@ -648,6 +685,8 @@ class AdsServer:
             state.held = sent
             if state.announced is not None:
                 self._announce(conn, state, None)
+            if state.changed_at > conn.opened:
+                self._observer.acked(state.type_url, time.monotonic() - state.changed_at)
         state.acked_version = state.held.version
         state.acked_at = now
         state.error = ""
@@ -759,6 +798,7 @@ class AdsServer:
                 continue
             if self._waiting_for_subscription(conn, type_url, snapshot):
                 return
+            state.changed_at = snapshot.changed_at
             if conn.delta:
                 if not await self._send_delta(conn, state, view, context):
                     continue

@@ -118,6 +118,9 @@ def proxies(ads: server.AdsServer, now: float | None = None) -> list[dict[str, o
                 "cluster": conn.cluster,
                 "stream": conn.stream_id,
                 "peer": conn.peer,
+                # Where its Envoy admin page is, as the proxy says.
+                "admin_port": conn.admin_port,
+                "pod": conn.pod,
                 "mode": "delta" if conn.delta else "sotw",
                 "connected_s": round(now - conn.connected_at, 1),
                 "mesh": snapshot.label if snapshot is not None else "",

@@ -114,6 +114,9 @@ class ServeProcess:
             str(self.state_dir),
             "--join-address",
             "127.0.0.1:0",
+            # Beside other control planes: the collector on a free port.
+            "--collector-address",
+            "127.0.0.1:0",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )

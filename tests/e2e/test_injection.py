@@ -361,6 +361,9 @@ def _serve(
             f"0.0.0.0:{xds}",
             "--join-address",
             f"0.0.0.0:{join}",
+            # Beside other control planes: the collector on a free port.
+            "--collector-address",
+            "127.0.0.1:0",
             "--webhook-address",
             f"0.0.0.0:{hook}",
             "--admin-address",

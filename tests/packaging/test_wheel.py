@@ -136,6 +136,9 @@ def test_the_wheel_carries_the_generated_code_and_the_demo_mesh(installed: Insta
     demo = {n.rsplit("/", 1)[1] for n in names if n.startswith("shoal/demo/manifests/")}
     assert demo == {p.name for p in (ROOT / "examples" / "demo").glob("*.yaml")}
     assert not {n.split("/", 1)[0] for n in names} & {"tests", "bench", "examples", "protos"}
+    static = ROOT / "shoal" / "observe" / "dashboard" / "static"
+    for page in static.iterdir():
+        assert f"shoal/observe/dashboard/static/{page.name}" in names
 
 
 def test_shoal_is_imported_from_the_new_venv(installed: Installed) -> None:
@@ -223,6 +226,9 @@ def serving(installed: Installed) -> Iterator[tuple[subprocess.Popen[str], int]]
         f"127.0.0.1:{admin}",
         "--join-address",
         f"127.0.0.1:{join}",
+        # Beside other control planes: the collector on a free port.
+        "--collector-address",
+        "127.0.0.1:0",
         "--state-dir",
         str(installed.workdir / "serve-state"),
     )

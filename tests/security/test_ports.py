@@ -15,8 +15,9 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from shoal import cli
+from shoal import cli, sidecar_files
 from shoal._gen import ca_pb2, ca_pb2_grpc
+from shoal.model import proxy
 from shoal.sds import join, operations
 from shoal.xds import resources, server
 from tests.security import clients
@@ -140,6 +141,29 @@ async def test_the_sidecar_admin_is_on_loopback_only() -> None:
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
+async def test_the_trace_collector_port(control_plane: cli.ControlPlane, tmp_path: Path) -> None:
+    """Spans only from a mesh certificate; nobody else gets a handshake."""
+    assert control_plane.authority is not None and control_plane.collector_port
+    url = f"https://127.0.0.1:{control_plane.collector_port}/api/v2/spans"
+    anonymous = ssl.create_default_context()
+    anonymous.check_hostname = False
+    anonymous.verify_mode = ssl.CERT_NONE
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.post(url, json=[], ssl=anonymous) as r:
+                await r.read()
+        creds = sidecar_files.issue(control_plane.authority, proxy.Sidecar("default", "web"))
+        (tmp_path / "cert.pem").write_bytes(creds.cert_pem)
+        (tmp_path / "key.pem").write_bytes(creds.key_pem)
+        meshed = ssl.create_default_context(cadata=creds.trust_pem.decode())
+        meshed.check_hostname = False
+        meshed.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+        async with session.post(url, json=[], ssl=meshed) as r:
+            assert r.status == 202
+        async with session.get(url, ssl=meshed) as r:
+            assert r.status == 405
+
+
 def test_the_readme_table_has_a_row_for_every_port() -> None:
     section = _security_section()
     rows = [line for line in section.splitlines() if line.startswith("| ")]
@@ -149,6 +173,7 @@ def test_the_readme_table_has_a_row_for_every_port() -> None:
         "15012 join",
         "15014 admin",
         "15017 injection webhook",
+        "15018 trace collector",
         "admin socket",
         "sidecar inbound",
         "sidecar health 15021",

@@ -10,6 +10,8 @@ from shoal.model import proxy
 from shoal.xds import node
 
 XDS_CLUSTER = "shoal-xds"
+# The embedded trace collector's port (`shoal serve --collector-address`).
+COLLECTOR_PORT = 15018
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UPSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
@@ -162,6 +164,33 @@ def _xds_cluster(xds_host: str, xds_port: int, tls: XdsTls | XdsSds | None) -> d
     return xds_cluster
 
 
+COLLECTOR_CLUSTER = "shoal-collector"
+
+
+def _collector_cluster(collector: tuple[str, int], tls: XdsTls | XdsSds | None) -> dict[str, Any]:
+    """The control plane's embedded trace collector (Zipkin v2 over HTTPS),
+    which spans reach through the xDS-served tracing configuration. It
+    takes the same client certificate as xDS, which only the bootstrap
+    holds: so the cluster is here, not in CDS."""
+    host, port = collector
+    is_ip = _is_ip(host)
+    cluster: dict[str, Any] = {
+        "name": COLLECTOR_CLUSTER,
+        "type": "STATIC" if is_ip else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": COLLECTOR_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
+        },
+    }
+    if tls is not None:
+        socket = _xds_transport_socket(tls, host, is_ip)
+        # The collector speaks HTTP/1.1 (a plain aiohttp server).
+        socket["typed_config"]["common_tls_context"]["alpn_protocols"] = ["http/1.1"]
+        cluster["transport_socket"] = socket
+    return cluster
+
+
 def _dynamic_resources(delta: bool) -> dict[str, Any]:
     return {
         "ads_config": {
@@ -184,8 +213,11 @@ def sidecar(
     admin_port: int,
     delta: bool = False,
     tls: XdsTls | None = None,
+    collector: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
-    """A bootstrap as plain data, ready for YAML or JSON."""
+    """A bootstrap as plain data, ready for YAML or JSON. `collector`: where
+    the embedded trace collector listens (default: the xDS host, port
+    COLLECTOR_PORT)."""
     return {
         "node": {
             "id": node_id,
@@ -198,11 +230,17 @@ def sidecar(
                 node.INBOUND_PORT: s.inbound_port,
                 node.OUTBOUND_PORT: s.outbound_port,
                 node.INBOUND_ADDRESS: s.inbound_address,
+                node.ADMIN_PORT: admin_port,
             },
         },
         "admin": {"address": _address("127.0.0.1", admin_port)},
         "dynamic_resources": _dynamic_resources(delta),
-        "static_resources": {"clusters": [_xds_cluster(xds_host, xds_port, tls)]},
+        "static_resources": {
+            "clusters": [
+                _xds_cluster(xds_host, xds_port, tls),
+                _collector_cluster(collector or (xds_host, COLLECTOR_PORT), tls),
+            ]
+        },
     }
 
 
@@ -269,6 +307,7 @@ def captured_sidecar(
     admin_port: int = ADMIN_PORT,
     stats_port: int = STATS_PORT,
     health_port: int | None = HEALTH_PORT,
+    collector: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """The bootstrap of a Kubernetes sidecar whose Pod's traffic is captured.
 
@@ -306,7 +345,11 @@ def captured_sidecar(
         "admin": {"address": admin},
         "dynamic_resources": _dynamic_resources(delta),
         "static_resources": {
-            "clusters": [_xds_cluster(xds_host, xds_port, tls), admin_cluster],
+            "clusters": [
+                _xds_cluster(xds_host, xds_port, tls),
+                admin_cluster,
+                _collector_cluster(collector or (xds_host, COLLECTOR_PORT), tls),
+            ],
             "listeners": [
                 _admin_door("shoal-stats", stats_port, "/stats/prometheus", None),
                 *(

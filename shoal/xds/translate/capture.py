@@ -41,8 +41,9 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.type.v3 import range_pb2
 from google.protobuf import wrappers_pb2
 
+from shoal import spiffe
 from shoal.model import mesh, proxy
-from shoal.xds.translate import clusters, common, listeners, names, routes, sidecar, tls
+from shoal.xds.translate import clusters, common, listeners, names, routes, sidecar, telemetry, tls
 
 ORIGINAL_DST = "envoy.filters.listener.original_dst"
 ANY_ADDRESS = "0.0.0.0"
@@ -164,6 +165,44 @@ def security(
     return out
 
 
+def observe(
+    s: proxy.CapturedSidecar,
+    state: mesh.MeshState,
+    trust_domain: str | None,
+    index: PodIndex | None = None,
+) -> tuple[dict[int, telemetry.Hcm], telemetry.Hcm]:
+    """What the Pod's connection managers trace and log: per port served,
+    the switches of the Services of that port; outbound, those of all its
+    Services (see telemetry.access_log_of)."""
+    spiffe_id = (
+        spiffe.workload_id(trust_domain, s.namespace, s.service_account)
+        if trust_domain is not None
+        else ""
+    )
+    settings = state.telemetry
+    inbound = {}
+    for number, users in _served(s, state, index).items():
+        services = tuple({svc.key: svc for svc, _ in users}.values())
+        inbound[number] = telemetry.Hcm(
+            "inbound",
+            settings,
+            telemetry.sampling_of(services, state),
+            telemetry.access_log_of(services, s.namespace, state),
+            telemetry.service_name(services[0].key),
+            spiffe_id,
+        )
+    served = served_services(s, state, index)
+    outbound = telemetry.Hcm(
+        "outbound",
+        settings,
+        settings.trace_sampling,
+        telemetry.access_log_of(served, s.namespace, state),
+        telemetry.service_name(served[0].key) if served else "",
+        spiffe_id,
+    )
+    return inbound, outbound
+
+
 # -- outbound -----------------------------------------------------------------
 
 
@@ -190,10 +229,11 @@ def _tcp_proxy(cluster: str) -> listener_components_pb2.Filter:
     )
 
 
-def _outbound_http(port: int) -> listener_components_pb2.Filter:
-    """Local mode's outbound HTTP manager (fault filter and all), reading the
-    route table of one port: taken from it, so the two cannot drift apart."""
-    template = listeners.outbound(proxy.Sidecar("", "", outbound_port=port))
+def _outbound_http(port: int, observe: telemetry.Hcm | None) -> listener_components_pb2.Filter:
+    """Local mode's outbound HTTP manager (fault filter, tracing and all),
+    reading the route table of one port: taken from it, so the two cannot
+    drift apart."""
+    template = listeners.outbound(proxy.Sidecar("", "", outbound_port=port), observe)
     found = template.filter_chains[0].filters[0]
     manager = hcm_pb2.HttpConnectionManager()
     found.typed_config.Unpack(manager)
@@ -262,12 +302,15 @@ def virtual_outbound(
     visible_services: Iterable[mesh.Service],
     state: mesh.MeshState,
     port: int = proxy.CAPTURE_OUTBOUND_PORT,
+    observe: telemetry.Hcm | None = None,
 ) -> listener_pb2.Listener:
-    """Where iptables sends the Pod's outbound TCP."""
+    """Where iptables sends the Pod's outbound TCP. `observe`: what its HTTP
+    managers trace and log (the same for every Pod of one identity and
+    access-log switch, so those Pods share it)."""
     services = sorted(visible_services, key=lambda svc: svc.key)
     chains = _Chains()
     for number in http_ports(services):
-        chains.add(f"{ANY_ADDRESS}_{number}", number, None, _outbound_http(number))
+        chains.add(f"{ANY_ADDRESS}_{number}", number, None, _outbound_http(number, observe))
     for svc in services:
         for p in svc.ports:
             if svc.headless:
@@ -419,6 +462,7 @@ def virtual_inbound(
     state: mesh.MeshState,
     security: PortSecurity = None,
     index: PodIndex | None = None,
+    observe: Mapping[int, telemetry.Hcm] | None = None,
 ) -> listener_pb2.Listener:
     """Where iptables sends the TCP the Pod receives.
 
@@ -445,6 +489,7 @@ def virtual_inbound(
             protocol,
             routes.inbound(cluster),
             port_security,
+            observe.get(number) if observe is not None else None,
         )
         name = names.inbound_listener(number)
         mode = "plaintext" if port_security is None else "mtls"
@@ -556,4 +601,5 @@ def own_clusters(
         ),
         clusters.passthrough(names.PASSTHROUGH_CLUSTER),
         clusters.inbound_passthrough(names.INBOUND_PASSTHROUGH_CLUSTER),
+        *telemetry.external_clusters(state.telemetry),
     ]

@@ -21,7 +21,7 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import wrappers_pb2
 
 from shoal.model import mesh, proxy
-from shoal.xds.translate import common, names, tls
+from shoal.xds.translate import common, names, telemetry, tls
 
 HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
@@ -39,6 +39,7 @@ def _http_manager(
     route_config: route_pb2.RouteConfiguration | None = None,
     before_router: list[hcm_pb2.HttpFilter] | None = None,
     tell_caller: bool = False,
+    observe: telemetry.Hcm | None = None,
 ) -> listener_components_pb2.Filter:
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
@@ -62,6 +63,8 @@ def _http_manager(
         manager.rds.CopyFrom(hcm_pb2.Rds(config_source=common.ads(), route_config_name=rds))
     elif route_config is not None:
         manager.route_config.CopyFrom(route_config)
+    if observe is not None:
+        telemetry.apply(manager, observe)
     return listener_components_pb2.Filter(name=HCM, typed_config=common.typed(manager))
 
 
@@ -131,6 +134,7 @@ def inbound(
     protocol: mesh.Protocol,
     route_config: route_pb2.RouteConfiguration,
     security: InboundSecurity | None = None,
+    observe: telemetry.Hcm | None = None,
 ) -> listener_pb2.Listener:
     """Accept calls from the mesh and hand them to the app.
 
@@ -148,6 +152,7 @@ def inbound(
                 route_config=route_config,
                 before_router=[_rbac(allow)] if allow is not None else [],
                 tell_caller=security is not None,
+                observe=observe,
             )
         ]
     else:
@@ -182,7 +187,7 @@ def inbound(
     return listener
 
 
-def outbound(sidecar: proxy.Sidecar) -> listener_pb2.Listener:
+def outbound(sidecar: proxy.Sidecar, observe: telemetry.Hcm | None = None) -> listener_pb2.Listener:
     """The app's door to the mesh: HTTP on 127.0.0.1, routed by Host."""
     return listener_pb2.Listener(
         name=names.outbound_listener(sidecar.outbound_port),
@@ -199,6 +204,7 @@ def outbound(sidecar: proxy.Sidecar) -> listener_pb2.Listener:
                                 name=FAULT, typed_config=common.typed(fault_pb2.HTTPFault())
                             )
                         ],
+                        observe=observe,
                     )
                 ]
             )

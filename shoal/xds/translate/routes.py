@@ -14,7 +14,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 
 from shoal.model import mesh, routing
-from shoal.xds.translate import common, names
+from shoal.xds.translate import common, names, telemetry
 
 # Retries that are always safe: the request never reached the app. They hide
 # the moment between an endpoint going away and every sidecar hearing of it.
@@ -164,10 +164,13 @@ def service_routes(
         route.rules if route is not None else (routing.RouteRule((routing.Backend(service.key),)),)
     )
     out = []
-    for rule in rules:
+    for number, rule in enumerate(rules):
+        # Named, so access logs and spans say which rule a request took.
+        name = f"{telemetry.service_name(service.key)}:{port.port}#{number}"
         r = route_components_pb2.Route(
-            match=_match(rule), route=_action(rule, port, services, route)
+            name=name, match=_match(rule), route=_action(rule, port, services, route)
         )
+        r.tracing.CopyFrom(telemetry.route_tracing(service, name))
         fault = _pick(rule.fault, route.fault if route else None)
         if fault is not None:
             r.typed_per_filter_config[FAULT_FILTER].CopyFrom(_fault(fault))

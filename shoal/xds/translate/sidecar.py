@@ -15,7 +15,7 @@ from envoy.config.route.v3 import route_pb2
 
 from shoal import spiffe
 from shoal.model import mesh, proxy
-from shoal.xds.translate import clusters, listeners, names, routes
+from shoal.xds.translate import clusters, listeners, names, routes, telemetry
 
 
 def inbound_protocol(sidecar: proxy.Sidecar, state: mesh.MeshState) -> mesh.Protocol:
@@ -28,7 +28,40 @@ def inbound_protocol(sidecar: proxy.Sidecar, state: mesh.MeshState) -> mesh.Prot
 
 
 def own_clusters(sidecar: proxy.Sidecar, state: mesh.MeshState) -> list[cluster_pb2.Cluster]:
-    return [clusters.inbound(sidecar, inbound_protocol(sidecar, state))]
+    return [
+        clusters.inbound(sidecar, inbound_protocol(sidecar, state)),
+        *telemetry.external_clusters(state.telemetry),
+    ]
+
+
+def observe(
+    sidecar: proxy.Sidecar, state: mesh.MeshState, trust_domain: str | None
+) -> tuple[telemetry.Hcm, telemetry.Hcm]:
+    """What its inbound and outbound connection managers trace and log: its
+    Service's switches, else its namespace's, else the mesh's."""
+    service = state.services.get(sidecar.service_key)
+    own = (service,) if service is not None else ()
+    identity = sidecar.identity
+    spiffe_id = (
+        spiffe.workload_id(trust_domain, identity.namespace, identity.service_account)
+        if trust_domain is not None
+        else ""
+    )
+    log = telemetry.access_log_of(own, sidecar.namespace, state)
+    name = telemetry.service_name(sidecar.service_key)
+    return (
+        telemetry.Hcm(
+            "inbound",
+            state.telemetry,
+            telemetry.sampling_of(own, state),
+            log,
+            name,
+            spiffe_id,
+        ),
+        telemetry.Hcm(
+            "outbound", state.telemetry, state.telemetry.trace_sampling, log, name, spiffe_id
+        ),
+    )
 
 
 def security(
@@ -53,12 +86,14 @@ def own_listeners(
     sidecar: proxy.Sidecar,
     state: mesh.MeshState,
     inbound_security: listeners.InboundSecurity | None = None,
+    observed: tuple[telemetry.Hcm, telemetry.Hcm] | None = None,
 ) -> list[listener_pb2.Listener]:
     protocol = inbound_protocol(sidecar, state)
     inbound_routes = routes.inbound(names.inbound_cluster(sidecar.app_port))
+    inbound_observe, outbound_observe = observed if observed is not None else (None, None)
     return [
-        listeners.inbound(sidecar, protocol, inbound_routes, inbound_security),
-        listeners.outbound(sidecar),
+        listeners.inbound(sidecar, protocol, inbound_routes, inbound_security, inbound_observe),
+        listeners.outbound(sidecar, outbound_observe),
     ]
 
 
