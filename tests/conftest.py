@@ -11,6 +11,7 @@ import pytest
 
 from shoal import cli
 from shoal.demo import mesh
+from shoal.model import mesh as model_mesh
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # The identity the test control planes take as an admin's (namespace/service account).
@@ -38,8 +39,19 @@ def workload_ttl() -> datetime.timedelta:
 
 
 @pytest.fixture
+def telemetry() -> model_mesh.Telemetry:
+    """The mesh-wide tracing and access-log settings (`shoal serve` flags);
+    a test parametrizes `telemetry` to change them."""
+    return model_mesh.Telemetry()
+
+
+@pytest.fixture
 async def control_plane(
-    registry_dir: Path, tmp_path: Path, xds_security: str, workload_ttl: datetime.timedelta
+    registry_dir: Path,
+    tmp_path: Path,
+    xds_security: str,
+    workload_ttl: datetime.timedelta,
+    telemetry: model_mesh.Telemetry,
 ) -> AsyncIterator[cli.ControlPlane]:
     """`shoal serve --registry` on free ports, with a short debounce."""
     options = cli.ServeOptions(
@@ -54,6 +66,7 @@ async def control_plane(
         insecure_xds=xds_security == "insecure",
         workload_ttl=workload_ttl,
         admin_identities=(ADMIN_IDENTITY,),
+        telemetry=telemetry,
     )
     async with cli.control_plane(options) as cp:
         yield cp

@@ -264,7 +264,7 @@ def test_every_workload_shares_the_control_planes_network_namespace() -> None:
 
 
 def test_only_the_admin_port_and_the_entry_are_published_on_loopback() -> None:
-    entry = next(i for i in _instances() if i.calls)  # as runner.scenario picks it
+    entry = runner.entry(_instances())  # as runner.scenario picks it
     admin_port = int(_serve().admin_address.rpartition(":")[2])
     published = _services()[CONTROL_PLANE]["ports"]
     assert sorted(published) == sorted(
@@ -358,7 +358,7 @@ def test_ports_are_unique_in_the_shared_network_namespace() -> None:
 
 
 def test_traffic_enters_where_the_demo_sends_it() -> None:
-    entry = next(i for i in _instances() if i.calls)
+    entry = runner.entry(_instances())
     argv = _argv(_services()[TRAFFIC])
     assert argv[:2] == ["python", "-c"]
     assert argv[-1] == f"http://127.0.0.1:{_manifest_ports()[entry.name]}/"

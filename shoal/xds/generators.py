@@ -89,9 +89,9 @@ def _declared(
 
 
 def _route_inputs(ctx: Context, visible: tuple[mesh.Service, ...]) -> Any:
-    # Route tables depend on the visible Services (annotations included)
-    # and on the routes between them.
-    return (visible, ctx.shared.state.routes)
+    # Route tables depend on the visible Services (annotations included),
+    # on the routes between them and on the mesh's trace sampling.
+    return (visible, ctx.shared.state.routes, ctx.shared.state.telemetry.trace_sampling)
 
 
 class SidecarGenerator:

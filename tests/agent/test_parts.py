@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from shoal import envoy
-from shoal.agent import health, identity, settings
+from shoal.agent import health, identity, proxy, settings
 from shoal.sds import ca
 from shoal.xds.translate import bootstrap
 
@@ -184,3 +184,31 @@ def test_the_agent_refuses_to_start_misconfigured(
     done = _agent(*args, env=env)
     assert done.returncode == 2
     assert named in done.stderr
+
+
+def test_envoys_command_line_flushes_access_logs_within_a_second(tmp_path: Path) -> None:
+    """Envoy's default keeps access-log lines for 10 s before `kubectl logs`
+    shows them; the agent asks for 1 s, on a command line Envoy accepts."""
+    s = settings.AgentSettings(
+        pod=settings.pod_from_env(POD_ENV),
+        xds_host="127.0.0.1",
+        xds_port=15010,
+        ca_address="127.0.0.1:15012",
+        work_dir=tmp_path,
+    )
+    authority = ca.Authority(ca.new_root("cluster.local"))
+    pair = authority.workload("shop", "web")
+    identity.prepare(s)
+    identity.install(
+        s, identity.Credentials(pair.cert_pem, pair.key_pem, authority.xds_trust, ca.utcnow())
+    )
+    argv = proxy.Envoy(s, identity.write_bootstrap(s)).argv()
+    flag = argv.index("--file-flush-interval-msec")
+    assert argv[flag + 1] == "1000"
+    done = subprocess.run(
+        [envoy.binary(), *argv[1:], "--mode", "validate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

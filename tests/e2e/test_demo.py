@@ -39,7 +39,7 @@ def test_demo_check_fails_when_the_mesh_is_broken(tmp_path: Path) -> None:
     demo = Path(__file__).resolve().parents[2] / "examples" / "demo"
     for f in demo.glob("*.yaml"):
         (folder / f.name).write_text(
-            f.read_text().replace("demo.shoal.io/calls: reviews", "demo.shoal.io/calls: missing")
+            f.read_text().replace("demo.shoal.io/calls: catalog", "demo.shoal.io/calls: missing")
         )
     result = subprocess.run(
         [

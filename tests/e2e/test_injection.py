@@ -12,7 +12,12 @@ What it shows: plain HTTP from an app to a ClusterIP and to a Service name
 is captured and arrives over mTLS with both SPIFFE IDs; a port no Service
 declares follows the namespace's STRICT/PERMISSIVE mode; the rewritten
 readiness probe works under STRICT and follows the app; Envoy's own traffic
-is not captured again; a deleted Pod's token earns no certificate.
+is not captured again; a deleted Pod's token earns no certificate; a request
+web -> reviews is one stitched trace (web's client span, reviews' server
+span) in the control plane's embedded collector, reached from the Pods over
+mTLS, and an access-log line with its trace id on web's agent's stdout, none
+on reviews' (its Service says `shoal.io/access-log: "off"`, the namespace
+"on"); reviews' Prometheus port (15090) counts web's requests by identity.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -31,7 +37,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from shoal import envoy
+from shoal.agent import proxy
 from shoal.registry import annotations as registry_annotations
 from tests import netns
 from tests.e2e import kubelet
@@ -56,6 +65,9 @@ REVIEWS_PORT = 9080
 WEB_PORT = 8080
 # Served by reviews' app, declared by no Service.
 UNDECLARED_PORT = 9100
+# The embedded collector's port: what every agent's bootstrap points at, on
+# the xDS host (the node's own network, so nothing else holds it).
+COLLECTOR_PORT = 15018
 WEB_ID = "spiffe://cluster.local/ns/shop/sa/web"
 REVIEWS_ID = "spiffe://cluster.local/ns/shop/sa/reviews"
 
@@ -102,7 +114,11 @@ metadata: {{name: reviews, namespace: shop}}
 ---
 apiVersion: v1
 kind: Service
-metadata: {{name: reviews, namespace: shop}}
+metadata:
+  name: reviews
+  namespace: shop
+  # The namespace logs; reviews' sidecar must not.
+  annotations: {{{registry_annotations.ACCESS_LOG}: "off"}}
 spec:
   clusterIP: {REVIEWS_CLUSTER_IP}
   selector: {{app: reviews}}
@@ -257,10 +273,22 @@ def _names(containers: Any) -> list[str]:
     return [c["name"] for c in containers or ()]
 
 
-def _curl(ns: netns.Namespace, url: str, uid: int | None = APP_UID) -> tuple[int, str]:
+def _curl(
+    ns: netns.Namespace, url: str, uid: int | None = APP_UID, headers: Sequence[str] = ()
+) -> tuple[int, str]:
     """What an app's plain curl gets: curl's exit code and the body."""
+    sent = [arg for header in headers for arg in ("-H", header)]
     result = ns.run(
-        "curl", "-sS", "--connect-timeout", "3", "--max-time", "8", url, uid=uid, timeout=30
+        "curl",
+        "-sS",
+        "--connect-timeout",
+        "3",
+        "--max-time",
+        "8",
+        *sent,
+        url,
+        uid=uid,
+        timeout=30,
     )
     return result.returncode, result.stdout
 
@@ -361,9 +389,12 @@ def _serve(
             f"0.0.0.0:{xds}",
             "--join-address",
             f"0.0.0.0:{join}",
-            # Beside other control planes: the collector on a free port.
+            # Where the agents' bootstraps send spans: the xDS host's 15018.
             "--collector-address",
-            "127.0.0.1:0",
+            f"0.0.0.0:{COLLECTOR_PORT}",
+            # Every request traced, so the one the test sends is.
+            "--trace-sampling",
+            "100",
             "--webhook-address",
             f"0.0.0.0:{hook}",
             "--admin-address",
@@ -412,6 +443,7 @@ async def _scenario(node: netns.Node, emu: Any, cluster: Cluster, folder: Path) 
         # A user: a labelled namespace, an unlabelled one, the apps.
         cluster.kubectl([*APPLY, "-f", "-"], input=_namespace("shop") + _namespace("outside"))
         cluster.kubectl(["label", "namespace", "shop", "shoal.io/inject=enabled"])
+        cluster.kubectl(["annotate", "namespace", "shop", f"{registry_annotations.ACCESS_LOG}=on"])
         cluster.kubectl([*APPLY, "-f", "-"], input=APPS)
 
         for name in ("web", "reviews"):
@@ -445,7 +477,7 @@ async def _scenario(node: netns.Node, emu: Any, cluster: Cluster, folder: Path) 
         executables = {"shoal": str(SHOAL)}
         with kubelet.kubelet(node, cluster.kubectl, set_status, executables) as k:
             web, reviews = await _start_pods(k, node, folder)
-            await _show_mesh(node, cluster, web, reviews, serve_output)
+            await _show_mesh(node, cluster, web, reviews, serve_output, folder / "state")
             await _show_deleted_pod_refused(k, cluster, web)
     finally:
         serve.kill()
@@ -506,13 +538,14 @@ async def _show_mesh(
     web: kubelet.RunningPod,
     reviews: kubelet.RunningPod,
     serve_output: Callable[[], str],
+    state_dir: Path,
 ) -> None:
     calls = 0
 
-    async def call(ns: netns.Namespace, url: str) -> tuple[int, str]:
+    async def call(ns: netns.Namespace, url: str, headers: Sequence[str] = ()) -> tuple[int, str]:
         nonlocal calls
         calls += 1
-        return await asyncio.to_thread(_curl, ns, url)
+        return await asyncio.to_thread(_curl, ns, url, APP_UID, headers)
 
     def diagnose() -> str:
         return (
@@ -542,6 +575,28 @@ async def _show_mesh(
         assert answer["app"] == "reviews" and answer["port"] == REVIEWS_PORT, answer
         xfcc = answer["headers"].get("x-forwarded-client-cert", "")
         assert f"By={REVIEWS_ID}" in xfcc and f"URI={WEB_ID}" in xfcc, answer
+
+    # A traced request (a W3C caller), checked at the end: Envoy sends spans
+    # every 5 s, which the steps between overlap.
+    trace_id = secrets.token_hex(16)
+    parent = secrets.token_hex(8)
+    code, body = await call(
+        web.network,
+        f"http://{REVIEWS_CLUSTER_IP}/",
+        [f"traceparent: 00-{trace_id}-{parent}-01"],
+    )
+    assert code == 0 and json.loads(body)["app"] == "reviews", body
+
+    # Request metrics on reviews' Prometheus port, as a scraper reads them.
+    # (Before step 5: a new inbound listener starts its counters again.)
+    code, body = await asyncio.to_thread(_curl, node, f"http://{REVIEWS_IP}:15090/stats/prometheus")
+    assert code == 0, body
+    inbound = (
+        'envoy_shoal_requests_total{reporter="destination",source_workload="unknown",'
+        f'source_identity="{WEB_ID}",destination_service="reviews.shop",'
+        f'destination_identity="{REVIEWS_ID}",response_code="200",response_flags="-"}}'
+    )
+    assert inbound in body, [line for line in body.splitlines() if "shoal_requests" in line]
 
     # 2. STRICT: a port no Service declares takes no plain text, from a
     # meshed Pod (whose Envoy passes it on as it is) or from outside the
@@ -593,6 +648,85 @@ async def _show_mesh(
     code, body = await call(node, undeclared)
     assert code == 0 and json.loads(body)["port"] == UNDECLARED_PORT, body
     _no_storm(web, reviews, calls)
+
+    # 6. Tracing and access logs in capture mode.
+    try:
+        await _show_trace(state_dir / "admin.sock", trace_id, parent)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{diagnose()}") from None
+    await _show_access_logs(web, reviews, trace_id)
+
+
+async def _show_trace(admin_socket: Path, trace_id: str, parent: str) -> None:
+    """One stitched trace in the embedded collector, read as a reader does
+    (the admin socket): web's client span, reviews' server span its child,
+    each tagged with both identities."""
+    connector = aiohttp.UnixConnector(path=str(admin_socket))
+    async with aiohttp.ClientSession(connector=connector) as admin:
+
+        async def fetch() -> dict[str, Any] | None:
+            async with admin.get(f"http://shoal/debug/traces/{trace_id}") as r:
+                return await r.json() if r.status == 200 else None
+
+        async def complete() -> bool:
+            found = await fetch()
+            return found is not None and len(found["spans"]) >= 2
+
+        await eventually(complete, 20)
+        found = await fetch()
+    assert found is not None
+    spans = found["spans"]
+    assert len(spans) == 2, spans
+    by_kind = {s["kind"]: s for s in spans}
+    client, server = by_kind["CLIENT"], by_kind["SERVER"]
+    assert {s["traceId"] for s in spans} == {trace_id}
+    assert client["parentId"] == parent and client["service"] == "web.shop", client
+    assert server["parentId"] == client["id"] and server["service"] == "reviews.shop", server
+    tags = client["tags"]
+    assert tags["shoal.source.service"] == "web.shop", tags
+    assert tags["shoal.source.identity"] == WEB_ID, tags
+    assert tags["shoal.destination.service"] == "reviews.shop", tags
+    assert tags["shoal.destination.identity"] == REVIEWS_ID, tags
+    assert tags["http.status_code"] == "200", tags
+    assert tags["upstream_cluster"].startswith("outbound|80||reviews.shop"), tags
+    tags = server["tags"]
+    assert tags["shoal.destination.service"] == "reviews.shop", tags
+    assert tags["shoal.destination.identity"] == REVIEWS_ID, tags
+    assert tags["shoal.source.identity"] == WEB_ID, tags
+
+
+def _access_log(pod: kubelet.RunningPod) -> list[dict[str, Any]]:
+    """The JSON lines on the agent's stdout (Envoy's is the agent's)."""
+    lines = pod.log("shoal-proxy").splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+async def _show_access_logs(
+    web: kubelet.RunningPod, reviews: kubelet.RunningPod, trace_id: str
+) -> None:
+    """Envoy writes its buffered lines out every second (the agent's
+    --file-flush-interval-msec)."""
+
+    def lines() -> list[dict[str, Any]]:
+        return [entry for entry in _access_log(web) if entry["trace_id"] == trace_id]
+
+    async def logged() -> bool:
+        return bool(lines())
+
+    try:
+        await eventually(logged, 10)
+    except AssertionError:
+        raise AssertionError(f"no access log line:\n{web.log('shoal-proxy')[-3000:]}") from None
+    # What reviews' sidecar would have logged is written out by now too.
+    await asyncio.sleep(proxy.LOG_FLUSH_MS / 1000 + 0.2)
+    (line,) = lines()
+    assert line["direction"] == "outbound", line
+    assert line["source_identity"] == WEB_ID and line["source_service"] == "web.shop", line
+    assert line["destination_identity"] == REVIEWS_ID, line
+    assert line["upstream_cluster"].startswith("outbound|80||reviews.shop"), line
+    assert line["response_code"] == 200 and line["method"] == "GET", line
+    # The namespace says on, reviews' Service off: its sidecar logs nothing.
+    assert _access_log(reviews) == [], reviews.log("shoal-proxy")[-2000:]
 
 
 async def _show_deleted_pod_refused(

@@ -39,7 +39,7 @@ async def _chain(
     registry_dir: Path,
     local_mesh: mesh.LocalMesh,
     *,
-    sampling: str = "100",
+    sampling: str | None = "100",
     pricing_log: str = "on",
 ) -> dict[str, mesh.Workload]:
     """client -> frontend -> catalog -> pricing, each behind its sidecar."""
@@ -207,6 +207,39 @@ async def test_sampling_zero_yields_no_trace(
     await eventually(logged)
     # Envoy flushes spans every 5 s or 5 spans: a few more requests traced at
     # 100 % (a header forces it) show the pipeline works, and only them.
+    async with aiohttp.ClientSession() as session:
+        trace_id = secrets.token_hex(16)
+        headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+        for _ in range(5):
+            status, _ = await mesh.get(session, w["client"], "frontend", headers=headers)
+            assert status == 200
+
+    async def forced_arrived() -> bool:
+        found = control_plane.traces.trace(trace_id) if control_plane.traces else None
+        return found is not None and len(found["spans"]) >= 6
+
+    await eventually(forced_arrived)
+    assert [t["traceId"] for t in control_plane.traces.summaries(limit=1000)] == [trace_id]
+
+
+@pytest.mark.parametrize("telemetry", [model_mesh.Telemetry(trace_sampling=0.0)])
+async def test_the_mesh_wide_sampling_flag_alone_turns_tracing_off(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    """`shoal serve --trace-sampling 0`, no annotation: no request is traced
+    (every route carries the mesh's sampling: a route's tracing without one
+    would sample all)."""
+    assert control_plane.traces is not None
+    w = await _chain(control_plane, registry_dir, local_mesh, sampling=None)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(20):
+            await _through(session, w["client"])
+
+    async def logged() -> bool:
+        return len(_log_lines(w["pricing"])) >= 20
+
+    await eventually(logged)
+    # As above: forced traces arrive, and only they.
     async with aiohttp.ClientSession() as session:
         trace_id = secrets.token_hex(16)
         headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}

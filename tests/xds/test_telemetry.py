@@ -116,22 +116,89 @@ def test_sampling_is_the_services_else_the_meshs() -> None:
         assert r.tracing.random_sampling.numerator == 1_000_000
 
 
+def _logs(manager: hcm_pb2.HttpConnectionManager) -> list[Any]:
+    """The manager's JSON access logs (not its request metrics)."""
+    return [log for log in manager.access_log if log.name == telemetry.STDOUT_LOG]
+
+
 def test_access_logs_follow_the_service_then_the_namespace_then_the_mesh() -> None:
     base = fixtures.state()
     web = base.services[mesh.ServiceKey("shop", "web")]
     on = dataclasses.replace(base, telemetry=mesh.Telemetry(access_log=True))
-    assert all(m.access_log for m in _managers(_local_listeners(on)))
+    assert all(_logs(m) for m in _managers(_local_listeners(on)))
     services = dict(base.services)
     services[web.key] = dataclasses.replace(web, access_log=False)
     quiet = dataclasses.replace(on, services=services)
-    assert not any(m.access_log for m in _managers(_local_listeners(quiet)))
+    assert not any(_logs(m) for m in _managers(_local_listeners(quiet)))
     namespace_off = dataclasses.replace(
         on, namespaces={"shop": mesh.Namespace("shop", access_log=False)}
     )
-    assert not any(m.access_log for m in _managers(_local_listeners(namespace_off)))
+    assert not any(_logs(m) for m in _managers(_local_listeners(namespace_off)))
     services[web.key] = dataclasses.replace(web, access_log=True)
     service_on = dataclasses.replace(namespace_off, services=services)
-    assert all(m.access_log for m in _managers(_local_listeners(service_on)))
+    assert all(_logs(m) for m in _managers(_local_listeners(service_on)))
+
+
+def test_access_logs_go_to_the_inherited_stdout_opening_no_path() -> None:
+    """The file logger on /dev/stdout reopens Envoy's stdout by path, which
+    a proxy of another user than its opener may not (a captured Pod's Envoy,
+    UID 1337, under a root agent): Envoy then rejects the listener."""
+    state = dataclasses.replace(fixtures.state(), telemetry=mesh.Telemetry(access_log=True))
+    found = _managers(_local_listeners(state)) + _managers(_capture_listeners(state))
+    logs = [log for m in found for log in m.access_log if log.name != telemetry.STATS_LOG]
+    assert logs and {log.name for log in logs} == {telemetry.STDOUT_LOG}
+    for log in logs:
+        assert (
+            log.typed_config.TypeName()
+            == "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+        )
+
+
+def _metrics(manager: hcm_pb2.HttpConnectionManager) -> Any:
+    (log,) = [log for log in manager.access_log if log.name == telemetry.STATS_LOG]
+    config = telemetry.stats_pb2.Config()
+    assert log.typed_config.Unpack(config)
+    return config
+
+
+def test_every_http_manager_counts_requests_by_source_and_destination() -> None:
+    """Access logs off or on, each manager has the request counter and the
+    duration histogram, with the same tags: outbound, the proxy's own
+    workload is the source and the upstream the destination; inbound, the
+    caller's certificate is the source. No tag takes a value a caller
+    chooses (a header would let anyone mint series)."""
+    for access_log in (False, True):
+        state = dataclasses.replace(
+            fixtures.state(), telemetry=mesh.Telemetry(access_log=access_log)
+        )
+        found = _managers(_local_listeners(state)) + _managers(_capture_listeners(state))
+        directions = set()
+        for manager in found:
+            config = _metrics(manager)
+            (counter,) = config.counters
+            (histogram,) = config.histograms
+            assert (counter.stat.name, histogram.stat.name) == (
+                telemetry.REQUESTS,
+                telemetry.DURATION,
+            )
+            assert counter.value_fixed.value == 1
+            assert histogram.value_format == "%DURATION%"
+            assert histogram.unit == telemetry.stats_pb2.Config.Histogram.Milliseconds
+            tags = {t.name: t.value_format for t in counter.stat.tags}
+            assert tags == {t.name: t.value_format for t in histogram.stat.tags}
+            assert not any("%REQ(" in v or "%RESP(" in v for v in tags.values()), tags
+            assert tags["response_code"] == "%RESPONSE_CODE%"
+            assert tags["response_flags"] == "%RESPONSE_FLAGS%"
+            directions.add(tags["reporter"])
+            if tags["reporter"] == "source":
+                assert tags["source_identity"] == "spiffe://cluster.local/ns/shop/sa/web"
+                assert tags["destination_service"] == "%UPSTREAM_CLUSTER%"
+                assert tags["destination_identity"] == "%UPSTREAM_PEER_URI_SAN%"
+            else:
+                assert tags["source_identity"] == "%DOWNSTREAM_PEER_URI_SAN%"
+                assert tags["source_workload"] == telemetry.UNKNOWN
+                assert tags["destination_identity"] == "spiffe://cluster.local/ns/shop/sa/web"
+        assert directions == {"source", "destination"}
 
 
 def test_an_external_endpoint_gets_its_own_cluster() -> None:

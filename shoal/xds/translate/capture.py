@@ -393,7 +393,11 @@ def port_routes(
                 name=f"{svc.key.fqdn}:{port}",
                 domains=domains,
                 routes=routes.service_routes(
-                    svc, svc_port, state.routes.get(svc.key), state.services
+                    svc,
+                    svc_port,
+                    state.routes.get(svc.key),
+                    state.services,
+                    state.telemetry.trace_sampling,
                 ),
             )
         )

@@ -83,7 +83,13 @@ def route_configs(
                         route_components_pb2.VirtualHost(
                             name=name,
                             domains=["*"],
-                            routes=routes.service_routes(service, port, route, state.services),
+                            routes=routes.service_routes(
+                                service,
+                                port,
+                                route,
+                                state.services,
+                                state.telemetry.trace_sampling,
+                            ),
                         )
                     ],
                 )

@@ -158,8 +158,11 @@ def service_routes(
     port: mesh.Port,
     route: routing.ServiceRoute | None,
     services: Mapping[mesh.ServiceKey, mesh.Service],
+    mesh_sampling: float,
 ) -> list[route_components_pb2.Route]:
-    """Routes for calls to one port of a Service, first match wins."""
+    """Routes for calls to one port of a Service, first match wins;
+    `mesh_sampling` is the mesh's trace sampling, for Services that do not
+    set their own."""
     rules = (
         route.rules if route is not None else (routing.RouteRule((routing.Backend(service.key),)),)
     )
@@ -170,7 +173,7 @@ def service_routes(
         r = route_components_pb2.Route(
             name=name, match=_match(rule), route=_action(rule, port, services, route)
         )
-        r.tracing.CopyFrom(telemetry.route_tracing(service, name))
+        r.tracing.CopyFrom(telemetry.route_tracing(service, name, mesh_sampling))
         fault = _pick(rule.fault, route.fault if route else None)
         if fault is not None:
             r.typed_per_filter_config[FAULT_FILTER].CopyFrom(_fault(fault))
@@ -232,7 +235,9 @@ def virtual_hosts(
             route_components_pb2.VirtualHost(
                 name=f"{service.key.fqdn}:{port.port}",
                 domains=domains,
-                routes=service_routes(service, port, route, state.services),
+                routes=service_routes(
+                    service, port, route, state.services, state.telemetry.trace_sampling
+                ),
             )
         )
     return out

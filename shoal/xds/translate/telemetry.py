@@ -14,9 +14,16 @@ sidecar's xDS client certificate, which only the bootstrap holds), or, with
 `shoal serve --tracing URL`, to an external Zipkin-protocol endpoint
 through `EXTERNAL_CLUSTER`, served over CDS like any other cluster.
 
-Access logs are Envoy's file logger writing one JSON object per request to
+Access logs are Envoy's stdout logger writing one JSON object per request to
 the proxy's stdout (`kubectl logs POD -c shoal-proxy`, or the sidecar's log
-file in local mode).
+file in local mode). Not the file logger on `/dev/stdout`: that reopens the
+descriptor by path, which a proxy running as another user than the one who
+opened it (Envoy as UID 1337 under a root agent, its stdout the agent's)
+may not do, and Envoy then rejects the whole listener.
+
+Request metrics (a counter and a duration histogram per source and
+destination) are Envoy's stats access logger in every connection manager,
+whatever the access-log switch.
 """
 
 from __future__ import annotations
@@ -30,14 +37,15 @@ from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.config.trace.v3 import http_tracer_pb2, zipkin_pb2
-from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.access_loggers.stats.v3 import stats_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.tracing.v3 import custom_tag_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
 
 from shoal.model import mesh
 from shoal.xds.translate import bootstrap, common
@@ -48,8 +56,8 @@ COLLECTOR_CLUSTER = bootstrap.COLLECTOR_CLUSTER
 EXTERNAL_CLUSTER = "shoal-tracing"
 SPANS_PATH = "/api/v2/spans"
 ZIPKIN = "envoy.tracers.zipkin"
-FILE_LOG = "envoy.access_loggers.file"
-ACCESS_LOG_PATH = "/dev/stdout"
+STDOUT_LOG = "envoy.access_loggers.stdout"
+STATS_LOG = "envoy.access_loggers.stats"
 
 # Span tags a mesh knows (Envoy adds its own standard ones: upstream_cluster,
 # http.status_code, response_flags, guid:x-request-id, ...).
@@ -132,17 +140,20 @@ def tracing(hcm: Hcm) -> hcm_pb2.HttpConnectionManager.Tracing:
     )
 
 
-def route_tracing(service: mesh.Service, route_name: str = "") -> route_components_pb2.Tracing:
-    """On every route to a Service: the destination's tags and, when its
-    `shoal.io/trace-sampling` says so, its own sampling for requests that
-    start a trace on the way to it."""
+def route_tracing(
+    service: mesh.Service, route_name: str, mesh_sampling: float
+) -> route_components_pb2.Tracing:
+    """On every route to a Service: the destination's tags and the sampling
+    for requests that start a trace on the way to it, its own
+    (`shoal.io/trace-sampling`) or the mesh's. Always set: a route's tracing
+    without a sampling samples 100 %, whatever the connection manager says."""
     out = route_components_pb2.Tracing(
         custom_tags=[_literal(DESTINATION_SERVICE, service_name(service.key))]
     )
     if route_name:
         out.custom_tags.append(_literal(ROUTE, route_name))
-    if service.trace_sampling is not None:
-        out.random_sampling.CopyFrom(_fraction(service.trace_sampling))
+    sampling = service.trace_sampling if service.trace_sampling is not None else mesh_sampling
+    out.random_sampling.CopyFrom(_fraction(sampling))
     return out
 
 
@@ -189,11 +200,78 @@ def access_logs(hcm: Hcm) -> list[accesslog_pb2.AccessLog]:
         return []
     json_format = struct_pb2.Struct()
     json_format.update(_log_format(hcm))
-    logger = file_pb2.FileAccessLog(
-        path=ACCESS_LOG_PATH,
+    # Writes to the descriptor Envoy inherited: no path opened (see above).
+    logger = stream_pb2.StdoutAccessLog(
         log_format=substitution_format_string_pb2.SubstitutionFormatString(json_format=json_format),
     )
-    return [accesslog_pb2.AccessLog(name=FILE_LOG, typed_config=common.typed(logger))]
+    return [accesslog_pb2.AccessLog(name=STDOUT_LOG, typed_config=common.typed(logger))]
+
+
+# Request metrics: Envoy's stats access logger (no Wasm) counts each request
+# and its duration, tagged by who called whom, in every sidecar connection
+# manager whatever the access-log switch. Envoy's Prometheus output renders
+# them as envoy_shoal_requests_total and envoy_shoal_request_duration_
+# milliseconds_{bucket,sum,count} (README, "Request metrics").
+STAT_PREFIX = "shoal"
+REQUESTS = "requests_total"
+DURATION = "request_duration_milliseconds"
+UNKNOWN = "unknown"
+
+
+def _metric_tags(hcm: Hcm) -> list[stats_pb2.Config.Tag]:
+    """Every tag's value is bounded by the mesh, never by what a caller
+    sends: literals, Envoy's own clusters, certificate identities the mesh
+    CA signed, response codes and flags. (A header would let any caller
+    mint series.)"""
+    own_service = hcm.service or UNKNOWN
+    own_identity = hcm.identity or UNKNOWN
+    if hcm.direction == "outbound":
+        values = {
+            "reporter": "source",
+            "source_workload": own_service,
+            "source_identity": own_identity,
+            # The route's cluster: `outbound|80||reviews.shop.svc.cluster.local`.
+            "destination_service": "%UPSTREAM_CLUSTER%",
+            "destination_identity": "%UPSTREAM_PEER_URI_SAN%",
+        }
+    else:
+        values = {
+            "reporter": "destination",
+            # Only the caller's certificate is known here, not its Service.
+            "source_workload": UNKNOWN,
+            "source_identity": "%DOWNSTREAM_PEER_URI_SAN%",
+            "destination_service": own_service,
+            "destination_identity": own_identity,
+        }
+    values["response_code"] = "%RESPONSE_CODE%"
+    values["response_flags"] = "%RESPONSE_FLAGS%"
+    return [stats_pb2.Config.Tag(name=k, value_format=v) for k, v in values.items()]
+
+
+def request_metrics(hcm: Hcm) -> accesslog_pb2.AccessLog:
+    """A counter and a duration histogram per request, tagged by source,
+    destination, response code and flags."""
+    tags = _metric_tags(hcm)
+    config = stats_pb2.Config(
+        # Envoy 1.40 deprecates stat_prefix for stats_scope, which the
+        # protobuf bindings shoal builds with do not have yet; Envoy needs
+        # one of the two, and accepts this with a warning at start.
+        stat_prefix=STAT_PREFIX,
+        counters=[
+            stats_pb2.Config.Counter(
+                stat=stats_pb2.Config.Stat(name=REQUESTS, tags=tags),
+                value_fixed=wrappers_pb2.UInt64Value(value=1),
+            )
+        ],
+        histograms=[
+            stats_pb2.Config.Histogram(
+                stat=stats_pb2.Config.Stat(name=DURATION, tags=tags),
+                unit=stats_pb2.Config.Histogram.Milliseconds,
+                value_format="%DURATION%",
+            )
+        ],
+    )
+    return accesslog_pb2.AccessLog(name=STATS_LOG, typed_config=common.typed(config))
 
 
 def apply(manager: hcm_pb2.HttpConnectionManager, hcm: Hcm) -> None:
@@ -202,6 +280,7 @@ def apply(manager: hcm_pb2.HttpConnectionManager, hcm: Hcm) -> None:
     # decision in it), so log lines and spans of one request can be joined.
     manager.generate_request_id.CopyFrom(common.bool_value(True))
     manager.tracing.CopyFrom(tracing(hcm))
+    manager.access_log.append(request_metrics(hcm))
     manager.access_log.extend(access_logs(hcm))
 
 
