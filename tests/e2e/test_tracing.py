@@ -190,11 +190,12 @@ async def test_one_request_through_three_services_is_one_stitched_trace(
     assert _log_lines(w["pricing"]) == []
 
 
-async def test_sampling_zero_yields_no_trace(
-    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+async def _only_forced_requests_are_traced(
+    control_plane: cli.ControlPlane, w: dict[str, mesh.Workload]
 ) -> None:
+    """20 requests that sampling leaves untraced, then 5 a header forces:
+    the collector ends up with exactly the forced trace."""
     assert control_plane.traces is not None
-    w = await _chain(control_plane, registry_dir, local_mesh, sampling="0")
     async with aiohttp.ClientSession() as session:
         for _ in range(20):
             await _through(session, w["client"])
@@ -222,6 +223,14 @@ async def test_sampling_zero_yields_no_trace(
     assert [t["traceId"] for t in control_plane.traces.summaries(limit=1000)] == [trace_id]
 
 
+async def test_sampling_zero_yields_no_trace(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    assert control_plane.traces is not None
+    w = await _chain(control_plane, registry_dir, local_mesh, sampling="0")
+    await _only_forced_requests_are_traced(control_plane, w)
+
+
 @pytest.mark.parametrize("telemetry", [model_mesh.Telemetry(trace_sampling=0.0)])
 async def test_the_mesh_wide_sampling_flag_alone_turns_tracing_off(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
@@ -231,28 +240,7 @@ async def test_the_mesh_wide_sampling_flag_alone_turns_tracing_off(
     would sample all)."""
     assert control_plane.traces is not None
     w = await _chain(control_plane, registry_dir, local_mesh, sampling=None)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(20):
-            await _through(session, w["client"])
-
-    async def logged() -> bool:
-        return len(_log_lines(w["pricing"])) >= 20
-
-    await eventually(logged)
-    # As above: forced traces arrive, and only they.
-    async with aiohttp.ClientSession() as session:
-        trace_id = secrets.token_hex(16)
-        headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
-        for _ in range(5):
-            status, _ = await mesh.get(session, w["client"], "frontend", headers=headers)
-            assert status == 200
-
-    async def forced_arrived() -> bool:
-        found = control_plane.traces.trace(trace_id) if control_plane.traces else None
-        return found is not None and len(found["spans"]) >= 6
-
-    await eventually(forced_arrived)
-    assert [t["traceId"] for t in control_plane.traces.summaries(limit=1000)] == [trace_id]
+    await _only_forced_requests_are_traced(control_plane, w)
 
 
 async def test_the_collector_refuses_a_client_without_a_mesh_certificate(
