@@ -125,13 +125,15 @@ def test_addresses_are_checked(value: str) -> None:
     assert "--xds-address" in str(info.value)
 
 
-def test_the_agents_bootstrap_is_valid_for_envoy(tmp_path: Path) -> None:
+def _certified(work: Path, host: str) -> settings.AgentSettings:
+    """An agent's settings with credentials installed in `work`, as after
+    a Certify."""
     s = settings.AgentSettings(
         pod=settings.pod_from_env(POD_ENV),
-        xds_host="shoal.shoal-system.svc",
+        xds_host=host,
         xds_port=15010,
-        ca_address="shoal.shoal-system.svc:15012",
-        work_dir=tmp_path,
+        ca_address=f"{host}:15012",
+        work_dir=work,
     )
     authority = ca.Authority(ca.new_root("cluster.local"))
     pair = authority.workload("shop", "web")
@@ -139,6 +141,11 @@ def test_the_agents_bootstrap_is_valid_for_envoy(tmp_path: Path) -> None:
     identity.install(
         s, identity.Credentials(pair.cert_pem, pair.key_pem, authority.xds_trust, ca.utcnow())
     )
+    return s
+
+
+def test_the_agents_bootstrap_is_valid_for_envoy(tmp_path: Path) -> None:
+    s = _certified(tmp_path, "shoal.shoal-system.svc")
     path = identity.write_bootstrap(s)
     config = yaml.safe_load(path.read_text())
     names = [x["name"] for x in config["static_resources"]["listeners"]]
@@ -189,19 +196,7 @@ def test_the_agent_refuses_to_start_misconfigured(
 def test_envoys_command_line_flushes_access_logs_within_a_second(tmp_path: Path) -> None:
     """Envoy's default keeps access-log lines for 10 s before `kubectl logs`
     shows them; the agent asks for 1 s, on a command line Envoy accepts."""
-    s = settings.AgentSettings(
-        pod=settings.pod_from_env(POD_ENV),
-        xds_host="127.0.0.1",
-        xds_port=15010,
-        ca_address="127.0.0.1:15012",
-        work_dir=tmp_path,
-    )
-    authority = ca.Authority(ca.new_root("cluster.local"))
-    pair = authority.workload("shop", "web")
-    identity.prepare(s)
-    identity.install(
-        s, identity.Credentials(pair.cert_pem, pair.key_pem, authority.xds_trust, ca.utcnow())
-    )
+    s = _certified(tmp_path, "127.0.0.1")
     argv = proxy.Envoy(s, identity.write_bootstrap(s)).argv()
     flag = argv.index("--file-flush-interval-msec")
     assert argv[flag + 1] == "1000"
