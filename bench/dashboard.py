@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import localmesh
 from playwright.async_api import Browser, async_playwright
 
-from shoal import cli, envoy
+from shoal import envoy
 from shoal.demo import mesh
 from shoal.observe.dashboard import server as dashboard
 
@@ -203,20 +204,7 @@ async def run(services: int, loads: int) -> dict[str, Any]:
         registry.mkdir()
         ports = {"client": envoy.free_port(), "server": envoy.free_port()}
         write_mesh(registry, services, ports)
-        options = cli.ServeOptions(
-            registry=registry,
-            xds_address="127.0.0.1:0",
-            admin_address="127.0.0.1:0",
-            state_dir=work / "state",
-            join_address="127.0.0.1:0",
-            collector_address="127.0.0.1:0",
-        )
-        async with cli.control_plane(options) as cp:
-            deadline = time.monotonic() + 60
-            while len(cp.controller.state.services) < services:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the control plane did not load the mesh")
-                await asyncio.sleep(0.1)
+        async with localmesh.control_plane(registry, work, services) as cp:
             local = mesh.LocalMesh(
                 work / "sidecars",
                 cp.xds_port,
@@ -224,15 +212,7 @@ async def run(services: int, loads: int) -> dict[str, Any]:
                 collector_port=cp.collector_port,
             )
             try:
-                w = {}
-                for name, port in ports.items():
-                    w[name] = await local.add(
-                        f"{name}-1",
-                        namespace="default",
-                        service=name,
-                        inbound_port=port,
-                        service_account=f"{name}-sa",
-                    )
+                w = await localmesh.sidecars(local, ports)
                 # Traffic for the graph's edge. If the sidecars cannot carry it
                 # (a translation they reject), the pages are still measured
                 # and the figures say so.

@@ -46,8 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import localmesh
 
-from shoal import cli, envoy
+from shoal import envoy
 from shoal.demo import mesh
 from shoal.model import mesh as model_mesh
 
@@ -167,24 +168,14 @@ async def run_config(
     ports = {"client": envoy.free_port(), "server": envoy.free_port()}
     for svc, port in ports.items():
         (registry / f"{svc}.yaml").write_text(_workload(svc, port, annotate))
-    options = cli.ServeOptions(
-        registry=registry,
-        xds_address="127.0.0.1:0",
-        admin_address="127.0.0.1:0",
-        state_dir=work / "state",
-        join_address="127.0.0.1:0",
-        collector_address="127.0.0.1:0",
+    async with localmesh.control_plane(
+        registry,
+        work,
+        len(ports),
         debounce_quiet=0.05,
         debounce_max=0.5,
         telemetry=CONFIGS[name],
-    )
-    async with cli.control_plane(options) as cp:
-        # Let the registry's first load reach the controller.
-        deadline = time.monotonic() + 30
-        while len(cp.controller.state.services) < 2:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the control plane did not load the two Services")
-            await asyncio.sleep(0.05)
+    ) as cp:
         local = mesh.LocalMesh(
             work / "sidecars",
             cp.xds_port,
@@ -192,15 +183,7 @@ async def run_config(
             collector_port=cp.collector_port,
         )
         try:
-            workloads = {}
-            for svc, port in ports.items():
-                workloads[svc] = await local.add(
-                    f"{svc}-1",
-                    namespace="default",
-                    service=svc,
-                    inbound_port=port,
-                    service_account=f"{svc}-sa",
-                )
+            workloads = await localmesh.sidecars(local, ports)
             async with aiohttp.ClientSession() as session:
                 await _until_200(session, workloads["client"])
             result = await _load(workloads["client"].sidecar.outbound_port, warmup, count)
