@@ -207,11 +207,24 @@ class SpanStore:
                 children[s["parentId"]].append(s["id"])
         by_id = {s["id"]: s for s in spans}
 
-        def depth(span: dict[str, Any], seen: int = 0) -> int:
-            parent = span.get("parentId")
-            if parent not in by_id or seen > len(spans):
-                return 0
-            return 1 + depth(by_id[parent], seen + 1)
+        depths: dict[str, int] = {}
+
+        def depth(span: dict[str, Any]) -> int:
+            # Iterative and memoised: a report may chain thousands of spans
+            # (or loop them), which recursion would not survive.
+            chain: list[str] = []
+            current: dict[str, Any] | None = span
+            while current is not None and current["id"] not in depths:
+                if current["id"] in chain:
+                    break  # a loop: its spans count from where it closes
+                chain.append(current["id"])
+                parent = current.get("parentId")
+                current = by_id.get(parent) if isinstance(parent, str) else None
+            below = depths.get(current["id"], -1) if current is not None else -1
+            for span_id in reversed(chain):
+                below += 1
+                depths[span_id] = below
+            return depths[span["id"]]
 
         for s in spans:
             s["depth"] = depth(s)
@@ -291,8 +304,11 @@ def app(store: SpanStore) -> web.Application:
         try:
             report = json.loads(await request.read())
             kept = store.add(report)
-        except (ValueError, UnicodeDecodeError) as err:
-            return web.json_response({"error": f"not a Zipkin v2 JSON report: {err}"}, status=400)
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            reason = str(err)[:200] or type(err).__name__
+            return web.json_response(
+                {"error": f"not a Zipkin v2 JSON report: {reason}"}, status=400
+            )
         return web.json_response({"accepted": kept}, status=202)
 
     application = web.Application(client_max_size=MAX_REPORT)

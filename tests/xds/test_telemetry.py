@@ -8,13 +8,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from google.protobuf import json_format
 
+from shoal import envoy
 from shoal.model import mesh
 from shoal.observe import traces
 from shoal.registry import annotations
@@ -296,6 +299,37 @@ def test_the_store_stitches_a_trace_with_its_parents() -> None:
     assert trace["services"] == ["a", "b", "c"]
     (summary,) = store.summaries(service="b")
     assert summary["spans"] == 3
+
+
+def test_a_long_or_looping_chain_of_parents_is_read_back() -> None:
+    """Any workload with a mesh certificate may report spans: a chain far
+    deeper than Python's recursion, and a loop, are stitched all the same."""
+    store = traces.SpanStore()
+    store.add([_span(7, 1)] + [_span(7, n, n - 1) for n in range(2, 5001)])
+    trace = store.trace(f"{7:032x}")
+    assert trace is not None
+    assert [s["depth"] for s in trace["spans"]] == list(range(5000))
+    store.add([_span(8, 1, 2), _span(8, 2, 1)])
+    looped = store.trace(f"{8:032x}")
+    assert looped is not None and len(looped["spans"]) == 2
+
+
+async def test_the_collector_answers_a_hostile_report_with_a_400() -> None:
+
+    runner = web.AppRunner(traces.app(traces.SpanStore()))
+    await runner.setup()
+    port = envoy.free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for body in (b"[" * 100_000 + b"]" * 100_000, b"{", b"\xff"):
+                async with session.post(
+                    f"http://127.0.0.1:{port}{traces.SPANS_PATH}", data=body
+                ) as r:
+                    assert r.status == 400, await r.text()
+                    assert "not a Zipkin v2 JSON report" in (await r.json())["error"]
+    finally:
+        await runner.cleanup()
 
 
 def test_the_store_evicts_the_oldest_traces_at_its_bounds() -> None:
