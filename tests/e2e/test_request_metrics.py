@@ -100,7 +100,7 @@ async def test_requests_are_counted_by_source_destination_and_code(
             reporter="source",
             source_workload="client.default",
             source_identity=f"{SPIFFE}client-sa",
-            destination_service="outbound|80||frontend.default.svc.cluster.local",
+            destination_service="frontend.default",
             destination_identity=f"{SPIFFE}frontend-sa",
             response_flags="-",
         )

@@ -195,13 +195,29 @@ def test_every_http_manager_counts_requests_by_source_and_destination() -> None:
             directions.add(tags["reporter"])
             if tags["reporter"] == "source":
                 assert tags["source_identity"] == "spiffe://cluster.local/ns/shop/sa/web"
-                assert tags["destination_service"] == "%UPSTREAM_CLUSTER%"
+                assert tags["destination_service"] == "%CLUSTER_METADATA(shoal:service)%"
                 assert tags["destination_identity"] == "%UPSTREAM_PEER_URI_SAN%"
             else:
                 assert tags["source_identity"] == "%DOWNSTREAM_PEER_URI_SAN%"
                 assert tags["source_workload"] == telemetry.UNKNOWN
                 assert tags["destination_identity"] == "spiffe://cluster.local/ns/shop/sa/web"
         assert directions == {"source", "destination"}
+
+
+def test_every_outbound_cluster_names_its_service_for_the_metrics() -> None:
+    """The callee's sidecar names itself `reviews.shop`; the caller's reads
+    the same name from the cluster it used, so both ends of a call report
+    one destination_service."""
+    state = fixtures.state()
+    for service in state.sorted_services():
+        for cluster in [
+            *clusters.outbound_for_service(service),
+            *(clusters.original_dst(service, port) for port in service.ports),
+        ]:
+            named = cluster.metadata.filter_metadata[telemetry.METADATA]
+            assert named[telemetry.DESTINATION_KEY] == telemetry.service_name(service.key)
+    passthrough = clusters.passthrough("PassthroughCluster")
+    assert passthrough.metadata.filter_metadata["shoal"]["service"] == "PassthroughCluster"
 
 
 def test_an_external_endpoint_gets_its_own_cluster() -> None:

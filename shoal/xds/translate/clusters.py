@@ -10,7 +10,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import wrappers_pb2
 
 from shoal.model import capture, mesh, proxy
-from shoal.xds.translate import common, names, tls
+from shoal.xds.translate import common, names, telemetry, tls
 
 CONNECT_TIMEOUT_S = 5.0
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -74,6 +74,7 @@ def outbound(
         circuit_breakers=_thresholds(service.limits),
         typed_extension_protocol_options=_protocol_options(port.protocol),
     )
+    telemetry.name_destination(cluster, telemetry.service_name(service.key))
     if peers is not None:
         cluster.transport_socket.CopyFrom(tls.upstream(service.key.fqdn, peers))
     if service.outlier is not None:
@@ -146,7 +147,9 @@ def _original_dst_shape(name: str, limits: mesh.ConnectionLimits | None) -> clus
 def passthrough(name: str) -> cluster_pb2.Cluster:
     """On to the address the app dialled, in plain text: traffic the mesh
     does not know keeps working as if there were no sidecar."""
-    return _original_dst_shape(name, None)
+    cluster = _original_dst_shape(name, None)
+    telemetry.name_destination(cluster, name)
+    return cluster
 
 
 def inbound_passthrough(name: str) -> cluster_pb2.Cluster:
@@ -166,6 +169,7 @@ def original_dst(
     """One port of a headless Service: callers pick the Pod (by DNS), the
     sidecar keeps their choice and adds mutual TLS like any outbound cluster."""
     cluster = _original_dst_shape(names.original_dst_cluster(service.key, port), service.limits)
+    telemetry.name_destination(cluster, telemetry.service_name(service.key))
     if peers is not None:
         cluster.transport_socket.CopyFrom(tls.upstream(service.key.fqdn, peers))
     return cluster

@@ -218,6 +218,18 @@ DURATION = "request_duration_milliseconds"
 UNKNOWN = "unknown"
 
 
+# Where an outbound cluster says which Service it reaches, for the request
+# metrics' destination_service: Envoy's formatter reads a cluster's metadata
+# but cannot take a cluster's name apart.
+METADATA = "shoal"
+DESTINATION_KEY = "service"
+
+
+def name_destination(cluster: cluster_pb2.Cluster, name: str) -> None:
+    """Mark `cluster` as reaching `name` (a Service, `reviews.shop`)."""
+    cluster.metadata.filter_metadata[METADATA].update({DESTINATION_KEY: name})
+
+
 def _metric_tags(hcm: Hcm) -> list[stats_pb2.Config.Tag]:
     """Every tag's value is bounded by the mesh, never by what a caller
     sends: literals, Envoy's own clusters, certificate identities the mesh
@@ -230,8 +242,9 @@ def _metric_tags(hcm: Hcm) -> list[stats_pb2.Config.Tag]:
             "reporter": "source",
             "source_workload": own_service,
             "source_identity": own_identity,
-            # The route's cluster: `outbound|80||reviews.shop.svc.cluster.local`.
-            "destination_service": "%UPSTREAM_CLUSTER%",
+            # The Service the route's cluster belongs to, named as the
+            # callee's own sidecar names it: one series per pair from both ends.
+            "destination_service": f"%CLUSTER_METADATA({METADATA}:{DESTINATION_KEY})%",
             "destination_identity": "%UPSTREAM_PEER_URI_SAN%",
         }
     else:
