@@ -49,6 +49,12 @@ system:
 	  echo "installing chromium (Debian package) for the dashboard's browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	fi
+	@# Debian's Prometheus, which the dashboard's Prometheus source is tested
+	@# against (it scrapes real sidecars there).
+	@if ! command -v prometheus >/dev/null; then \
+	  echo "installing prometheus (Debian package) for the dashboard's Prometheus tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python bench/translate.py

@@ -39,6 +39,7 @@ from shoal.model import mesh, proxy
 from shoal.observe import admin, metrics, traces
 from shoal.observe import reports as observe_reports
 from shoal.observe.dashboard import launch as dashboard_launch
+from shoal.observe.dashboard import prometheus as dashboard_prometheus
 from shoal.registry import files, kubernetes
 from shoal.sds import ca, join, operations, report, roots, rotation, tls, workloads
 from shoal.xds import cache, controller, csds, debounce, server, status
@@ -1034,6 +1035,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         return dashboard_launch.envoy_admin(found, browser=browser)
     if args.what is not None or args.proxy:
         raise SystemExit("shoal: `shoal dashboard` or `shoal dashboard envoy PROXY`")
+    metrics = None
+    if args.prometheus:
+        if urllib.parse.urlsplit(args.prometheus).scheme not in ("http", "https"):
+            raise SystemExit(
+                f"shoal: --prometheus {args.prometheus!r}: give Prometheus' URL, "
+                "http://HOST:PORT (its HTTP API is under /api/v1)"
+            )
+        metrics = dashboard_prometheus.Prometheus(args.prometheus)
     if not _is_socket_address(args.admin):
         raise SystemExit(
             "shoal: the dashboard reads /debug/*, which only the admin socket serves: "
@@ -1042,7 +1051,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     # Fail now, with the reason, rather than on the first page load.
     _fetch(args.admin, "/debug/problems")
     host, port = _host_port(args.address)
-    return dashboard_launch.run(args.admin.removeprefix("unix:"), host, port, browser=browser)
+    return dashboard_launch.run(
+        args.admin.removeprefix("unix:"), host, port, browser=browser, metrics=metrics
+    )
 
 
 def _admin_flag(p: argparse.ArgumentParser) -> None:
@@ -1668,6 +1679,14 @@ def _dashboard_command(sub: Any) -> None:
         "carries a one-time token",
     )
     dash.add_argument("--no-browser", action="store_true", help="only print the URL")
+    dash.add_argument(
+        "--prometheus",
+        default=os.environ.get("SHOAL_PROMETHEUS", ""),
+        metavar="URL",
+        help="take the service graph's traffic from this Prometheus, which scrapes the "
+        "sidecars' envoy_shoal_* request metrics (default $SHOAL_PROMETHEUS; without it, "
+        "the dashboard scrapes the Envoy admin of the sidecars on this host)",
+    )
     _admin_flag(dash)
     dash.set_defaults(func=cmd_dashboard)
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from shoal import cli, envoy
@@ -94,3 +95,18 @@ def test_analyze_lists_every_problem_with_object_and_reason(tmp_path: Path) -> N
         "bad.yaml#0: Service default/web: annotation shoal.io/split: weights add up to 110"
         in result.stdout
     )
+
+
+def test_dashboard_refuses_a_prometheus_that_is_not_a_url(tmp_path: Path) -> None:
+    socket_path = tmp_path / "admin.sock"
+    with pytest.raises(SystemExit, match="--prometheus 'prometheus:9090': give Prometheus' URL"):
+        cli.main(
+            [
+                "dashboard",
+                "--admin",
+                str(socket_path),
+                "--prometheus",
+                "prometheus:9090",
+                "--no-browser",
+            ]
+        )

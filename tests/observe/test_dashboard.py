@@ -19,10 +19,12 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from shoal import cli, envoy
 from shoal.demo import mesh
+from shoal.observe.dashboard import prometheus
 from shoal.observe.dashboard import server as dashboard
 from shoal.xds import resources
 from shoal.xds import server as xds_server
 from tests import manifests
+from tests import prometheus as prometheus_server
 from tests.conftest import write
 from tests.e2e import test_observe
 from tests.e2e.helpers import caught_up, eventually
@@ -301,6 +303,81 @@ async def test_each_view_shows_the_mesh_as_it_is(
         await show(page, "services")
         await expect(page.locator('[data-service="default/reviews"]')).to_be_visible()
         await shot(page, shots, "services-dark")
+
+
+async def test_with_prometheus_the_graph_counts_what_prometheus_scraped(
+    registry_dir: Path,
+    control_plane: cli.ControlPlane,
+    local_mesh: mesh.LocalMesh,
+    browser: Browser,
+    tmp_path: Path,
+) -> None:
+    """`shoal dashboard --prometheus URL`: a real Prometheus scrapes every
+    sidecar's request metrics; the graph's edges are its figures, the page
+    says so, and when Prometheus is gone the page says why and still draws
+    the routing configuration."""
+    caller = await _mesh(control_plane, registry_dir, local_mesh)
+    admins = [w.envoy.admin_port for w in local_mesh.workloads.values()]
+    sent = 40
+    async with (
+        prometheus_server.running(tmp_path / "prometheus", admins) as url,
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def routed() -> bool:
+            status, _ = await mesh.get(session, caller, "reviews")
+            return status == 200
+
+        await eventually(routed)
+        for _ in range(sent - 1):
+            status, _ = await mesh.get(session, caller, "reviews")
+            assert status == 200
+        counted = prometheus.queries()["requests"]
+
+        async def scraped() -> bool:
+            found = await prometheus_server.query(session, url, counted)
+            return sum(float(s["value"][1]) for s in found) == sent
+
+        # Prometheus scrapes every second; the last requests are in after a scrape.
+        await eventually(scraped, timeout=60)
+        shots = tmp_path / "screenshots"
+        metrics = prometheus.Prometheus(url)
+        async with (
+            dashboard.serve(control_plane.admin_socket, metrics=metrics) as page_url,
+            opened(browser, page_url) as page,
+        ):
+            await show(page, "graph")
+            edges = page.locator('path[data-kind="traffic"][data-edge^="default/frontend>"]')
+            await expect(edges).to_have_count(2, timeout=WAIT_MS)
+            counts = {
+                str(await e.get_attribute("data-edge")): int(
+                    await e.get_attribute("data-requests") or 0
+                )
+                for e in await edges.all()
+            }
+            assert sum(counts.values()) == sent, counts
+            assert set(counts) == {
+                "default/frontend>default/reviews",
+                "default/frontend>default/reviews-v2",
+            }
+            note = page.locator("#graph-source")
+            await expect(note).to_contain_text(f"Prometheus at {url}")
+            await expect(note).to_contain_text("envoy_shoal_requests_total")
+            label = page.locator('g[data-label="default/frontend>default/reviews"]').first
+            await expect(label).to_contain_text(re.compile(r"p99 [0-9.]+ m?s"), timeout=WAIT_MS)
+            await shot(page, shots, "graph-prometheus")
+
+    # Prometheus has stopped: the reason, and the routes the registry knows.
+    async with (
+        dashboard.serve(control_plane.admin_socket, metrics=metrics) as page_url,
+        opened(browser, page_url) as page,
+    ):
+        await show(page, "graph")
+        await expect(page.locator("#graph-source .source-error")).to_contain_text(
+            "Prometheus did not answer", timeout=WAIT_MS
+        )
+        await expect(page.locator('path[data-kind="route"]')).to_have_count(2)
+        await expect(page.locator('path[data-kind="traffic"]')).to_have_count(0)
 
 
 async def test_the_dashboard_needs_its_token_and_answers_only_its_own_origin(

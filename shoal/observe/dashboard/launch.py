@@ -18,7 +18,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from shoal.observe.dashboard import server
+from shoal.observe.dashboard import prometheus, server
 
 # A captured sidecar's Envoy admin port inside its Pod (DESIGN.md).
 POD_ADMIN_PORT = 15000
@@ -52,6 +52,7 @@ def run(
     port: int,
     *,
     browser: bool,
+    metrics: prometheus.Prometheus | None = None,
     say: Callable[[str], None] = print,
 ) -> int:
     """Serve the dashboard until interrupted."""
@@ -62,9 +63,11 @@ def run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         opened: Path | None = None
-        async with server.serve(socket_path, host, port) as url:
+        async with server.serve(socket_path, host, port, metrics=metrics) as url:
             say(f"shoal dashboard: {url}")
             say(f"(read-only, for this user; data from the admin socket {socket_path})")
+            if metrics is not None:
+                say(f"(the service graph's traffic from Prometheus at {metrics.url})")
             if browser and can_open_browser():
                 opened = open_in_browser(url)
             try:

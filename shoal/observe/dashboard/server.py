@@ -34,7 +34,7 @@ import aiohttp
 from aiohttp import web
 
 from shoal.observe import admin
-from shoal.observe.dashboard import graph
+from shoal.observe.dashboard import graph, prometheus
 
 STATIC = Path(__file__).resolve().parent / "static"
 # The reports the pages read; anything else of the admin API is not forwarded.
@@ -105,13 +105,10 @@ async def _scrape(session: aiohttp.ClientSession, port: int) -> dict[str, Any] |
     return found if isinstance(found, dict) else None
 
 
-async def service_graph(
-    upstream: Upstream, rates: graph.Rates, scraper: aiohttp.ClientSession
-) -> dict[str, Any]:
-    """Nodes (Services), traffic edges from the sidecars' stats, and the
-    routing edges (a Service's calls sent on to its backends, by weight)."""
-    services: dict[str, Any] = (await upstream.json("/debug/services"))["services"]
-    proxies: list[dict[str, Any]] = await upstream.json("/debug/syncz")
+async def _scraped(
+    proxies: list[dict[str, Any]], rates: graph.Rates, scraper: aiohttp.ClientSession, now: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Traffic edges from the Envoy admin of each sidecar on this host."""
     local = [
         p for p in proxies if int(p.get("admin_port") or 0) and loopback(str(p.get("peer", "")))
     ]
@@ -121,16 +118,15 @@ async def service_graph(
         for p, stats in zip(local, scraped, strict=True)
         if stats is not None
     ]
-    now = time.time()
     merged = graph.merge(per_sidecar)
     per_second = rates.add(now, merged)
     edges: list[dict[str, Any]] = []
-    for (source, target), e in sorted(merged.items()):
-        rate = per_second.get((source, target))
+    for (caller, callee), e in sorted(merged.items()):
+        rate = per_second.get((caller, callee))
         edges.append(
             {
-                "source": source,
-                "target": target,
+                "source": caller,
+                "target": callee,
                 "kind": "traffic",
                 "requests": e.requests,
                 "errors": e.errors,
@@ -140,6 +136,42 @@ async def service_graph(
                 "p99_ms": e.p99(),
             }
         )
+    source = {
+        "kind": "envoy-stats",
+        "scraped": len(per_sidecar),
+        "unreachable": len(proxies) - len(per_sidecar),
+    }
+    return edges, source
+
+
+async def _from_prometheus(
+    metrics: prometheus.Prometheus, session: aiohttp.ClientSession
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Traffic edges from Prometheus; none, and the reason, when it fails
+    (the routing configuration is still worth showing)."""
+    source: dict[str, Any] = {"kind": "prometheus", "url": metrics.url, "window": metrics.window}
+    try:
+        return await metrics.traffic(session), source
+    except prometheus.PrometheusError as err:
+        return [], {**source, "error": str(err)}
+
+
+async def service_graph(
+    upstream: Upstream,
+    rates: graph.Rates,
+    scraper: aiohttp.ClientSession,
+    metrics: prometheus.Prometheus | None = None,
+) -> dict[str, Any]:
+    """Nodes (Services), traffic edges (from Prometheus when configured,
+    else the sidecars' stats), and the routing edges (a Service's calls
+    sent on to its backends, by weight)."""
+    services: dict[str, Any] = (await upstream.json("/debug/services"))["services"]
+    proxies: list[dict[str, Any]] = await upstream.json("/debug/syncz")
+    now = time.time()
+    if metrics is None:
+        edges, source = await _scraped(proxies, rates, scraper, now)
+    else:
+        edges, source = await _from_prometheus(metrics, scraper)
     for name, service in services.items():
         routing = service.get("routing") or {}
         for rule in routing.get("rules", ()):
@@ -160,17 +192,13 @@ async def service_graph(
     return {
         "nodes": [{"id": n, "known": n in services} for n in nodes],
         "edges": edges,
-        "source": {
-            "kind": "envoy-stats",
-            "proxies": len(proxies),
-            "scraped": len(per_sidecar),
-            "unreachable": len(proxies) - len(per_sidecar),
-            "at": now,
-        },
+        "source": {**source, "proxies": len(proxies), "at": now},
     }
 
 
-def app(upstream: Upstream, token: str) -> web.Application:
+def app(
+    upstream: Upstream, token: str, metrics: prometheus.Prometheus | None = None
+) -> web.Application:
     """The pages and `/api/*` (the forwarded reports and the graph)."""
     cookie = "shoal-dashboard"
 
@@ -239,7 +267,7 @@ def app(upstream: Upstream, token: str) -> web.Application:
     async def graph_handler(request: web.Request) -> web.Response:
         state = request.app[_STATE]
         try:
-            found = await service_graph(upstream, state["rates"], state["scraper"])
+            found = await service_graph(upstream, state["rates"], state["scraper"], metrics)
         except (LookupError, ValueError, KeyError) as err:
             return web.json_response({"error": str(err)}, status=502)
         return web.json_response(found, headers={"Cache-Control": "no-store"})
@@ -270,11 +298,16 @@ def new_token() -> str:
 
 @contextlib.asynccontextmanager
 async def serve(
-    socket_path: str, host: str = "127.0.0.1", port: int = 0, token: str = ""
+    socket_path: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str = "",
+    metrics: prometheus.Prometheus | None = None,
 ) -> AsyncIterator[str]:
-    """Serve the dashboard; yields the URL to open (with its token)."""
+    """Serve the dashboard; yields the URL to open (with its token). With
+    `metrics`, the graph's traffic comes from that Prometheus."""
     token = token or new_token()
-    runner = web.AppRunner(app(Upstream(socket_path), token), access_log=None)
+    runner = web.AppRunner(app(Upstream(socket_path), token, metrics), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

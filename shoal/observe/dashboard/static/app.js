@@ -322,20 +322,33 @@ async function viewGraph() {
       l.text.map((t, i) => s("text", { x: 7, y: 15 + i * 14 }, t))));
   }
   const trafficEdges = edges.filter((e) => e.kind === "traffic");
-  const when = new Date(source.at * 1000).toLocaleTimeString();
   return [
     header("Service graph", "Services as nodes; an edge where one calls another, with its request rate, error rate and latency."),
     nodes.length ? h("div", { class: "panel graph-wrap" }, svg) : empty("No Services", "The registry has no Services yet."),
     h("div", { class: "graph-legend" }, h("span", {}, "calls, measured by the caller's sidecar"), h("span", { class: "route" }, "routing configuration: share of calls sent to each backend")),
     h("p", { class: "source-note", id: "graph-source" },
-      `Where the numbers come from: the sidecars' own Envoy stats (outbound clusters: upstream_rq_total, upstream_rq_5xx, upstream_rq_time), scraped by this dashboard from the Envoy admin of ${source.scraped} of ${source.proxies} proxies at ${when}. `,
-      "Rates are over the last minute of scrapes (the first view shows totals); p50 is the request-weighted mean of the callers' medians, p99 the worst caller's. ",
-      source.unreachable ? `${source.unreachable} proxies are not on this host or do not say where their admin is: their calls are not counted. ` : "",
+      ...graphSource(source),
       trafficEdges.length ? "" : h("b", {}, "No traffic data yet: no sidecar has sent a request to a mesh Service.")),
   ];
 }
 
 // ---------------------------------------------------------------- Certificates
+
+function graphSource(source) {
+  const when = new Date(source.at * 1000).toLocaleTimeString();
+  if (source.kind === "prometheus") {
+    return [
+      `Where the numbers come from: Prometheus at ${source.url}, queried at ${when}: the request metrics the callers' sidecars count (envoy_shoal_requests_total and envoy_shoal_request_duration_milliseconds, reporter="source"). `,
+      `Requests and p50/p99 are over the counters' lifetime, rates over the last ${source.window}; a sidecar Prometheus does not scrape is not counted. `,
+      source.error ? h("b", { class: "source-error" }, `Prometheus did not answer: ${source.error}. Only the routing configuration is drawn. `) : "",
+    ];
+  }
+  return [
+    `Where the numbers come from: the sidecars' own Envoy stats (outbound clusters: upstream_rq_total, upstream_rq_5xx, upstream_rq_time), scraped by this dashboard from the Envoy admin of ${source.scraped} of ${source.proxies} proxies at ${when}. `,
+    "Rates are over the last minute of scrapes (the first view shows totals); p50 is the request-weighted mean of the callers' medians, p99 the worst caller's. ",
+    source.unreachable ? `${source.unreachable} proxies are not on this host or do not say where their admin is: their calls are not counted (shoal dashboard --prometheus reads them all). ` : "",
+  ];
+}
 
 function expiry(notAfter, lifetimeS) {
   const left = (Date.parse(notAfter) - Date.now()) / 1000;
