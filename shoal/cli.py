@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +40,7 @@ from shoal.observe import admin, metrics, traces
 from shoal.observe import reports as observe_reports
 from shoal.observe.dashboard import launch as dashboard_launch
 from shoal.observe.dashboard import prometheus as dashboard_prometheus
+from shoal.observe.dashboard import server as dashboard_server
 from shoal.registry import files, kubernetes
 from shoal.sds import ca, join, operations, report, roots, rotation, tls, workloads
 from shoal.xds import cache, controller, csds, debounce, server, status
@@ -51,6 +52,10 @@ T = TypeVar("T")
 DEFAULT_XDS = "127.0.0.1:15010"
 DEFAULT_ADMIN = "127.0.0.1:15014"
 DEFAULT_COLLECTOR = "127.0.0.1:15018"
+# The dashboard `shoal serve --kubernetes` serves on its Pod's loopback.
+DASHBOARD_PORT = 15019
+# The admin action that hands out the served dashboard's login link.
+DASHBOARD_LOGIN = "dashboard/login"
 ADMIN_SOCKET = "admin.sock"
 # Where the CLI finds a control plane: its admin socket in the state
 # directory, unless --admin or SHOAL_ADMIN says otherwise.
@@ -129,6 +134,13 @@ class ServeOptions:
     collector_address: str = ""
     max_spans: int = traces.DEFAULT_MAX_SPANS
     max_span_bytes: int = traces.DEFAULT_MAX_BYTES
+    # The dashboard, served by the control plane itself, "" for off
+    # (`shoal serve --kubernetes`: 127.0.0.1:15019 in its Pod, which
+    # `shoal dashboard --kubernetes` reaches with kubectl port-forward).
+    dashboard_address: str = ""
+    # Where that dashboard's graph takes its traffic from ("": the sidecars
+    # whose Envoy admin is on this host).
+    dashboard_prometheus: str = ""
 
 
 @dataclass
@@ -147,6 +159,8 @@ class ControlPlane:
     webhook_port: int = 0
     collector_port: int = 0
     traces: traces.SpanStore | None = None
+    # The dashboard's URL with its login token ("" when not served).
+    dashboard_url: str = ""
 
 
 @contextlib.asynccontextmanager
@@ -327,6 +341,17 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             webhook_port = await _webhook(stack, options, certificates, kube_api, metric_registry)
 
         socket_path = options.admin_socket or options.state_dir / ADMIN_SOCKET
+        dashboard_url = ""
+        if options.dashboard_address:
+            dashboard_url = await _dashboard(stack, options, str(socket_path))
+            # The login link, for whoever may open the admin socket (on
+            # Kubernetes: who may `kubectl exec` into this Pod).
+            login = {"url": dashboard_url}
+
+            async def dashboard_login(_: Mapping[str, str]) -> dict[str, str]:
+                return login
+
+            actions[DASHBOARD_LOGIN] = dashboard_login
         admin_host, admin_port = _host_port(options.admin_address)
         admin_port = await stack.enter_async_context(
             admin.serve(
@@ -388,7 +413,26 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             webhook_port,
             collector_port,
             span_store,
+            dashboard_url,
         )
+
+
+async def _dashboard(
+    stack: contextlib.AsyncExitStack, options: ServeOptions, socket_path: str
+) -> str:
+    """The dashboard, served next to the admin socket it reads (its pages
+    ask the admin API over that socket, as `shoal dashboard` does); its URL."""
+    host, port = _host_port(options.dashboard_address)
+    metrics = (
+        dashboard_prometheus.Prometheus(options.dashboard_prometheus)
+        if options.dashboard_prometheus
+        else None
+    )
+    url: str = await stack.enter_async_context(
+        dashboard_server.serve(socket_path, host, port, metrics=metrics)
+    )
+    log.info("dashboard at %s", url.split("?", 1)[0])
+    return url
 
 
 async def _webhook(
@@ -596,6 +640,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             else ""
         ),
         webhook_configuration=args.webhook_configuration,
+        dashboard_address=(
+            args.dashboard_address
+            if args.dashboard_address is not None
+            else f"127.0.0.1:{DASHBOARD_PORT}"
+            if args.kubernetes
+            else ""
+        ),
+        dashboard_prometheus=args.dashboard_prometheus,
         collector_address=(
             args.collector_address
             if args.collector_address is not None
@@ -1032,17 +1084,23 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             found = dashboard_launch.find_proxy(_fetch(args.admin, "/debug/syncz"), args.proxy)
         except LookupError as err:
             raise SystemExit(terminal.printable(f"shoal: {err}", 1000)) from err
-        return dashboard_launch.envoy_admin(found, browser=browser)
+        return dashboard_launch.envoy_admin(found, browser=browser, kubectl=_kubectl(args))
+    if args.what == "url":
+        # The login link of the dashboard `shoal serve` itself serves.
+        print(_post(args.admin, f"/{DASHBOARD_LOGIN}")["url"])
+        return 0
     if args.what is not None or args.proxy:
-        raise SystemExit("shoal: `shoal dashboard` or `shoal dashboard envoy PROXY`")
-    metrics = None
-    if args.prometheus:
-        if urllib.parse.urlsplit(args.prometheus).scheme not in ("http", "https"):
-            raise SystemExit(
-                f"shoal: --prometheus {args.prometheus!r}: give Prometheus' URL, "
-                "http://HOST:PORT (its HTTP API is under /api/v1)"
-            )
-        metrics = dashboard_prometheus.Prometheus(args.prometheus)
+        raise SystemExit(
+            "shoal: `shoal dashboard`, `shoal dashboard url` or `shoal dashboard envoy PROXY`"
+        )
+    host, port = _host_port(args.address)
+    if args.kubernetes:
+        if host not in ("127.0.0.1", "localhost"):
+            raise SystemExit("shoal: with --kubernetes the dashboard is forwarded to 127.0.0.1")
+        return dashboard_launch.kubernetes(
+            _kubectl(args), args.namespace, browser=browser, local=port
+        )
+    metrics = dashboard_prometheus.Prometheus(args.prometheus) if args.prometheus else None
     if not _is_socket_address(args.admin):
         raise SystemExit(
             "shoal: the dashboard reads /debug/*, which only the admin socket serves: "
@@ -1050,9 +1108,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         )
     # Fail now, with the reason, rather than on the first page load.
     _fetch(args.admin, "/debug/problems")
-    host, port = _host_port(args.address)
     return dashboard_launch.run(
         args.admin.removeprefix("unix:"), host, port, browser=browser, metrics=metrics
+    )
+
+
+def _kubectl(args: argparse.Namespace) -> dashboard_launch.Kubectl:
+    return dashboard_launch.Kubectl(
+        os.environ.get("SHOAL_KUBECTL", "kubectl"), args.kubeconfig, args.context
     )
 
 
@@ -1110,7 +1173,31 @@ def _zipkin_url(value: str) -> mesh.ZipkinEndpoint:
     )
 
 
+def _prometheus_url(value: str) -> str:
+    """Prometheus' URL, whose HTTP API is under /api/v1 ("": none)."""
+    url = urllib.parse.urlsplit(value)
+    if value and (url.scheme not in ("http", "https") or not url.netloc):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give Prometheus' URL, http://HOST:PORT (its HTTP API is under /api/v1)"
+        )
+    return value
+
+
 def _telemetry_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--dashboard-address",
+        metavar="HOST:PORT",
+        help="serve the dashboard from the control plane too (default off; with "
+        f"--kubernetes 127.0.0.1:{DASHBOARD_PORT} in its Pod, for `shoal dashboard "
+        "--kubernetes`; '' for off); `shoal dashboard url` prints its login link",
+    )
+    serve.add_argument(
+        "--dashboard-prometheus",
+        type=_prometheus_url,
+        default="",
+        metavar="URL",
+        help="that dashboard's service graph takes its traffic from this Prometheus",
+    )
     serve.add_argument(
         "--collector-address",
         help=f"the embedded trace collector, HTTPS with mesh client certificates "
@@ -1669,7 +1756,13 @@ def _dashboard_command(sub: Any) -> None:
         help="the mesh's web dashboard for this user (read-only); "
         "`dashboard envoy PROXY`: that proxy's Envoy admin page",
     )
-    dash.add_argument("what", nargs="?", choices=["envoy"], help="envoy: a proxy's admin page")
+    dash.add_argument(
+        "what",
+        nargs="?",
+        choices=["envoy", "url"],
+        help="envoy: a proxy's admin page; url: the login link of the dashboard "
+        "`shoal serve --dashboard-address` serves",
+    )
     dash.add_argument("proxy", nargs="?", help="with envoy: the proxy id, or a part of it")
     dash.add_argument(
         "--address",
@@ -1680,7 +1773,20 @@ def _dashboard_command(sub: Any) -> None:
     )
     dash.add_argument("--no-browser", action="store_true", help="only print the URL")
     dash.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="the dashboard a control plane Pod serves (`shoal serve --kubernetes`), "
+        "forwarded here by kubectl port-forward; needs pods/exec and pods/portforward "
+        "in its namespace",
+    )
+    dash.add_argument(
+        "-n", "--namespace", default="shoal-system", help="with --kubernetes: shoal's namespace"
+    )
+    dash.add_argument("--kubeconfig", metavar="FILE", help="kubectl's --kubeconfig")
+    dash.add_argument("--context", help="kubectl's --context")
+    dash.add_argument(
         "--prometheus",
+        type=_prometheus_url,
         default=os.environ.get("SHOAL_PROMETHEUS", ""),
         metavar="URL",
         help="take the service graph's traffic from this Prometheus, which scrapes the "

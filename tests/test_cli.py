@@ -97,16 +97,14 @@ def test_analyze_lists_every_problem_with_object_and_reason(tmp_path: Path) -> N
     )
 
 
-def test_dashboard_refuses_a_prometheus_that_is_not_a_url(tmp_path: Path) -> None:
-    socket_path = tmp_path / "admin.sock"
-    with pytest.raises(SystemExit, match="--prometheus 'prometheus:9090': give Prometheus' URL"):
-        cli.main(
-            [
-                "dashboard",
-                "--admin",
-                str(socket_path),
-                "--prometheus",
-                "prometheus:9090",
-                "--no-browser",
-            ]
-        )
+def test_dashboard_refuses_a_prometheus_that_is_not_a_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in (
+        ["dashboard", "--admin", str(tmp_path / "admin.sock"), "--prometheus"],
+        ["serve", "--registry", str(tmp_path), "--dashboard-prometheus"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([*command, "prometheus:9090"])
+        assert exited.value.code == 2
+        assert "'prometheus:9090': give Prometheus' URL" in capsys.readouterr().err

@@ -114,9 +114,11 @@ class ServeProcess:
             str(self.state_dir),
             "--join-address",
             "127.0.0.1:0",
-            # Beside other control planes: the collector on a free port.
+            # Beside other control planes: the collector (and the dashboard
+            # `--kubernetes` serves) on free ports.
             "--collector-address",
             "127.0.0.1:0",
+            *(["--dashboard-address", "127.0.0.1:0"] if self.kubeconfig is not None else []),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -406,3 +408,42 @@ async def test_the_dashboard_needs_its_token_and_answers_only_its_own_origin(
             assert r.status == 405
         async with session.get(f"{base}/api/config_dump?proxy=x") as r:
             assert r.status == 404
+
+
+async def test_shoal_serve_serves_the_dashboard_and_hands_its_link_to_admins(
+    registry_dir: Path, tmp_path: Path
+) -> None:
+    """`shoal serve --dashboard-address`: the control plane serves the pages
+    itself (what `shoal dashboard --kubernetes` forwards to), and
+    `shoal dashboard url` over the admin socket is the one way to its token."""
+    options = cli.ServeOptions(
+        registry=registry_dir,
+        xds_address="127.0.0.1:0",
+        admin_address="127.0.0.1:0",
+        state_dir=tmp_path / "state",
+        collector_address="",
+        dashboard_address="127.0.0.1:0",
+    )
+    async with cli.control_plane(options) as cp:
+        printed = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "shoal.cli", "dashboard", "url", "--admin", cp.admin_socket],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert printed.returncode == 0, printed.stderr
+        assert printed.stdout.strip() == cp.dashboard_url
+        base = cp.dashboard_url.split("?")[0].rstrip("/")
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+            async with session.get(f"{base}/api/graph") as r:
+                assert r.status == 401
+            async with session.get(cp.dashboard_url) as r:
+                assert r.status == 200
+            async with session.get(f"{base}/api/graph") as r:
+                assert r.status == 200
+                assert (await r.json())["source"]["kind"] == "envoy-stats"
+            # Not to anonymous callers of the TCP admin port.
+            admin = f"http://127.0.0.1:{cp.admin_port}/{cli.DASHBOARD_LOGIN}"
+            async with session.post(admin) as r:
+                assert r.status == 403

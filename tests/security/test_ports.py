@@ -176,6 +176,7 @@ def test_the_readme_table_has_a_row_for_every_port() -> None:
         "15018 trace collector",
         "admin socket",
         "`shoal dashboard`",
+        "15019 dashboard of `shoal serve`",
         "sidecar inbound",
         "sidecar health 15021",
         "sidecar stats 15090",

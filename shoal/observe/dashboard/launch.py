@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -14,9 +15,11 @@ import sys
 import tempfile
 import webbrowser
 from collections.abc import Callable
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from shoal.observe.dashboard import prometheus, server
 
@@ -101,7 +104,7 @@ def envoy_admin(
     proxy: dict[str, Any],
     *,
     browser: bool,
-    kubectl: str = "kubectl",
+    kubectl: Kubectl | None = None,
     say: Callable[[str], None] = print,
 ) -> int:
     """Open a proxy's own Envoy admin page: a local sidecar's directly (its
@@ -123,33 +126,190 @@ def envoy_admin(
         )
         return 1
     namespace, _, name = pod.partition("/")
-    if shutil.which(kubectl) is None:
+    kubectl = kubectl or Kubectl()
+    if shutil.which(kubectl.binary) is None:
         say(
             f"shoal: kubectl not found; run: kubectl port-forward -n {namespace} "
             f"pod/{name} 15000:{POD_ADMIN_PORT}, then open http://127.0.0.1:15000/"
         )
         return 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        local = s.getsockname()[1]
-    command = [
+    return port_forward(
         kubectl,
-        "port-forward",
-        "-n",
         namespace,
-        f"pod/{name}",
-        f"{local}:{POD_ADMIN_PORT}",
-        "--address",
-        "127.0.0.1",
-    ]
-    say(f"{proxy['id']}: Envoy admin at http://127.0.0.1:{local}/ (Ctrl-C to stop)")
-    with subprocess.Popen(command) as forward:
-        if browser and can_open_browser():
-            webbrowser.open(f"http://127.0.0.1:{local}/")
+        name,
+        POD_ADMIN_PORT,
+        lambda local: f"{proxy['id']}: Envoy admin at http://127.0.0.1:{local}/ (Ctrl-C to stop)",
+        "/",
+        browser=browser,
+        say=say,
+    )
+
+
+@dataclass(frozen=True)
+class Kubectl:
+    """kubectl, and the kubeconfig and context to use it with."""
+
+    binary: str = "kubectl"
+    kubeconfig: str | None = None
+    context: str | None = None
+
+    def command(self, namespace: str, *args: str) -> list[str]:
+        out = [self.binary]
+        if self.kubeconfig:
+            out += ["--kubeconfig", self.kubeconfig]
+        if self.context:
+            out += ["--context", self.context]
+        return [*out, "-n", namespace, *args]
+
+
+def port_forward(
+    kubectl: Kubectl,
+    namespace: str,
+    pod: str,
+    remote: int,
+    announce: Callable[[int], str],
+    path: str,
+    *,
+    browser: bool,
+    say: Callable[[str], None] = print,
+    local: int = 0,
+) -> int:
+    """`kubectl port-forward` to a Pod's `remote` port on 127.0.0.1 until
+    interrupted; once kubectl says it forwards, `announce(local port)` is
+    printed and `path` opened."""
+    if not local:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            local = s.getsockname()[1]
+    command = kubectl.command(
+        namespace, "port-forward", f"pod/{pod}", f"{local}:{remote}", "--address", "127.0.0.1"
+    )
+    opened: Path | None = None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as forward:
         try:
+            assert forward.stdout is not None
+            # kubectl says "Forwarding from 127.0.0.1:LOCAL -> REMOTE" once it
+            # listens; if it cannot, it exits (its reason on stderr).
+            line = forward.stdout.readline()
+            if not line.startswith("Forwarding from"):
+                code = forward.wait()
+                say(f"shoal: kubectl port-forward to {namespace}/{pod} failed (exit {code})")
+                return code or 1
+            say(announce(local))
+            if browser and can_open_browser():
+                target = f"http://127.0.0.1:{local}{path}"
+                if "token=" in path:
+                    opened = open_in_browser(target)
+                else:
+                    webbrowser.open(target)
+            # Keep reading, so kubectl never blocks on a full pipe.
+            for _ in forward.stdout:
+                pass
             return forward.wait()
         except KeyboardInterrupt:
             forward.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 forward.wait(5)
             return 0
+        finally:
+            if opened is not None:
+                opened.unlink(missing_ok=True)
+
+
+# Labels of shoal's control plane Pods (examples/kubernetes/deployment.yaml).
+CONTROL_PLANE_SELECTOR = "app.kubernetes.io/name=shoal,app.kubernetes.io/component=control-plane"
+CONTROL_PLANE_CONTAINER = "shoal"
+
+
+def control_plane_pod(kubectl: Kubectl, namespace: str) -> str:
+    """The name of a running, ready control plane Pod; LookupError saying why not."""
+    found = subprocess.run(
+        kubectl.command(namespace, "get", "pods", "-l", CONTROL_PLANE_SELECTOR, "-o", "json"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if found.returncode != 0:
+        raise LookupError(f"kubectl get pods -n {namespace}: {found.stderr.strip()}")
+    pods = json.loads(found.stdout).get("items", [])
+    ready = sorted(
+        str(p["metadata"]["name"])
+        for p in pods
+        if p.get("status", {}).get("phase") == "Running"
+        and any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in p.get("status", {}).get("conditions", ())
+        )
+    )
+    if not ready:
+        raise LookupError(
+            f"no ready shoal control plane Pod in namespace {namespace} "
+            f"({len(pods)} with labels {CONTROL_PLANE_SELECTOR})"
+        )
+    return ready[0]
+
+
+def login_link(kubectl: Kubectl, namespace: str, pod: str) -> tuple[int, str]:
+    """The port and login path (with its token) of the dashboard a control
+    plane Pod serves, asked over its admin socket with `kubectl exec`: who
+    may exec into shoal's Pods may read the mesh, as the admin socket says."""
+    asked = subprocess.run(
+        kubectl.command(
+            namespace,
+            "exec",
+            pod,
+            "-c",
+            CONTROL_PLANE_CONTAINER,
+            "--",
+            "shoal",
+            "dashboard",
+            "url",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if asked.returncode != 0:
+        raise LookupError(
+            f"kubectl exec -n {namespace} {pod} -- shoal dashboard url: "
+            f"{asked.stderr.strip() or asked.stdout.strip()}"
+        )
+    url = urlsplit(asked.stdout.strip().splitlines()[-1] if asked.stdout.strip() else "")
+    if url.scheme != "http" or not url.port or not url.query.startswith("token="):
+        raise LookupError(f"{namespace}/{pod} answered no dashboard URL: {asked.stdout[:200]!r}")
+    return url.port, f"/?{url.query}"
+
+
+def kubernetes(
+    kubectl: Kubectl,
+    namespace: str,
+    *,
+    browser: bool,
+    local: int = 0,
+    say: Callable[[str], None] = print,
+) -> int:
+    """The dashboard a control plane Pod serves, on this machine's
+    127.0.0.1 through `kubectl port-forward`."""
+    if shutil.which(kubectl.binary) is None:
+        say("shoal: kubectl not found: `shoal dashboard --kubernetes` runs kubectl")
+        return 1
+    try:
+        pod = control_plane_pod(kubectl, namespace)
+        remote, login = login_link(kubectl, namespace, pod)
+    except (LookupError, subprocess.TimeoutExpired, ValueError) as err:
+        say(f"shoal: {err}")
+        return 1
+    return port_forward(
+        kubectl,
+        namespace,
+        pod,
+        remote,
+        lambda port: (
+            f"shoal dashboard: http://127.0.0.1:{port}{login}\n"
+            f"(read-only; served by {namespace}/{pod}, forwarded by kubectl; Ctrl-C to stop)"
+        ),
+        login,
+        browser=browser,
+        say=say,
+        local=local,
+    )
