@@ -28,6 +28,7 @@ class App:
     delay_s: float = 0.0
     served: int = 0
     seen_headers: list[dict[str, str]] = field(default_factory=list)
+    namespace: str = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         self.served += 1
@@ -49,8 +50,21 @@ class App:
             {
                 "service": self.service,
                 "instance": self.instance,
+                "namespace": self.namespace,
                 "version": self.version,
                 "upstream": upstream,
+                # What reached the app, as the Gateway API conformance echo
+                # server reports it: routing tests check rewrites and headers.
+                "request": {
+                    "method": request.method,
+                    "path": request.path,
+                    "query": request.query_string,
+                    "host": request.host,
+                    # A header sent twice is one value, joined as RFC 9110 says.
+                    "headers": {
+                        k.lower(): ",".join(request.headers.getall(k)) for k in request.headers
+                    },
+                },
             }
         )
 

@@ -78,7 +78,7 @@ class LocalMesh:
             authority=self.authority,
             collector=("127.0.0.1", self.collector_port) if self.collector_port else None,
         )
-        app = apps.App(service, name, version, calls, s.outbound_port)
+        app = apps.App(service, name, version, calls, s.outbound_port, namespace=namespace)
         w = Workload(s, app, envoy.EnvoyProcess(path, admin_port))
         self.workloads[name] = w
         w.runner = await apps.start(app, s.app_port)

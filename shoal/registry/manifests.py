@@ -24,8 +24,16 @@ NAMESPACE = ("v1", "Namespace")
 SERVICE_ACCOUNT = ("v1", "ServiceAccount")
 POD = ("v1", "Pod")
 TRAFFIC_ROUTE = ("shoal.io/v1alpha1", "TrafficRoute")
-KNOWN_KINDS = frozenset({SERVICE, ENDPOINT_SLICE, NAMESPACE, SERVICE_ACCOUNT, POD, TRAFFIC_ROUTE})
-NAMESPACED = frozenset({SERVICE, ENDPOINT_SLICE, SERVICE_ACCOUNT, POD, TRAFFIC_ROUTE})
+# The Gateway API's mesh routes (README, "Gateway API").
+HTTP_ROUTE = ("gateway.networking.k8s.io/v1", "HTTPRoute")
+GRPC_ROUTE = ("gateway.networking.k8s.io/v1", "GRPCRoute")
+GATEWAY_ROUTES = frozenset({HTTP_ROUTE, GRPC_ROUTE})
+KNOWN_KINDS = frozenset(
+    {SERVICE, ENDPOINT_SLICE, NAMESPACE, SERVICE_ACCOUNT, POD, TRAFFIC_ROUTE, *GATEWAY_ROUTES}
+)
+NAMESPACED = frozenset(
+    {SERVICE, ENDPOINT_SLICE, SERVICE_ACCOUNT, POD, TRAFFIC_ROUTE, *GATEWAY_ROUTES}
+)
 
 # RFC 1123 label (Service and Namespace names) and subdomain (most other names).
 

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from shoal.model import mesh, problems, routing
 from shoal.registry import annotations as notes
-from shoal.registry import manifests, trafficroute
+from shoal.registry import gatewayapi, manifests, trafficroute
 
 T = TypeVar("T")
 
@@ -36,6 +36,10 @@ class ObjectStore:
         self._good_notes: dict[mesh.ServiceKey, dict[str, object]] = {}
         self._good_routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
         self._good_traffic_routes: dict[tuple[str, str], trafficroute.Parsed] = {}
+        self._good_gateway_routes: dict[tuple[str, str, str], gatewayapi.Parsed] = {}
+        # The Gateway API status of each HTTPRoute and GRPCRoute, by
+        # (kind, namespace, name), as of the last build.
+        self.route_status: dict[tuple[str, str, str], tuple[gatewayapi.ParentStatus, ...]] = {}
         # Conversions of unchanged objects, by object identity: a change to
         # one object of ten thousand converts one. The object is kept in the
         # entry so that its id cannot be reused while the entry lives.
@@ -85,6 +89,8 @@ class ObjectStore:
             manifests.check(obj)
         if obj.type == manifests.TRAFFIC_ROUTE:
             trafficroute.parse(obj, None)
+        elif obj.type in manifests.GATEWAY_ROUTES:
+            gatewayapi.parse(obj, None)
 
     def objects(self, source: str) -> dict[tuple[str, str, str], Sourced]:
         return dict(self._by_source.get(source, {}))
@@ -116,6 +122,7 @@ class ObjectStore:
         pods: dict[tuple[str, str], mesh.Pod] = {}
         slices: list[Sourced] = []
         traffic_routes: list[Sourced] = []
+        gateway_routes: list[Sourced] = []
         converted: dict[int, tuple[manifests.KubeObject, object]] = {}
         for item in chosen.values():
             obj = item.obj
@@ -136,6 +143,8 @@ class ObjectStore:
                     slices.append(item)
                 elif obj.type == manifests.TRAFFIC_ROUTE:
                     traffic_routes.append(item)
+                elif obj.type in manifests.GATEWAY_ROUTES:
+                    gateway_routes.append(item)
             except manifests.ManifestError as err:
                 found.append(problems.Problem(item.source, str(obj), str(err)))
 
@@ -167,6 +176,7 @@ class ObjectStore:
         self._scoped_memo = scoped_memo
         routes = self._routes(services, sources, found)
         self._traffic_routes(traffic_routes, services, routes, found)
+        self._gateway_routes(gateway_routes, services, routes, found)
 
         self._version += 1
         state = mesh.MeshState(
@@ -340,6 +350,68 @@ class ObjectStore:
             )
         for gone in self._good_traffic_routes.keys() - seen:
             del self._good_traffic_routes[gone]
+
+    def _gateway_routes(
+        self,
+        items: list[Sourced],
+        services: dict[mesh.ServiceKey, mesh.Service],
+        routes: dict[mesh.ServiceKey, routing.ServiceRoute],
+        found: list[problems.Problem],
+    ) -> None:
+        """HTTPRoutes and GRPCRoutes, attached to the routes of their
+        Services. Where one applies it routes instead of a TrafficRoute or
+        the annotations (the README's rule), which is reported."""
+        attached: dict[mesh.ServiceKey, list[routing.AttachedRoute]] = {}
+        status: dict[tuple[str, str, str], tuple[gatewayapi.ParentStatus, ...]] = {}
+        origins: dict[mesh.ServiceKey, Sourced] = {}
+        for item in sorted(items, key=lambda i: i.obj.key):
+            obj = item.obj
+            try:
+                parsed = gatewayapi.parse(obj, services)
+            except manifests.ManifestError as err:
+                kept = self._good_gateway_routes.get(obj.key)
+                if kept is not None and not all(
+                    a.service in services and a.backends() <= services.keys() for a in kept.attached
+                ):
+                    kept = None
+                found.append(problems.Problem(item.source, str(obj), _kept(err, kept)))
+                status[obj.key] = gatewayapi.refused(obj, err)
+                if kept is None:
+                    self._good_gateway_routes.pop(obj.key, None)
+                    continue
+                parsed = kept
+            else:
+                self._good_gateway_routes[obj.key] = parsed
+                status[obj.key] = parsed.parents
+                for parent in parsed.parents:
+                    for said in parent.problems():
+                        found.append(
+                            problems.Problem(
+                                item.source,
+                                str(obj),
+                                f"on Service {parent.parent_ref.get('name')}: {said}",
+                            )
+                        )
+            for a in parsed.attached:
+                attached.setdefault(a.service, []).append(a)
+                origins.setdefault(a.service, item)
+        for key, on_service in attached.items():
+            before = routes.get(key)
+            if before is not None and before.rules:
+                item = origins[key]
+                found.append(
+                    problems.Problem(
+                        item.source,
+                        str(item.obj),
+                        f"routes Service {key} instead of its {before.source} "
+                        "for the ports and callers it applies to",
+                    )
+                )
+            base = before or routing.ServiceRoute(key, (), source="Gateway API")
+            routes[key] = dataclasses.replace(base, attached=tuple(on_service))
+        for gone in self._good_gateway_routes.keys() - {i.obj.key for i in items}:
+            del self._good_gateway_routes[gone]
+        self.route_status = status
 
 
 @dataclass(frozen=True, slots=True)

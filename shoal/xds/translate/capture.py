@@ -398,6 +398,7 @@ def port_routes(
                     state.routes.get(svc.key),
                     state.services,
                     state.telemetry.trace_sampling,
+                    namespace,
                 ),
             )
         )

@@ -48,6 +48,9 @@ VIRTUAL_OUTBOUND = "virtualOutbound"
 VIRTUAL_INBOUND = "virtualInbound"
 # Where traffic to an address the mesh does not know goes: on to that address.
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
+# Where the share of a route's backend that cannot be reached "goes": no
+# such cluster exists, and the route answers 500 for it.
+INVALID_BACKEND_CLUSTER = "shoal-invalid-backend"
 INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"
 # The catch-all virtual host of a port's route table (Istio's ALLOW_ANY mode).
 ALLOW_ANY = "allow_any"

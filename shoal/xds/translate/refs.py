@@ -15,6 +15,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf.message import Message
 
 from shoal.xds import resources
+from shoal.xds.translate import names
 
 Ref = tuple[str, str]
 
@@ -25,10 +26,13 @@ def _route_refs(config: route_pb2.RouteConfiguration) -> Iterator[Ref]:
             if not route.HasField("route"):
                 continue
             action = route.route
-            if action.cluster:
+            # The cluster of a backend that cannot be reached is missing on
+            # purpose: its share is answered 500.
+            if action.cluster and action.cluster != names.INVALID_BACKEND_CLUSTER:
                 yield (resources.CLUSTER, action.cluster)
             for weighted in action.weighted_clusters.clusters:
-                yield (resources.CLUSTER, weighted.name)
+                if weighted.name != names.INVALID_BACKEND_CLUSTER:
+                    yield (resources.CLUSTER, weighted.name)
             for mirror in action.request_mirror_policies:
                 yield (resources.CLUSTER, mirror.cluster)
 

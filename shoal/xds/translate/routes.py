@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
@@ -9,7 +10,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
-from envoy.type.matcher.v3 import string_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 
@@ -21,6 +22,13 @@ from shoal.xds.translate import common, names, telemetry
 SAFE_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 SAFE_RETRIES = 2
 FAULT_FILTER = "envoy.filters.http.fault"
+_REDIRECT_CODES = {
+    301: route_components_pb2.RedirectAction.MOVED_PERMANENTLY,
+    302: route_components_pb2.RedirectAction.FOUND,
+    303: route_components_pb2.RedirectAction.SEE_OTHER,
+    307: route_components_pb2.RedirectAction.TEMPORARY_REDIRECT,
+    308: route_components_pb2.RedirectAction.PERMANENT_REDIRECT,
+}
 
 
 def default_port(service: mesh.Service) -> mesh.Port | None:
@@ -74,17 +82,31 @@ def _retry_policy(retry: routing.Retry | None) -> route_components_pb2.RetryPoli
     return policy
 
 
+def _backend_cluster(
+    b: routing.Backend, port: mesh.Port, services: Mapping[mesh.ServiceKey, mesh.Service]
+) -> str:
+    """The cluster a backend's share goes to: its own port's, the port
+    standing in for the one called, or, for a backend that cannot be
+    reached, one that does not exist (answered `cluster_not_found_response_code`)."""
+    backend = services.get(b.service)
+    if b.missing or backend is None:
+        return names.INVALID_BACKEND_CLUSTER
+    if b.port is not None:
+        bport = next((p for p in backend.ports if p.port == b.port), None)
+        if bport is None:
+            return names.INVALID_BACKEND_CLUSTER
+    else:
+        bport = backend_port(backend, port) or port
+    return names.outbound_cluster(b.service, bport, b.subset or None)
+
+
 def _action(
     rule: routing.RouteRule,
     port: mesh.Port,
     services: Mapping[mesh.ServiceKey, mesh.Service],
     route: routing.ServiceRoute | None,
 ) -> route_components_pb2.RouteAction:
-    targets: list[tuple[str, int]] = []
-    for b in rule.backends:
-        backend = services[b.service]
-        bport = backend_port(backend, port) or port
-        targets.append((names.outbound_cluster(b.service, bport, b.subset or None), b.weight))
+    targets = [(_backend_cluster(b, port, services), b.weight) for b in rule.backends]
     timeout = _pick(rule.timeout_s, route.timeout_s if route else None) or 0
     action = route_components_pb2.RouteAction(
         # No blanket timeout: streams and long polls are the app's business
@@ -92,6 +114,14 @@ def _action(
         timeout=common.duration(timeout),
         retry_policy=_retry_policy(_pick(rule.retry, route.retry if route else None)),
     )
+    if any(name == names.INVALID_BACKEND_CLUSTER for name, _ in targets):
+        # A backend the route names but the mesh cannot reach: its share is
+        # a 500, as the Gateway API says, not Envoy's 503 "no cluster".
+        action.cluster_not_found_response_code = (
+            route_components_pb2.RouteAction.INTERNAL_SERVER_ERROR
+        )
+    if rule.backend_timeout_s is not None:
+        action.retry_policy.per_try_timeout.CopyFrom(common.duration(rule.backend_timeout_s))
     if len(targets) == 1:
         action.cluster = targets[0][0]
     else:
@@ -106,19 +136,84 @@ def _action(
                 ]
             )
         )
+    mirrors = [*rule.mirrors]
     mirror = _pick(rule.mirror, route.mirror if route else None)
     if mirror is not None:
-        shadow = services[mirror.service]
-        shadow_port = backend_port(shadow, port) or port
+        mirrors.insert(0, mirror)
+    for m in mirrors:
         action.request_mirror_policies.append(
             route_components_pb2.RouteAction.RequestMirrorPolicy(
-                cluster=names.outbound_cluster(mirror.service, shadow_port),
+                cluster=_backend_cluster(routing.Backend(m.service, port=m.port), port, services),
                 runtime_fraction=base_pb2.RuntimeFractionalPercent(
-                    default_value=_fraction(mirror.percent)
+                    default_value=_fraction(m.percent)
                 ),
             )
         )
+    if rule.rewrite is not None:
+        if rule.rewrite.hostname is not None:
+            action.host_rewrite_literal = rule.rewrite.hostname
+        if rule.rewrite.path is not None:
+            action.regex_rewrite.CopyFrom(_path_rewrite(rule.rewrite.path, rule.path))
     return action
+
+
+def _path_rewrite(
+    change: routing.PathChange, matched: routing.PathMatch | None
+) -> regex_pb2.RegexMatchAndSubstitute:
+    """A new path as a regular expression on the old (the query string is
+    kept): the whole path, or the matched prefix of whole segments replaced,
+    with the Gateway API's slashes: `/foo/bar` with `/foo` -> `/xyz` is
+    `/xyz/bar`, with `/foo` -> `` or `/` is `/bar`; never an empty path."""
+    if change.full:
+        return regex_pb2.RegexMatchAndSubstitute(
+            pattern=regex_pb2.RegexMatcher(regex="^/.*$"), substitution=change.value
+        )
+    prefix = "" if matched is None or matched.value == "/" else matched.value.rstrip("/")
+    replacement = change.value.rstrip("/")
+    if not replacement:
+        pattern, substitution = f"^{re.escape(prefix)}/*(.*)$", r"/\1"
+    else:
+        pattern, substitution = f"^{re.escape(prefix)}(/.*)?$", replacement + r"\1"
+    return regex_pb2.RegexMatchAndSubstitute(
+        pattern=regex_pb2.RegexMatcher(regex=pattern), substitution=substitution
+    )
+
+
+def _redirect(
+    redirect: routing.Redirect, matched: routing.PathMatch | None
+) -> route_components_pb2.RedirectAction:
+    out = route_components_pb2.RedirectAction(response_code=_REDIRECT_CODES[redirect.status])
+    if redirect.scheme is not None:
+        out.scheme_redirect = redirect.scheme
+    if redirect.hostname is not None:
+        out.host_redirect = redirect.hostname
+    if redirect.port is not None:
+        out.port_redirect = redirect.port
+    if redirect.path is not None:
+        out.regex_rewrite.CopyFrom(_path_rewrite(redirect.path, matched))
+    return out
+
+
+def _header_values(
+    change: routing.HeaderChange,
+) -> list[base_pb2.HeaderValueOption]:
+    options = base_pb2.HeaderValueOption
+    return [
+        *(
+            options(
+                header=base_pb2.HeaderValue(key=k, value=v),
+                append_action=options.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+            for k, v in change.set
+        ),
+        *(
+            options(
+                header=base_pb2.HeaderValue(key=k, value=v),
+                append_action=options.APPEND_IF_EXISTS_OR_ADD,
+            )
+            for k, v in change.add
+        ),
+    ]
 
 
 T = TypeVar("T")
@@ -159,25 +254,63 @@ def service_routes(
     route: routing.ServiceRoute | None,
     services: Mapping[mesh.ServiceKey, mesh.Service],
     mesh_sampling: float,
+    caller_namespace: str | None = None,
 ) -> list[route_components_pb2.Route]:
-    """Routes for calls to one port of a Service, first match wins;
-    `mesh_sampling` is the mesh's trace sampling, for Services that do not
-    set their own."""
-    rules = (
-        route.rules if route is not None else (routing.RouteRule((routing.Backend(service.key),)),)
+    """Routes for calls from `caller_namespace` to one port of a Service,
+    first match wins; `mesh_sampling` is the mesh's trace sampling, for
+    Services that do not set their own.
+
+    Where Gateway API routes apply, their merged rules route, and a request
+    none of them matches is answered 404, as the Gateway API says;
+    elsewhere the TrafficRoute's or annotations' rules, the last of which
+    matches everything."""
+    attached = (
+        routing.attached_rules(route.attached, port.port, caller_namespace)
+        if route is not None and route.attached
+        else None
     )
+    if attached is not None:
+        rules, policy = attached, None
+    elif route is not None and route.rules:
+        rules, policy = route.rules, route
+    else:
+        rules, policy = (routing.RouteRule((routing.Backend(service.key),)),), None
     out = []
     for number, rule in enumerate(rules):
         # Named, so access logs and spans say which rule a request took.
-        name = f"{telemetry.service_name(service.key)}:{port.port}#{number}"
-        r = route_components_pb2.Route(
-            name=name, match=_match(rule), route=_action(rule, port, services, route)
-        )
+        label = f"{number}:{rule.name}" if rule.name else str(number)
+        name = f"{telemetry.service_name(service.key)}:{port.port}#{label}"
+        r = route_components_pb2.Route(name=name, match=_match(rule))
+        if rule.redirect is not None:
+            r.redirect.CopyFrom(_redirect(rule.redirect, rule.path))
+        elif rule.status is not None:
+            r.direct_response.status = rule.status
+        else:
+            r.route.CopyFrom(_action(rule, port, services, policy))
+        if rule.request_headers is not None:
+            r.request_headers_to_add.extend(_header_values(rule.request_headers))
+            r.request_headers_to_remove.extend(rule.request_headers.remove)
+        if rule.response_headers is not None:
+            r.response_headers_to_add.extend(_header_values(rule.response_headers))
+            r.response_headers_to_remove.extend(rule.response_headers.remove)
         r.tracing.CopyFrom(telemetry.route_tracing(service, name, mesh_sampling))
-        fault = _pick(rule.fault, route.fault if route else None)
+        fault = _pick(rule.fault, policy.fault if policy else None)
         if fault is not None:
             r.typed_per_filter_config[FAULT_FILTER].CopyFrom(_fault(fault))
         out.append(r)
+    if attached is not None:
+        out.append(
+            route_components_pb2.Route(
+                name=f"{telemetry.service_name(service.key)}:{port.port}#unmatched",
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                direct_response=route_components_pb2.DirectResponseAction(
+                    status=404,
+                    body=base_pb2.DataSource(
+                        inline_string="shoal: no rule of the Service's routes matches\n"
+                    ),
+                ),
+            )
+        )
     return out
 
 
@@ -186,6 +319,11 @@ def _match(rule: routing.RouteRule) -> route_components_pb2.RouteMatch:
     path = rule.path
     if path is None or path.kind is routing.MatchKind.PREFIX:
         match.prefix = path.value if path is not None else "/"
+    elif path.kind is routing.MatchKind.SEGMENTS:
+        if path.value == "/":
+            match.prefix = "/"
+        else:
+            match.path_separated_prefix = path.value
     elif path.kind is routing.MatchKind.EXACT:
         match.path = path.value
     else:
@@ -236,7 +374,12 @@ def virtual_hosts(
                 name=f"{service.key.fqdn}:{port.port}",
                 domains=domains,
                 routes=service_routes(
-                    service, port, route, state.services, state.telemetry.trace_sampling
+                    service,
+                    port,
+                    route,
+                    state.services,
+                    state.telemetry.trace_sampling,
+                    caller_namespace,
                 ),
             )
         )
