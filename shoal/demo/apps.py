@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from dataclasses import dataclass, field
 
 import aiohttp
+import grpc
 from aiohttp import web
 
 # What an app must copy from the request it serves to the calls it makes,
@@ -100,3 +102,41 @@ async def start(app: App, port: int) -> web.AppRunner:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner
+
+
+class _AnyMethod(grpc.GenericRpcHandler):
+    """Every gRPC method of every service: the reply says who answered and
+    what arrived (the method's path and the metadata), as JSON."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
+        app = self.app
+        method = handler_call_details.method
+
+        async def reply(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            app.served += 1
+            metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            app.seen_headers = [metadata]
+            return json.dumps(
+                {
+                    "service": app.service,
+                    "instance": app.instance,
+                    "namespace": app.namespace,
+                    "version": app.version,
+                    "request": {"method": "POST", "path": method, "headers": metadata},
+                }
+            ).encode()
+
+        return grpc.unary_unary_rpc_method_handler(reply)
+
+
+async def start_grpc(app: App, port: int) -> grpc.aio.Server:
+    """The app as a gRPC server (h2c) on 127.0.0.1:`port`."""
+    server = grpc.aio.server(handlers=[_AnyMethod(app)])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server

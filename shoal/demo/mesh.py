@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import grpc
 from aiohttp import web
 
 from shoal import envoy, sidecar_files
@@ -20,6 +21,7 @@ class Workload:
     app: apps.App
     envoy: envoy.EnvoyProcess
     runner: web.AppRunner | None = None
+    grpc_server: grpc.aio.Server | None = None
 
     @property
     def outbound(self) -> str:
@@ -57,6 +59,7 @@ class LocalMesh:
         version: str = "v1",
         calls: tuple[str, ...] = (),
         wait: bool = True,
+        grpc_app: bool = False,
     ) -> Workload:
         s = proxy.Sidecar(
             namespace=namespace,
@@ -81,7 +84,10 @@ class LocalMesh:
         app = apps.App(service, name, version, calls, s.outbound_port, namespace=namespace)
         w = Workload(s, app, envoy.EnvoyProcess(path, admin_port))
         self.workloads[name] = w
-        w.runner = await apps.start(app, s.app_port)
+        if grpc_app:
+            w.grpc_server = await apps.start_grpc(app, s.app_port)
+        else:
+            w.runner = await apps.start(app, s.app_port)
         await w.envoy.start()
         if wait:
             await w.envoy.wait_ready()
@@ -92,6 +98,8 @@ class LocalMesh:
         await w.envoy.stop()
         if w.runner is not None:
             await w.runner.cleanup()
+        if w.grpc_server is not None:
+            await w.grpc_server.stop(grace=None)
 
     async def close(self) -> None:
         for name in list(self.workloads):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
 from shoal import cli, envoy
@@ -677,3 +679,135 @@ spec:
         "Service mesh/echo-nope does not exist",
     ):
         assert expected in problems, (expected, problems)
+
+
+def _grpc_service(name: str, endpoints: list[int]) -> str:
+    docs = [
+        f"""apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  ports: [{{name: grpc, port: 7070, appProtocol: grpc}}]
+"""
+    ]
+    for i, port in enumerate(endpoints):
+        docs.append(f"""apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-{i}
+  namespace: {NS}
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: grpc, port: {port}}}]
+endpoints: [{{addresses: ["127.0.0.1"], conditions: {{ready: true}}}}]
+""")
+    return "---\n".join(docs)
+
+
+async def test_grpcroute_methods_weights_header_modifiers_and_a_mirror(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    ports = {n: envoy.free_port() for n in ("v1", "v2", "shadow", "client")}
+    write(registry_dir, "grpc-echo.yaml", _grpc_service("grpc-echo", [ports["v1"], ports["v2"]]))
+    write(registry_dir, "grpc-echo-v1.yaml", _grpc_service("grpc-echo-v1", [ports["v1"]]))
+    write(registry_dir, "grpc-echo-v2.yaml", _grpc_service("grpc-echo-v2", [ports["v2"]]))
+    write(registry_dir, "grpc-shadow.yaml", _grpc_service("grpc-shadow", [ports["shadow"]]))
+    write(registry_dir, "client.yaml", _service("client", NS, [ports["client"]]))
+    write(
+        registry_dir,
+        "routes.yaml",
+        f"""apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: grpc-echo, namespace: {NS}}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: grpc-echo, port: 7070}}]
+  rules:
+    - matches: [{{method: {{service: echo.Echo, method: Weighted}}}}]
+      backendRefs:
+        - {{name: grpc-echo-v1, port: 7070, weight: 70}}
+        - {{name: grpc-echo-v2, port: 7070, weight: 30}}
+    - matches: [{{method: {{service: echo.Echo, method: Headers}}}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{{name: x-header-set, value: set}}]
+            remove: [x-header-remove]
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {{add: [{{name: x-response-add, value: added}}]}}
+      backendRefs: [{{name: grpc-echo-v1, port: 7070}}]
+    - matches: [{{method: {{service: echo.Echo, method: Mirror}}}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {{backendRef: {{name: grpc-shadow, port: 7070}}}}
+      backendRefs: [{{name: grpc-echo-v2, port: 7070}}]
+    - matches: [{{method: {{service: echo.Echo}}, headers: [{{name: version, value: two}}]}}]
+      backendRefs: [{{name: grpc-echo-v2, port: 7070}}]
+    - matches: [{{method: {{service: echo.Echo}}}}]
+      backendRefs: [{{name: grpc-echo-v1, port: 7070}}]
+""",
+    )
+    await caught_up(control_plane, registry_dir)
+    for name, service in (
+        ("v1", "grpc-echo-v1"),
+        ("v2", "grpc-echo-v2"),
+        ("shadow", "grpc-shadow"),
+    ):
+        await local_mesh.add(
+            f"{service}-1", namespace=NS, service=service, inbound_port=ports[name], grpc_app=True
+        )
+    client = await local_mesh.add(
+        "client-1", namespace=NS, service="client", inbound_port=ports["client"]
+    )
+    shadow = local_mesh.workloads["grpc-shadow-1"]
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{client.sidecar.outbound_port}",
+        options=[("grpc.default_authority", "grpc-echo:7070")],
+    ) as channel:
+
+        async def rpc(
+            method: str, metadata: tuple[tuple[str, str], ...] = ()
+        ) -> tuple[dict[str, Any], dict[str, str]]:
+            call = channel.unary_unary(method)(b"", metadata=metadata, timeout=10)
+            reply = await call
+            initial = {k: v for k, v in (await call.initial_metadata()) or ()}
+            return json.loads(reply), initial
+
+        async def routed() -> bool:
+            try:
+                await rpc("/echo.Other/Thing")
+            except grpc.aio.AioRpcError as err:
+                return err.code() is grpc.StatusCode.UNIMPLEMENTED
+            return False
+
+        await _until(routed)
+        # MeshGRPCRouteWeight: 70/30 within 5 points over 500 calls.
+        gate = asyncio.Semaphore(10)
+
+        async def one() -> str:
+            async with gate:
+                return str((await rpc("/echo.Echo/Weighted"))[0]["instance"])
+
+        seen = collections.Counter(await asyncio.gather(*(one() for _ in range(500))))
+        assert set(seen) == {"grpc-echo-v1-1", "grpc-echo-v2-1"}, seen
+        assert abs(seen["grpc-echo-v1-1"] / 500 - 0.7) <= 0.05, seen
+        # Header modifiers: on the request's metadata and the response's.
+        body, initial = await rpc(
+            "/echo.Echo/Headers", (("x-header-set", "other"), ("x-header-remove", "gone"))
+        )
+        assert body["instance"] == "grpc-echo-v1-1"
+        assert body["request"]["headers"]["x-header-set"] == "set"
+        assert "x-header-remove" not in body["request"]["headers"]
+        assert initial.get("x-response-add") == "added"
+        # Methods and headers: a header match wins over the service's catch-all.
+        assert (await rpc("/echo.Echo/Any"))[0]["instance"] == "grpc-echo-v1-1"
+        assert (await rpc("/echo.Echo/Any", (("version", "two"),)))[0][
+            "instance"
+        ] == "grpc-echo-v2-1"
+        # A mirror gets a copy; the caller sees the backend's answer.
+        before = shadow.app.served
+        assert (await rpc("/echo.Echo/Mirror"))[0]["instance"] == "grpc-echo-v2-1"
+
+        async def mirrored() -> bool:
+            return shadow.app.served > before
+
+        await _until(mirrored)
