@@ -28,20 +28,70 @@ def services(state: mesh.MeshState) -> dict[str, Any]:
 
 
 def _route(route: routing.ServiceRoute) -> dict[str, Any]:
-    return {
+    out = {
         "source": route.source,
         "rules": [_rule(r) for r in route.rules],
         **_policies(route.timeout_s, route.retry, route.fault, route.mirror),
     }
+    if route.attached:
+        # Gateway API routes, each with whom it routes; where one applies,
+        # its rules are used instead of `rules`.
+        out["attached"] = [
+            {
+                "origin": a.origin,
+                "port": a.port,
+                "consumer": a.consumer,
+                "kind": "GRPCRoute" if a.grpc else "HTTPRoute",
+                "rules": [_rule(r) for _, r in sorted(zip(a.order, a.rules, strict=True))],
+            }
+            for a in route.attached
+        ]
+    return out
 
 
 def _rule(rule: routing.RouteRule) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if rule.name:
+        extra["name"] = rule.name
+    if rule.status is not None:
+        extra["status"] = rule.status
+    if rule.redirect is not None:
+        r = rule.redirect
+        extra["redirect"] = {
+            "status": r.status,
+            **{
+                k: v
+                for k, v in (("scheme", r.scheme), ("hostname", r.hostname), ("port", r.port))
+                if v
+            },
+            **({"path": _path_change(r.path)} if r.path else {}),
+        }
+    if rule.rewrite is not None:
+        extra["rewrite"] = {
+            **({"hostname": rule.rewrite.hostname} if rule.rewrite.hostname else {}),
+            **({"path": _path_change(rule.rewrite.path)} if rule.rewrite.path else {}),
+        }
+    for key, change in (
+        ("request_headers", rule.request_headers),
+        ("response_headers", rule.response_headers),
+    ):
+        if change is not None:
+            extra[key] = {
+                "set": dict(change.set),
+                "add": dict(change.add),
+                "remove": list(change.remove),
+            }
+    if rule.mirrors:
+        extra["mirrors"] = [{"service": str(m.service), "percent": m.percent} for m in rule.mirrors]
     return {
+        **extra,
         "backends": [
             {
                 "service": str(b.service),
                 "weight": b.weight,
                 **({"subset": dict(b.subset)} if b.subset else {}),
+                **({"port": b.port} if b.port is not None else {}),
+                **({"missing": True} if b.missing else {}),
             }
             for b in rule.backends
         ],
@@ -51,6 +101,10 @@ def _rule(rule: routing.RouteRule) -> dict[str, Any]:
         "method": rule.method,
         **_policies(rule.timeout_s, rule.retry, rule.fault, rule.mirror),
     }
+
+
+def _path_change(change: routing.PathChange) -> str:
+    return change.value if change.full else f"prefix -> {change.value or '/'}"
 
 
 def _match(m: routing.HeaderMatch) -> dict[str, str]:

@@ -403,8 +403,8 @@ class ObjectStore:
                     problems.Problem(
                         item.source,
                         str(item.obj),
-                        f"routes Service {key} instead of its {before.source} "
-                        "for the ports and callers it applies to",
+                        f"routes Service {key} where it applies, instead of the rules of "
+                        f"its {before.source} (their retries, faults and timeout still apply)",
                     )
                 )
             base = before or routing.ServiceRoute(key, (), source="Gateway API")

@@ -557,6 +557,48 @@ async def test_header_modifiers_rewrites_redirects_mirrors_and_timeouts(
             m.v1.app.delay_s = 0.0
 
 
+async def test_shoal_policies_keep_working_next_to_an_httproute(
+    registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
+) -> None:
+    """What an HTTPRoute cannot say (here a fault; retries, outlier
+    detection) a Service's annotations still do, on the HTTPRoute's rules."""
+    m = await _echo_mesh(control_plane, registry_dir, local_mesh)
+    text = (registry_dir / "echo-v1.yaml").read_text()
+    write(
+        registry_dir,
+        "echo-v1.yaml",
+        text.replace(
+            "metadata: {name: echo-v1, namespace: mesh}",
+            "metadata: {name: echo-v1, namespace: mesh, "
+            'annotations: {shoal.io/fault: "abort=418@100%"}}',
+            1,
+        ),
+    )
+    await _routes(
+        control_plane,
+        registry_dir,
+        _http_route(
+            "tagged",
+            "echo-v1",
+            """    - matches: [{path: {type: PathPrefix, value: /tagged}}]
+      backendRefs: [{name: echo-v1, port: 80}]
+""",
+        ),
+    )
+    async with aiohttp.ClientSession() as s:
+
+        async def routed() -> bool:
+            return (await call(s, m.client, "echo-v1", "/other")).status == 404
+
+        await _until(routed)
+        assert (await call(s, m.client, "echo-v1", "/tagged")).status == 418
+    problems = "\n".join(str(p) for p in control_plane.registry.problems)
+    assert (
+        "HTTPRoute mesh/tagged: routes Service mesh/echo-v1 where it applies, "
+        "instead of the rules of its annotations" in problems
+    ), problems
+
+
 async def test_a_consumer_route_routes_only_its_own_namespace(
     registry_dir: Path, control_plane: cli.ControlPlane, local_mesh: mesh.LocalMesh
 ) -> None:

@@ -110,6 +110,22 @@ async def _mesh(cp: cli.ControlPlane, folder: Path, local: mesh.LocalMesh) -> me
     )
     write(
         folder,
+        "canary-route.yaml",
+        """apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-v2-header, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews-v2}]
+  rules:
+    - name: tagged
+      filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {set: [{name: x-version, value: v2}]}
+      backendRefs: [{name: reviews-v2, port: 80}]
+""",
+    )
+    write(
+        folder,
         "broken.yaml",
         manifests.service("broken", extra='\n  annotations:\n    shoal.io/split: "nonsense"\n'),
     )
@@ -240,6 +256,10 @@ async def test_each_view_shows_the_mesh_as_it_is(
         await expect(reviews.locator('[data-weight="20"]')).to_contain_text("default/reviews-v2")
         await expect(reviews).to_contain_text("header x-user-group = internal")
         await expect(reviews.locator(".pill.src")).to_have_text("annotations")
+        attached = page.locator('[data-attached="HTTPRoute default/reviews-v2-header"]')
+        await expect(attached).to_contain_text("routes every caller, every port")
+        await expect(attached).to_contain_text("response x-version = v2")
+        await expect(attached).to_contain_text("rule tagged")
         await shot(page, shots, "services")
 
         # Proxies: the real sidecars SYNCED, the rejecting one NACKED with Envoy's error.

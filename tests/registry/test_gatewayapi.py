@@ -403,3 +403,23 @@ def test_rewrites_keep_the_gateway_api_slashes() -> None:
         substitution = rewrite.substitution.replace("\\1", "\\g<1>")
         got = re.sub(rewrite.pattern.regex, substitution, path)
         assert got == expected, (path, prefix, replacement, got)
+
+
+def test_a_section_name_is_the_service_port_name() -> None:
+    named = _route(
+        "    - backendRefs: [{name: echo-v1, port: 80}]\n",
+        '{group: "", kind: Service, name: echo, sectionName: p8080}',
+    )
+    state, _, found = _built(*SERVICES, named)
+    assert found == []
+    route = state.routes[mesh.ServiceKey("shop", "echo")]
+    assert routing.attached_rules(route.attached, 8080, "shop") is not None
+    assert routing.attached_rules(route.attached, 80, "shop") is None
+    wrong = _route(
+        "    - backendRefs: [{name: echo-v1, port: 80}]\n",
+        '{group: "", kind: Service, name: echo, sectionName: grpc}',
+    )
+    _, _, found = _built(*SERVICES, wrong)
+    assert any(
+        "Accepted=NoMatchingParent: Service shop/echo has no port named 'grpc'" in p for p in found
+    )

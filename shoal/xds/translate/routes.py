@@ -270,7 +270,9 @@ def service_routes(
         else None
     )
     if attached is not None:
-        rules, policy = attached, None
+        # The Service's own policies (annotations, TrafficRoute: retries,
+        # faults, a timeout the HTTPRoute does not set) still apply.
+        rules, policy = attached, route
     elif route is not None and route.rules:
         rules, policy = route.rules, route
     else:

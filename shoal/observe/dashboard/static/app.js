@@ -175,7 +175,9 @@ function policyChips(p) {
 function ruleView(rule, palette) {
   const total = rule.backends.reduce((a, b) => a + b.weight, 0) || 1;
   const conditions = [...rule.headers.map((m) => `header ${matchText(m)}`), ...rule.query.map((m) => `query ${matchText(m)}`)];
-  if (rule.path) conditions.push(`path ${rule.path.kind} ${rule.path.value}`);
+  if (rule.path && !(rule.path.kind === "segments" && rule.path.value === "/")) {
+    conditions.push(`path ${rule.path.kind === "segments" ? "prefix" : rule.path.kind} ${rule.path.value}`);
+  }
   if (rule.method) conditions.push(`method ${rule.method}`);
   return h("div", { class: "rule", "data-rule": conditions.length ? "match" : "default" },
     h("div", { class: "when" }, conditions.length ? ["when ", conditions.map((c, i) => [i ? " and " : "", h("b", {}, c)])] : "otherwise (every other request)"),
@@ -185,7 +187,36 @@ function ruleView(rule, palette) {
     })),
     h("div", { class: "legend" }, rule.backends.map((b) => h("span", { class: "backend", "data-weight": String(Math.round((1000 * b.weight) / total) / 10) },
       h("i", { bg: palette(b.service) }), h("span", { class: "mono" }, b.service), " ", h("b", {}, `${Math.round((1000 * b.weight) / total) / 10}%`)))),
-    h("div", { class: "policies" }, policyChips(rule)));
+    h("div", { class: "policies" }, [...policyChips(rule), ...gatewayChips(rule)]));
+}
+
+function gatewayChips(rule) {
+  const out = [];
+  if (rule.name) out.push(`rule ${rule.name}`);
+  if (rule.status) out.push(`answers ${rule.status}`);
+  if (rule.redirect) {
+    const r = rule.redirect;
+    out.push(`redirect ${r.status}${r.scheme ? ` ${r.scheme}://` : ""}${r.hostname ? ` ${r.hostname}` : ""}${r.port ? `:${r.port}` : ""}${r.path ? ` path ${r.path}` : ""}`);
+  }
+  if (rule.rewrite) out.push(`rewrite${rule.rewrite.hostname ? ` host ${rule.rewrite.hostname}` : ""}${rule.rewrite.path ? ` path ${rule.rewrite.path}` : ""}`);
+  for (const [key, label] of [["request_headers", "request"], ["response_headers", "response"]]) {
+    const c = rule[key];
+    if (!c) continue;
+    for (const [n, v] of Object.entries(c.set)) out.push(`${label} ${n} = ${v}`);
+    for (const [n, v] of Object.entries(c.add)) out.push(`${label} ${n} += ${v}`);
+    for (const n of c.remove) out.push(`${label} −${n}`);
+  }
+  for (const m of rule.mirrors || []) out.push(`mirror → ${m.service} ${m.percent}%`);
+  for (const b of rule.backends) if (b.missing) out.push(`${b.service} unreachable: its share answers 500`);
+  return out.map((t) => h("span", { class: "chip" }, t));
+}
+
+function attachedView(a, palette) {
+  const whom = a.consumer ? `callers in ${a.consumer}` : "every caller";
+  const where = a.port ? `port ${a.port}` : "every port";
+  return h("div", { class: "attached", "data-attached": a.origin },
+    h("div", { class: "when" }, h("span", { class: "pill src" }, a.origin), ` routes ${whom}, ${where}; a request no rule matches is answered 404`),
+    a.rules.map((r) => ruleView(r, palette)));
 }
 
 async function viewServices() {
@@ -209,10 +240,10 @@ async function viewServices() {
           h("span", { class: `dot ${svc.endpoints.length === 0 ? "bad" : ready < svc.endpoints.length ? "warn" : "ok"}` }),
           `${ready} of ${svc.endpoints.length} ready  `,
           h("div", {}, svc.endpoints.map((e) => h("span", { class: "chip" }, e))))),
-      routing ? [routing.rules.map((r) => ruleView(r, palette)), h("div", { class: "policies" }, policyChips(routing))] : null);
+      routing ? [routing.rules.map((r) => ruleView(r, palette)), h("div", { class: "policies" }, policyChips(routing)), (routing.attached || []).map((a) => attachedView(a, palette))] : null);
   });
   return [
-    header("Services", "Each Service with its ports and endpoints, and how calls to it are routed: rules in order, their weighted backends, and the annotation or TrafficRoute they came from."),
+    header("Services", "Each Service with its ports and endpoints, and how calls to it are routed: rules in order, their weighted backends, and the annotation, TrafficRoute or Gateway API route they came from."),
     names.length ? h("div", { class: "services" }, cards) : empty("No Services", "The registry has no Services yet."),
   ];
 }
