@@ -672,3 +672,43 @@ def refused(obj: manifests.KubeObject, err: manifests.ManifestError) -> tuple[Pa
                 )
             )
     return tuple(out)
+
+
+def _signature(rule: routing.RouteRule) -> tuple[Any, ...]:
+    return (rule.path, rule.headers, rule.query, rule.method)
+
+
+def shadowed(attached: Sequence[routing.AttachedRoute]) -> list[tuple[str, str]]:
+    """(origin, why) for each rule that can never match: an earlier one (by
+    precedence) on the same Service, callers and port has the same match."""
+    out = []
+    for i, a in enumerate(attached):
+        for j, (order, rule) in enumerate(zip(a.order, a.rules, strict=True)):
+            for b in attached[: i + 1]:
+                if b.consumer != a.consumer or b.grpc != a.grpc:
+                    continue
+                if a.port is not None and b.port is not None and a.port != b.port:
+                    continue
+                first = next(
+                    (
+                        (other_order, k)
+                        for k, (other_order, other) in enumerate(zip(b.order, b.rules, strict=True))
+                        if (b is not a or k != j)
+                        and other_order < order
+                        and _signature(other) == _signature(rule)
+                    ),
+                    None,
+                )
+                if first is not None:
+                    rule_no, match_no = order[-2], order[-1]
+                    theirs = first[0][-2]
+                    out.append(
+                        (
+                            a.origin,
+                            f"spec.rules[{rule_no}].matches[{match_no}] never matches on "
+                            f"Service {a.service}: rule {theirs} of {b.origin} has the same "
+                            "match and comes first (older, or first by name)",
+                        )
+                    )
+                    break
+    return sorted(set(out))

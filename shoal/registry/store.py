@@ -395,7 +395,10 @@ class ObjectStore:
             for a in parsed.attached:
                 attached.setdefault(a.service, []).append(a)
                 origins.setdefault(a.service, item)
+        sources = {str(i.obj): i.source for i in items}
         for key, on_service in attached.items():
+            for origin, why in gatewayapi.shadowed(on_service):
+                found.append(problems.Problem(sources.get(origin, ""), origin, why))
             before = routes.get(key)
             if before is not None and before.rules:
                 item = origins[key]

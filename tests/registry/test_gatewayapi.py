@@ -423,3 +423,34 @@ def test_a_section_name_is_the_service_port_name() -> None:
     assert any(
         "Accepted=NoMatchingParent: Service shop/echo has no port named 'grpc'" in p for p in found
     )
+
+
+def test_a_match_another_route_already_has_is_reported_as_never_matching() -> None:
+    def route(name: str, created: str, backend: str) -> str:
+        return f"""apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: shop, creationTimestamp: "{created}"}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: echo}}]
+  rules:
+    - matches: [{{path: {{type: PathPrefix, value: /api}}, headers: [{{name: x, value: "1"}}]}}]
+      backendRefs: [{{name: {backend}, port: 80}}]
+    - matches: [{{path: {{type: Exact, value: /only-{name}}}}}]
+      backendRefs: [{{name: {backend}, port: 80}}]
+"""
+
+    state, _, found = _built(
+        *SERVICES,
+        route("first", "2026-01-01T00:00:00Z", "echo-v1"),
+        route("second", "2026-03-01T00:00:00Z", "echo-v2"),
+    )
+    assert found == [
+        "test.yaml: HTTPRoute shop/second: spec.rules[0].matches[0] never matches on Service "
+        "shop/echo: rule 0 of HTTPRoute shop/first has the same match and comes first "
+        "(older, or first by name)"
+    ], found
+    # Both routes still apply: the older wins the shared match, each keeps its own.
+    rules = routing.attached_rules(
+        state.routes[mesh.ServiceKey("shop", "echo")].attached, 80, "shop"
+    )
+    assert rules is not None and len(rules) == 4
