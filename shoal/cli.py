@@ -41,7 +41,7 @@ from shoal.observe import reports as observe_reports
 from shoal.observe.dashboard import launch as dashboard_launch
 from shoal.observe.dashboard import prometheus as dashboard_prometheus
 from shoal.observe.dashboard import server as dashboard_server
-from shoal.registry import files, kubernetes
+from shoal.registry import files, kubernetes, routestatus
 from shoal.sds import ca, join, operations, report, roots, rotation, tls, workloads
 from shoal.xds import cache, controller, csds, debounce, server, status
 from shoal.xds.translate import bootstrap as bootstrap_config
@@ -400,6 +400,17 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             )
             reports["injection"] = lambda: {"caBundle": keeper_of_bundle.last}
             running.start(keeper_of_bundle.run(), "webhook-ca-bundle")
+        if kube_api is not None and isinstance(registry, kubernetes.KubernetesRegistry):
+            watched = registry
+            writer = routestatus.RouteStatus(
+                kube_api,
+                lambda: watched.route_status,
+                kube.Lease(
+                    kube_api, kube_api.server.namespace, routestatus.LEASE, _replica_name()
+                ),
+            )
+            reports["route_status"] = lambda: {"last": writer.last}
+            running.start(writer.run(), "route-status")
         yield ControlPlane(
             xds_port,
             admin_port,

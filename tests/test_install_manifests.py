@@ -50,6 +50,8 @@ WATCHED = {
     ("", "serviceaccounts"),
     ("discovery.k8s.io", "endpointslices"),
     ("shoal.io", "trafficroutes"),
+    ("gateway.networking.k8s.io", "httproutes"),
+    ("gateway.networking.k8s.io", "grpcroutes"),
 }
 
 
@@ -301,14 +303,22 @@ def _no_wildcards(rules: list[dict[str, Any]]) -> None:
 # other objects), and its own webhook configuration's caBundle, by name.
 TOKEN_REVIEWS = ("authentication.k8s.io", "tokenreviews")
 WEBHOOK_CONFIGURATIONS = ("admissionregistration.k8s.io", "mutatingwebhookconfigurations")
+# The status of the mesh routes (only the status subresource: the routes
+# themselves are the user's).
+ROUTE_STATUS = {
+    ("gateway.networking.k8s.io", "httproutes/status"),
+    ("gateway.networking.k8s.io", "grpcroutes/status"),
+}
 
 
 def test_the_cluster_role_only_reads_what_the_control_plane_watches() -> None:
     rules = _one("ClusterRole")["rules"]
     _no_wildcards(rules)
     grants = _grants(rules)
-    assert set(grants) == WATCHED | {TOKEN_REVIEWS, WEBHOOK_CONFIGURATIONS}
+    assert set(grants) == WATCHED | {TOKEN_REVIEWS, WEBHOOK_CONFIGURATIONS} | ROUTE_STATUS
     assert grants.pop(TOKEN_REVIEWS) == {"create"}
+    for status in ROUTE_STATUS:
+        assert grants.pop(status) == {"update"}
     assert grants.pop(WEBHOOK_CONFIGURATIONS) == {"get", "update"}
     (webhook_rule,) = [r for r in rules if "mutatingwebhookconfigurations" in r["resources"]]
     assert webhook_rule["resourceNames"] == [
@@ -352,7 +362,7 @@ def test_the_role_is_namespaced_and_narrow() -> None:
         if "secrets" in rule["resources"] and set(rule["verbs"]) != {"create"}:
             assert names == ["shoal-ca"], rule
         if "leases" in rule["resources"] and set(rule["verbs"]) != {"create"}:
-            assert names == ["shoal-leader", "shoal-injector"], rule
+            assert names == ["shoal-leader", "shoal-injector", "shoal-route-status"], rule
 
     binding = _one("RoleBinding")
     assert binding["metadata"]["namespace"] == NAMESPACE

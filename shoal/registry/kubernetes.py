@@ -30,7 +30,7 @@ import aiohttp
 
 from shoal import kube
 from shoal.model import mesh, problems
-from shoal.registry import manifests, store
+from shoal.registry import gatewayapi, manifests, store
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ KINDS = (
     Kind(manifests.POD, "pods"),
     Kind(manifests.SERVICE_ACCOUNT, "serviceaccounts"),
     Kind(manifests.TRAFFIC_ROUTE, "trafficroutes", optional=True),
+    # Absent unless the user installed the Gateway API's CRDs.
+    Kind(manifests.HTTP_ROUTE, "httproutes", optional=True),
+    Kind(manifests.GRPC_ROUTE, "grpcroutes", optional=True),
 )
 
 
@@ -94,6 +97,11 @@ def trimmed(kind: Kind, obj: Mapping[str, Any]) -> kube.bodies.RawObject:
     out = dict(obj)
     out["apiVersion"], out["kind"] = kind.type
     out["metadata"] = {k: meta[k] for k in _METADATA_KEEP if k in meta}
+    if kind.type in manifests.GATEWAY_ROUTES:
+        # Ties between routes go to the oldest (the Gateway API's rule).
+        for k in ("creationTimestamp", "generation"):
+            if k in meta:
+                out["metadata"][k] = meta[k]
     spec = obj.get("spec") if isinstance(obj.get("spec"), Mapping) else {}
     assert isinstance(spec, Mapping)
     if kind.type == manifests.POD:
@@ -317,6 +325,11 @@ class KubernetesRegistry:
     @property
     def state(self) -> mesh.MeshState:
         return self._state
+
+    @property
+    def route_status(self) -> dict[tuple[str, str, str], tuple[gatewayapi.ParentStatus, ...]]:
+        """The Gateway API status of each route as of the last build."""
+        return self._store.route_status
 
     @property
     def problems(self) -> list[problems.Problem]:
