@@ -230,6 +230,34 @@ class Namespace:
         threading.Thread(target=inside, name=f"in-{self.name}", daemon=True).start()
         return await done
 
+    async def open_connection(
+        self, port: int, host: str = "127.0.0.1", timeout: float = 10
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection to `host`:`port` as seen from inside the
+        namespace (its own 127.0.0.1), for the calling event loop: what
+        kubelet's runtime does for a port-forward. A short-lived thread
+        joins the namespace and connects; the socket keeps the namespace it
+        was made in, so the loop may use it from the host's namespace."""
+
+        def connect() -> socket.socket:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            sock.setblocking(False)
+            return sock
+
+        sock = await self.call(connect)
+        try:
+            return await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def connector(
+        self, port: int, host: str = "127.0.0.1"
+    ) -> Callable[[], Coroutine[Any, Any, tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+        """`open_connection(port, host)` as a target for the emulator's
+        `map_pod_port`."""
+        return lambda: self.open_connection(port, host)
+
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """A socket of the namespace (a socket stays in the namespace it was
         made in, whichever thread uses it later)."""

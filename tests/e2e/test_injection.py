@@ -17,7 +17,10 @@ web -> reviews is one stitched trace (web's client span, reviews' server
 span) in the control plane's embedded collector, reached from the Pods over
 mTLS, and an access-log line with its trace id on web's agent's stdout, none
 on reviews' (its Service says `shoal.io/access-log: "off"`, the namespace
-"on"); reviews' Prometheus port (15090) counts web's requests by identity.
+"on"); reviews' Prometheus port (15090) counts web's requests by identity;
+`shoal dashboard envoy web` reaches web's own Envoy admin through the real
+`kubectl port-forward`, which the emulator serves into web's network
+namespace as kubelet would.
 """
 
 from __future__ import annotations
@@ -27,12 +30,16 @@ import base64
 import contextlib
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -478,6 +485,7 @@ async def _scenario(node: netns.Node, emu: Any, cluster: Cluster, folder: Path) 
         with kubelet.kubelet(node, cluster.kubectl, set_status, executables) as k:
             web, reviews = await _start_pods(k, node, folder)
             await _show_mesh(node, cluster, web, reviews, serve_output, folder / "state")
+            await _show_dashboard_envoy(node, emu, cluster, web, folder)
             await _show_deleted_pod_refused(k, cluster, web)
     finally:
         serve.kill()
@@ -727,6 +735,131 @@ async def _show_access_logs(
     assert line["response_code"] == 200 and line["method"] == "GET", line
     # The namespace says on, reviews' Service off: its sidecar logs nothing.
     assert _access_log(reviews) == [], reviews.log("shoal-proxy")[-2000:]
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+async def _show_dashboard_envoy(
+    node: netns.Node, emu: Any, cluster: Cluster, web: kubelet.RunningPod, folder: Path
+) -> None:
+    """`shoal dashboard envoy web` as a user on the node runs it: shoal finds
+    the proxy over its admin socket and runs the real `kubectl port-forward
+    pod/web LOCAL:15000`; the emulator takes the forward to 127.0.0.1:15000
+    inside web's network namespace, where its Envoy's admin listens. The URL
+    shoal prints answers with that Envoy's /server_info; Ctrl-C stops shoal
+    and its kubectl."""
+    admin_socket = folder / "state" / "admin.sock"
+    # kubelet reports the Pod Running once its containers run (kubectl
+    # refuses to forward to a Pod that is not).
+    emu.patch("pods", "web", {"status": {"phase": "Running"}}, namespace="shop")
+    emu.map_pod_port("shop", "web", 15000, web.network.connector(15000))
+    connector = aiohttp.UnixConnector(path=str(admin_socket))
+    async with (
+        aiohttp.ClientSession(connector=connector) as admin,
+        admin.get("http://shoal/debug/syncz") as r,
+    ):
+        proxies = await r.json()
+    (expected,) = [p for p in proxies if p.get("pod") == "shop/web"]
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env.update(
+        KUBECONFIG=str(cluster.kubeconfig),
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+        HOME=str(folder),
+        PYTHONUNBUFFERED="1",
+    )
+    command = [str(SHOAL), "dashboard", "envoy", "web", "--admin", str(admin_socket)]
+    shown = node.spawn(
+        *command,
+        "--no-browser",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert shown.stdout is not None
+        for line in shown.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    seen: list[str] = []
+
+    async def line_with(text: str) -> str:
+        while True:
+            try:
+                line = await asyncio.to_thread(lines.get, True, 60)
+            except queue.Empty:
+                line = ""
+            assert line, f"no {text!r} (shoal: {shown.poll()}):\n{''.join(seen)}"
+            seen.append(line)
+            if text in line:
+                return line
+
+    def children() -> list[int]:
+        return _children(shown.pid)
+
+    forwarders: list[int] = []
+    try:
+        url = re.search(r"http://127\.0\.0\.1:\d+/", await line_with("Envoy admin at"))
+        assert url is not None, seen
+        forwarders = children()
+        assert len(forwarders) == 1, forwarders
+        cmdline = _cmdline(forwarders[0])
+        assert "port-forward" in cmdline and "pod/web" in cmdline, cmdline
+        info: dict[str, Any] = {}
+
+        def fetch() -> bool:
+            try:
+                with urllib.request.urlopen(f"{url.group(0)}server_info", timeout=30) as answer:
+                    info.update(json.loads(answer.read()))
+            except OSError:
+                return False
+            return True
+
+        async def answered() -> bool:
+            assert shown.poll() is None, "".join(seen)
+            return await node.call(fetch)
+
+        # Until kubectl listens (shoal may print its URL first).
+        await eventually(answered, 60)
+        assert info["node"]["id"] == expected["id"], (info["node"], expected)
+        assert info["state"] == "LIVE", info["state"]
+
+        shown.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(shown.wait, 30) == 0, "".join(seen)
+
+        async def forwarder_gone() -> bool:
+            return not _alive(forwarders[0])
+
+        await eventually(forwarder_gone, 30)
+    finally:
+        # kubectl first: left behind, it would hold shoal's output open.
+        for pid in [*forwarders, *children(), shown.pid]:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            shown.wait(timeout=30)
+        reader.join(timeout=30)
+        if shown.stdout is not None:
+            shown.stdout.close()
 
 
 async def _show_deleted_pod_refused(
