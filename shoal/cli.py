@@ -405,9 +405,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             writer = routestatus.RouteStatus(
                 kube_api,
                 lambda: watched.route_status,
-                kube.Lease(
-                    kube_api, kube_api.server.namespace, routestatus.LEASE, _replica_name()
-                ),
+                kube.Lease(kube_api, kube_api.server.namespace, routestatus.LEASE, _replica_name()),
             )
             reports["route_status"] = lambda: {"last": writer.last}
             running.start(writer.run(), "route-status")

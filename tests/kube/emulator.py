@@ -49,11 +49,34 @@ test running in that loop, `await emu.acreate()` (`aupdate`, `apatch`).
 `?dryRun=All` on create, update, patch and delete runs admission and answers
 what would be stored, storing nothing.
 
+Port-forward (`pods/<name>/portforward`, tests/kube/portforward.py): the
+real `kubectl port-forward` works, over SPDY/3.1 tunnelled in WebSocket
+(kubectl's default) or plain SPDY/3.1 (its fallback). A test says where a
+Pod's port goes, "host:port" or a coroutine function that connects (e.g.
+`tests.netns.Pod.connector(15000)`, inside the Pod's network namespace):
+
+    emu.map_pod_port("shop", "web", 15000, "127.0.0.1:8080")
+
+As in a cluster, a missing Pod is 404 NotFound; a Pod whose status.phase is
+not Running gets kubelet's 404 "pod does not exist" (kubectl checks the
+phase itself and does not ask); an unmapped port is refused as the runtime
+refuses it, its message on the forward's error stream, which kubectl prints.
+
+Exec (`pods/<name>/exec`, tests/kube/exec.py): the real `kubectl exec`
+works over its default v5.channel.k8s.io WebSocket protocol; what runs is
+the test's, `emu.map_pod_exec("shop", "web", runner)`.
+
+The Gateway API's HTTPRoute and GRPCRoute (`gateway.networking.k8s.io/v1`)
+are served with their status subresource: a PUT to `.../status` writes the
+status only, a PUT to the object everything but.
+
 Not emulated: authorization (every authenticated caller may do anything),
 validating webhooks and ValidatingAdmissionPolicy, admission of DELETE and
 CONNECT and of subresources, matchPolicy Exact vs Equivalent (there is one
 version of each kind), token binding to Secrets and Nodes, server-side apply,
-subresources other than serviceaccounts/token (status, scale, ...),
+subresources other than serviceaccounts/token, pods/portforward, pods/exec
+(WebSocket only) and the Gateway API routes' status (scale, attach, log,
+proxy, ...),
 finalizers and graceful deletion, Table and Protobuf representations, schema
 validation, managedFields, strategic-merge list semantics.
 """
@@ -94,6 +117,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.x509.oid import NameOID
+
+from tests.kube import exec as pod_exec
+from tests.kube import portforward
 
 JSON = dict[str, Any]
 _T = TypeVar("_T")
@@ -197,6 +223,11 @@ KINDS: tuple[Kind, ...] = (
             "status.phase",
             "status.podIP",
         ),
+        # CONNECT subresources: GET (WebSocket) and POST (SPDY) upgrades.
+        subresources=(
+            ("portforward", "PodPortForwardOptions", "", "v1", ("create", "get")),
+            ("exec", "PodExecOptions", "", "v1", ("create", "get")),
+        ),
     ),
     Kind(
         "",
@@ -245,6 +276,22 @@ KINDS: tuple[Kind, ...] = (
         custom=True,
         # As examples/kubernetes/trafficroute-crd.yaml declares them.
         short_names=("tr",),
+    ),
+    # The Gateway API's routes (its standard-channel CRDs), each with the
+    # status subresource its CRD declares.
+    *(
+        Kind(
+            "gateway.networking.k8s.io",
+            "v1",
+            plural,
+            kind,
+            True,
+            unconditional_update=False,
+            custom=True,
+            subresources=(("status", kind, "gateway.networking.k8s.io", "v1", ("get", "update")),),
+            categories=("gateway-api",),
+        )
+        for plural, kind in (("httproutes", "HTTPRoute"), ("grpcroutes", "GRPCRoute"))
     ),
     Kind(
         "admissionregistration.k8s.io",
@@ -1300,6 +1347,8 @@ class KubeEmulator:
         self.clock = clock
         self._signer = TokenSigner()
         self.services: dict[tuple[str, str, int], str] = dict(services or {})
+        self._pod_ports: dict[tuple[str, str, int], portforward.Target] = {}
+        self._pod_execs: dict[tuple[str, str], pod_exec.Runner] = {}
         self.admin_user: JSON = copy.deepcopy(dict(user or ADMIN_USER))
         self._validate_webhooks = validate_webhooks
         self.ca_pem: bytes | None = None
@@ -1763,6 +1812,25 @@ class KubeEmulator:
         with self._lock:
             self.services[(namespace, name, port)] = address
 
+    # Port-forward.
+
+    def map_pod_port(
+        self, namespace: str, name: str, port: int, target: portforward.Target
+    ) -> None:
+        """Where `pods/<name>/portforward` takes connections to `port` of the
+        Pod: "host:port", or a coroutine function returning a connected
+        (StreamReader, StreamWriter), e.g. `tests.netns.Pod.connector(port)`,
+        which connects inside the Pod's network namespace as kubelet's
+        runtime does. Called on the emulator's loop, per connection."""
+        with self._lock:
+            self._pod_ports[(namespace, name, port)] = target
+
+    def map_pod_exec(self, namespace: str, name: str, runner: pod_exec.Runner) -> None:
+        """What `pods/<name>/exec` runs: the emulator has no containers, so
+        a test says (tests/kube/exec.py, e.g. `subprocess_runner`)."""
+        with self._lock:
+            self._pod_execs[(namespace, name)] = runner
+
     def admission_calls(
         self, *, webhook: str | None = None, configuration: str | None = None
     ) -> builtins.list[AdmissionCall]:
@@ -2035,6 +2103,13 @@ class KubeEmulator:
     ) -> JSON:
         self._keep_system_fields(obj, current)
         meta = obj["metadata"]
+        if any(sub[0] == "status" for sub in kind.subresources):
+            # With a status subresource, the object's own PUT and PATCH
+            # leave the status alone (only /status writes it).
+            if "status" in current:
+                obj["status"] = current["status"]
+            else:
+                obj.pop("status", None)
         self._default(kind, obj, current)
         if obj == current:
             # kube-apiserver skips writes that change nothing: no new
@@ -3072,6 +3147,15 @@ class KubeEmulator:
             raise KubeError(fault.status, fault.message, details=details, headers=headers)
 
         kind, namespace, name, query = route.kind, route.namespace, route.name, request.query
+        if route.subresource == "portforward":
+            assert namespace is not None and name is not None
+            return await self._portforward(request, record, namespace, name)
+        if route.subresource == "exec":
+            assert namespace is not None and name is not None
+            return await self._exec(request, record, namespace, name)
+        if route.subresource == "status":
+            assert name is not None
+            return await self._status(request, route, kind, namespace, name)
         if route.verb == "watch":
             return await self._watch(request, record, route)
         if route.verb in ("get", "list"):
@@ -3144,6 +3228,111 @@ class KubeEmulator:
         listed["items"] = [o if kind.custom else _without_type_meta(o) for o in deleted]
         listed["metadata"] = {"resourceVersion": self.resource_version}
         return _json_response(listed, 200)
+
+    async def _portforward(
+        self, request: web.Request, record: RequestRecord, namespace: str, name: str
+    ) -> web.StreamResponse:
+        """kube-apiserver finds the Pod (404 if missing) and hands the upgrade
+        to the Pod's kubelet, which answers 404 "pod does not exist" for a Pod
+        it does not run (here: status.phase is not Running) and otherwise
+        switches protocols; tests/kube/portforward.py is the rest."""
+        pods = self.kind("pods")
+        with self._lock:
+            pod = copy.deepcopy(self._objects[pods].get((namespace, name)))
+        if pod is None:
+            raise _not_found(pods, name)
+        if portforward.upgrade_kind(request) is None:
+            raise _bad_request("Upgrade request required")
+        if (pod.get("status") or {}).get("phase") != "Running":
+            # kubelet's answer is plain text, passed on by kube-apiserver.
+            return web.Response(status=404, text="pod does not exist")
+        # What the runtime (containerd) calls the Pod's sandbox and netns.
+        sandbox = hashlib.sha256(str(pod["metadata"].get("uid", name)).encode()).hexdigest()
+        netns = f"/var/run/netns/cni-{uuid.UUID(sandbox[:32])}"
+
+        async def dial(port: int) -> portforward.Connection:
+            with self._lock:
+                target = self._pod_ports.get((namespace, name, port))
+            if target is None:
+                raise ConnectionRefusedError(111, "connection refused")
+            return await portforward.dial(target)
+
+        def explain(port: int, err: BaseException) -> str:
+            # containerd's wording, which kubelet prefixes and kubectl prints.
+            why = "connection refused"
+            if not isinstance(err, ConnectionRefusedError):
+                why = (err.strerror or str(err)) if isinstance(err, OSError) else repr(err)
+            return (
+                f"error forwarding port {port} to pod {sandbox}, uid : failed to execute "
+                f'portforward in network namespace "{netns}": failed to connect to '
+                f'localhost:{port} inside namespace "{sandbox}", IPv4: dial tcp4 '
+                f"127.0.0.1:{port}: connect: {why.lower()} IPv6 dial tcp6 [::1]:{port}: "
+                f"connect: {why.lower()} "
+            )
+
+        record.status = 101
+        response, _ = await portforward.serve(request, dial, explain)
+        return response
+
+    async def _exec(
+        self, request: web.Request, record: RequestRecord, namespace: str, name: str
+    ) -> web.StreamResponse:
+        """kube-apiserver finds the Pod and its container, and kubelet runs
+        the command in it over the v5.channel.k8s.io WebSocket protocol
+        (tests/kube/exec.py); here the test's runner runs it."""
+        pods = self.kind("pods")
+        with self._lock:
+            pod = copy.deepcopy(self._objects[pods].get((namespace, name)))
+            runner = self._pod_execs.get((namespace, name))
+        if pod is None:
+            raise _not_found(pods, name)
+        containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or ()]
+        container = request.query.get("container") or (containers[0] if containers else "")
+        if container not in containers:
+            raise _bad_request(f"container {container} is not valid for pod {name}")
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            raise _bad_request("cannot exec into a container in a completed pod")
+        if not pod_exec.is_upgrade(request):
+            raise _bad_request("Upgrade request required")
+
+        async def nothing(command: Sequence[str], stdin: bytes) -> tuple[int, bytes, bytes]:
+            reason = f"the emulator runs no containers: map_pod_exec({namespace!r}, {name!r})\n"
+            return 126, b"", reason.encode()
+
+        record.status = 101
+        return await pod_exec.serve(request, runner or nothing)
+
+    async def _status(
+        self, request: web.Request, route: _Route, kind: Kind, namespace: str | None, name: str
+    ) -> web.StreamResponse:
+        """The status subresource (API Concepts, "Subresources"): GET reads
+        the object; PUT changes its status and nothing else, with the
+        resourceVersion it read (409 if stale), generation unchanged."""
+        key = (namespace or "", name)
+        with self._lock:
+            current = copy.deepcopy(self._objects[kind].get(key))
+        if current is None:
+            raise _not_found(kind, name)
+        if route.verb == "get":
+            return _json_response(current, 200)
+        body = await _body(request)
+        if not isinstance(body, dict):
+            raise _bad_request("the body must be an object")
+        given = (body.get("metadata") or {}).get("resourceVersion") or ""
+        with self._lock:
+            current = self._objects[kind].get(key)
+            if current is None:
+                raise _not_found(kind, name)
+            if given and given != current["metadata"]["resourceVersion"]:
+                raise _conflict(kind, name, OPTIMISTIC_LOCK_MESSAGE)
+            obj = copy.deepcopy(current)
+            if "status" in body:
+                obj["status"] = body["status"]
+            else:
+                obj.pop("status", None)
+            if obj == current:
+                return _json_response(current, 200)
+            return _json_response(self._commit(kind, "MODIFIED", key, obj, current), 200)
 
     def _take_fault(self, route: _Route) -> _Fault | None:
         with self._lock:
@@ -3449,7 +3638,12 @@ class KubeEmulator:
             ("DELETE", True): "delete",
             ("DELETE", False): "deletecollection",
         }.get((method, name is not None))
-        if subresource is not None:
+        if subresource in ("portforward", "exec"):
+            # kube-apiserver's verbs for a connect: get for GET, create for POST.
+            verb = {"GET": "get", "POST": "create"}.get(method)
+        elif subresource == "status":
+            verb = {"GET": "get", "PUT": "update"}.get(method)
+        elif subresource is not None:
             # The token subresource is create-only (POST on the named object).
             verb = "create" if method == "POST" and not watch else None
         # A namespaced kind is created and bulk-deleted in a namespace only.

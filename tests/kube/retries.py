@@ -5,6 +5,7 @@ busy machine makes outages longer, never the policy looser)."""
 from __future__ import annotations
 
 from shoal import kube
+from shoal.registry import kubernetes
 
 # The emulator's outage accepts each connection and resets it, and aiohttp
 # retries an idempotent request once on a connection reset: one probe can
@@ -12,7 +13,7 @@ from shoal import kube
 CONNECTIONS_PER_PROBE = 2
 # Each watch cut by the outage tries once on its own before the first
 # failure is counted.
-WATCHES = 6
+WATCHES = len(kubernetes.KINDS)
 
 
 def most_attempts(backoff: kube.Backoff, outage_s: float, others: int = 0) -> int:
