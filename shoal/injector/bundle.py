@@ -84,6 +84,8 @@ class CaBundle:
     async def run(self) -> None:
         while True:
             try:
+                # During an API server outage, one probe among the watches'.
+                await self._api.backoff.wait_turn()
                 holder = await self._lease.acquire() if self._lease is not None else None
                 if holder is None:
                     await self.sync()

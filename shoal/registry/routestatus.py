@@ -141,20 +141,29 @@ class RouteStatus:
             del self._written[gone]
         return written
 
+    def _pending(self) -> bool:
+        return dict(self._statuses()) != self._written
+
     async def run(self) -> None:
         while True:
+            wait = self._poll_s
             try:
-                holder = await self._lease.acquire() if self._lease is not None else None
-                if holder is None:
-                    await self.sync()
-                    self._say("route status is current")
-                else:
-                    # Another replica writes; when it is ours again, write all.
-                    self._written.clear()
-                    self._say(f"{holder} writes the routes' status")
+                if self._pending():
+                    # During an API server outage this takes its turn with
+                    # every watch, as one shared backoff allows.
+                    await self._api.backoff.wait_turn()
+                    holder = await self._lease.acquire() if self._lease is not None else None
+                    if holder is None:
+                        await self.sync()
+                        self._say("route status is current")
+                    else:
+                        # Another replica writes; when it is ours again, write all.
+                        self._written.clear()
+                        self._say(f"{holder} writes the routes' status")
+                        wait = max(wait, self._lease.duration_s / 3) if self._lease else wait
             except (kube.ApiError, aiohttp.ClientError, OSError) as err:
                 self._say(f"cannot write the routes' status: {err}")
-            await asyncio.sleep(self._poll_s)
+            await asyncio.sleep(wait)
 
     def _say(self, what: str) -> None:
         if what != self.last:

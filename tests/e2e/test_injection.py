@@ -69,6 +69,17 @@ WEB_IP = "10.200.0.10"
 REVIEWS_CLUSTER_IP = "10.96.0.20"
 WEB_CLUSTER_IP = "10.96.0.10"
 REVIEWS_PORT = 9080
+REVIEWS_ROUTE = """apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-canary, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules:
+    - filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-route, value: reviews-canary}]}
+      backendRefs: [{name: reviews, port: 80}]
+"""
 WEB_PORT = 8080
 # Served by reviews' app, declared by no Service.
 UNDECLARED_PORT = 9100
@@ -583,6 +594,44 @@ async def _show_mesh(
         assert answer["app"] == "reviews" and answer["port"] == REVIEWS_PORT, answer
         xfcc = answer["headers"].get("x-forwarded-client-cert", "")
         assert f"By={REVIEWS_ID}" in xfcc and f"URI={WEB_ID}" in xfcc, answer
+
+    # 1b. A Gateway API route (GAMMA's MeshFrontend): calls to the Service,
+    # by ClusterIP or name, take it; a call to the Pod's own address does not.
+    cluster.kubectl(["apply", "-f", "-"], input=REVIEWS_ROUTE)
+
+    async def routed(url: str) -> str | None:
+        code, body = await call(web.network, url)
+        if code != 0 or not body.startswith("{"):
+            return None
+        value: str | None = json.loads(body)["headers"].get("x-route")
+        return value
+
+    async def takes_route() -> bool:
+        return await routed(f"http://{REVIEWS_CLUSTER_IP}/") == "reviews-canary"
+
+    try:
+        await eventually(takes_route, 30)
+    except AssertionError:
+        raise AssertionError(f"the HTTPRoute never applied\n{diagnose()}") from None
+    assert await routed("http://reviews.shop/") == "reviews-canary"
+    assert await routed(f"http://{REVIEWS_IP}:{REVIEWS_PORT}/") is None
+    # Its status, which the replica holding the Lease writes.
+    route: dict[str, Any] = {}
+
+    async def has_status() -> bool:
+        route.update(
+            await asyncio.to_thread(cluster.get, "httproute", "reviews-canary", "-n", "shop")
+        )
+        return bool(route.get("status", {}).get("parents"))
+
+    await eventually(has_status, 30)
+    (ours,) = route["status"]["parents"]
+    assert ours["controllerName"] == "shoal.io/mesh-controller", ours
+    assert {c["type"]: c["status"] for c in ours["conditions"]} == {
+        "Accepted": "True",
+        "ResolvedRefs": "True",
+    }, ours
+    cluster.kubectl(["delete", "httproute", "reviews-canary", "-n", "shop"])
 
     # A traced request (a W3C caller), checked at the end: Envoy sends spans
     # every 5 s, which the steps between overlap.
