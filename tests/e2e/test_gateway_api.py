@@ -230,6 +230,24 @@ async def test_ports_split_named_rules_and_a_route_for_one_port(
         r = await call(s, m.client, "echo-v2")
         assert (r.status, r.headers.get("x-header-set"), r.pod) == (200, "v2", "echo-v2-1")
 
+        # MeshHTTPRouteSimpleSameNamespace: one rule, every call to one version.
+        await _routes(
+            control_plane,
+            registry_dir,
+            _http_route(
+                "gateway-conformance-mesh-test",
+                "echo",
+                "    - backendRefs: [{name: echo-v1, port: 8080}]\n",
+                port=80,
+            ),
+        )
+
+        async def simple() -> bool:
+            pods = {(await call(s, m.client, "echo")).pod for _ in range(10)}
+            return pods == {"echo-v1-1"}
+
+        await _until(simple)
+
         # MeshTrafficSplit: exact paths to each version; anything else 404.
         # MeshHTTPRouteNamedRule: a named and an unnamed rule side by side.
         await _routes(
