@@ -418,9 +418,11 @@ async def test_weights_zero_weights_and_a_missing_backend(
 
         await _until(weighted)
         seen = await _shares(s, m.client, "echo", 500)
+        print(f"HTTPRoute 70/30 over 500 requests: {dict(seen)}")
         assert set(seen) == {"echo-v1-1", "echo-v2-1"}, seen
         assert abs(seen["echo-v1-1"] / 500 - 0.7) <= 0.05, seen
         seen = await _shares(s, m.client, "echo:8080", 500)
+        print(f"HTTPRoute 1:1 with a missing backend over 500 requests: {dict(seen)}")
         assert set(seen) == {"echo-v1-1", "!500"}, seen
         assert abs(seen["!500"] / 500 - 0.5) <= 0.05, seen
     problems = [str(p) for p in control_plane.registry.problems]
@@ -848,6 +850,7 @@ spec:
                 return str((await rpc("/echo.Echo/Weighted"))[0]["instance"])
 
         seen = collections.Counter(await asyncio.gather(*(one() for _ in range(500))))
+        print(f"GRPCRoute 70/30 over 500 calls: {dict(seen)}")
         assert set(seen) == {"grpc-echo-v1-1", "grpc-echo-v2-1"}, seen
         assert abs(seen["grpc-echo-v1-1"] / 500 - 0.7) <= 0.05, seen
         # Header modifiers: on the request's metadata and the response's.
