@@ -27,6 +27,23 @@ BIN = Path(sys.executable).parent
 POD = "shoal-7d9c-x2x4k"
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    with contextlib.suppress(OSError):
+        return not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
 async def test_the_dashboard_of_a_control_plane_pod_opens_here(tmp_path: Path) -> None:
     emu = KubeEmulator()
     await emu.start()
@@ -92,6 +109,9 @@ async def test_the_dashboard_of_a_control_plane_pod_opens_here(tmp_path: Path) -
                 "--no-browser",
                 stdout=asyncio.subprocess.PIPE,
                 env={**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"},
+                # As a background job of a script starts it: Ctrl-C must
+                # still stop it, and its kubectl.
+                preexec_fn=_ignore_sigint,
             )
             assert shown.stdout is not None
             line = (await asyncio.wait_for(shown.stdout.readline(), 60)).decode()
@@ -118,8 +138,10 @@ async def test_the_dashboard_of_a_control_plane_pod_opens_here(tmp_path: Path) -
             # The link came over exec, the pages over port-forward.
             upgraded = {r.path.rsplit("/", 1)[-1] for r in emu.requests() if r.status == 101}
             assert upgraded == {"exec", "portforward"}, upgraded
+            (forwarder,) = _children(shown.pid)
             shown.send_signal(signal.SIGINT)
             assert await asyncio.wait_for(shown.wait(), 30) == 0
+            assert not _running(forwarder), "kubectl outlived shoal dashboard"
     finally:
         if shown is not None and shown.returncode is None:
             with contextlib.suppress(ProcessLookupError):

@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import webbrowser
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -185,7 +186,10 @@ def port_forward(
         namespace, "port-forward", f"pod/{pod}", f"{local}:{remote}", "--address", "127.0.0.1"
     )
     opened: Path | None = None
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as forward:
+    with (
+        _stopped_by_signals(),
+        subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as forward,
+    ):
         try:
             assert forward.stdout is not None
             # kubectl says "Forwarding from 127.0.0.1:LOCAL -> REMOTE" once it
@@ -214,6 +218,26 @@ def port_forward(
         finally:
             if opened is not None:
                 opened.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM end the forward, and so kubectl with it: also when
+    the process was started with SIGINT ignored (a background job of a
+    script), and for a SIGTERM, which would otherwise leave kubectl behind."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # Labels of shoal's control plane Pods (examples/kubernetes/deployment.yaml).
