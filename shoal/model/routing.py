@@ -109,6 +109,10 @@ class RouteRule:
     mirrors: tuple[Mirror, ...] = ()
     backend_timeout_s: float | None = None
     status: int | None = None
+    # What the share of a backend that cannot be reached is answered: 500,
+    # and 503 for gRPC (which callers see as UNAVAILABLE), as the Gateway
+    # API says.
+    unreachable_status: int = 500
 
 
 @dataclass(frozen=True, slots=True)

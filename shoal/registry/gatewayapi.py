@@ -599,6 +599,7 @@ def parse(
                         mirrors=tuple(mirrors),
                         backend_timeout_s=backend_s,
                         status=status,
+                        unreachable_status=503 if grpc else 500,
                     ),
                     (*match.rank, created, f"{ns}/{obj.name}", r, j),
                 )

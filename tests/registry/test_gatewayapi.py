@@ -454,3 +454,20 @@ spec:
         state.routes[mesh.ServiceKey("shop", "echo")].attached, 80, "shop"
     )
     assert rules is not None and len(rules) == 4
+
+
+def test_an_unreachable_grpc_backend_is_unavailable_not_an_internal_error() -> None:
+    route = """apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: half, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: grpc-echo}]
+  rules:
+    - backendRefs: [{name: grpc-echo-v2, port: 7070}, {name: grpc-gone, port: 7070}]
+"""
+    state, _, _ = _built(*SERVICES, route)
+    table = _route_config(state, "shop")
+    (vhost,) = [v for v in table.virtual_hosts if v.name.startswith("grpc-echo.shop")]
+    action = vhost.routes[0].route
+    assert action.cluster_not_found_response_code == action.SERVICE_UNAVAILABLE
+    assert "shoal-invalid-backend" in [c.name for c in action.weighted_clusters.clusters]

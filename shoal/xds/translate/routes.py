@@ -116,9 +116,12 @@ def _action(
     )
     if any(name == names.INVALID_BACKEND_CLUSTER for name, _ in targets):
         # A backend the route names but the mesh cannot reach: its share is
-        # a 500, as the Gateway API says, not Envoy's 503 "no cluster".
+        # answered as the Gateway API says (500; gRPC: 503, UNAVAILABLE),
+        # not with Envoy's 503 "no cluster" for every kind of route.
         action.cluster_not_found_response_code = (
-            route_components_pb2.RouteAction.INTERNAL_SERVER_ERROR
+            route_components_pb2.RouteAction.SERVICE_UNAVAILABLE
+            if rule.unreachable_status == 503
+            else route_components_pb2.RouteAction.INTERNAL_SERVER_ERROR
         )
     if rule.backend_timeout_s is not None:
         action.retry_policy.per_try_timeout.CopyFrom(common.duration(rule.backend_timeout_s))
