@@ -681,35 +681,30 @@ def _signature(rule: routing.RouteRule) -> tuple[Any, ...]:
 
 def shadowed(attached: Sequence[routing.AttachedRoute]) -> list[tuple[str, str]]:
     """(origin, why) for each rule that can never match: an earlier one (by
-    precedence) on the same Service, callers and port has the same match."""
-    out = []
-    for i, a in enumerate(attached):
-        for j, (order, rule) in enumerate(zip(a.order, a.rules, strict=True)):
-            for b in attached[: i + 1]:
-                if b.consumer != a.consumer or b.grpc != a.grpc:
-                    continue
-                if a.port is not None and b.port is not None and a.port != b.port:
-                    continue
-                first = next(
+    precedence) on the same Service, callers and port has the same match.
+    One pass in precedence order, so a Service with many routes costs what
+    its rules do, not their square."""
+    entries = sorted(
+        ((order, a, rule) for a in attached for order, rule in zip(a.order, a.rules, strict=True)),
+        key=lambda entry: entry[0],
+    )
+    first: dict[tuple[Any, ...], tuple[tuple[Any, ...], str]] = {}
+    out = set()
+    for order, a, rule in entries:
+        group = (a.consumer, a.grpc, _signature(rule))
+        # A rule on one port is shadowed by one on that port or on every
+        # port; a rule on every port only by one on every port.
+        for port in (a.port, None) if a.port is not None else (None,):
+            earlier = first.get((*group, port))
+            if earlier is not None and earlier[0] != order:
+                out.add(
                     (
-                        (other_order, k)
-                        for k, (other_order, other) in enumerate(zip(b.order, b.rules, strict=True))
-                        if (b is not a or k != j)
-                        and other_order < order
-                        and _signature(other) == _signature(rule)
-                    ),
-                    None,
-                )
-                if first is not None:
-                    rule_no, match_no = order[-2], order[-1]
-                    theirs = first[0][-2]
-                    out.append(
-                        (
-                            a.origin,
-                            f"spec.rules[{rule_no}].matches[{match_no}] never matches on "
-                            f"Service {a.service}: rule {theirs} of {b.origin} has the same "
-                            "match and comes first (older, or first by name)",
-                        )
+                        a.origin,
+                        f"spec.rules[{order[-2]}].matches[{order[-1]}] never matches on "
+                        f"Service {a.service}: rule {earlier[0][-2]} of {earlier[1]} has the "
+                        "same match and comes first (older, or first by name)",
                     )
-                    break
-    return sorted(set(out))
+                )
+                break
+        first.setdefault((*group, a.port), (order, a.origin))
+    return sorted(out)

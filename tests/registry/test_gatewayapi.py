@@ -454,6 +454,16 @@ spec:
         state.routes[mesh.ServiceKey("shop", "echo")].attached, 80, "shop"
     )
     assert rules is not None and len(rules) == 4
+    # Which route comes first is their age, not the order they are read in.
+    _, _, found = _built(
+        *SERVICES,
+        route("a-newer", "2026-03-01T00:00:00Z", "echo-v2"),
+        route("z-older", "2026-01-01T00:00:00Z", "echo-v1"),
+    )
+    assert len(found) == 1 and found[0].startswith(
+        "test.yaml: HTTPRoute shop/a-newer: spec.rules[0].matches[0] never matches"
+    ), found
+    assert "rule 0 of HTTPRoute shop/z-older" in found[0]
 
 
 def test_an_unreachable_grpc_backend_is_unavailable_not_an_internal_error() -> None:
