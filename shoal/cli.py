@@ -613,6 +613,14 @@ async def _serve(options: ServeOptions) -> int:
     return 0
 
 
+def _address_for(given: str | None, kubernetes: bool, in_cluster: str, local: str = "") -> str:
+    """A listener's address: as given (`''` for off), else its default for
+    the mode."""
+    if given is not None:
+        return given
+    return in_cluster if kubernetes else local
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if (args.registry is None) == (not args.kubernetes):
         print("shoal serve: give either --registry DIR or --kubernetes", file=sys.stderr)
@@ -641,29 +649,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_socket=Path(args.admin_socket) if args.admin_socket else None,
         admin_hosts=tuple(args.admin_host),
         admin_identities=tuple(args.admin_identity),
-        webhook_address=(
-            args.webhook_address
-            if args.webhook_address is not None
-            else f"0.0.0.0:{injector_settings.WEBHOOK_PORT}"
-            if args.kubernetes
-            else ""
+        webhook_address=_address_for(
+            args.webhook_address, args.kubernetes, f"0.0.0.0:{injector_settings.WEBHOOK_PORT}"
         ),
         webhook_configuration=args.webhook_configuration,
-        dashboard_address=(
-            args.dashboard_address
-            if args.dashboard_address is not None
-            else f"127.0.0.1:{DASHBOARD_PORT}"
-            if args.kubernetes
-            else ""
+        dashboard_address=_address_for(
+            args.dashboard_address, args.kubernetes, f"127.0.0.1:{DASHBOARD_PORT}"
         ),
         dashboard_prometheus=args.dashboard_prometheus,
-        collector_address=(
-            args.collector_address
-            if args.collector_address is not None
-            # In a cluster, Pods' sidecars reach it through shoal's Service.
-            else f"0.0.0.0:{bootstrap_config.COLLECTOR_PORT}"
-            if args.kubernetes
-            else DEFAULT_COLLECTOR
+        # In a cluster, Pods' sidecars reach the collector through shoal's Service.
+        collector_address=_address_for(
+            args.collector_address,
+            args.kubernetes,
+            f"0.0.0.0:{bootstrap_config.COLLECTOR_PORT}",
+            DEFAULT_COLLECTOR,
         ),
         telemetry=mesh.Telemetry(
             trace_sampling=args.trace_sampling,
