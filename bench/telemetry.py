@@ -48,9 +48,13 @@ from typing import Any
 import aiohttp
 import localmesh
 
+# The manifests the tests write, from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from shoal import envoy
 from shoal.demo import mesh
 from shoal.model import mesh as model_mesh
+from tests import manifests
 
 CONFIGS: dict[str, model_mesh.Telemetry] = {
     "off": model_mesh.Telemetry(trace_sampling=0.0, access_log=False),
@@ -63,36 +67,8 @@ CONFIGS: dict[str, model_mesh.Telemetry] = {
 def _workload(name: str, port: int, sampling: float | None) -> str:
     """A Service, its Pod (for the service account) and its EndpointSlice;
     `sampling`: the Service's `shoal.io/trace-sampling` annotation, if any."""
-    notes = (
-        f'\n  annotations: {{shoal.io/trace-sampling: "{sampling:g}"}}'
-        if sampling is not None
-        else ""
-    )
-    return f"""apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default{notes}
-spec:
-  ports: [{{name: http, port: 80}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}-1, namespace: default}}
-spec: {{serviceAccountName: {name}-sa}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports: [{{name: http, port: {port}}}]
-endpoints:
-  - addresses: ["127.0.0.1"]
-    targetRef: {{kind: Pod, name: {name}-1}}
-"""
+    notes = f'    shoal.io/trace-sampling: "{sampling:g}"\n' if sampling is not None else ""
+    return manifests.workload(name, f"{name}-sa", port, notes)
 
 
 # -- the load generator (its own process) ---------------------------------------

@@ -19,7 +19,7 @@ from shoal.demo import apps, mesh
 from shoal.sds import ca, join
 from tests.conftest import write
 from tests.e2e.helpers import caught_up
-from tests.e2e.test_mtls import workload
+from tests.manifests import workload
 
 
 def shoal(*args: str) -> subprocess.CompletedProcess[str]:

@@ -24,38 +24,9 @@ from shoal.sds import ca
 from shoal.xds import node, resources
 from tests.conftest import write
 from tests.e2e.helpers import caught_up
+from tests.manifests import workload
 
 TD = "spiffe://cluster.local/ns/default/sa"
-
-
-def workload(name: str, account: str, port: int, notes: str = "") -> str:
-    """A Service, its Pod (for the service account) and its EndpointSlice."""
-    annotations = f"\n  annotations:\n{notes}" if notes else ""
-    return f"""apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default{annotations}
-spec:
-  ports: [{{name: http, port: 80}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}-1, namespace: default}}
-spec: {{serviceAccountName: {account}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports: [{{name: http, port: {port}}}]
-endpoints:
-  - addresses: ["127.0.0.1"]
-    targetRef: {{kind: Pod, name: {name}-1}}
-"""
 
 
 async def _pair(

@@ -15,7 +15,7 @@ from shoal import cli
 from shoal.demo import mesh
 from tests.conftest import write
 from tests.e2e.helpers import caught_up, eventually
-from tests.e2e.test_mtls import workload
+from tests.manifests import workload
 
 SPIFFE = "spiffe://cluster.local/ns/default/sa/"
 REQUESTS = "envoy_shoal_requests_total"

@@ -15,7 +15,8 @@ from shoal.demo import mesh
 from shoal.sds import ca
 from tests.conftest import write
 from tests.e2e.helpers import caught_up, eventually
-from tests.e2e.test_mtls import _pair, workload
+from tests.e2e.test_mtls import _pair
+from tests.manifests import workload
 
 
 async def test_root_rotation_under_traffic_drops_no_request(

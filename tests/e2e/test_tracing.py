@@ -20,7 +20,7 @@ from shoal.demo import mesh
 from shoal.model import mesh as model_mesh
 from tests.conftest import write
 from tests.e2e.helpers import caught_up, eventually
-from tests.e2e.test_mtls import workload
+from tests.manifests import workload
 
 CHAIN = ("frontend", "catalog", "pricing")
 

@@ -14,7 +14,7 @@ from shoal import cli, envoy
 from shoal.demo import mesh
 from tests.conftest import write
 from tests.e2e.helpers import caught_up, eventually
-from tests.e2e.test_mtls import workload
+from tests.manifests import workload
 
 Counts = collections.Counter[str]
 
