@@ -389,7 +389,8 @@ async def _within(
 ) -> collections.Counter[str]:
     """`name`'s share of 500 requests within 5 points of `share`, as the
     upstream suite checks it: Envoy picks a weighted backend at random, so
-    one sample of 500 misses by more about once in 70 runs; the suite takes
+    one sample of 500 misses by more about once in 70 runs (the binomial's
+    spread at n=500, p=0.7, worked out, not measured); the suite takes
     up to 10 samples, this takes up to 3 (a miss then means a wrong split)."""
     for _ in range(3):
         seen = await sample()
