@@ -38,6 +38,10 @@ from shoal.injector import workloads as injector_workloads
 from shoal.model import mesh, proxy
 from shoal.observe import admin, metrics, traces
 from shoal.observe import reports as observe_reports
+from shoal.observe.analysis import facts as analysis_facts
+from shoal.observe.analysis import gather as analysis_gather
+from shoal.observe.analysis import run as analysis_run
+from shoal.observe.analysis import show as analysis_show
 from shoal.observe.dashboard import launch as dashboard_launch
 from shoal.observe.dashboard import prometheus as dashboard_prometheus
 from shoal.observe.dashboard import server as dashboard_server
@@ -267,13 +271,26 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             )
 
         reports: dict[str, admin.Report] = {
-            "problems": lambda: [str(p) for p in registry.problems + ctl.problems],
+            "problems": lambda: analysis_report(),
             "syncz": lambda: status.proxies(ads),
             "services": lambda: observe_reports.services(ctl.state),
             "pushes": lambda: [p.as_dict() for p in reversed(ctl.recent_pushes)],
         }
         if isinstance(registry, kubernetes.KubernetesRegistry):
             reports["kubernetes"] = registry.health
+        webhook_keeper: list[injector_bundle.CaBundle] = []
+
+        async def analysis_report() -> list[dict[str, str]]:
+            found = await analysis_gather.live(
+                ctl.state,
+                tuple(registry.problems + ctl.problems),
+                ads,
+                ctl,
+                debounce_max_s=options.debounce_max,
+                injection_webhook=lambda: webhook_keeper[0].installed if webhook_keeper else None,
+            )
+            return [p.as_dict() for p in analysis_run.analyze(found)]
+
         actions: dict[str, admin.Action] = {}
         background = await stack.enter_async_context(tasks.Tasks())
         shared_root: rotation.SharedRoot | None = None
@@ -399,6 +416,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 name=options.webhook_configuration,
             )
             reports["injection"] = lambda: {"caBundle": keeper_of_bundle.last}
+            webhook_keeper.append(keeper_of_bundle)
             running.start(keeper_of_bundle.run(), "webhook-ca-bundle")
         if kube_api is not None and isinstance(registry, kubernetes.KubernetesRegistry):
             watched = registry
@@ -975,19 +993,33 @@ def cmd_proxy_status(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """Every problem in the input, from a folder (offline) or a running control plane."""
-    if args.registry:
-        registry = files.FolderRegistry(Path(args.registry))
-        state = registry.load()
-        found = [str(p) for p in registry.problems]
-        where = f"{args.registry}: {len(state.services)} services, {len(state.routes)} routed"
+    """Every problem, in files offline or in a running control plane; exits 1
+    if one is an error."""
+    paths = [Path(p) for p in [*(args.files or ()), *([args.registry] if args.registry else [])]]
+    if paths:
+        # The report says it all; the registry's log lines would say it twice.
+        logging.getLogger("shoal.registry").setLevel(logging.ERROR)
+        registry = files.FolderRegistry(Path.cwd())
+        try:
+            state = registry.read(paths)
+        except FileNotFoundError as err:
+            print(f"shoal: {err}", file=sys.stderr)
+            return 2
+        found = [
+            p.as_dict()
+            for p in analysis_run.analyze(
+                analysis_facts.Facts(state, tuple(registry.problems), now=time.time())
+            )
+        ]
+        where = ", ".join(str(p) for p in paths)
     else:
         found = _fetch(args.admin, "/debug/problems")
         where = f"control plane at {args.admin}"
-    for problem in found:
-        print(terminal.printable(str(problem), 2000))
-    print(f"{len(found)} problem(s) in {where}" if found else f"no problems in {where}")
-    return 1 if found else 0
+    if args.output == "json":
+        print(json.dumps(found, indent=2))
+    else:
+        print(analysis_show.text(found, where))
+    return 1 if analysis_show.has_errors(found) else 0
 
 
 def cmd_ca_status(args: argparse.Namespace) -> int:
@@ -1524,9 +1556,24 @@ def _config_dump_command(sub: Any) -> None:
 def _analyze_command(sub: Any) -> None:
     """`shoal analyze`."""
     analyze = sub.add_parser(
-        "analyze", help="list every problem in the manifests (exits 1 if there is one)"
+        "analyze",
+        help="explain every misconfiguration, with its code and fix (exits 1 on an error)",
+        description="Run every analyzer against the running control plane (its state, its "
+        "proxies and what they report), or offline against manifests with -f. Codes are "
+        "listed in the README.",
     )
-    analyze.add_argument("--registry", metavar="DIR", help="check a folder offline")
+    analyze.add_argument(
+        "-f",
+        "--filename",
+        dest="files",
+        action="append",
+        metavar="PATH",
+        help="check these files or folders offline (repeatable)",
+    )
+    analyze.add_argument("--registry", metavar="DIR", help=argparse.SUPPRESS)
+    analyze.add_argument(
+        "-o", "--output", choices=("text", "json"), default="text", help="output format"
+    )
     _admin_flag(analyze)
     analyze.set_defaults(func=cmd_analyze)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from shoal import cli, envoy
+from shoal.model import problems
 
 
 def test_bootstrap_writes_a_config_envoy_accepts(tmp_path: Path) -> None:
@@ -68,33 +70,55 @@ def test_serve_refuses_a_missing_folder(tmp_path: Path) -> None:
     assert "does not exist" in result.stderr
 
 
-def test_analyze_lists_every_problem_with_object_and_reason(tmp_path: Path) -> None:
+def test_analyze_lists_every_problem_with_code_object_field_and_fix(tmp_path: Path) -> None:
     (tmp_path / "ok.yaml").write_text(
         "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\nspec: {ports: [{port: 80}]}\n"
     )
-    clean = subprocess.run(
-        [sys.executable, "-m", "shoal.cli", "analyze", "--registry", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+
+    def analyze(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "shoal.cli", "analyze", "-f", str(tmp_path), *flags],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    clean = analyze()
     assert clean.returncode == 0 and "no problems" in clean.stdout
     (tmp_path / "bad.yaml").write_text(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n"
-        '    shoal.io/split: "web=50,ok=60"\n    shoal.io/timeout: soon\n'
+        '    shoal.io/split: "web=50,ok=60"\n    shoal.io/outlier: often\n'
         "spec: {ports: [{port: 80}]}\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "shoal.cli", "analyze", "--registry", str(tmp_path)],
+    result = analyze()
+    assert result.returncode == 1
+    assert (
+        "Error [SHL0003] Service default/web (metadata.annotations[shoal.io/split]) "
+        f"in {tmp_path / 'bad.yaml'}#0\n"
+        "  annotation shoal.io/split: weights add up to 110, not 100; ignored\n"
+        "  fix: Correct the annotation" in result.stdout
+    )
+    as_json = analyze("--output", "json")
+    assert as_json.returncode == 1
+    found = {p["field"]: p for p in json.loads(as_json.stdout)}
+    assert found["metadata.annotations[shoal.io/outlier]"] == {
+        "code": "SHL0003",
+        "name": "InvalidAnnotation",
+        "severity": "Error",
+        "source": f"{tmp_path / 'bad.yaml'}#0",
+        "object": "Service default/web",
+        "field": "metadata.annotations[shoal.io/outlier]",
+        "reason": "annotation shoal.io/outlier: 'often': expected consecutive-5xx=N, "
+        "ejection=DURATION, max-ejection=P%; ignored",
+        "fix": problems.BY_ID["SHL0003"].fix,
+    }
+    missing = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "analyze", "-f", str(tmp_path / "nope")],
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert result.returncode == 1
-    assert (
-        "bad.yaml#0: Service default/web: annotation shoal.io/split: weights add up to 110"
-        in result.stdout
-    )
+    assert missing.returncode == 2 and "nope does not exist" in missing.stderr
 
 
 def test_dashboard_refuses_a_prometheus_that_is_not_a_url(

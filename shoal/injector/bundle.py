@@ -44,6 +44,9 @@ class CaBundle:
         self._poll_s = poll_s
         # What happened last, for /debug and the log (said once, not every poll).
         self.last = "not synced yet"
+        # Whether the configuration exists, as last read (None: not read yet,
+        # or another replica keeps it).
+        self.installed: bool | None = None
 
     def _path(self) -> str:
         return kube.resource_path(API_VERSION, PLURAL, None, self.name)
@@ -54,8 +57,10 @@ class CaBundle:
         try:
             current: dict[str, Any] = await self._api.call("GET", self._path())
         except kube.NotFound:
+            self.installed = False
             self._say(f"MutatingWebhookConfiguration {self.name} not found: nothing to keep")
             return False
+        self.installed = True
         wanted = base64.b64encode(self._roots()).decode()
         changed = False
         for hook in current.get("webhooks") or ():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import ipaddress
 import json
 import logging
@@ -36,6 +37,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import http_exceptions, web
 
+# A report's answer, or an awaitable of it (one that asks the proxies).
 Report = Callable[[], Any]
 # A report that takes the request's query parameters; None means "not found".
 Query = Callable[[Mapping[str, str]], Any]
@@ -171,7 +173,10 @@ def app(
 
     def report_handler(report: Report) -> Callable[[web.Request], Any]:
         async def handle(_: web.Request) -> web.Response:
-            return web.json_response(report(), dumps=_dumps)
+            found = report()
+            if inspect.isawaitable(found):
+                found = await found
+            return web.json_response(found, dumps=_dumps)
 
         return handle
 

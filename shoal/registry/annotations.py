@@ -59,9 +59,10 @@ _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
 
 
 class AnnotationError(ValueError):
-    def __init__(self, annotation: str, reason: str) -> None:
+    def __init__(self, annotation: str, reason: str, code: str = "SHL0003") -> None:
         super().__init__(f"annotation {annotation}: {reason}")
         self.annotation = annotation
+        self.code = code
 
 
 def _names(value: str) -> list[str]:
@@ -257,7 +258,7 @@ def _mirror(
     if key == service.key:
         raise AnnotationError(MIRROR, "a Service cannot mirror to itself")
     if key not in known:
-        raise AnnotationError(MIRROR, f"Service {key} does not exist")
+        raise AnnotationError(MIRROR, f"Service {key} does not exist", "SHL0101")
     return routing.Mirror(key, percent(share, MIRROR) if at else 100.0)
 
 
@@ -303,7 +304,9 @@ def service_route(
         for backend in rule.backends:
             if backend.service not in known:
                 which = SPLIT if not rule.headers else ROUTE_HEADERS
-                raise AnnotationError(which, f"backend Service {backend.service} does not exist")
+                raise AnnotationError(
+                    which, f"backend Service {backend.service} does not exist", "SHL0101"
+                )
     return routing.ServiceRoute(
         service.key,
         tuple(rules),

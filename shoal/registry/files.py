@@ -59,7 +59,7 @@ def load_file(
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        return [], [problems.Problem(label, "file", f"cannot read: {err}")]
+        return [], [problems.Problem(label, "file", f"cannot read: {err}", "SHL0001")]
     docs: list[object] = []
     try:
         for doc in yaml.load_all(text, Loader=_LOADER):
@@ -69,7 +69,9 @@ def load_file(
         where = f" at line {mark.line + 1}" if mark is not None else ""
         reason = getattr(err, "problem", None) or str(err)
         found.append(
-            problems.Problem(f"{label}#{len(docs)}", "document", f"invalid YAML{where}: {reason}")
+            problems.Problem(
+                f"{label}#{len(docs)}", "document", f"invalid YAML{where}: {reason}", "SHL0001"
+            )
         )
     for index, doc in enumerate(docs):
         if doc is None:
@@ -88,7 +90,7 @@ def load_file(
                 continue
             check(obj)
         except manifests.ManifestError as err:
-            found.append(problems.Problem(source, manifests.describe(doc), str(err)))
+            found.append(problems.Problem(source, manifests.describe(doc), str(err), err.code))
             continue
         objects.append(store.Sourced(obj, source))
     return objects, found
@@ -180,6 +182,19 @@ class FolderRegistry:
         for problem in self._build_problems:
             log.warning("manifest error: %s", problem)
         return self._state
+
+    def read(self, paths: list[Path]) -> mesh.MeshState:
+        """Read the given files and folders once (`shoal analyze -f`), each
+        file labelled by its path as given."""
+        for given in paths:
+            if given.is_dir():
+                for path in _manifest_files(given):
+                    self._load(str(path), path)
+            elif given.is_file():
+                self._load(str(given), given)
+            else:
+                raise FileNotFoundError(f"{given} does not exist")
+        return self._rebuild()
 
     async def watch(self, on_change: Callable[[mesh.MeshState], None], stop: asyncio.Event) -> None:
         """Reload on every change under the folder until `stop` is set."""

@@ -61,6 +61,16 @@ class ParentStatus:
         return [f"{c.type}={c.reason}: {c.message}" for c in self.conditions if not c.status]
 
 
+def code_of(said: str) -> str:
+    """The problem code of a condition `ParentStatus.problems` says: a Service
+    or port that is not there has its own; the rest is "not accepted"."""
+    if "has no port" in said:
+        return "SHL0102"
+    if "does not exist" in said:
+        return "SHL0101"
+    return "SHL0004"
+
+
 @dataclass(frozen=True, slots=True)
 class Parsed:
     attached: tuple[routing.AttachedRoute, ...]
@@ -71,7 +81,7 @@ class _Invalid(manifests.ManifestError):
     """A route shoal refuses whole; `reason` is the Gateway API's."""
 
     def __init__(self, message: str, reason: str = "UnsupportedValue") -> None:
-        super().__init__(message)
+        super().__init__(message, "SHL0004")
         self.reason = reason
 
 

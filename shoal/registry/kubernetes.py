@@ -402,6 +402,7 @@ class KubernetesRegistry:
                 SOURCE,
                 manifests.describe(obj),
                 f"{err}; " + ("its last good version stays in force" if kept else "ignored"),
+                err.code,
             )
             log.warning("kubernetes object %s: %s", manifests.describe(obj), err)
             return None

@@ -39,7 +39,12 @@ NAMESPACED = frozenset(
 
 
 class ManifestError(ValueError):
-    """An object that cannot be part of the mesh, and why."""
+    """An object that cannot be part of the mesh, and why; `code` is the
+    problem catalogue's entry for it (models.problems)."""
+
+    def __init__(self, message: str, code: str = "SHL0001") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,6 +110,7 @@ class ObjectStore:
                             item.source,
                             str(item.obj),
                             f"also defined in {earlier.source}; that one is used",
+                            "SHL0002",
                         )
                     )
                     continue
@@ -146,7 +147,7 @@ class ObjectStore:
                 elif obj.type in manifests.GATEWAY_ROUTES:
                     gateway_routes.append(item)
             except manifests.ManifestError as err:
-                found.append(problems.Problem(item.source, str(obj), str(err)))
+                found.append(problems.Problem(item.source, str(obj), str(err), err.code))
 
         endpoints: dict[mesh.ServiceKey, list[mesh.Endpoint]] = {}
         joined: dict[int, tuple[manifests.KubeObject, _Joined]] = {}
@@ -155,10 +156,10 @@ class ObjectStore:
             try:
                 key = mesh.ServiceKey(obj.namespace, manifests.slice_service(obj))
                 if key not in services:
-                    raise manifests.ManifestError(f"its Service {key} does not exist")
+                    raise manifests.ManifestError(f"its Service {key} does not exist", "SHL0005")
                 endpoints.setdefault(key, []).extend(self._endpoints(obj, pods, joined))
             except manifests.ManifestError as err:
-                found.append(problems.Problem(item.source, str(obj), str(err)))
+                found.append(problems.Problem(item.source, str(obj), str(err), err.code))
         self._converted = converted
         self._joined = joined
 
@@ -228,13 +229,13 @@ class ObjectStore:
         try:
             namespace = dataclasses.replace(namespace, mtls=notes.mtls(namespace.annotations))
         except notes.AnnotationError as err:
-            found.append(problems.Problem(item.source, str(item.obj), f"{err}; ignored"))
+            found.append(problems.Problem(item.source, str(item.obj), f"{err}; ignored", err.code))
         try:
             return dataclasses.replace(
                 namespace, access_log=notes.access_log(namespace.annotations)
             )
         except notes.AnnotationError as err:
-            found.append(problems.Problem(item.source, str(item.obj), f"{err}; ignored"))
+            found.append(problems.Problem(item.source, str(item.obj), f"{err}; ignored", err.code))
             return namespace
 
     def _scoped(
@@ -263,10 +264,18 @@ class ObjectStore:
                     # default (everyone).
                     values[field_name] = notes.DENY_EVERYONE
                     reason = f"{err}; every caller is denied until it is fixed"
-                    found.append(problems.Problem(source, f"Service {svc.key}", reason))
+                    found.append(
+                        problems.Problem(
+                            source, f"Service {svc.key}", reason, err.code, _field(err)
+                        )
+                    )
                     continue
                 kept = good.get(field_name)
-                found.append(problems.Problem(source, f"Service {svc.key}", _kept(err, kept)))
+                found.append(
+                    problems.Problem(
+                        source, f"Service {svc.key}", _kept(err, kept), err.code, _field(err)
+                    )
+                )
                 if kept is not None:
                     values[field_name] = kept
         return dataclasses.replace(svc, **values)  # type: ignore[arg-type]
@@ -285,7 +294,11 @@ class ObjectStore:
                 kept = self._good_routes.get(key)
                 if kept is not None and not kept.backends() <= services.keys():
                     kept = None  # its backends are gone: it cannot stay
-                found.append(problems.Problem(sources[key], f"Service {key}", _kept(err, kept)))
+                found.append(
+                    problems.Problem(
+                        sources[key], f"Service {key}", _kept(err, kept), err.code, _field(err)
+                    )
+                )
                 if kept is not None:
                     routes[key] = kept
                 continue
@@ -319,7 +332,9 @@ class ObjectStore:
                 kept = self._good_traffic_routes.get(ident)
                 if kept is not None and not kept.route.backends() <= services.keys():
                     kept = None
-                found.append(problems.Problem(item.source, str(obj), _kept(err, kept)))
+                found.append(
+                    problems.Problem(item.source, str(obj), _kept(err, kept), _route_code(err))
+                )
                 if kept is None:
                     continue
                 parsed = kept
@@ -328,7 +343,10 @@ class ObjectStore:
             if target in taken:
                 found.append(
                     problems.Problem(
-                        item.source, str(obj), f"{taken[target]} already routes {target}; ignored"
+                        item.source,
+                        str(obj),
+                        f"{taken[target]} already routes {target}; ignored",
+                        "SHL0105",
                     )
                 )
                 continue
@@ -339,6 +357,7 @@ class ObjectStore:
                         item.source,
                         str(obj),
                         f"takes precedence over the routing annotations of Service {target}",
+                        "SHL0105",
                     )
                 )
             routes[target] = parsed.route
@@ -374,7 +393,9 @@ class ObjectStore:
                     a.service in services and a.backends() <= services.keys() for a in kept.attached
                 ):
                     kept = None
-                found.append(problems.Problem(item.source, str(obj), _kept(err, kept)))
+                found.append(
+                    problems.Problem(item.source, str(obj), _kept(err, kept), _route_code(err))
+                )
                 status[obj.key] = gatewayapi.refused(obj, err)
                 if kept is None:
                     self._good_gateway_routes.pop(obj.key, None)
@@ -390,6 +411,7 @@ class ObjectStore:
                                 item.source,
                                 str(obj),
                                 f"on Service {parent.parent_ref.get('name')}: {said}",
+                                gatewayapi.code_of(said),
                             )
                         )
             for a in parsed.attached:
@@ -398,7 +420,7 @@ class ObjectStore:
         sources = {str(i.obj): i.source for i in items}
         for key, on_service in attached.items():
             for origin, why in gatewayapi.shadowed(on_service):
-                found.append(problems.Problem(sources.get(origin, ""), origin, why))
+                found.append(problems.Problem(sources.get(origin, ""), origin, why, "SHL0104"))
             before = routes.get(key)
             if before is not None and before.rules:
                 item = origins[key]
@@ -408,6 +430,7 @@ class ObjectStore:
                         str(item.obj),
                         f"routes Service {key} where it applies, instead of the rules of "
                         f"its {before.source} (their retries, faults and timeout still apply)",
+                        "SHL0105",
                     )
                 )
             base = before or routing.ServiceRoute(key, (), source="Gateway API")
@@ -428,3 +451,12 @@ def _kept(err: Exception, kept: object) -> str:
     return f"{err}; " + (
         "its last good configuration stays in force" if kept is not None else "ignored"
     )
+
+
+def _route_code(err: manifests.ManifestError) -> str:
+    """A refused route: its specific code, else "not accepted"."""
+    return "SHL0004" if err.code == "SHL0001" else err.code
+
+
+def _field(err: notes.AnnotationError) -> str:
+    return f"metadata.annotations[{err.annotation}]"

@@ -252,9 +252,11 @@ def parse(
     route = routing.ServiceRoute(service, tuple(rules), source=f"TrafficRoute {ns}/{obj.name}")
     if known is not None:
         if service not in known:
-            raise manifests.ManifestError(f"spec.service: Service {service} does not exist")
+            raise manifests.ManifestError(
+                f"spec.service: Service {service} does not exist", "SHL0101"
+            )
         for target in route.backends():
             if target not in known:
-                raise manifests.ManifestError(f"backend Service {target} does not exist")
+                raise manifests.ManifestError(f"backend Service {target} does not exist", "SHL0101")
     outlier, limits = _policy(spec.get("policy"))
     return Parsed(route, outlier, limits)

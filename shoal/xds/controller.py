@@ -88,6 +88,8 @@ class Controller:
         self._started = False
         self.problems: list[problems.Problem] = []
         self.last_build_seconds = 0.0
+        # When (time.time) the mesh state last changed, for analyzers.
+        self.changed_at_wall = 0.0
         # When (time.monotonic) the change the current push answers began;
         # carried by its snapshots, so the server can time ACKs from it.
         self._changed_at = 0.0
@@ -104,6 +106,10 @@ class Controller:
     def state(self) -> mesh.MeshState:
         return self._state
 
+    def proxy_of(self, key: str) -> proxy.Proxy | None:
+        """What the proxies reading `key` stand for."""
+        return self._proxies.get(key)
+
     def kind_of(self, key: str) -> str:
         """What kind of proxy reads `key`: sidecar (local), captured (a
         Pod's, iptables), proxyless (gRPC); "" for one not placed."""
@@ -118,6 +124,7 @@ class Controller:
         """A new mesh state; pushed after the debounce."""
         self._state = state
         self._started = True
+        self.changed_at_wall = time.time()
         self._debouncer.touch(MESH_CHANGED)
 
     def refresh(self, reason: str = CERTIFICATES) -> None:
@@ -226,7 +233,7 @@ class Controller:
         try:
             groups = generator.generate(p, context, in_scope)
         except generators.Unconfigurable as err:
-            self.problems.append(problems.Problem("proxy", key, str(err)))
+            self.problems.append(problems.Problem("proxy", key, str(err), "SHL0405"))
             log.warning("not configuring proxy %s: %s", key, err)
             return
         scoped_clusters, route_group = groups[resources.CLUSTER][0], groups[resources.ROUTE][0]
@@ -259,7 +266,7 @@ class Controller:
         reason = "refers to missing " + ", ".join(
             f"{resources.short(t)} {n}" for t, n in missing[:5]
         )
-        self.problems.append(problems.Problem("translation", subject, reason))
+        self.problems.append(problems.Problem("translation", subject, reason, "SHL0405"))
         log.error("not publishing %s: %s; proxies keep their last config", subject, reason)
         return False
 
