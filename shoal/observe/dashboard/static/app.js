@@ -569,14 +569,25 @@ async function viewPushes() {
   ];
 }
 
+function problemsBadge(found) {
+  const errors = found.filter((p) => p.severity === "Error").length;
+  setBadge("badge-problems", found.length || "", errors ? "bad" : "warn");
+}
+
 async function viewProblems() {
   const res = await api("problems");
   if (!res.ok) return [header("Problems", ""), failure(res)];
-  setBadge("badge-problems", res.body.length || "", res.body.length ? "bad" : "");
+  problemsBadge(res.body);
   return [
-    header("Problems", "What the control plane could not use: malformed manifests and annotations, each with its object and reason. The last good configuration of that object stays in force."),
-    res.body.length === 0 ? h("div", { class: "empty" }, h("strong", {}, "No problems"), "Every manifest and annotation was understood.") :
-      h("div", { class: "panel" }, h("table", { id: "problems" }, h("tbody", {}, res.body.map((p) => h("tr", {}, h("td", {}, h("span", { class: "dot bad" }), p)))))),
+    header("Problems", "What shoal analyze finds: each problem with its code, the object and field at fault, what it does to traffic, and the fix. The last good configuration of a refused object stays in force."),
+    res.body.length === 0 ? h("div", { class: "empty" }, h("strong", {}, "No problems"), "Every manifest was understood, and no analyzer found a misconfiguration.") :
+      h("div", { class: "panel" }, h("table", { id: "problems" },
+        h("thead", {}, h("tr", {}, h("th", {}, "Severity"), h("th", {}, "Code"), h("th", {}, "Object"), h("th", {}, "Reason and fix"))),
+        h("tbody", {}, res.body.map((p) => h("tr", { "data-code": p.code },
+          h("td", {}, h("span", { class: `dot ${p.severity === "Error" ? "bad" : "warn"}` }), p.severity),
+          h("td", {}, h("span", { class: "mono" }, p.code), h("div", { class: "muted" }, p.name)),
+          h("td", {}, h("div", {}, p.object), p.field ? h("div", { class: "mono muted" }, p.field) : null, p.source ? h("div", { class: "muted" }, p.source) : null),
+          h("td", {}, h("div", {}, p.reason), h("div", { class: "muted" }, `Fix: ${p.fix}`)))))),
   ];
 }
 
@@ -621,7 +632,7 @@ async function refreshBadges() {
     const bad = syncz.body.filter((p) => p.types.some((x) => x.status === "NACKED")).length;
     setBadge("badge-proxies", bad || syncz.body.length, bad ? "bad" : "ok");
   }
-  if (problems.ok) setBadge("badge-problems", problems.body.length || "", "bad");
+  if (problems.ok) problemsBadge(problems.body);
 }
 
 function schedule() {
