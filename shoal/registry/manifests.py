@@ -22,6 +22,8 @@ SERVICE = ("v1", "Service")
 ENDPOINT_SLICE = ("discovery.k8s.io/v1", "EndpointSlice")
 NAMESPACE = ("v1", "Namespace")
 SERVICE_ACCOUNT = ("v1", "ServiceAccount")
+# On an EndpointSlice: the service account its endpoints without a Pod run as.
+SERVICE_ACCOUNT_ANNOTATION = "shoal.io/service-account"
 POD = ("v1", "Pod")
 TRAFFIC_ROUTE = ("shoal.io/v1alpha1", "TrafficRoute")
 # The Gateway API's mesh routes (README, "Gateway API").
@@ -244,6 +246,30 @@ def to_pod(obj: KubeObject) -> mesh.Pod:
     )
 
 
+def declared_service_account(obj: KubeObject) -> str:
+    """The service account an EndpointSlice declares its Pod-less endpoints
+    run as (`shoal.io/service-account`), else Kubernetes' `default`.
+
+    Callers verify a Service's endpoints against these identities. Only
+    the manifests (or the API server) say who an endpoint is, never the
+    proxy that serves it: a proxy's claim to serve an address is not
+    evidence, so a proxy could otherwise make callers accept any identity
+    the CA ever gave it. A Pod named by the endpoint's `targetRef` still
+    decides for that endpoint."""
+    annotations = _metadata(obj).get("annotations")
+    value = (
+        annotations.get(SERVICE_ACCOUNT_ANNOTATION) if isinstance(annotations, Mapping) else None
+    )
+    if value is None:
+        return "default"
+    if not isinstance(value, str) or not spiffe.is_dns_subdomain(value):
+        raise ManifestError(
+            f"metadata.annotations[{SERVICE_ACCOUNT_ANNOTATION}]: {value!r} is not a "
+            "service account name"
+        )
+    return value
+
+
 def slice_service(obj: KubeObject) -> str:
     labels = _metadata(obj).get("labels")
     name = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, Mapping) else None
@@ -274,6 +300,7 @@ def to_endpoints(
     raw_endpoints = body.get("endpoints") or []
     if not isinstance(raw_endpoints, list):
         raise ManifestError("endpoints must be a list")
+    declared = declared_service_account(obj)
     out: list[mesh.Endpoint] = []
     for i, raw in enumerate(raw_endpoints):
         where = f"endpoints[{i}]"
@@ -304,7 +331,7 @@ def to_endpoints(
                     port_name=port_name,
                     ready=ready,
                     labels=pod.labels if pod else mesh.frozen_map(),
-                    service_account=pod.service_account if pod else "default",
+                    service_account=pod.service_account if pod else declared,
                     pod=pod_name,
                     zone=zone,
                 )
