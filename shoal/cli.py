@@ -377,6 +377,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                     reports=reports,
                     queries={
                         "config_dump": lambda q: status.config_dump_of(ads, q),
+                        "identities": lambda q: observe_reports.identities(ctl.state, q),
                         "traces": span_store.query_list,
                         "traces/{trace_id}": span_store.query_one,
                     },
@@ -782,6 +783,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             outbound_port=args.outbound_port,
             inbound_address=args.inbound_address,
         )
+        if not declared_identity_agrees(s, Path(args.state_dir) / ADMIN_SOCKET):
+            return 1
     authority = None
     credentials = None
     if args.join:
@@ -825,6 +828,57 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     )
     print(f"wrote {path}{extra}; run: envoy -c {path}")
     return 0
+
+
+def declared_identity_agrees(s: proxy.Sidecar, admin_socket: Path) -> bool:
+    """Whether the manifests declare the service account this sidecar will
+    prove for the endpoint it serves; False, after saying so, when they
+    declare another (every call to it would fail its callers' check). A
+    control plane that cannot be asked is not an error: then a note, when
+    the account is not the one undeclared endpoints get."""
+    declare = (
+        f"declare it on the Service's EndpointSlice (annotation "
+        f"shoal.io/service-account: {s.service_account}) or on a Pod the endpoint's "
+        f"targetRef names"
+    )
+    found = None
+    if admin_socket.exists():
+        try:
+            found = _fetch(
+                str(admin_socket),
+                f"/debug/identities?service={s.namespace}/{s.service}",
+                missing_ok=True,
+            )
+        except SystemExit:
+            found = None
+    if found is None:
+        if s.service_account != "default":
+            print(
+                f"shoal bootstrap: note: callers of {s.namespace}/{s.service} verify the "
+                f"service account its endpoints declare, 'default' when none is declared; "
+                f"for them to accept this sidecar ({s.service_account!r}), {declare}",
+                file=sys.stderr,
+            )
+        return True
+    served = [
+        e
+        for e in found["endpoints"]
+        if e["address"] == s.inbound_address and e["port"] == s.inbound_port
+    ]
+    if not served or all(e["service_account"] == s.service_account for e in served):
+        return True
+    print(
+        terminal.printable(
+            f"shoal bootstrap: error: the endpoint {s.inbound_address}:{s.inbound_port} of "
+            f"Service {s.namespace}/{s.service} is declared as service account "
+            f"{served[0]['service_account']!r}, so its callers will refuse this sidecar's "
+            f"certificate ({s.service_account!r}): bootstrap with --service-account "
+            f"{served[0]['service_account']}, or {declare}",
+            2000,
+        ),
+        file=sys.stderr,
+    )
+    return False
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -902,9 +956,10 @@ def _is_socket_address(admin_address: str) -> bool:
     )
 
 
-def _fetch(admin_address: str, path: str, method: str = "GET") -> Any:
+def _fetch(admin_address: str, path: str, method: str = "GET", missing_ok: bool = False) -> Any:
     """A JSON answer from the control plane's admin API (its Unix socket, or
-    HOST:PORT for what anonymous callers may read), or a clear exit."""
+    HOST:PORT for what anonymous callers may read), or a clear exit; None
+    for "not found" when `missing_ok`."""
     connection: http.client.HTTPConnection
     if _is_socket_address(admin_address):
         connection = _UnixConnection(admin_address.removeprefix("unix:"), timeout=10)
@@ -926,6 +981,8 @@ def _fetch(admin_address: str, path: str, method: str = "GET") -> Any:
         ) from err
     finally:
         connection.close()
+    if response.status == 404 and missing_ok:
+        return None
     if response.status >= 400:
         try:
             detail = json.loads(body or b"{}").get("error", response.reason)

@@ -228,5 +228,11 @@ class MeshState:
         """Endpoints serving `port`: matched by port name, as Kubernetes does."""
         return tuple(e for e in self.endpoints.get(key, ()) if e.port_name == port.name)
 
+    def service_accounts_of(self, key: ServiceKey) -> frozenset[str]:
+        """The service accounts callers accept behind the Service `key`: those
+        its endpoints declare (a Pod's, or the EndpointSlice's), `default`
+        when it has none. One rule for translation and its analyzers."""
+        return frozenset({e.service_account for e in self.endpoints.get(key, ())} or {"default"})
+
     def sorted_services(self) -> list[Service]:
         return sorted(self.services.values(), key=lambda s: (s.namespace, s.name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from shoal.model import mesh, routing
@@ -137,3 +138,29 @@ def _policies(
     if mirror is not None:
         out["mirror"] = {"service": str(mirror.service), "percent": mirror.percent}
     return out
+
+
+def identities(state: mesh.MeshState, query: Mapping[str, str]) -> dict[str, Any] | None:
+    """`/debug/identities?service=NS/NAME`: the service account each endpoint
+    of the Service declares, which its callers verify (None: no such
+    Service)."""
+    named = query.get("service", "")
+    namespace, _, name = named.partition("/")
+    if not namespace or not name:
+        raise ValueError("name a Service: /debug/identities?service=NAMESPACE/NAME")
+    key = mesh.ServiceKey(namespace, name)
+    if key not in state.services:
+        return None
+    return {
+        "service": str(key),
+        "service_accounts": sorted(state.service_accounts_of(key)),
+        "endpoints": [
+            {
+                "address": e.address,
+                "port": e.port,
+                "service_account": e.service_account,
+                "pod": e.pod,
+            }
+            for e in state.endpoints.get(key, ())
+        ],
+    }

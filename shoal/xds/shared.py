@@ -173,7 +173,7 @@ class Shared:
         """SPIFFE IDs a caller must see on the other end; None without mTLS."""
         if self.trust_domain is None:
             return None
-        accounts = {e.service_account for e in self.state.endpoints.get(svc.key, ())} or {"default"}
+        accounts = self.state.service_accounts_of(svc.key)
         return frozenset(
             spiffe.workload_id(self.trust_domain, svc.namespace, sa) for sa in accounts
         )
