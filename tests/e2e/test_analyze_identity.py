@@ -111,6 +111,7 @@ async def test_a_service_served_under_an_identity_its_callers_refuse_is_named(
         shown = await asyncio.to_thread(diagnosis.analyze_cli, control_plane)
         assert shown.returncode == 1, shown.stdout
         assert "Error [SHL0301] Service shop/inventory" in shown.stdout
+        print(shown.stdout)  # the README's example comes from here (pytest -s)
         as_json = await asyncio.to_thread(diagnosis.analyze_cli, control_plane, "-o", "json")
         assert [p["code"] for p in json.loads(as_json.stdout)] == ["SHL0301"]
 

@@ -58,16 +58,12 @@ def _mismatch(
         if failed
         else "; every call to it fails that check (503, ssl.fail_verify_san)"
     )
-    declared_by = (
-        f"Pod {endpoint.pod} runs as {endpoint.service_account!r}"
-        if endpoint.pod
-        else f"its EndpointSlice declares {endpoint.service_account!r}"
-        + (
-            " (no shoal.io/service-account annotation)"
-            if endpoint.service_account == "default"
-            else ""
-        )
-    )
+    if endpoint.pod:
+        declared_by = f"Pod {endpoint.pod} runs as {endpoint.service_account!r}"
+    elif endpoint.service_account == "default":
+        declared_by = "its EndpointSlice declares no service account, so 'default'"
+    else:
+        declared_by = f"its EndpointSlice declares {endpoint.service_account!r}"
     return problems.Problem(
         source="",
         subject=f"Service {key}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from shoal import terminal
+from shoal.model import problems
 
 
 def text(found: Sequence[Mapping[str, str]], where: str) -> str:
@@ -35,3 +36,12 @@ def text(found: Sequence[Mapping[str, str]], where: str) -> str:
 
 def has_errors(found: Sequence[Mapping[str, str]]) -> bool:
     return any(p["severity"] == "Error" for p in found)
+
+
+def catalogue_markdown() -> str:
+    """The README's table of codes, from the catalogue itself."""
+    rows = ["| Code | Name | Severity | What it means | Fix |", "|---|---|---|---|---|"]
+    for c in problems.CODES:
+        cells = [f"`{c.id}`", c.name, c.severity.label, c.meaning, c.fix]
+        rows.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+    return "\n".join(rows)

@@ -43,9 +43,8 @@ def test_a_proxy_proving_another_account_than_declared_is_named_with_the_fix() -
     assert found.reason == (
         "proxy sidecar~shop~inventory-1 serves it at 127.0.0.1:16001 as "
         "spiffe://cluster.local/ns/shop/sa/inventory, but callers expect "
-        "spiffe://cluster.local/ns/shop/sa/default (its EndpointSlice declares 'default' "
-        "(no shoal.io/service-account annotation)); every call to it fails that check "
-        "(503, ssl.fail_verify_san)"
+        "spiffe://cluster.local/ns/shop/sa/default (its EndpointSlice declares no service "
+        "account, so 'default'); every call to it fails that check (503, ssl.fail_verify_san)"
     )
     assert "shoal.io/service-account: inventory" in found.fix
 
