@@ -312,7 +312,11 @@ async def test_each_view_shows_the_mesh_as_it_is(
         await expect(page.locator("#pushes tbody tr").first).to_be_visible()
         await shot(page, shots, "pushes")
         await show(page, "problems")
-        await expect(page.locator("#problems")).to_contain_text("default/broken")
+        broken = page.locator('#problems tr[data-code="SHL0003"]')
+        await expect(broken).to_contain_text("Service default/broken")
+        await expect(broken).to_contain_text("metadata.annotations[shoal.io/split]")
+        await expect(broken).to_contain_text("Error")
+        await expect(broken).to_contain_text("Fix: Correct the annotation")
         await shot(page, shots, "problems")
 
     async with (

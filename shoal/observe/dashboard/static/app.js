@@ -587,7 +587,7 @@ async function viewProblems() {
           h("td", {}, h("span", { class: `dot ${p.severity === "Error" ? "bad" : "warn"}` }), p.severity),
           h("td", {}, h("span", { class: "mono" }, p.code), h("div", { class: "muted" }, p.name)),
           h("td", {}, h("div", {}, p.object), p.field ? h("div", { class: "mono muted" }, p.field) : null, p.source ? h("div", { class: "muted" }, p.source) : null),
-          h("td", {}, h("div", {}, p.reason), h("div", { class: "muted" }, `Fix: ${p.fix}`)))))),
+          h("td", {}, h("div", {}, p.reason), h("div", { class: "muted" }, `Fix: ${p.fix.replace(/`/g, "")}`))))))),
   ];
 }
 
