@@ -57,24 +57,24 @@ class ParentStatus:
     parent_ref: Mapping[str, Any]
     conditions: tuple[Condition, ...]
 
-    def problems(self) -> list[str]:
-        return [f"{c.type}={c.reason}: {c.message}" for c in self.conditions if not c.status]
 
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A problem of a route that is used anyway: its code in the catalogue
+    (model.problems), the field at fault, and what it does to traffic."""
 
-def code_of(said: str) -> str:
-    """The problem code of a condition `ParentStatus.problems` says: a Service
-    or port that is not there has its own; the rest is "not accepted"."""
-    if "has no port" in said:
-        return "SHL0102"
-    if "does not exist" in said:
-        return "SHL0101"
-    return "SHL0004"
+    code: str
+    field: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
 class Parsed:
     attached: tuple[routing.AttachedRoute, ...]
     parents: tuple[ParentStatus, ...]
+    findings: tuple[Finding, ...] = ()
+    # The parentRef that attaches the route to each Service, as a field.
+    parent_fields: tuple[tuple[mesh.ServiceKey, str], ...] = ()
 
 
 class _Invalid(manifests.ManifestError):
@@ -425,11 +425,26 @@ def _filters(raw: Any, where: str, matches: Sequence[_Match], *, grpc: bool) -> 
 # -- references ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Unresolved:
+    """A backendRef or mirror that cannot be reached: the Gateway API's
+    reason, where it is, why, and the problem's code and field."""
+
+    reason: str
+    where: str
+    message: str
+    code: str
+    field: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
 @dataclass
 class _Refs:
     """What the backendRefs and mirrors of a route resolved to, and why not."""
 
-    unresolved: list[tuple[str, str]]  # (reason, message)
+    unresolved: list[_Unresolved]
 
     def backend(
         self,
@@ -446,21 +461,46 @@ class _Refs:
             raise _Invalid(f"{where}.namespace must be a namespace name")
         key = mesh.ServiceKey(namespace, name)
         if (group, kind) != ("", "Service"):
+            # Not a Service: the mesh knows no such backend.
             self.unresolved.append(
-                ("InvalidKind", f"{where}: {kind} ({group or 'core'}) is not a Service")
+                _Unresolved(
+                    "InvalidKind",
+                    where,
+                    f"{kind} ({group or 'core'}) is not a Service",
+                    "SHL0101",
+                    f"{where}.kind",
+                )
             )
             return key, None, True
         if "port" not in ref:
-            self.unresolved.append(("BackendNotFound", f"{where}: a Service backend needs a port"))
+            self.unresolved.append(
+                _Unresolved(
+                    "BackendNotFound",
+                    where,
+                    "a Service backend needs a port",
+                    "SHL0102",
+                    f"{where}.port",
+                )
+            )
             return key, None, True
         port = _port(ref["port"], f"{where}.port")
         service = known.get(key)
         if service is None:
-            self.unresolved.append(("BackendNotFound", f"{where}: Service {key} does not exist"))
+            self.unresolved.append(
+                _Unresolved(
+                    "BackendNotFound", where, f"Service {key} does not exist", "SHL0101", where
+                )
+            )
             return key, port, True
         if not any(p.port == port for p in service.ports):
             self.unresolved.append(
-                ("BackendNotFound", f"{where}: Service {key} has no port {port}")
+                _Unresolved(
+                    "BackendNotFound",
+                    where,
+                    f"Service {key} has no port {port}",
+                    "SHL0102",
+                    f"{where}.port",
+                )
             )
             return key, port, True
         return key, port, False
@@ -499,7 +539,7 @@ def parse(
 
     # Every Service parent, with its port; Gateways are a gateway
     # controller's business, not the mesh's.
-    parents: list[tuple[Mapping[str, Any], mesh.ServiceKey, int | None]] = []
+    parents: list[tuple[int, Mapping[str, Any], mesh.ServiceKey, int | None]] = []
     for i, raw in enumerate(_list(spec.get("parentRefs"), "spec.parentRefs", 32)):
         at = f"spec.parentRefs[{i}]"
         ref = _map(raw, at)
@@ -517,10 +557,12 @@ def parse(
         if not isinstance(parent_ns, str) or not parent_ns:
             raise _Invalid(f"{at}.namespace must be a namespace name")
         port = _port(ref["port"], f"{at}.port") if "port" in ref else None
-        parents.append((ref, mesh.ServiceKey(parent_ns, name), port))
+        parents.append((i, ref, mesh.ServiceKey(parent_ns, name), port))
 
     rules: list[tuple[routing.RouteRule, tuple[Any, ...]]] = []
     refs = _Refs([])
+    # (code, field, what is wrong) of rules that are used anyway.
+    said: list[tuple[str, str, str]] = []
     raw_rules = _list(spec.get("rules") or [{}], "spec.rules", 16)
     names_seen: set[str] = set()
     for r, raw in enumerate(raw_rules):
@@ -591,6 +633,25 @@ def parse(
         status = None
         if filters.redirect is None and not usable and known is not None:
             status = 503 if grpc else 500
+            answer = _answered(status)
+            if not backends:
+                said.append(
+                    (
+                        "SHL0103",
+                        f"{at}.backendRefs",
+                        f"{at} has no backendRefs and no redirect: it answers {answer} to "
+                        "every request it matches",
+                    )
+                )
+            elif all(x.weight == 0 for x in backends):
+                said.append(
+                    (
+                        "SHL0103",
+                        f"{at}.backendRefs",
+                        f"every backendRef of {at} has weight 0: it answers {answer} to every "
+                        "request it matches",
+                    )
+                )
         for j, match in enumerate(matches):
             rules.append(
                 (
@@ -617,7 +678,11 @@ def parse(
 
     attached = []
     statuses = []
-    for ref, key, port in parents:
+    findings: list[Finding] = []
+    parent_fields: list[tuple[mesh.ServiceKey, str]] = []
+    for i, ref, key, port in parents:
+        at = f"spec.parentRefs[{i}]"
+        on = f"on Service {ref.get('name')}: "
         shown = _parent_ref_shown(ref, ns)
         conditions: list[Condition] = []
         service = known.get(key) if known is not None else None
@@ -629,10 +694,12 @@ def parse(
             accepted = Condition(
                 "Accepted", False, "NoMatchingParent", f"Service {key} does not exist"
             )
+            findings.append(Finding("SHL0101", f"{at}.name", on + _said(accepted)))
         elif port is not None and not any(p.port == port for p in service.ports):
             accepted = Condition(
                 "Accepted", False, "NoMatchingParent", f"Service {key} has no port {port}"
             )
+            findings.append(Finding("SHL0102", f"{at}.port", on + _said(accepted)))
         elif section is not None and not any(p.name == section for p in service.ports):
             accepted = Condition(
                 "Accepted",
@@ -640,10 +707,24 @@ def parse(
                 "NoMatchingParent",
                 f"Service {key} has no port named {section!r}",
             )
+            findings.append(Finding("SHL0102", f"{at}.sectionName", on + _said(accepted)))
         else:
             accepted = Condition("Accepted", True, "Accepted", "routes the Service's callers")
             if section is not None and port is None:
                 port = next(p.port for p in service.ports if p.name == section)
+            parent_fields.append((key, at))
+            tcp = _tcp_only(service, port)
+            if tcp:
+                where = at + (".port" if "port" in ref else ".sectionName" if section else "")
+                findings.append(
+                    Finding(
+                        "SHL0203",
+                        where,
+                        f"{on}{tcp} TCP: the {obj.kind}'s rules do not apply there (HTTP "
+                        "routing needs an HTTP port), so it changes nothing for the "
+                        "Service's callers",
+                    )
+                )
             attached.append(
                 routing.AttachedRoute(
                     service=key,
@@ -657,15 +738,48 @@ def parse(
             )
         conditions.append(accepted)
         if refs.unresolved:
-            reason = refs.unresolved[0][0]
-            message = "; ".join(m for _, m in refs.unresolved)
+            reason = refs.unresolved[0].reason
+            message = "; ".join(str(u) for u in refs.unresolved)
             conditions.append(Condition("ResolvedRefs", False, reason, message))
         else:
             conditions.append(
                 Condition("ResolvedRefs", True, "ResolvedRefs", "every backend resolved")
             )
         statuses.append(ParentStatus(shown, tuple(conditions)))
-    return Parsed(tuple(attached), tuple(statuses))
+    if parents and known is not None:
+        # What is wrong with the rules is the same on every parent: said once.
+        named = sorted({str(ref.get("name")) for _, ref, _, _ in parents})
+        on = f"on Service{'s' if len(named) > 1 else ''} {', '.join(named)}: "
+        answer = _answered(503 if grpc else 500)
+        for u in refs.unresolved:
+            effect = (
+                "requests are not mirrored there"
+                if ".requestMirror." in u.where
+                else f"its share of the rule's requests is answered {answer}"
+            )
+            findings.append(Finding(u.code, u.field, f"{on}ResolvedRefs={u.reason}: {u}; {effect}"))
+        findings.extend(Finding(code, where, on + why) for code, where, why in said)
+    return Parsed(tuple(attached), tuple(statuses), tuple(findings), tuple(parent_fields))
+
+
+def _said(condition: Condition) -> str:
+    return f"{condition.type}={condition.reason}: {condition.message}"
+
+
+def _answered(status: int) -> str:
+    return "UNAVAILABLE (503)" if status == 503 else str(status)
+
+
+def _tcp_only(service: mesh.Service, port: int | None) -> str:
+    """How to say that the ports a route attaches to (`port`, else all of
+    them) are all TCP, where routes never apply; "" if one is HTTP."""
+    ports = [p for p in service.ports if port is None or p.port == port]
+    if any(p.protocol.is_http for p in ports):
+        return ""
+    shown = ", ".join(f"{p.port}" + (f" ({p.name})" if p.name else "") for p in ports)
+    if port is not None:
+        return f"port {shown} is"
+    return f"its only port {shown} is" if len(ports) == 1 else f"all its ports ({shown}) are"
 
 
 def refused(obj: manifests.KubeObject, err: manifests.ManifestError) -> tuple[ParentStatus, ...]:
@@ -689,8 +803,8 @@ def _signature(rule: routing.RouteRule) -> tuple[Any, ...]:
     return (rule.path, rule.headers, rule.query, rule.method)
 
 
-def shadowed(attached: Sequence[routing.AttachedRoute]) -> list[tuple[str, str]]:
-    """(origin, why) for each rule that can never match: an earlier one (by
+def shadowed(attached: Sequence[routing.AttachedRoute]) -> list[tuple[str, str, str]]:
+    """(origin, field, why) for each rule that can never match: an earlier one (by
     precedence) on the same Service, callers and port has the same match.
     One pass in precedence order, so a Service with many routes costs what
     its rules do, not their square."""
@@ -707,10 +821,12 @@ def shadowed(attached: Sequence[routing.AttachedRoute]) -> list[tuple[str, str]]
         for port in (a.port, None) if a.port is not None else (None,):
             earlier = first.get((*group, port))
             if earlier is not None and earlier[0] != order:
+                where = f"spec.rules[{order[-2]}].matches[{order[-1]}]"
                 out.add(
                     (
                         a.origin,
-                        f"spec.rules[{order[-2]}].matches[{order[-1]}] never matches on "
+                        where,
+                        f"{where} never matches on "
                         f"Service {a.service}: rule {earlier[0][-2]} of {earlier[1]} has the "
                         "same match and comes first (older, or first by name)",
                     )

@@ -294,10 +294,15 @@ class ObjectStore:
                 kept = self._good_routes.get(key)
                 if kept is not None and not kept.backends() <= services.keys():
                     kept = None  # its backends are gone: it cannot stay
-                found.append(
-                    problems.Problem(
-                        sources[key], f"Service {key}", _kept(err, kept), err.code, _field(err)
+                reason = _kept(err, kept)
+                if err.code == "SHL0101" and kept is None:
+                    # What that does to traffic: all of the Service's routing goes.
+                    reason = (
+                        f"{err}; none of the Service's routing annotations (split, header "
+                        "routes, timeout, retries, fault, mirror) apply until it is fixed"
                     )
+                found.append(
+                    problems.Problem(sources[key], f"Service {key}", reason, err.code, _field(err))
                 )
                 if kept is not None:
                     routes[key] = kept
@@ -333,7 +338,13 @@ class ObjectStore:
                 if kept is not None and not kept.route.backends() <= services.keys():
                     kept = None
                 found.append(
-                    problems.Problem(item.source, str(obj), _kept(err, kept), _route_code(err))
+                    problems.Problem(
+                        item.source,
+                        str(obj),
+                        _kept(err, kept),
+                        _route_code(err),
+                        err.field if isinstance(err, trafficroute.UnknownService) else "",
+                    )
                 )
                 if kept is None:
                     continue
@@ -345,8 +356,10 @@ class ObjectStore:
                     problems.Problem(
                         item.source,
                         str(obj),
-                        f"{taken[target]} already routes {target}; ignored",
+                        f"{taken[target]} already routes Service {target} (the first by "
+                        "namespace and name wins); this one is ignored",
                         "SHL0105",
+                        "spec.service",
                     )
                 )
                 continue
@@ -356,8 +369,10 @@ class ObjectStore:
                     problems.Problem(
                         item.source,
                         str(obj),
-                        f"takes precedence over the routing annotations of Service {target}",
+                        f"takes precedence over the routing annotations of Service {target} "
+                        f"({_routing_field(services[target])}), which are ignored",
                         "SHL0105",
+                        "spec.service",
                     )
                 )
             routes[target] = parsed.route
@@ -382,7 +397,7 @@ class ObjectStore:
         the annotations (the README's rule), which is reported."""
         attached: dict[mesh.ServiceKey, list[routing.AttachedRoute]] = {}
         status: dict[tuple[str, str, str], tuple[gatewayapi.ParentStatus, ...]] = {}
-        origins: dict[mesh.ServiceKey, Sourced] = {}
+        origins: dict[mesh.ServiceKey, tuple[Sourced, gatewayapi.Parsed]] = {}
         for item in sorted(items, key=lambda i: i.obj.key):
             obj = item.obj
             try:
@@ -404,33 +419,34 @@ class ObjectStore:
             else:
                 self._good_gateway_routes[obj.key] = parsed
                 status[obj.key] = parsed.parents
-                for parent in parsed.parents:
-                    for said in parent.problems():
-                        found.append(
-                            problems.Problem(
-                                item.source,
-                                str(obj),
-                                f"on Service {parent.parent_ref.get('name')}: {said}",
-                                gatewayapi.code_of(said),
-                            )
-                        )
+                found.extend(
+                    problems.Problem(item.source, str(obj), f.reason, f.code, f.field)
+                    for f in parsed.findings
+                )
             for a in parsed.attached:
                 attached.setdefault(a.service, []).append(a)
-                origins.setdefault(a.service, item)
+                origins.setdefault(a.service, (item, parsed))
         sources = {str(i.obj): i.source for i in items}
         for key, on_service in attached.items():
-            for origin, why in gatewayapi.shadowed(on_service):
-                found.append(problems.Problem(sources.get(origin, ""), origin, why, "SHL0104"))
+            for origin, where, why in gatewayapi.shadowed(on_service):
+                found.append(
+                    problems.Problem(sources.get(origin, ""), origin, why, "SHL0104", where)
+                )
             before = routes.get(key)
             if before is not None and before.rules:
-                item = origins[key]
+                item, parsed = origins[key]
+                # Of the annotations, the rules lose their say; the policies keep it.
+                rules = _routing_field(services[key], (notes.SPLIT, notes.ROUTE_HEADERS))
+                which = f" ({rules})" if before.source == "annotations" and rules else ""
                 found.append(
                     problems.Problem(
                         item.source,
                         str(item.obj),
                         f"routes Service {key} where it applies, instead of the rules of "
-                        f"its {before.source} (their retries, faults and timeout still apply)",
+                        f"its {before.source}{which} (their retries, faults and timeout still "
+                        "apply)",
                         "SHL0105",
+                        dict(parsed.parent_fields).get(key, "spec.parentRefs"),
                     )
                 )
             base = before or routing.ServiceRoute(key, (), source="Gateway API")
@@ -460,3 +476,10 @@ def _route_code(err: manifests.ManifestError) -> str:
 
 def _field(err: notes.AnnotationError) -> str:
     return f"metadata.annotations[{err.annotation}]"
+
+
+def _routing_field(service: mesh.Service, names: tuple[str, ...] = notes.ROUTING) -> str:
+    """Those of the annotations `names` a Service has, as fields."""
+    return ", ".join(
+        f"metadata.annotations[{name}]" for name in names if name in service.annotations
+    )

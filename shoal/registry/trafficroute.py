@@ -32,6 +32,14 @@ from shoal.registry import annotations as notes
 from shoal.registry import manifests
 
 
+class UnknownService(manifests.ManifestError):
+    """A Service the TrafficRoute names does not exist; `field` is where."""
+
+    def __init__(self, field: str, service: mesh.ServiceKey) -> None:
+        super().__init__(f"{field}: Service {service} does not exist", "SHL0101")
+        self.field = field
+
+
 @dataclass(frozen=True)
 class Parsed:
     route: routing.ServiceRoute
@@ -252,11 +260,12 @@ def parse(
     route = routing.ServiceRoute(service, tuple(rules), source=f"TrafficRoute {ns}/{obj.name}")
     if known is not None:
         if service not in known:
-            raise manifests.ManifestError(
-                f"spec.service: Service {service} does not exist", "SHL0101"
-            )
-        for target in route.backends():
-            if target not in known:
-                raise manifests.ManifestError(f"backend Service {target} does not exist", "SHL0101")
+            raise UnknownService("spec.service", service)
+        for i, made in enumerate(route.rules):
+            for j, backend in enumerate(made.backends):
+                if backend.service not in known:
+                    raise UnknownService(f"spec.rules[{i}].backends[{j}].service", backend.service)
+            if made.mirror is not None and made.mirror.service not in known:
+                raise UnknownService(f"spec.rules[{i}].mirror.service", made.mirror.service)
     outlier, limits = _policy(spec.get("policy"))
     return Parsed(route, outlier, limits)

@@ -126,10 +126,12 @@ def test_a_traffic_route_wins_over_annotations_and_says_so(registry_dir: Path) -
     state = registry.load()
     route = state.routes[mesh.ServiceKey("shop", "reviews")]
     assert route.source == "TrafficRoute shop/reviews"
-    assert [str(p) for p in registry.problems] == [
+    (conflict,) = registry.problems
+    assert str(conflict) == (
         "tr.yaml#0: TrafficRoute shop/reviews: takes precedence over the routing annotations "
-        "of Service shop/reviews"
-    ]
+        "of Service shop/reviews (metadata.annotations[shoal.io/split]), which are ignored"
+    )
+    assert (conflict.code, conflict.field) == ("SHL0105", "spec.service")
     assert state.services[mesh.ServiceKey("shop", "reviews")].outlier == mesh.OutlierPolicy(
         3, 10.0, 30
     )
