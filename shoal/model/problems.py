@@ -98,7 +98,8 @@ CODES: tuple[Code, ...] = (
         "SHL0103",
         "ZeroWeights",
         E,
-        "Every backend of a rule has weight 0: the rule answers 500 to every request.",
+        "Every backend of a rule has weight 0, or it has none: the rule answers 500 (gRPC: "
+        "UNAVAILABLE) to every request.",
         "Give at least one backend a weight above 0.",
     ),
     Code(
@@ -144,8 +145,9 @@ CODES: tuple[Code, ...] = (
         "SHL0203",
         "ProtocolConflict",
         W,
-        "A port's protocol is guessed differently where it is used: HTTP routing on a port "
-        "that is treated as TCP, or Services sharing a port number with different protocols.",
+        "HTTP routing on a Service port treated as TCP (it applies nowhere there), or one "
+        "endpoint serving an HTTP/1.1 and an HTTP/2 port (its proxy speaks only one of them "
+        "to the app).",
         "Set `appProtocol` (or a port name like `http-web`, `grpc`, `tcp-db`) so both agree.",
     ),
     Code(
