@@ -44,8 +44,9 @@ class CaBundle:
         self._poll_s = poll_s
         # What happened last, for /debug and the log (said once, not every poll).
         self.last = "not synced yet"
-        # Whether the configuration exists, as last read (None: not read yet,
-        # or another replica keeps it).
+        # Whether the configuration exists, as last read (None: not read
+        # yet). Every replica reads it, the keeper or not: the analyzers of
+        # each say whether a namespace's label has a webhook to act on it.
         self.installed: bool | None = None
 
     def _path(self) -> str:
@@ -81,6 +82,17 @@ class CaBundle:
         self._say(f"caBundle of {self.name} updated to the mesh's roots")
         return True
 
+    async def check(self) -> bool:
+        """Whether the configuration exists; reads only, as a replica that
+        does not keep the bundle may."""
+        try:
+            await self._api.call("GET", self._path())
+        except kube.NotFound:
+            self.installed = False
+        else:
+            self.installed = True
+        return self.installed
+
     def _say(self, what: str) -> None:
         if what != self.last:
             log.info("%s", what)
@@ -95,6 +107,7 @@ class CaBundle:
                 if holder is None:
                     await self.sync()
                 else:
+                    await self.check()
                     self._say(f"{holder} keeps the caBundle of {self.name}")
             except (kube.ApiError, aiohttp.ClientError, OSError) as err:
                 # The API server may be away for a while; the bundle waits.

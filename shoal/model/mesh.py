@@ -195,7 +195,8 @@ class Namespace:
 
 @dataclass(frozen=True, slots=True)
 class Pod:
-    """A Pod whose sidecar's traffic is captured by iptables.
+    """A Pod, sidecar or not. Its service account is the identity of the
+    endpoints it backs; a captured sidecar in it is configured for it.
 
     The uid tells a Pod from its successor of the same name (a StatefulSet
     replica comes back as `db-0` again), so a proxy of the old one is not
@@ -207,6 +208,14 @@ class Pod:
     ip: str = ""
     service_account: str = "default"
     labels: FrozenMap = field(default=_EMPTY)
+    # Whether it runs shoal's proxy container: injected, or written by hand.
+    sidecar: bool = False
+    # Left out of injection on purpose (`shoal.io/inject: "false"`), or on
+    # the node's network, which the injector never changes.
+    opted_out: bool = False
+    # Its containers have stopped for good (phase Succeeded or Failed):
+    # it sends and serves nothing, sidecar or not.
+    finished: bool = False
 
 
 @dataclass(frozen=True, slots=True)

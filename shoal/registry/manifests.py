@@ -226,6 +226,14 @@ def to_service(obj: KubeObject) -> mesh.Service:
     )
 
 
+# What the injector adds and what opts a Pod out (shoal/injector/settings.py,
+# which the registry does not import; a test keeps the two equal).
+SIDECAR_CONTAINER = "shoal-proxy"
+INJECT_ANNOTATION = "shoal.io/inject"
+# Pod phases after which no container runs again.
+FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+
+
 def to_pod(obj: KubeObject) -> mesh.Pod:
     spec = obj.body.get("spec")
     spec = spec if isinstance(spec, Mapping) else {}
@@ -234,8 +242,21 @@ def to_pod(obj: KubeObject) -> mesh.Pod:
         raise ManifestError("spec.serviceAccountName must be a string")
     meta = _metadata(obj)
     status = obj.body.get("status")
-    ip = status.get("podIP") if isinstance(status, Mapping) else None
+    status = status if isinstance(status, Mapping) else {}
+    ip = status.get("podIP")
     uid = meta.get("uid")
+    # The proxy is an init container with restartPolicy Always (a native
+    # sidecar) when injected; a container of the same name counts too, as
+    # the injector counts it.
+    containers = [
+        c
+        for field_name in ("containers", "initContainers")
+        if isinstance(spec.get(field_name), list)
+        for c in spec[field_name]
+        if isinstance(c, Mapping)
+    ]
+    annotations = meta.get("annotations")
+    opt_out = annotations.get(INJECT_ANNOTATION) if isinstance(annotations, Mapping) else None
     return mesh.Pod(
         namespace=obj.namespace,
         name=obj.name,
@@ -243,6 +264,10 @@ def to_pod(obj: KubeObject) -> mesh.Pod:
         ip=ip if isinstance(ip, str) else "",
         service_account=account,
         labels=_string_map(meta.get("labels"), "metadata.labels"),
+        sidecar=any(c.get("name") == SIDECAR_CONTAINER for c in containers),
+        opted_out=(isinstance(opt_out, str) and opt_out.strip().lower() == "false")
+        or spec.get("hostNetwork") is True,
+        finished=status.get("phase") in FINISHED_PHASES,
     )
 
 

@@ -66,6 +66,13 @@ Exec (`pods/<name>/exec`, tests/kube/exec.py): the real `kubectl exec`
 works over its default v5.channel.k8s.io WebSocket protocol; what runs is
 the test's, `emu.map_pod_exec("shop", "web", runner)`.
 
+Events (core/v1) are validated as kube-apiserver validates them: an Event
+is in its involved object's namespace ("default" for a cluster-scoped
+object), and one with eventTime carries its reporting controller, instance,
+action and reason. Their field selectors (involvedObject.*, reason, type)
+are what `kubectl describe` and `kubectl get events --field-selector` use.
+Not emulated: their TTL (kube-apiserver's --event-ttl, an hour).
+
 The Gateway API's HTTPRoute and GRPCRoute (`gateway.networking.k8s.io/v1`)
 are served with their status subresource: a PUT to `.../status` writes the
 status only, a PUT to the object everything but.
@@ -936,6 +943,66 @@ def _webhook_problem(obj: JSON, *, strict_side_effects: bool) -> tuple[str, str]
         for field in ("namespaceSelector", "objectSelector"):
             if selector_requirements(hook[field]) is None:
                 return (f"{at}.{field}", "Invalid value: not a label selector")
+    return None
+
+
+# --------------------------------------------------------------------------- events
+
+# pkg/apis/core/validation/events.go: the limits of a "new" Event (one with
+# eventTime), which core/v1 applies to those only.
+EVENT_NOTE_LIMIT = 1024
+EVENT_REASON_LIMIT = 128
+EVENT_ACTION_LIMIT = 128
+EVENT_REPORTING_INSTANCE_LIMIT = 128
+
+
+def _event_problem(obj: JSON) -> tuple[str, str] | None:
+    """The first (field, why) kube-apiserver's core/v1 Event validation
+    (legacyValidateEvent, as ValidateEventCreate and ValidateEventUpdate run
+    it for v1) finds, if any.
+
+    An Event without eventTime (the "old" shape, client-go's legacy
+    recorder) only has to agree on its namespace: the involved object's, or
+    for a cluster-scoped object (no involvedObject.namespace) "default" or
+    none. One with eventTime needs its reporting controller and instance,
+    action and reason, within their limits."""
+    meta = obj["metadata"]
+    namespace = meta.get("namespace") or ""
+    involved = obj.get("involvedObject")
+    involved = involved if isinstance(involved, dict) else {}
+    involved_ns = involved.get("namespace") or ""
+    mismatch = (
+        "involvedObject.namespace",
+        f'Invalid value: "{involved_ns}": does not match event.namespace',
+    )
+    if not obj.get("eventTime"):
+        if involved_ns:
+            if namespace != involved_ns:
+                return mismatch
+        elif namespace not in ("", "default"):
+            return mismatch
+        return None
+    if not involved_ns and namespace not in ("default", "kube-system"):
+        return mismatch
+    controller = obj.get("reportingComponent") or ""
+    if not controller:
+        return ("reportingComponent", "Required value")
+    instance = obj.get("reportingInstance") or ""
+    if not instance:
+        return ("reportingInstance", "Required value")
+    if len(instance) > EVENT_REPORTING_INSTANCE_LIMIT:
+        return (
+            "reportingInstance",
+            f'Invalid value: "": can have at most {EVENT_REPORTING_INSTANCE_LIMIT} characters',
+        )
+    for field, limit in (("action", EVENT_ACTION_LIMIT), ("reason", EVENT_REASON_LIMIT)):
+        value = obj.get(field) or ""
+        if not value:
+            return (field, "Required value")
+        if len(value) > limit:
+            return (field, f'Invalid value: "": can have at most {limit} characters')
+    if len(obj.get("message") or "") > EVENT_NOTE_LIMIT:
+        return ("message", f'Invalid value: "": can have at most {EVENT_NOTE_LIMIT} characters')
     return None
 
 
@@ -2302,6 +2369,10 @@ class KubeEmulator:
                 problem = _webhook_problem(obj, strict_side_effects=strict)
                 if problem is not None:
                     raise _invalid(WEBHOOK_CONFIGURATION, meta["name"], *problem)
+        if kind.group == "" and kind.plural == "events":
+            problem = _event_problem(obj)
+            if problem is not None:
+                raise _invalid(kind.kind, meta["name"], *problem)
         if not self._defaulting:
             return
         if kind is self._namespaces:
