@@ -28,6 +28,13 @@ def services(state: mesh.MeshState) -> dict[str, Any]:
     }
 
 
+def route_of(state: mesh.MeshState, key: mesh.ServiceKey) -> dict[str, Any] | None:
+    """How calls to one Service are routed, as `/debug/services` says it;
+    None when they all go to its own endpoints."""
+    found = state.routes.get(key)
+    return _route(found) if found is not None else None
+
+
 def _route(route: routing.ServiceRoute) -> dict[str, Any]:
     out = {
         "source": route.source,
