@@ -9,6 +9,7 @@ the document index and the reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
@@ -90,7 +91,12 @@ def load_file(
                 continue
             check(obj)
         except manifests.ManifestError as err:
-            found.append(problems.Problem(source, manifests.describe(doc), str(err), err.code))
+            kind = (doc.get("apiVersion"), doc.get("kind")) if isinstance(doc, dict) else ("", "")
+            found.append(
+                problems.Problem(
+                    source, manifests.describe(doc), str(err), store.code_of(kind, err)
+                )
+            )
             continue
         objects.append(store.Sourced(obj, source))
     return objects, found
@@ -170,12 +176,16 @@ class FolderRegistry:
             self._store.replace_source(label, objects)
             return
         if label in self._store.sources():
-            kept = "its last good version stays in force"
+            kept = "the file's last good version stays in force"
         else:
             kept = "its valid documents apply"
             self._store.replace_source(label, objects)
+        # What the user sees must say what traffic still follows.
+        self._file_problems[label] = found = [
+            dataclasses.replace(p, reason=f"{p.reason}; {kept}") for p in found
+        ]
         for problem in found:
-            log.warning("manifest error: %s (%s)", problem, kept)
+            log.warning("manifest error: %s", problem)
 
     def _rebuild(self) -> mesh.MeshState:
         self._state, self._build_problems = self._store.build()

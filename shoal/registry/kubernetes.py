@@ -74,7 +74,8 @@ KINDS = (
 
 # -- objects ----------------------------------------------------------------------------
 
-_POD_SPEC_KEEP = ("serviceAccountName", "serviceAccount")
+_POD_SPEC_KEEP = ("serviceAccountName", "serviceAccount", "hostNetwork")
+_POD_STATUS_KEEP = ("podIP", "phase")
 _SERVICE_SPEC_KEEP = ("ports", "clusterIP")
 _METADATA_KEEP = (
     "name",
@@ -108,7 +109,13 @@ def trimmed(kind: Kind, obj: Mapping[str, Any]) -> kube.bodies.RawObject:
         status = obj.get("status") if isinstance(obj.get("status"), Mapping) else {}
         assert isinstance(status, Mapping)
         out["spec"] = {k: spec[k] for k in _POD_SPEC_KEEP if k in spec}
-        out["status"] = {"podIP": status["podIP"]} if "podIP" in status else {}
+        # Of its containers, only their names: whether shoal's proxy is one.
+        for k in ("containers", "initContainers"):
+            if isinstance(spec.get(k), list):
+                out["spec"][k] = [
+                    {"name": c.get("name")} for c in spec[k] if isinstance(c, Mapping)
+                ]
+        out["status"] = {k: status[k] for k in _POD_STATUS_KEEP if k in status}
     elif kind.type == manifests.SERVICE:
         out["spec"] = {k: spec[k] for k in _SERVICE_SPEC_KEEP if k in spec}
     elif kind.type == manifests.ENDPOINT_SLICE:
@@ -402,7 +409,7 @@ class KubernetesRegistry:
                 SOURCE,
                 manifests.describe(obj),
                 f"{err}; " + ("its last good version stays in force" if kept else "ignored"),
-                err.code,
+                store.code_of((obj.get("apiVersion"), obj.get("kind")), err),
             )
             log.warning("kubernetes object %s: %s", manifests.describe(obj), err)
             return None

@@ -474,6 +474,14 @@ def _route_code(err: manifests.ManifestError) -> str:
     return "SHL0004" if err.code == "SHL0001" else err.code
 
 
+def code_of(obj_type: tuple[object, object], err: manifests.ManifestError) -> str:
+    """The problem code of an object refused on its own: a route's is "not
+    accepted" unless it has a more specific one."""
+    if obj_type == manifests.TRAFFIC_ROUTE or obj_type in manifests.GATEWAY_ROUTES:
+        return _route_code(err)
+    return err.code
+
+
 def _field(err: notes.AnnotationError) -> str:
     return f"metadata.annotations[{err.annotation}]"
 

@@ -246,6 +246,11 @@ class AdsServer:
         self._trust_generation = 0
         self._ids = itertools.count(1)
         self.connections: dict[int, Connection] = {}
+        # The streams it refused lately, the newest last, one per (identity,
+        # reason): a proxy that keeps retrying is one entry, not a flood.
+        self.refusals: collections.OrderedDict[tuple[str, str], Refusal] = (
+            collections.OrderedDict()
+        )
         self.nacks_total = 0
         self.pushes_total = 0
         # Work shared by every stream that is in the same place: the same
@@ -297,13 +302,14 @@ class AdsServer:
         try:
             identity = self._identity_of(certificate)
         except spiffe.IdentityError as err:
-            _end(context, context.peer(), grpc.StatusCode.UNAUTHENTICATED, str(err))
+            self._refuse(context, context.peer(), "", grpc.StatusCode.UNAUTHENTICATED, str(err))
             return
         # Counted from now: a stream waiting for its first request is one too.
         if not self._accounts.admit(identity):
-            _end(
+            self._refuse(
                 context,
                 context.peer(),
+                identity or "",
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{identity} already has {self.limits.streams_per_identity} streams (the limit)",
             )
@@ -313,15 +319,25 @@ class AdsServer:
             conn, refusal = await self._open(requests, context, identity, certificate, delta=delta)
             if conn is None:
                 if refusal is not None:
-                    _end(context, context.peer(), *refusal)
+                    self._refuse(context, context.peer(), identity or "", *refusal)
                 return
             refusal = await self._serve(conn, requests, context)
             if refusal is not None:
-                _end(context, f"proxy {conn.node_id}", *refusal)
+                self._refuse(context, f"proxy {conn.node_id}", identity or "", *refusal)
         finally:
             if conn is not None:
                 self._release(conn)
             self._accounts.discharge(identity)
+
+    def _refuse(
+        self, context: Any, who: str, identity: str, code: grpc.StatusCode, message: str
+    ) -> None:
+        _end(context, who, code, message)
+        key = (identity, message)
+        self.refusals.pop(key, None)
+        self.refusals[key] = Refusal(self._clock(), who, identity, code.name, message)
+        while len(self.refusals) > MAX_REFUSALS:
+            self.refusals.popitem(last=False)
 
     async def _open(
         self,
@@ -928,6 +944,22 @@ class AdsServer:
                 grpc.StatusCode.UNAVAILABLE,
                 f"not reading its responses for {self._write_timeout:.0f}s; dropped",
             ) from err
+
+
+# Refusals kept for the analyzers: enough for every kind of mistake at once.
+MAX_REFUSALS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A stream the server ended, and why: `who` is the peer (or the proxy,
+    once it said its node), `identity` what its certificate proved."""
+
+    at: float
+    who: str
+    identity: str
+    code: str
+    message: str
 
 
 _OVERFLOW = object()

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shoal.model import mesh, problems, proxy
-from shoal.xds import status
+from shoal.xds import server, status
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,8 @@ class Facts:
     # Seconds each proxy's clock is ahead of the control plane's (negative:
     # behind), where its spans tell.
     clock_offsets: Mapping[str, float] = field(default_factory=dict)
+    # Streams the xDS server refused lately (server.MAX_REFUSALS at most).
+    refusals: tuple[server.Refusal, ...] = ()
 
     def proxies_of(self, key: mesh.ServiceKey) -> list[ProxyFacts]:
         """Local sidecars that say they serve the Service `key`."""

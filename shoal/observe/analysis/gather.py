@@ -71,5 +71,6 @@ async def live(
         changed_at=ctl.changed_at_wall,
         injection_webhook=injection_webhook(),
         stats=stats,
+        refusals=tuple(ads.refusals.values()),
         clock_offsets=clock_offsets(),
     )

@@ -13,6 +13,7 @@ from shoal.observe.analysis import (
     policy,
     proxies,
     routes,
+    streams,
 )
 
 Analyzer = Callable[[facts.Facts], Iterable[problems.Problem]]
@@ -24,6 +25,7 @@ ANALYZERS: tuple[Analyzer, ...] = (
     policy.analyze,
     injection.analyze,
     proxies.analyze,
+    streams.analyze,
 )
 
 
