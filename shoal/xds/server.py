@@ -905,10 +905,36 @@ class AdsServer:
             state.acked_version = view.version
             return False
         state.told_absent |= absent | (frozenset(diff.removed) & state.names)
+        if state.type_url == resources.CLUSTER:
+            self._resend_endpoints_of_updated(conn, state, diff)
         nonce = str(next(conn.nonces))
         body = wire.delta_response(view.version, diff.encoded, state.type_url, removed, nonce)
         await self._write(conn, state, view, nonce, body, len(diff.changed), context)
         return True
+
+    @staticmethod
+    def _resend_endpoints_of_updated(conn: Connection, clusters: TypeState, diff: Diff) -> None:
+        """Delta: an updated cluster warms again, and warms only on a
+        ClusterLoadAssignment, which Envoy does not ask for again (it is
+        subscribed already). Unless sent, the cluster waits out the 15 s
+        initial fetch timeout with the old one serving (go-control-plane
+        #1035). So the endpoints of every updated cluster count as not held,
+        and go out after it, changed or not. SotW needs nothing: Envoy asks
+        again for every name there."""
+        endpoints = conn.types.get(resources.ENDPOINT)
+        if endpoints is None or not endpoints.held.names:
+            return
+        held = clusters.held.names
+        subscribed = endpoints.held.names
+        again = {
+            name
+            for r in diff.changed
+            if r.name in held
+            for (t, name) in r.refs
+            if t == resources.ENDPOINT and name in subscribed
+        }
+        if again:
+            endpoints.held = _without(endpoints.held, again)
 
     async def _write(
         self,

@@ -312,6 +312,29 @@ async def test_one_endpoint_change_sends_one_assignment(port: int, registry_dir:
         assert len(proxy.log) == before + 1
 
 
+async def test_an_updated_cluster_gets_its_endpoints_again(port: int, registry_dir: Path) -> None:
+    """Envoy warms an updated cluster on a ClusterLoadAssignment and does
+    not ask for one again (it is subscribed): without one it waits out the
+    15 s initial fetch timeout. So the unchanged assignment follows the
+    changed cluster."""
+    async with delta_stream(port, make_node("cluster-update")) as client:
+        proxy = await connect_proxy(client)
+        outlier = "\n  annotations: {shoal.io/outlier: 'consecutive-5xx=3, ejection=10s, max-ejection=50%'}"
+        write(
+            registry_dir,
+            "alpha.yaml",
+            service_manifest("alpha", 9001).replace(
+                "namespace: default", f"namespace: default{outlier}", 1
+            ),
+        )
+        cds = await proxy.step()
+        assert cds.type_url == CDS and set(versions(cds)) == {ALPHA}, describe(cds)
+        eds = await proxy.step()
+        assert eds.type_url == EDS, describe(eds)
+        assert endpoint_ports(eds) == {ALPHA: {9001}}, "not the updated cluster's endpoints"
+        await client.expect_nothing()
+
+
 # -- 3. subscribe and unsubscribe by name ---------------------------------------
 
 
