@@ -312,17 +312,29 @@ def _shared_endpoints(state: mesh.MeshState) -> Iterator[problems.Problem]:
     port number do not conflict: each has its own cluster and, captured,
     its own filter chain. Nor does an endpoint one of whose ports is TCP:
     a captured Pod's proxy then passes the bytes as they come."""
+    # HTTP/2 ports are the rare ones: only their endpoints can conflict, so
+    # the hundred thousand endpoints of an HTTP/1.1 mesh are looked at only
+    # when one exists (0.5 s at 10,000 Services otherwise).
+    spoken_by_service: dict[mesh.ServiceKey, dict[str, tuple[str, mesh.Port]]] = {}
+    any_h2 = False
+    for key, service in state.services.items():
+        by_name = {p.name: (_spoken_as(p.protocol), p) for p in service.ports}
+        spoken_by_service[key] = by_name
+        any_h2 = any_h2 or any(spoken == "h2" for spoken, _ in by_name.values())
+    if not any_h2:
+        return
     first: dict[tuple[str, int], dict[str, _Use]] = {}
     for key, endpoints in state.endpoints.items():
-        service = state.services.get(key)
-        if service is None:
+        served = state.services.get(key)
+        if served is None:
             continue
-        by_name = {p.name: p for p in service.ports}
+        by_name = spoken_by_service[key]
         for e in endpoints:
-            port = by_name.get(e.port_name)
-            if port is not None:
+            found = by_name.get(e.port_name)
+            if found is not None:
+                spoken, port = found
                 users = first.setdefault((e.address, e.port), {})
-                users.setdefault(_spoken_as(port.protocol), (service, port))
+                users.setdefault(spoken, (served, port))
     # Each pair of Service ports that share endpoints, once, with those endpoints.
     shared: dict[tuple[_Use, _Use], list[tuple[str, int]]] = {}
     for address, users in first.items():
