@@ -55,6 +55,12 @@ system:
 	  echo "installing prometheus (Debian package) for the dashboard's Prometheus tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	fi
+	@# Debian's gcc, which builds the library that shifts one Envoy's clock in
+	@# the clock-skew test (Debian's libfaketime deadlocks in Envoy's tcmalloc).
+	@if ! command -v cc >/dev/null; then \
+	  echo "installing gcc (Debian package) for the clock-skew test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python bench/translate.py

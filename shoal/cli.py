@@ -35,8 +35,9 @@ from shoal.injector import patch as injector_patch
 from shoal.injector import settings as injector_settings
 from shoal.injector import webhook
 from shoal.injector import workloads as injector_workloads
-from shoal.model import mesh, proxy
+from shoal.model import mesh, problems, proxy
 from shoal.observe import admin, metrics, traces
+from shoal.observe import describe as observe_describe
 from shoal.observe import reports as observe_reports
 from shoal.observe.analysis import facts as analysis_facts
 from shoal.observe.analysis import gather as analysis_gather
@@ -45,9 +46,10 @@ from shoal.observe.analysis import show as analysis_show
 from shoal.observe.dashboard import launch as dashboard_launch
 from shoal.observe.dashboard import prometheus as dashboard_prometheus
 from shoal.observe.dashboard import server as dashboard_server
+from shoal.registry import events as registry_events
 from shoal.registry import files, kubernetes, routestatus
 from shoal.sds import ca, join, operations, report, roots, rotation, tls, workloads
-from shoal.xds import cache, controller, csds, debounce, server, status
+from shoal.xds import cache, controller, csds, debounce, proxydiff, server, status
 from shoal.xds.translate import bootstrap as bootstrap_config
 
 log = logging.getLogger("shoal")
@@ -280,7 +282,9 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             reports["kubernetes"] = registry.health
         webhook_keeper: list[injector_bundle.CaBundle] = []
 
-        async def analysis_report() -> list[dict[str, str]]:
+        async def analysis_problems() -> list[problems.Problem]:
+            """Every analyzer over what the control plane knows now: what
+            /debug/problems shows, and the Events on Kubernetes objects."""
             found = await analysis_gather.live(
                 ctl.state,
                 tuple(registry.problems + ctl.problems),
@@ -288,8 +292,12 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 ctl,
                 debounce_max_s=options.debounce_max,
                 injection_webhook=lambda: webhook_keeper[0].installed if webhook_keeper else None,
+                clock_offsets=span_store.clock_offsets,
             )
-            return [p.as_dict() for p in analysis_run.analyze(found)]
+            return analysis_run.analyze(found)
+
+        async def analysis_report() -> list[dict[str, str]]:
+            return [p.as_dict() for p in await analysis_problems()]
 
         actions: dict[str, admin.Action] = {}
         background = await stack.enter_async_context(tasks.Tasks())
@@ -377,6 +385,13 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                     reports=reports,
                     queries={
                         "config_dump": lambda q: status.config_dump_of(ads, q),
+                        "proxy_diff": lambda q: proxydiff.diff_of(ads, q),
+                        "describe": lambda q: observe_describe.service_of(
+                            ctl.state,
+                            q,
+                            analysis_gather.proxies(ads, ctl),
+                            certificates.trust_domain if certificates is not None else None,
+                        ),
                         "identities": lambda q: observe_reports.identities(ctl.state, q),
                         "traces": span_store.query_list,
                         "traces/{trace_id}": span_store.query_one,
@@ -428,6 +443,17 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             )
             reports["route_status"] = lambda: {"last": writer.last}
             running.start(writer.run(), "route-status")
+            # The problems that name Kubernetes objects, as Events on them.
+            problem_events = registry_events.ProblemEvents(
+                kube_api,
+                analysis_problems,
+                kube.Lease(
+                    kube_api, kube_api.server.namespace, registry_events.LEASE, _replica_name()
+                ),
+                instance=_replica_name(),
+            )
+            reports["problem_events"] = lambda: {"last": problem_events.last}
+            running.start(problem_events.run(), "problem-events")
         yield ControlPlane(
             xds_port,
             admin_port,
@@ -755,8 +781,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         return 0
     s: proxy.Sidecar | proxy.CapturedSidecar
     if args.pod:
-        if not args.pod_uid:
-            print("shoal bootstrap: --pod needs --pod-uid", file=sys.stderr)
+        if not args.pod_uid or not args.pod_ip:
+            # The control plane refuses a Pod's proxy that does not say its
+            # address: it configures the Pod's ports on it.
+            print("shoal bootstrap: --pod needs --pod-uid and --pod-ip", file=sys.stderr)
             return 2
         s = proxy.CapturedSidecar(
             namespace=args.namespace,
@@ -1038,13 +1066,40 @@ def _safe_cells(cells: list[str]) -> list[str]:
 
 
 def cmd_proxy_status(args: argparse.Namespace) -> int:
+    """The table; with a proxy named, its row and then what it holds against
+    what the control plane wants it to have, type by type."""
     proxies: list[dict[str, Any]] = _fetch(args.admin, "/debug/syncz")
     if args.proxy:
-        proxies = [p for p in proxies if args.proxy in p["id"]]
+        proxies = [
+            p
+            for p in proxies
+            if args.proxy in p["id"] and (not args.identity or p.get("identity") == args.identity)
+        ]
         if not proxies:
             print(f"shoal: no connected proxy {args.proxy!r}", file=sys.stderr)
             return 1
     print(format_proxy_status(proxies))
+    if args.proxy:
+        exact = [p for p in proxies if p["id"] == args.proxy]
+        named = sorted({(p["id"], p.get("identity") or "") for p in exact or proxies})
+        if len(named) > 1:
+            # A part of an id that several proxies share filters the table;
+            # what one holds is shown for one only.
+            print(
+                terminal.printable(
+                    f"\n{len(named)} proxies match {args.proxy!r}: name one (or give "
+                    "--identity) to see what it holds against what it should",
+                    1000,
+                )
+            )
+        else:
+            ((proxy_id, identity),) = named
+            query = urllib.parse.urlencode(
+                {"proxy": proxy_id, **({"identity": identity} if identity else {})}
+            )
+            found: dict[str, Any] = _fetch(args.admin, f"/debug/proxy_diff?{query}")
+            print()
+            print(terminal.lines(proxydiff.text(found)))
     stale = any(x["status"] in ("NACKED",) for p in proxies for x in p["types"])
     return 1 if stale else 0
 
@@ -1567,7 +1622,7 @@ def _bootstrap_command(sub: Any) -> None:
         "inbound 15006): needs --pod-uid; --service and --app-port are not used",
     )
     boot.add_argument("--pod-uid", metavar="UID", help="with --pod: the Pod's metadata.uid")
-    boot.add_argument("--pod-ip", metavar="IP", help="with --pod: the Pod's IP")
+    boot.add_argument("--pod-ip", metavar="IP", help="with --pod: the Pod's IP (required)")
     boot.add_argument("--node-id", help="default sidecar~NS~SERVICE-INBOUNDPORT")
     boot.add_argument("--state-dir", default=".shoal")
     boot.add_argument(
@@ -1589,7 +1644,18 @@ def _bootstrap_command(sub: Any) -> None:
 def _proxy_status_command(sub: Any) -> None:
     """`shoal proxy-status`."""
     ps = sub.add_parser("proxy-status", help="every connected proxy's sync state per xDS type")
-    ps.add_argument("proxy", nargs="?", help="only this proxy (its id, or part of it)")
+    ps.add_argument(
+        "proxy",
+        nargs="?",
+        help="only this proxy (its id, or part of it naming one proxy), and what it holds "
+        "against what the control plane wants it to have: per type Match or Don't Match, "
+        "the resources added, removed and changed, and a diff of a changed one",
+    )
+    ps.add_argument(
+        "--identity",
+        metavar="NS/SA",
+        help="the proxy of this identity, where proxies of several identities use one node id",
+    )
     _admin_flag(ps)
     ps.set_defaults(func=cmd_proxy_status)
 
@@ -1633,6 +1699,38 @@ def _analyze_command(sub: Any) -> None:
     )
     _admin_flag(analyze)
     analyze.set_defaults(func=cmd_analyze)
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """One screen about one Service, from the control plane's reports."""
+    key = urllib.parse.urlencode({"service": f"{args.namespace}/{args.name}"})
+    found: dict[str, Any] = _fetch(args.admin, f"/debug/describe?{key}")
+    every_problem: list[dict[str, str]] = _fetch(args.admin, "/debug/problems")
+    service = mesh.ServiceKey(args.namespace, args.name)
+    concerning = [p for p in every_problem if observe_describe.concerns(p, service)]
+    print(observe_describe.text(found, concerning))
+    return 0
+
+
+def _describe_command(sub: Any) -> None:
+    """`shoal describe service`."""
+    describe = sub.add_parser(
+        "describe",
+        help="one screen about one Service: endpoints, identities, proxies, routes, policies, "
+        "problems",
+    )
+    kinds = describe.add_subparsers(dest="kind", required=True)
+    service = kinds.add_parser(
+        "service",
+        help="its ports, endpoints and the identities callers verify, the proxies that serve "
+        "it and their sync state, its routing, who may call it, and the problems that name it",
+    )
+    service.add_argument("name", help="the Service's name")
+    service.add_argument(
+        "-n", "--namespace", default="default", help="its namespace (default: default)"
+    )
+    _admin_flag(service)
+    service.set_defaults(func=cmd_describe)
 
 
 def _ca_commands(sub: Any) -> None:
@@ -1950,6 +2048,7 @@ def parser() -> argparse.ArgumentParser:
     _proxy_status_command(sub)
     _config_dump_command(sub)
     _analyze_command(sub)
+    _describe_command(sub)
     _ca_commands(sub)
     _demo_command(sub)
     _dashboard_command(sub)

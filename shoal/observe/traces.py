@@ -10,6 +10,13 @@ The store holds at most `max_spans` spans and `max_bytes` bytes of them
 (each span counted as its JSON), whichever is reached first; to make room,
 whole traces go, oldest first (by when their first span arrived), so a
 trace is never shown with half its spans.
+
+Spans also tell each proxy's clock: a span's end is stamped by the proxy's
+clock and its arrival by the control plane's, so their difference is the
+proxy's offset minus the time the span waited to be sent (Envoy flushes
+every few seconds). `clock_offsets` gives, per proxy (the `node_id` tag
+Envoy puts on every span), the difference of its latest report's freshest
+span: at most that wait off, and never off by more.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import logging
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +45,19 @@ DEFAULT_LIMIT = 20
 MAX_LIMIT = 1000
 
 _HEX = re.compile(r"^[0-9a-f]{16}([0-9a-f]{16})?\Z")
+
+# The tag Envoy's tracer puts on every span: the reporting proxy's node id.
+NODE_ID_TAG = "node_id"
+# Proxies whose clock is remembered; beyond, the least recently heard goes.
+MAX_CLOCKS = 10_000
+# A clock reading older than this says nothing about the proxy's clock now.
+CLOCK_MEMORY_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Clock:
+    offset_s: float  # the proxy's clock minus the control plane's, less the span's wait
+    read_at: float  # the control plane's time.time() when the report arrived
 
 
 @dataclass
@@ -89,6 +110,18 @@ def _clean(span: Any) -> dict[str, Any] | None:
     return out
 
 
+def _read_clock(span: Mapping[str, Any], arrived: float, freshest: dict[str, float]) -> None:
+    """Keep, per reporting proxy, the span of this report that ended last by
+    its clock: the one that waited least, so its difference says most."""
+    node = (span.get("tags") or {}).get(NODE_ID_TAG)
+    if not node or "timestamp" not in span:
+        return
+    ended = (span["timestamp"] + span.get("duration", 0)) / 1e6
+    offset = ended - arrived
+    if offset > freshest.get(node, float("-inf")):
+        freshest[node] = offset
+
+
 def service_of(span: Mapping[str, Any]) -> str:
     endpoint = span.get("localEndpoint") or {}
     name = endpoint.get("serviceName", "")
@@ -108,18 +141,23 @@ class SpanStore:
         self.bytes = 0
         self.evicted_traces = 0
         self.rejected_spans = 0
+        self._clocks: collections.OrderedDict[str, _Clock] = collections.OrderedDict()
 
-    def add(self, spans: Any) -> int:
-        """Store a report (a list of spans); returns how many were kept.
+    def add(self, spans: Any, *, arrived_at: float | None = None) -> int:
+        """Store a report (a list of spans) that arrived at `arrived_at`
+        (time.time(), now by default); returns how many were kept.
         Malformed spans are counted and skipped, not fatal to the rest."""
         if not isinstance(spans, list):
             raise ValueError("a report is a JSON list of spans")
+        arrived = time.time() if arrived_at is None else arrived_at
+        freshest: dict[str, float] = {}
         kept = 0
         for raw in spans:
             span = _clean(raw)
             if span is None:
                 self.rejected_spans += 1
                 continue
+            _read_clock(span, arrived, freshest)
             size = len(json.dumps(span, separators=(",", ":")))
             if size > self.max_bytes:
                 self.rejected_spans += 1
@@ -141,7 +179,24 @@ class SpanStore:
             self.spans += 1
             kept += 1
             self._evict(keep=span["traceId"])
+        for node, offset in freshest.items():
+            self._clocks[node] = _Clock(offset, arrived)
+            self._clocks.move_to_end(node)
+        while len(self._clocks) > MAX_CLOCKS:
+            self._clocks.popitem(last=False)
         return kept
+
+    def clock_offsets(self, now: float | None = None) -> dict[str, float]:
+        """Seconds each proxy's clock is ahead of this one's (negative:
+        behind), by node id, from the spans it reported in the last
+        CLOCK_MEMORY_S; a reading is low by the time its span waited to be
+        sent, a few seconds at most."""
+        now = time.time() if now is None else now
+        return {
+            node: clock.offset_s
+            for node, clock in self._clocks.items()
+            if now - clock.read_at <= CLOCK_MEMORY_S
+        }
 
     def _evict(self, keep: str) -> None:
         while (self.spans > self.max_spans or self.bytes > self.max_bytes) and self._traces:

@@ -248,9 +248,7 @@ class AdsServer:
         self.connections: dict[int, Connection] = {}
         # The streams it refused lately, the newest last, one per (identity,
         # reason): a proxy that keeps retrying is one entry, not a flood.
-        self.refusals: collections.OrderedDict[tuple[str, str], Refusal] = (
-            collections.OrderedDict()
-        )
+        self.refusals: collections.OrderedDict[tuple[str, str], Refusal] = collections.OrderedDict()
         self.nacks_total = 0
         self.pushes_total = 0
         # Work shared by every stream that is in the same place: the same

@@ -25,11 +25,13 @@ Found = list[dict[str, str]]
 async def problems(cp: cli.ControlPlane) -> Found:
     """`/debug/problems` of the control plane, over its admin socket."""
     connector = aiohttp.UnixConnector(path=cp.admin_socket)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        async with session.get("http://shoal/debug/problems") as r:
-            assert r.status == 200, await r.text()
-            found: Found = await r.json()
-            return found
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get("http://shoal/debug/problems") as r,
+    ):
+        assert r.status == 200, await r.text()
+        found: Found = await r.json()
+        return found
 
 
 def of_code(found: Found, code: str, about: str = "") -> list[dict[str, str]]:

@@ -248,7 +248,8 @@ def test_a_broken_edit_keeps_the_files_last_good_objects(registry_dir: Path) -> 
     assert state.services[WEB].ports[0].port == 80
     assert state.services[mesh.ServiceKey("default", "api")].ports[0].port == 90
     assert [str(p) for p in registry.problems] == [
-        "web.yaml#1: Service default/web2: spec.ports[0].port must be an integer, got 'x'; the file's last good version stays in force"
+        "web.yaml#1: Service default/web2: spec.ports[0].port must be an integer, got 'x'; "
+        "the file's last good version stays in force"
     ]
     # Fixed: applies, and the problem is gone.
     write(registry_dir, "web.yaml", manifests.service("web", port=82))

@@ -319,7 +319,10 @@ async def test_an_updated_cluster_gets_its_endpoints_again(port: int, registry_d
     changed cluster."""
     async with delta_stream(port, make_node("cluster-update")) as client:
         proxy = await connect_proxy(client)
-        outlier = "\n  annotations: {shoal.io/outlier: 'consecutive-5xx=3, ejection=10s, max-ejection=50%'}"
+        outlier = (
+            "\n  annotations: "
+            "{shoal.io/outlier: 'consecutive-5xx=3, ejection=10s, max-ejection=50%'}"
+        )
         write(
             registry_dir,
             "alpha.yaml",
