@@ -10,7 +10,6 @@ analyzers fall back to what the configuration alone says.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from shoal.model import mesh, proxy
+from shoal.observe import peers
 from shoal.observe.analysis import facts
 from shoal.xds.translate import telemetry
 
@@ -42,14 +42,8 @@ FILTER = "|".join(f"(^{p})" for p in PATTERNS)
 TIMEOUT_S = 2.0
 
 
-def reachable(peer: str) -> bool:
-    """Whether a proxy whose xDS stream came from `peer` runs on this host."""
-    kind, _, rest = peer.partition(":")
-    host = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return kind == "unix"
+# Whether a proxy whose xDS stream came from a peer runs on this host.
+reachable = peers.on_this_host
 
 
 async def _read(session: aiohttp.ClientSession, port: int) -> dict[str, float] | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import secrets
 import time
@@ -33,7 +32,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from shoal.observe import admin
+from shoal.observe import admin, peers
 from shoal.observe.dashboard import graph, prometheus
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -83,15 +82,8 @@ class Upstream:
             await self._session.close()
 
 
-def loopback(peer: str) -> bool:
-    """Whether a gRPC peer string (`ipv4:127.0.0.1:5555`, `ipv6:[::1]:5`)
-    is this host: only then is a sidecar's admin at 127.0.0.1 here too."""
-    kind, _, rest = peer.partition(":")
-    host = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return kind == "unix"
+# Whether a proxy's admin page at 127.0.0.1 is this host's.
+loopback = peers.on_this_host
 
 
 async def _scrape(session: aiohttp.ClientSession, port: int) -> dict[str, Any] | None:
