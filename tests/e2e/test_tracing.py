@@ -332,3 +332,38 @@ async def test_an_external_zipkin_endpoint_receives_the_spans(
                 await local.close()
             finally:
                 local.kill_all()
+
+
+async def test_a_sampling_percentage_samples_that_share_of_requests(
+    control_plane: cli.ControlPlane, registry_dir: Path, local_mesh: mesh.LocalMesh
+) -> None:
+    """10 % samples about 10 %: Envoy draws a request's number modulo
+    10,000, so a route sampling expressed per million sampled everything
+    below 1 % of a million (a 1 % setting traced every request)."""
+    ports = {name: envoy.free_port() for name in ("caller", "web")}
+    sampled = '    shoal.io/trace-sampling: "10"\n'
+    for name, port in ports.items():
+        notes = sampled if name == "web" else ""
+        write(registry_dir, f"{name}.yaml", workload(name, f"{name}-sa", port, notes))
+    await caught_up(control_plane, registry_dir)
+    w = {
+        name: await local_mesh.add(
+            f"{name}-1",
+            namespace="default",
+            service=name,
+            inbound_port=port,
+            service_account=f"{name}-sa",
+        )
+        for name, port in ports.items()
+    }
+    stat = "http.outbound.tracing.random_sampling"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(400):
+            status, _ = await mesh.get(session, w["caller"], "web")
+            assert status == 200
+        admin = f"http://127.0.0.1:{w['caller'].envoy.admin_port}/stats"
+        async with session.get(admin, params={"filter": f"^{stat}$"}) as r:
+            counted = int((await r.text()).split(":")[1])
+    # Binomial(400, 0.1): mean 40, standard deviation 6; outside 15-80 is
+    # a chance below one in a million.
+    assert 15 <= counted <= 80, counted

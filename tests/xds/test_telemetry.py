@@ -15,6 +15,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.type.v3 import percent_pb2
 from google.protobuf import json_format
 
 from shoal import envoy
@@ -116,7 +117,9 @@ def test_sampling_is_the_services_else_the_meshs() -> None:
     ]
     assert web_routes
     for r in web_routes:
-        assert r.tracing.random_sampling.numerator == 1_000_000
+        # Per ten thousand: Envoy compares it with x-request-id modulo 10,000.
+        assert r.tracing.random_sampling.numerator == 10_000
+        assert r.tracing.random_sampling.denominator == percent_pb2.FractionalPercent.TEN_THOUSAND
 
 
 def _logs(manager: hcm_pb2.HttpConnectionManager) -> list[Any]:

@@ -158,9 +158,11 @@ def route_tracing(
 
 
 def _fraction(percent: float) -> percent_pb2.FractionalPercent:
-    # Route sampling is a fraction: per million keeps 0.0001 % steps.
+    # Per ten thousand, not per million: Envoy draws a request's sampling
+    # number as its x-request-id modulo 10,000, so over a million every
+    # request below 1 % of a million (10,000) is sampled: 1 % was 100 %.
     return percent_pb2.FractionalPercent(
-        numerator=round(percent * 10_000), denominator=percent_pb2.FractionalPercent.MILLION
+        numerator=round(percent * 100), denominator=percent_pb2.FractionalPercent.TEN_THOUSAND
     )
 
 
