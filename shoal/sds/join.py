@@ -167,7 +167,9 @@ class JoinTokens:
                 f"{len(self._tokens)} join tokens are outstanding, unused and unexpired "
                 "(the most kept at once); let some be used or expire"
             )
-        token = secrets.token_urlsafe(32)
+        # Hex, not URL-safe base64: one token in 64 of those begins with "-",
+        # which `shoal bootstrap --token T` reads as an option.
+        token = secrets.token_hex(32)
         self._tokens[_digest(token)] = _Token(namespace, service_account, self._clock() + ttl)
         return token
 

@@ -465,7 +465,11 @@ async function viewTraces() {
   const search = h("input", { type: "search", id: "trace-search", placeholder: "Search by trace id, service or operation", value: state.traceQuery,
     oninput: (ev) => { state.traceQuery = ev.target.value; rerender(true); } });
   const detail = h("div", { id: "trace-detail" });
-  if (!state.selectedTrace && shown.length) state.selectedTrace = shown[0].id;
+  // The waterfall follows the search: a trace it hides is not the one shown.
+  if (shown.length && !shown.some((t) => t.id === state.selectedTrace)) {
+    state.selectedTrace = shown[0].id;
+    state.selectedSpan = "";
+  }
   if (state.selectedTrace) loadTrace(state.selectedTrace, detail);
   return [
     header("Traces", "Requests followed across services, newest first. Choose one to see its spans as a waterfall."),
