@@ -284,6 +284,12 @@ class Fleet:
 
     async def connect(self, cmd: dict[str, Any]) -> dict[str, Any]:
         await self.close()
+        self.configure(cmd)
+        return await self.add(int(cmd["first"]), int(cmd["count"]), float(cmd["timeout"]))
+
+    def configure(self, cmd: dict[str, Any]) -> None:
+        """Where and how proxies connect from now on: `cmd`'s target, mode,
+        services, tls (PEM text or None) and floor."""
         self.target = cmd["target"]
         self.mode = cmd["mode"]
         self.services = int(cmd["services"])
@@ -301,22 +307,43 @@ class Fleet:
         if self.secrets:
             self.all_kinds |= KIND_BITS[wire.SDS]
         self.errors = []
-        first, count = int(cmd["first"]), int(cmd["count"])
-        self.proxies = [Proxy(self, i) for i in range(first, first + count)]
+
+    async def add(
+        self,
+        first: int,
+        count: int,
+        timeout: float,
+        make: Callable[[Fleet, int], Proxy] = Proxy,
+    ) -> dict[str, Any]:
+        """Connect proxies `first`..`first + count - 1` (`make` builds each),
+        leaving those already connected as they are, and wait until all of
+        them are connected or `timeout` seconds pass."""
+        added = [make(self, i) for i in range(first, first + count)]
+        self.proxies.extend(added)
         self._to_connect = count
         self._connected = asyncio.Event()
         if count == 0:
             self._connected.set()
-        for p in self.proxies:
+        for p in added:
             p.task = asyncio.create_task(p.run())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), float(cmd["timeout"]))
-        done = [p.done_at for p in self.proxies if p.done_at]
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        done = [p.done_at for p in added if p.done_at]
         return {
             "connected": len(done),
             "last_at": max(done, default=0.0),
             "errors": self.errors,
         }
+
+    async def remove(self, proxy: Proxy) -> None:
+        """End one proxy's stream and close its channel; the others stay."""
+        if proxy in self.proxies:
+            self.proxies.remove(proxy)
+        if proxy.task is not None:
+            proxy.task.cancel()
+            await asyncio.gather(proxy.task, return_exceptions=True)
+        if proxy.channel is not None:
+            await proxy.channel.close()
 
     def mark(self) -> dict[str, Any]:
         live = [p for p in self.proxies if p.done_at and not p.error]

@@ -101,3 +101,79 @@ def _credentials(folder: Path) -> grpc.ServerCredentials:
         root_certificates=(folder / "roots.pem").read_bytes(),
         require_client_auth=True,
     )
+
+
+class ReplayFloor:
+    """A bare grpc.aio server that hands a new stream a whole configuration
+    recorded from shoal: each subscription (a request without a response
+    nonce, of a type not yet answered on the stream) is answered with the
+    recorded response of its type, as bytes; ACKs are read and dropped.
+    Requests are parsed into the same messages shoal's server parses, so
+    what is left is gRPC, TLS, parsing and writing: what handing a proxy its
+    configuration would cost a server that had it ready."""
+
+    def __init__(self, bodies: dict[str, bytes]) -> None:
+        self._bodies = bodies
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        sotw = grpc.stream_stream_rpc_method_handler(
+            self._stream,
+            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            response_serializer=wire.identity,
+        )
+        delta = grpc.stream_stream_rpc_method_handler(
+            self._stream,
+            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+            response_serializer=wire.identity,
+        )
+        return grpc.method_handlers_generic_handler(
+            wire.ADS_SERVICE,
+            {wire.ADS_METHODS["sotw"]: sotw, wire.ADS_METHODS["delta"]: delta},
+        )
+
+    async def _stream(self, requests: AsyncIterator[Any], context: Any) -> None:
+        answered: set[str] = set()
+        async for request in requests:
+            type_url = request.type_url
+            if request.response_nonce or type_url in answered:
+                continue
+            body = self._bodies.get(type_url)
+            if body is not None:
+                answered.add(type_url)
+                await context.write(body)
+
+
+def write_bodies(folder: Path, bodies: dict[str, bytes]) -> Path:
+    """Recorded responses by type URL, for replay_main."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (type_url, body) in enumerate(sorted(bodies.items())):
+        (folder / f"{k}.type").write_text(type_url)
+        (folder / f"{k}.body").write_bytes(body)
+    return folder
+
+
+def read_bodies(folder: Path) -> dict[str, bytes]:
+    return {
+        t.read_text(): t.with_suffix(".body").read_bytes() for t in sorted(folder.glob("*.type"))
+    }
+
+
+async def replay_main(port: int, bodies: Path, tls: Path | None) -> None:
+    """A ReplayFloor of the responses in `bodies` (write_bodies), until
+    SIGINT or SIGTERM; `tls` as for floor_main."""
+    processes.raise_open_files()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((ReplayFloor(read_bodies(bodies)).handler(),))
+    address = f"127.0.0.1:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, _credentials(tls))
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"floor: listening on 127.0.0.1:{bound}", flush=True)
+    await stop.wait()
+    await server.stop(grace=0.5)

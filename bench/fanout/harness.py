@@ -80,11 +80,20 @@ class Shoal:
         return self.proc.pid
 
 
-async def start_shoal(registry: Path, logs: Path, args: argparse.Namespace) -> Shoal:
+async def start_shoal(
+    registry: Path,
+    logs: Path,
+    args: argparse.Namespace,
+    *,
+    log_level: str = "warning",
+    extra_env: dict[str, str] | None = None,
+) -> Shoal:
+    """`extra_env`: more environment for the server (MALLOC_* settings, or
+    FANOUT_* ones for instrumented_serve.py, which then runs it)."""
     xds, admin = processes.free_port(), processes.free_port()
     argv = [
         "--log-level",
-        "warning",
+        log_level,
         "serve",
         "--registry",
         str(registry),
@@ -101,7 +110,7 @@ async def start_shoal(registry: Path, logs: Path, args: argparse.Namespace) -> S
     ]
     if args.xds_security == "insecure":
         argv.append("--insecure-xds")
-    env: dict[str, str] = {}
+    env: dict[str, str] = dict(extra_env or {})
     events = None
     if args.tracemalloc:
         env["FANOUT_TRACEMALLOC"] = args.tracemalloc
@@ -111,7 +120,12 @@ async def start_shoal(registry: Path, logs: Path, args: argparse.Namespace) -> S
     if args.server_profile:
         env["FANOUT_PROFILE"] = args.server_profile
     python = processes.PYTHON
-    cmd = [python, str(INSTRUMENTED_SERVE), *argv] if env else [python, "-m", "shoal.cli", *argv]
+    instrumented = any(k.startswith("FANOUT_") for k in env)
+    cmd = (
+        [python, str(INSTRUMENTED_SERVE), *argv]
+        if instrumented
+        else [python, "-m", "shoal.cli", *argv]
+    )
     name = f"shoal-{registry.name}"
     proc, _ = await processes.start_process(cmd, logs, name, "shoal: xDS on", env)
     return Shoal(proc, xds, events, logs / f"{name}.err")

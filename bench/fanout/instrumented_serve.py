@@ -11,6 +11,14 @@ What it does is chosen by environment variables, each naming a file:
   rebuild or write; written on exit.
 * FANOUT_PROFILE: cProfile of the event loop thread, in its CPU time,
   switched on and off by SIGUSR2; pstats written on exit.
+* FANOUT_TIMED: the loop thread's CPU time (time.thread_time) spent in
+  each function named in FANOUT_TIMED_FUNCS ("module:Qualified.name", comma-
+  separated; synchronous functions and properties; a call inside a call of
+  the same function is not counted twice), and in garbage collections ("gc",
+  wall time), counted while switched on by SIGUSR2 (with FANOUT_PROFILE, the
+  same signal switches both); {name: [calls, seconds]} as JSON on exit.
+* FANOUT_MALLOC=glibc (not a file): glibc's own malloc settings, without
+  the tuning `shoal serve` does at start (shoal.heap.tune_malloc).
 
 It imports nothing of the benchmark's: as a script, its folder is first on
 sys.path.
@@ -21,6 +29,8 @@ from __future__ import annotations
 import cProfile
 import functools
 import gc
+import importlib
+import inspect
 import json
 import os
 import signal
@@ -30,7 +40,7 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-from shoal import cli
+from shoal import cli, heap
 from shoal.registry import files
 from shoal.xds import controller, server
 
@@ -134,10 +144,80 @@ def profile_on_sigusr2() -> cProfile.Profile:
     return profile
 
 
+class Timings:
+    """CPU time of the calling thread in chosen functions, while on."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.totals: dict[str, list[float]] = {}
+        self._depth: dict[str, int] = {}
+        self._gc_started = 0.0
+
+    def toggle(self) -> None:
+        self.on = not self.on
+
+    def wrap(self, spec: str) -> None:
+        """`spec`: "module:Qualified.name" of a function, method or property."""
+        module_name, _, qualified = spec.partition(":")
+        owner: Any = importlib.import_module(module_name)
+        *path, name = qualified.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = inspect.getattr_static(owner, name)
+        if isinstance(original, property):
+            assert original.fget is not None
+            wrapped: Any = property(self._timed(spec, original.fget), original.fset)
+        elif isinstance(original, staticmethod):
+            wrapped = staticmethod(self._timed(spec, original.__func__))
+        elif isinstance(original, classmethod):
+            wrapped = classmethod(self._timed(spec, original.__func__))
+        else:
+            if inspect.iscoroutinefunction(original):
+                raise ValueError(f"{spec}: a coroutine function's time is not its own")
+            wrapped = self._timed(spec, original)
+        setattr(owner, name, wrapped)
+
+    def _timed(self, spec: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        totals = self.totals.setdefault(spec, [0, 0.0])
+        depth = self._depth
+        depth[spec] = 0
+        clock = time.thread_time
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not self.on or depth[spec]:
+                return fn(*args, **kwargs)
+            depth[spec] += 1
+            started = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[1] += clock() - started
+                totals[0] += 1
+                depth[spec] -= 1
+
+        return wrapper
+
+    def count_collections(self) -> None:
+        totals = self.totals.setdefault("gc", [0, 0.0])
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                self._gc_started = time.perf_counter()
+            elif self.on and self._gc_started:
+                totals[0] += 1
+                totals[1] += time.perf_counter() - self._gc_started
+
+        gc.callbacks.append(on_gc)
+
+
 def main(argv: list[str]) -> int:
     tracemalloc_prefix = os.environ.get("FANOUT_TRACEMALLOC")
     events_file = os.environ.get("FANOUT_EVENTS")
     profile_file = os.environ.get("FANOUT_PROFILE")
+    timed_file = os.environ.get("FANOUT_TIMED")
+    if os.environ.get("FANOUT_MALLOC") == "glibc":
+        heap.tune_malloc = lambda **_: False
     if tracemalloc_prefix:
         snapshot_on_sigusr1(tracemalloc_prefix)
     events: list[Event] = []
@@ -147,12 +227,28 @@ def main(argv: list[str]) -> int:
         timed(controller.Controller, "rebuild", events)
         observe_writes(events)
     profile = profile_on_sigusr2() if profile_file else None
+    timings = Timings()
+    if timed_file:
+        for spec in filter(None, os.environ.get("FANOUT_TIMED_FUNCS", "").split(",")):
+            timings.wrap(spec.strip())
+        timings.count_collections()
+        toggle_profile = signal.getsignal(signal.SIGUSR2) if profile is not None else None
+
+        def toggle(signum: int, frame: Any) -> None:
+            timings.toggle()
+            if callable(toggle_profile):
+                toggle_profile(signum, frame)
+
+        signal.signal(signal.SIGUSR2, toggle)
     try:
         return cli.main(argv)
     finally:
         if profile is not None and profile_file:
             profile.disable()
             profile.dump_stats(profile_file)
+        if timed_file:
+            with open(timed_file, "w") as f:
+                json.dump(timings.totals, f)
         if events_file:
             with open(events_file, "w") as f:
                 json.dump(events, f)

@@ -66,6 +66,31 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+TICK_MS = 1000.0 / _TICK
+
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a process, all threads, in clock ticks (TICK_MS each)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]), int(fields[12])
+
+
+def threads_cpu_ns(pid: int) -> dict[int, tuple[str, int]]:
+    """Each live thread of a process: (name, nanoseconds on a CPU), from
+    /proc/PID/task/TID/schedstat (not rounded to clock ticks). A thread
+    that has exited is no longer counted: cpu_ticks() still is."""
+    found: dict[int, tuple[str, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ns = int((task / "schedstat").read_text().split()[0])
+            name = (task / "comm").read_text().strip()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it exited meanwhile
+        found[int(task.name)] = (name, ns)
+    return found
+
+
 class Children:
     """Every process this run starts; all are stopped at the end, whatever happens."""
 
