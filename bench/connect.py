@@ -111,7 +111,7 @@ TIMED = (
     "shoal.xds.server:AdsServer._waiting_for_subscription",
     "shoal.xds.server:AdsServer._absent",
     "shoal.xds.server:AdsServer._diff",
-    "shoal.xds.cache:View.encoded",
+    "shoal.xds.cache:View.chunks",
     "shoal.xds.cache:View.resources",
     "shoal.xds.wire:sotw_response",
     "shoal.xds.wire:delta_response",

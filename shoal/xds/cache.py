@@ -113,13 +113,17 @@ class View:
 
     @property
     def encoded(self) -> bytes:
-        """The `resources` fields of a state-of-the-world response. Kept for
-        a shared view; joined per send for a proxy's composite, whose copy
-        (hundreds of kilobytes with a thousand clusters) would otherwise
-        live as long as its stream."""
+        """The `resources` fields of a state-of-the-world response."""
+        return b"".join(self.chunks())
+
+    def chunks(self) -> tuple[bytes, ...]:
+        """`encoded` in pieces, each kept by a shared view: a response is
+        joined from them once (wire.sotw_response), and no proxy's
+        composite keeps a copy of its parts' bytes, which with ten thousand
+        clusters would be megabytes per stream."""
         if self.parts:
-            return b"".join(p.encoded for p in self.parts)
-        return self._own_encoded
+            return tuple(c for p in self.parts for c in p.chunks())
+        return (self._own_encoded,)
 
     @cached_property
     def _own_encoded(self) -> bytes:

@@ -203,11 +203,16 @@ class Diff:
     # A composite's diff is its parts' diffs, whose encodings are shared.
     pieces: tuple[Diff, ...] = ()
 
-    @functools.cached_property
-    def encoded(self) -> bytes:
-        """The `resources` fields of a delta response carrying `changed`."""
+    def chunks(self) -> tuple[bytes, ...]:
+        """The `resources` fields of a delta response carrying `changed`, in
+        pieces each kept once (by a shared part's diff), joined once into
+        the response."""
         if self.pieces:
-            return b"".join(p.encoded for p in self.pieces)
+            return tuple(c for p in self.pieces for c in p.chunks())
+        return (self._encoded,)
+
+    @functools.cached_property
+    def _encoded(self) -> bytes:
         if len(self.changed) == 1:
             return self.changed[0].delta_field  # the resource's own bytes, not a copy
         return b"".join(r.delta_field for r in self.changed)
@@ -837,7 +842,7 @@ class AdsServer:
         self, conn: Connection, state: TypeState, view: cache.View, context: Any
     ) -> None:
         nonce = str(next(conn.nonces))
-        body = wire.sotw_response(view.version, view.encoded, state.type_url, nonce)
+        body = wire.sotw_response(view.version, view.chunks(), state.type_url, nonce)
         await self._write(conn, state, view, nonce, body, len(view.resources), context)
 
     def _diff(self, held: cache.View, want: cache.View) -> Diff:
@@ -906,7 +911,7 @@ class AdsServer:
         if state.type_url == resources.CLUSTER:
             self._resend_endpoints_of_updated(conn, state, diff)
         nonce = str(next(conn.nonces))
-        body = wire.delta_response(view.version, diff.encoded, state.type_url, removed, nonce)
+        body = wire.delta_response(view.version, diff.chunks(), state.type_url, removed, nonce)
         await self._write(conn, state, view, nonce, body, len(diff.changed), context)
         return True
 
