@@ -250,7 +250,13 @@ class ResourceGroup:
         found = self._views.get((names,))
         if found is None:
             by_name = self._by_name
-            if len(names) > len(by_name):
+            if len(names) >= len(by_name) and names.issuperset(by_name.keys()):
+                # Asking for all of it (every endpoint of the clusters it
+                # holds, as a sidecar does): the view kept for the group's
+                # life, not one built anew, sorted and hashed, each time a
+                # proxy connects while no other holds that subscription.
+                found = self.view(None)
+            elif len(names) > len(by_name):
                 found = make_view(r for r in by_name.values() if r.name in names)
             else:
                 found = make_view(r for n in names if (r := by_name.get(n)) is not None)
