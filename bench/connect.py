@@ -102,9 +102,9 @@ TIMED = (
     "shoal.xds.generators:SidecarGenerator._own",
     "shoal.xds.identities:SecretGroups.group",  # holds _issue
     "shoal.sds.workloads:WorkloadCertificates._issue",
-    "shoal.xds.server:AdsServer._on_sotw_request",  # holds _check_names, _subscribe
+    "shoal.xds.server:AdsServer._on_sotw_request",  # holds _names_of, _subscribe
     "shoal.xds.server:AdsServer._on_delta_request",  # the same
-    "shoal.xds.server:_check_names",
+    "shoal.xds.server:_names_of",
     "shoal.xds.server:AdsServer._subscribe",
     "shoal.xds.server:AdsServer._desired",  # holds make_view (a view's first use)
     "shoal.xds.cache:make_view",

@@ -158,7 +158,7 @@ class UnionSet(AbstractSet[T]):
     answer for their parts, and per-proxy unions of a thousand names each
     would cost every stream tens of kilobytes."""
 
-    __slots__ = ("_parts",)
+    __slots__ = ("__weakref__", "_parts")
 
     def __init__(self, parts: tuple[AbstractSet[T], ...]) -> None:
         self._parts = tuple(p for p in parts if p)

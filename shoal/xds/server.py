@@ -270,6 +270,8 @@ class AdsServer:
         self._absents: memo.WeakMemo[frozenset[str]] = memo.WeakMemo()
         self._subscriptions: memo.Interned[frozenset[str]] = memo.Interned()
         self._wanted: memo.WeakMemo[frozenset[str]] = memo.WeakMemo()
+        self._wanted_unions: memo.WeakMemo[cache.UnionSet[str]] = memo.WeakMemo()
+        self._covered: memo.WeakMemo[bool] = memo.WeakMemo()
 
     def handler(self) -> grpc.GenericRpcHandler:
         sotw = grpc.stream_stream_rpc_method_handler(
@@ -535,15 +537,13 @@ class AdsServer:
 
     # -- requests ------------------------------------------------------------
 
-    def _subscribe(self, conn: Connection, state: TypeState, names: Collection[str]) -> None:
+    def _subscribe(self, conn: Connection, state: TypeState, names: frozenset[str]) -> None:
         """Make `names` what the stream subscribes to of the type, within its
         limits: one object per distinct subscription (a thousand sidecars
         asking for the same names share one set, and the views and diffs
         memoized on it are found by identity)."""
-        # Costed first: a request past the limit is refused before a set of
-        # its names is made.
         self._accounts.check(conn, accounts.names_cost(names) - state.names_cost)
-        wanted = self._subscriptions(names if isinstance(names, frozenset) else frozenset(names))
+        wanted = self._subscriptions(names)
         if wanted is not state.names:
             self._set_names(conn, state, wanted)
 
@@ -603,10 +603,12 @@ class AdsServer:
                 len(request.resource_names),
                 " (NACK)" if request.HasField("error_detail") else "",
             )
-        _check_names(request.resource_names)
+        # Read out of the message once: each read of a repeated string
+        # field makes every name anew, and a sidecar's EDS request (and each
+        # of its ACKs) names every cluster of the mesh.
+        names = _names_of(request.resource_names)
         if not self._serves(conn, type_url):
             return
-        names = request.resource_names
         # Legacy wildcard: an empty name list on LDS or CDS means everything.
         wildcard = type_url in resources.WILDCARD and (not names or "*" in names)
         state = conn.types.get(type_url)
@@ -627,13 +629,13 @@ class AdsServer:
                 return  # stale: answers a response that has been superseded
             self._on_answer(conn, state, request)
         state.wildcard = wildcard
-        if len(names) != len(state.names) or state.names != frozenset(names):
+        if names is not state.names and (len(names) != len(state.names) or names != state.names):
             self._subscribe(conn, state, names)
 
     def _on_delta_request(self, conn: Connection, request: Any) -> None:
         type_url = request.type_url
-        _check_names(request.resource_names_subscribe)
-        _check_names(request.resource_names_unsubscribe)
+        subscribe = _names_of(request.resource_names_subscribe)
+        unsubscribe = _names_of(request.resource_names_unsubscribe)
         if not self._serves(conn, type_url):
             return
         state = conn.types.get(type_url)
@@ -657,8 +659,6 @@ class AdsServer:
         # the ACK or NACK is tied to the latest response.
         if request.response_nonce and request.response_nonce == state.nonce:
             self._on_answer(conn, state, request)
-        subscribe = set(request.resource_names_subscribe)
-        unsubscribe = set(request.resource_names_unsubscribe)
         if "*" in subscribe:
             state.wildcard = True
         if "*" in unsubscribe:
@@ -759,11 +759,21 @@ class AdsServer:
             wanted = self._wanted_names(conn, t, snapshot)
             if not wanted:
                 continue
-            if st is None or not (st.wildcard or wanted <= st.names):
+            if st is None or not (st.wildcard or self._covers(st.names, wanted)):
                 return True
-            if not wanted <= st.held.names:
+            if not self._covers(st.held.names, wanted):
                 return True
         return False
+
+    def _covers(self, names: AbstractSet[str], wanted: AbstractSet[str]) -> bool:
+        """`wanted <= names`, worked out once per pair: both are shared (an
+        interned subscription, a view's names, the names a shared part
+        refers to), and every send to every stream asks again."""
+        key = (names, wanted)
+        found = self._covered.get(key)
+        if found is None:
+            found = self._covered.put(key, wanted <= names)
+        return found
 
     def _wanted_names(self, conn: Connection, t: str, snapshot: cache.Snapshot) -> AbstractSet[str]:
         """Names of type `t` that what the client holds refers to and that
@@ -792,7 +802,12 @@ class AdsServer:
                     found.append(names)
         if len(found) == 1:
             return found[0]
-        return cache.UnionSet(tuple(found))
+        # Kept while its parts are, so that it too is the same object
+        # send after send (see _covers).
+        union = self._wanted_unions.get(tuple(found))
+        if union is None:
+            union = self._wanted_unions.put(tuple(found), cache.UnionSet(tuple(found)))
+        return union
 
     async def _send_pending(self, conn: Connection, snapshot: cache.Snapshot, context: Any) -> None:
         held_back = False
@@ -1051,14 +1066,33 @@ def _identity(body: bytes) -> bytes:
     return body
 
 
-def _check_names(names: Collection[str]) -> None:
-    # In C (len, map, max): a request may carry a hundred thousand names.
+_NO_NAMES: frozenset[str] = frozenset()
+
+
+def _names_of(field: Collection[str]) -> frozenset[str]:
+    """The names of a repeated field, within the limits, as a set. Counted
+    before any is read, and each read once: the set shares the strings
+    whose lengths were checked."""
+    if not field:
+        return _NO_NAMES
+    _check_count(field)
+    listed = list(field)
+    _check_names(listed)
+    return frozenset(listed)
+
+
+def _check_count(names: Collection[str]) -> None:
     count = len(names)
     if count > MAX_NAMES:
         raise StreamError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"{count} resource names in one request (limit {MAX_NAMES})",
         )
+
+
+def _check_names(names: Collection[str]) -> None:
+    # In C (len, map, max): a request may carry a hundred thousand names.
+    _check_count(names)
     longest = max(map(len, names), default=0)
     if longest > MAX_NAME_LENGTH:
         raise StreamError(
