@@ -130,22 +130,6 @@ IDLE_WINDOW_S = 3.0
 # -- the client --------------------------------------------------------------
 
 
-class Recorded(clients.Proxy):
-    """A proxy that keeps what it was sent while connecting: the size of each
-    response, and the first response of each type (for the floor)."""
-
-    def __init__(self, fleet: clients.Fleet, index: int) -> None:
-        super().__init__(fleet, index)
-        self.sizes: list[tuple[str, int]] = []
-        self.bodies: dict[str, bytes] = {}
-
-    def _received(self, type_url: str, body: bytes) -> None:
-        if not self.done_at:
-            self.sizes.append((type_url, len(body)))
-            self.bodies.setdefault(type_url, body)
-        super()._received(type_url, body)
-
-
 # -- readings of the server ----------------------------------------------------
 
 
@@ -327,7 +311,7 @@ async def series(
                     disconnects.append(spent(pid, before, read(pid)))
             before = read(pid)
             started = time.monotonic()
-            reply = await fleet.add(i, 1, CONNECT_TIMEOUT_S, make=Recorded)
+            reply = await fleet.add(i, 1, CONNECT_TIMEOUT_S, make=clients.Recorded)
             if reply["connected"] != 1:
                 row.errors.append(f"proxy {i} did not connect: {reply['errors'][:3]}")
                 break
@@ -335,7 +319,7 @@ async def series(
             await asyncio.sleep(args.settle)
             after = read(pid)
             proxy = fleet.proxies[-1]
-            assert isinstance(proxy, Recorded)
+            assert isinstance(proxy, clients.Recorded)
             if counted:
                 measured.append(spent(pid, before, after))
                 walls.append(wall_ms)

@@ -202,6 +202,23 @@ class Proxy:
                 fleet.connected()
 
 
+class Recorded(Proxy):
+    """A proxy that keeps what it was sent while connecting: the size of each
+    response, and the first response of each type (for a floor that replays
+    them: see floor.ReplayFloor)."""
+
+    def __init__(self, fleet: Fleet, index: int) -> None:
+        super().__init__(fleet, index)
+        self.sizes: list[tuple[str, int]] = []
+        self.bodies: dict[str, bytes] = {}
+
+    def _received(self, type_url: str, body: bytes) -> None:
+        if not self.done_at:
+            self.sizes.append((type_url, len(body)))
+            self.bodies.setdefault(type_url, body)
+        super()._received(type_url, body)
+
+
 class Fleet:
     """The proxies of one worker process, driven by commands on stdin."""
 

@@ -70,6 +70,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
     p.add_argument("--floor-body", help=argparse.SUPPRESS)
     p.add_argument("--floor-tls", help=argparse.SUPPRESS)
+    p.add_argument("--replay-server", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--replay-bodies", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     counts = args.proxies.split(",")
     if not all(c.strip().isdigit() and int(c) > 0 for c in counts):
@@ -88,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(clients.worker_main())
+        return 0
+    if args.replay_server is not None:
+        tls = Path(args.floor_tls) if args.floor_tls else None
+        asyncio.run(floor.replay_main(args.replay_server, Path(args.replay_bodies), tls))
         return 0
     if args.floor_server is not None:
         tls = Path(args.floor_tls) if args.floor_tls else None

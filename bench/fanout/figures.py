@@ -102,6 +102,10 @@ class Result:
     reconnect_all_s: float = math.nan
     reconnect_server_cpu_s: float = math.nan
     reconnect_client_cpu_s: float = math.nan
+    # The same storm against a server handing each proxy shoal's recorded
+    # configuration as ready bytes (floor.ReplayFloor).
+    floor_reconnect_all_s: float = math.nan
+    floor_reconnect_server_cpu_s: float = math.nan
     # CPU seconds the machine spent, while this proxy count ran, in processes
     # other than this benchmark and its children: more than a few seconds
     # means something else competed for the CPUs and the figures are off.

@@ -33,6 +33,7 @@ COLUMNS = (
     ("rss MiB", 7),
     ("KiB/stream", 10),
     ("reconnect s", 11),
+    ("floor reconn", 12),
 )
 
 
@@ -56,6 +57,7 @@ def print_row(r: figures.Result, header: bool) -> None:
         _f(r.rss_mb),
         _f(r.rss_per_stream_kb),
         _f(r.reconnect_all_s, 2),
+        _f(r.floor_reconnect_all_s, 2),
     )
     print(" ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, COLUMNS, strict=True)), flush=True)
     for e in r.errors:

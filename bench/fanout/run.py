@@ -15,8 +15,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from . import clients, figures, harness, mesh, processes, report
+from . import clients, figures, floor, harness, mesh, processes, report
 
 # Between pushes: more than the debounce's 1 s ceiling, so pushes never merge.
 PUSH_GAP_S = 1.2
@@ -62,8 +63,10 @@ async def measure_shoal(
     work: Path,
     timeout: float,
     tls: harness.Tls,
+    bodies: dict[str, bytes],
 ) -> bytes:
-    """Connect, push, reconnect; the bytes of one push, for the floor."""
+    """Connect, push, reconnect; the bytes of one push, for the floor, and
+    (into `bodies`) the responses a connecting proxy is handed, by type."""
     proxies = r.proxies
     registry = work / f"registry-{proxies}"
     registry.mkdir()
@@ -120,6 +123,10 @@ async def measure_shoal(
             await asyncio.sleep(PUSH_GAP_S)
         profile("push")
 
+        # What one proxy is handed on connect, for the floor's storm.
+        if not args.no_reconnect and not args.no_floor:
+            bodies.update(await record_configuration(target, proxies, setup, timeout))
+
         # Reconnect storm: every stream drops, every proxy comes back at once.
         if not args.no_reconnect:
             await workers.every({"op": "close"}, timeout)
@@ -142,6 +149,21 @@ async def measure_shoal(
     if server.events is not None:
         figures.attach_events(r, harness.server_events(server.events))
     return sample
+
+
+async def record_configuration(
+    target: str, index: int, setup: dict[str, Any], timeout: float
+) -> dict[str, bytes]:
+    """The responses one more proxy is handed as it connects, by type."""
+    fleet = clients.Fleet()
+    fleet.configure({**setup, "target": target})
+    try:
+        reply = await fleet.add(index, 1, timeout, make=clients.Recorded)
+        proxy = fleet.proxies[-1]
+        assert isinstance(proxy, clients.Recorded)
+        return proxy.bodies if reply["connected"] == 1 else {}
+    finally:
+        await fleet.close()
 
 
 async def measure_floor(
@@ -167,7 +189,7 @@ async def measure_floor(
     ]
     if tls.enabled:
         command += ["--floor-tls", str(tls.write_server(work / f"floor-tls-{r.proxies}"))]
-    floor, _ = await processes.start_process(
+    bare, _ = await processes.start_process(
         command,
         work,
         f"floor-{r.proxies}",
@@ -175,17 +197,17 @@ async def measure_floor(
     )
     try:
         await asyncio.sleep(SETTLE_S)
-        base_rss, _ = processes.rss_kib(floor.pid)
+        base_rss, _ = processes.rss_kib(bare.pid)
         setup = {"mode": args.mode, "services": args.services, "tls": tls.client(), "floor": True}
         _, connected, errors = await workers.connect(f"127.0.0.1:{port}", r.proxies, timeout, setup)
         if connected != r.proxies:
             _problem(r, f"floor: {connected} of {r.proxies} connected; {errors[:3]}")
         await asyncio.sleep(SETTLE_S)
-        rss, _ = processes.rss_kib(floor.pid)
+        rss, _ = processes.rss_kib(bare.pid)
         r.floor_rss_per_stream_kb = (rss - base_rss) / r.proxies
         for k in range(args.pushes):
             push, _ = await push_once(
-                workers, functools.partial(os.kill, floor.pid, signal.SIGUSR1), floor.pid
+                workers, functools.partial(os.kill, bare.pid, signal.SIGUSR1), bare.pid
             )
             r.floor_pushes.append(push)
             if push.missing:
@@ -193,7 +215,48 @@ async def measure_floor(
             await asyncio.sleep(0.3)
         await workers.every({"op": "close"}, timeout)
     finally:
-        await processes.CHILDREN.stop(floor)
+        await processes.CHILDREN.stop(bare)
+
+
+async def measure_floor_storm(
+    args: argparse.Namespace,
+    r: figures.Result,
+    workers: clients.Workers,
+    work: Path,
+    timeout: float,
+    bodies: dict[str, bytes],
+    tls: harness.Tls,
+) -> None:
+    """The reconnect storm's floor: every proxy connects at once to a bare
+    gRPC server that hands each the configuration recorded from shoal, as
+    ready bytes (floor.ReplayFloor)."""
+    port = processes.free_port()
+    command = [
+        processes.PYTHON,
+        str(processes.ENTRY),
+        "--replay-server",
+        str(port),
+        "--replay-bodies",
+        str(floor.write_bodies(work / f"replay-bodies-{r.proxies}", bodies)),
+    ]
+    if tls.enabled:
+        command += ["--floor-tls", str(tls.write_server(work / f"replay-tls-{r.proxies}"))]
+    replay, _ = await processes.start_process(
+        command, work, f"replay-{r.proxies}", "floor: listening"
+    )
+    try:
+        await asyncio.sleep(SETTLE_S)
+        setup = {"mode": args.mode, "services": args.services, "tls": tls.client(), "floor": False}
+        cpu0 = processes.cpu_s(replay.pid)
+        r.floor_reconnect_all_s, connected, errors = await workers.connect(
+            f"127.0.0.1:{port}", r.proxies, timeout, setup
+        )
+        r.floor_reconnect_server_cpu_s = processes.cpu_s(replay.pid) - cpu0
+        if connected != r.proxies:
+            _problem(r, f"floor storm: {connected} of {r.proxies} connected; {errors[:3]}")
+        await workers.every({"op": "close"}, timeout)
+    finally:
+        await processes.CHILDREN.stop(replay)
 
 
 def _problem(r: figures.Result, problem: str) -> None:
@@ -217,9 +280,12 @@ async def run_one(
     machine0, ours0 = processes.machine_cpu_s(), processes.own_cpu_s()
     workers = await clients.Workers.start(args.workers, work)
     try:
-        sample = await measure_shoal(args, r, workers, work, timeout, tls)
+        bodies: dict[str, bytes] = {}
+        sample = await measure_shoal(args, r, workers, work, timeout, tls, bodies)
         if not args.no_floor and sample:
             await measure_floor(args, r, workers, work, timeout, sample, tls)
+        if bodies:
+            await measure_floor_storm(args, r, workers, work, timeout, bodies, tls)
     finally:
         await workers.stop()
     # Every child has been waited for, so its CPU time is in own_cpu_s().
