@@ -3,6 +3,8 @@ every proxy of that identity and rebuilt when the certificate rotates."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 from shoal.model import mesh
@@ -30,16 +32,44 @@ class Identities(Protocol):
     def forget(self, namespace: str, service_account: str) -> None: ...
 
 
-class SecretGroups:
-    """The certificate and trust bundle of each identity in use."""
+# How long an identity's key and certificate outlive its last proxy: a
+# restarting Pod, or a sidecar whose stream broke, reconnects within it and
+# is handed the same certificate rather than a new key and signature (the
+# costliest part of a connect after TLS). A gone workload's key is dropped
+# then, and is never written anywhere.
+LINGER_S = 60.0
 
-    def __init__(self, identities: Identities) -> None:
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+Later = Callable[[float, Callable[[], None]], Cancellable]
+
+
+def call_later(delay: float, callback: Callable[[], None]) -> Cancellable:
+    return asyncio.get_running_loop().call_later(delay, callback)
+
+
+class SecretGroups:
+    """The certificate and trust bundle of each identity in use, and for
+    `linger` seconds after its last proxy went (`later` schedules that)."""
+
+    def __init__(
+        self, identities: Identities, *, linger: float = LINGER_S, later: Later = call_later
+    ) -> None:
         self.identities = identities
         # Per identity: the certificate and bundle its group was built from.
         self._groups: dict[mesh.Identity, tuple[bytes, bytes, cache.ResourceGroup]] = {}
         self._bundle: tuple[bytes, cache.Resource] | None = None
+        self._linger = linger
+        self._later = later
+        self._leaving: dict[mesh.Identity, Cancellable] = {}
 
     def group(self, identity: mesh.Identity) -> cache.ResourceGroup:
+        leaving = self._leaving.pop(identity, None)
+        if leaving is not None:
+            leaving.cancel()
         pair = self.identities.get(identity.namespace, identity.service_account)
         bundle = self.identities.trust_bundle()
         found = self._groups.get(identity)
@@ -56,7 +86,23 @@ class SecretGroups:
         return found[2]
 
     def forget(self, identity: mesh.Identity) -> None:
-        """No key material is kept for workloads that are gone."""
+        """The identity's last proxy went: its key goes after the linger,
+        unless a proxy of it connects before (see LINGER_S)."""
+        if identity in self._leaving:
+            return
+        if self._linger <= 0:
+            self._drop(identity)
+            return
+        try:
+            self._leaving[identity] = self._later(self._linger, lambda: self._drop(identity))
+        except RuntimeError:  # no event loop to wait in: drop it now
+            self._drop(identity)
+
+    def lingering(self) -> list[mesh.Identity]:
+        return list(self._leaving)
+
+    def _drop(self, identity: mesh.Identity) -> None:
+        self._leaving.pop(identity, None)
         self._groups.pop(identity, None)
         self.identities.forget(identity.namespace, identity.service_account)
 
