@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger("shoal")
 T = TypeVar("T")
@@ -43,3 +43,17 @@ class Tasks:
 
     async def __aexit__(self, *_: object) -> None:
         await self.stop()
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+# Runs a callback after a delay, cancellably: the event loop's call_later,
+# or a test's own clock.
+Later = Callable[[float, Callable[[], None]], Cancellable]
+
+
+def call_later(delay: float, callback: Callable[[], None]) -> Cancellable:
+    """On the running loop (RuntimeError without one)."""
+    return asyncio.get_running_loop().call_later(delay, callback)

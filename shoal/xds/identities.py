@@ -3,10 +3,9 @@ every proxy of that identity and rebuilt when the certificate rotates."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Protocol
 
+from shoal import tasks
 from shoal.model import mesh
 from shoal.xds import cache, resources
 from shoal.xds import shared as sharing
@@ -40,23 +39,16 @@ class Identities(Protocol):
 LINGER_S = 60.0
 
 
-class Cancellable(Protocol):
-    def cancel(self) -> None: ...
-
-
-Later = Callable[[float, Callable[[], None]], Cancellable]
-
-
-def call_later(delay: float, callback: Callable[[], None]) -> Cancellable:
-    return asyncio.get_running_loop().call_later(delay, callback)
-
-
 class SecretGroups:
     """The certificate and trust bundle of each identity in use, and for
     `linger` seconds after its last proxy went (`later` schedules that)."""
 
     def __init__(
-        self, identities: Identities, *, linger: float = LINGER_S, later: Later = call_later
+        self,
+        identities: Identities,
+        *,
+        linger: float = LINGER_S,
+        later: tasks.Later = tasks.call_later,
     ) -> None:
         self.identities = identities
         # Per identity: the certificate and bundle its group was built from.
@@ -64,7 +56,7 @@ class SecretGroups:
         self._bundle: tuple[bytes, cache.Resource] | None = None
         self._linger = linger
         self._later = later
-        self._leaving: dict[mesh.Identity, Cancellable] = {}
+        self._leaving: dict[mesh.Identity, tasks.Cancellable] = {}
 
     def group(self, identity: mesh.Identity) -> cache.ResourceGroup:
         leaving = self._leaving.pop(identity, None)

@@ -27,7 +27,7 @@ from cryptography import x509
 from envoy.service.discovery.v3 import discovery_pb2
 
 from shoal import spiffe, terminal
-from shoal.xds import accounts, cache, memo, resources, wire
+from shoal.xds import accounts, budget, cache, memo, resources, wire
 
 log = logging.getLogger(__name__)
 printable = terminal.printable
@@ -231,6 +231,7 @@ class AdsServer:
         trust_domain: str | None = None,
         limits: Limits = accounts.DEFAULT_LIMITS,
         still_trusted: Callable[[bytes], bool] | None = None,
+        write_budget: budget.WriteBudget | None = None,
     ) -> None:
         """With `trust_domain`, every stream must prove a workload identity
         of that domain with its client certificate (mutual TLS); without it,
@@ -246,6 +247,7 @@ class AdsServer:
         self.limits = limits
         self._still_trusted = still_trusted
         self._accounts = accounts.Accounts(limits, time.monotonic)
+        self.write_budget = write_budget if write_budget is not None else budget.WriteBudget()
         # Moves when what is trusted changes: a stream that waited for its
         # first request meanwhile is checked again.
         self._trust_generation = 0
@@ -856,9 +858,14 @@ class AdsServer:
     async def _send_sotw(
         self, conn: Connection, state: TypeState, view: cache.View, context: Any
     ) -> None:
-        nonce = str(next(conn.nonces))
-        body = wire.sotw_response(view.version, view.chunks(), state.type_url, nonce)
-        await self._write(conn, state, view, nonce, body, len(view.resources), context)
+        chunks = view.chunks()
+        grant = await self.write_budget.take(sum(map(len, chunks)))
+        try:
+            nonce = str(next(conn.nonces))
+            body = wire.sotw_response(view.version, chunks, state.type_url, nonce)
+            await self._write(conn, state, view, nonce, body, len(view.resources), context)
+        finally:
+            grant.release()
 
     def _diff(self, held: cache.View, want: cache.View) -> Diff:
         """What changes from `held` to `want`; done part by part when both
@@ -922,12 +929,17 @@ class AdsServer:
             state.held = view  # the same content under another version
             state.acked_version = view.version
             return False
-        state.told_absent |= absent | (frozenset(diff.removed) & state.names)
-        if state.type_url == resources.CLUSTER:
-            self._resend_endpoints_of_updated(conn, state, diff)
-        nonce = str(next(conn.nonces))
-        body = wire.delta_response(view.version, diff.chunks(), state.type_url, removed, nonce)
-        await self._write(conn, state, view, nonce, body, len(diff.changed), context)
+        chunks = diff.chunks()
+        grant = await self.write_budget.take(sum(map(len, chunks)))
+        try:
+            state.told_absent |= absent | (frozenset(diff.removed) & state.names)
+            if state.type_url == resources.CLUSTER:
+                self._resend_endpoints_of_updated(conn, state, diff)
+            nonce = str(next(conn.nonces))
+            body = wire.delta_response(view.version, chunks, state.type_url, removed, nonce)
+            await self._write(conn, state, view, nonce, body, len(diff.changed), context)
+        finally:
+            grant.release()
         return True
 
     @staticmethod
