@@ -90,6 +90,8 @@ class TypeState:
     # is charged to the stream (until the first response replaces it).
     announced: cache.View | None = None
     announced_cost: int = 0
+    # The inputs (see _send_pending) under which there was nothing to send.
+    settled: tuple[object, ...] = ()
 
     @property
     def in_flight(self) -> bool:
@@ -825,12 +827,27 @@ class AdsServer:
                 continue
             if held_back and type_url not in resources.WARMING:
                 continue
-            view = self._desired(conn, state, snapshot)
-            if view.version == state.nacked_version:
+            # Everything _desired and _absent read: a stream is woken for
+            # each push, write and ACK, and most wake-ups change nothing for
+            # most types (a push of endpoints leaves every other type's
+            # groups the same objects); those are passed over at once.
+            inputs = (
+                snapshot.groups.get(type_url),
+                state.names,
+                state.wildcard,
+                state.told_absent,
+                state.nacked_version,
+                state.held,
+                *(_held_of(conn, resources.later_than(type_url)) if state.wildcard else ()),
+            )
+            if state.settled == inputs:
                 continue
-            if view.version == state.held.version and not (
-                conn.delta and self._absent(state, view)
+            view = self._desired(conn, state, snapshot)
+            if view.version == state.nacked_version or (
+                view.version == state.held.version
+                and not (conn.delta and self._absent(state, view))
             ):
+                state.settled = inputs
                 continue
             if self._waiting_for_subscription(conn, type_url, snapshot):
                 return
@@ -1067,6 +1084,11 @@ def _node_id_problem(node_id: str, limit: int) -> str | None:
     if terminal.has_control(node_id):
         return f"node.id {printable(node_id)} has control characters"
     return None
+
+
+def _held_of(conn: Connection, types: Iterable[str]) -> tuple[cache.View | None, ...]:
+    """What the stream holds of `types` (see _held_refs)."""
+    return tuple(st.held if (st := conn.types.get(t)) is not None else None for t in types)
 
 
 def _without(view: cache.View, names: Iterable[str]) -> cache.View:
