@@ -65,6 +65,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--server-profile-phase", choices=("connect", "push", "reconnect"), default="push"
     )
+    p.add_argument(
+        "--malloc",
+        choices=("tuned", "glibc"),
+        default="tuned",
+        help="tuned: as shoal serve runs; glibc: without its malloc tuning",
+    )
     # Internal: the processes this script starts.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)

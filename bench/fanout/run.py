@@ -71,7 +71,8 @@ async def measure_shoal(
     registry = work / f"registry-{proxies}"
     registry.mkdir()
     mesh.write_manifests(registry, args.services)
-    server = await harness.start_shoal(registry, work, args)
+    extra_env = {"FANOUT_MALLOC": "glibc"} if args.malloc == "glibc" else {}
+    server = await harness.start_shoal(registry, work, args, extra_env=extra_env)
     target = f"127.0.0.1:{server.xds_port}"
     phase = args.server_profile_phase if args.server_profile else ""
 
