@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, Generic, Protocol, TypeVar
 
 log = logging.getLogger("shoal")
 T = TypeVar("T")
@@ -57,3 +57,53 @@ Later = Callable[[float, Callable[[], None]], Cancellable]
 def call_later(delay: float, callback: Callable[[], None]) -> Cancellable:
     """On the running loop (RuntimeError without one)."""
     return asyncio.get_running_loop().call_later(delay, callback)
+
+
+K = TypeVar("K")
+
+
+class Linger(Generic[K]):
+    """What is kept a while after its last user went: `leave(key)` drops it
+    (`drop(key)`) after `seconds`, unless `back(key)` comes first. At most
+    `most` keys linger; past that, one leaving is dropped at once, so a
+    client that churns through names cannot make memory pile up."""
+
+    def __init__(
+        self,
+        seconds: float,
+        drop: Callable[[K], None],
+        *,
+        most: int = 4096,
+        later: Later = call_later,
+    ) -> None:
+        self.seconds = seconds
+        self.most = most
+        self._drop = drop
+        self._later = later
+        self._leaving: dict[K, Cancellable] = {}
+
+    def __len__(self) -> int:
+        return len(self._leaving)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self._leaving))
+
+    def leave(self, key: K) -> None:
+        if key in self._leaving:
+            return
+        if self.seconds <= 0 or len(self._leaving) >= self.most:
+            self._drop(key)
+            return
+        try:
+            self._leaving[key] = self._later(self.seconds, lambda: self._expire(key))
+        except RuntimeError:  # no event loop to wait in: drop it now
+            self._drop(key)
+
+    def back(self, key: K) -> None:
+        timer = self._leaving.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, key: K) -> None:
+        if self._leaving.pop(key, None) is not None:
+            self._drop(key)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from shoal import tasks
 from shoal.model import mesh, proxy
 from shoal.xds import cache, identities, resources
 from shoal.xds import shared as sharing
@@ -28,21 +29,39 @@ class Unconfigurable(Exception):
     configuration)."""
 
 
+# How long a proxy's own resources outlive its stream: a proxy whose
+# stream broke (a control-plane restart elsewhere, a network blip) comes
+# back as the same node and finds them built.
+OWN_LINGER_S = 60.0
+
+
 class Own:
     """A proxy's own clusters and listeners, with what they were built from:
-    one entry per connected proxy, found by the proxy (a thousand
-    disconnecting must not each scan the others')."""
+    one entry per connected proxy (and, for a while, per one just gone),
+    found by the proxy (a thousand disconnecting must not each scan the
+    others')."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, linger: float = OWN_LINGER_S, later: tasks.Later = tasks.call_later
+    ) -> None:
         self._by_proxy: dict[proxy.Proxy, tuple[Any, OwnGroups]] = {}
+        self._leaving = tasks.Linger(linger, self._drop, later=later)
 
     def get(self, p: proxy.Proxy, inputs: Any, build: Callable[[], OwnGroups]) -> OwnGroups:
+        self._leaving.back(p)
         found = self._by_proxy.get(p)
         if found is None or found[0] != inputs:
             found = self._by_proxy[p] = (inputs, build())
         return found[1]
 
     def forget(self, p: proxy.Proxy) -> None:
+        """Its last stream went: dropped after the linger unless it is back."""
+        self._leaving.leave(p)
+
+    def __len__(self) -> int:
+        return len(self._by_proxy)
+
+    def _drop(self, p: proxy.Proxy) -> None:
         self._by_proxy.pop(p, None)
 
 

@@ -54,14 +54,10 @@ class SecretGroups:
         # Per identity: the certificate and bundle its group was built from.
         self._groups: dict[mesh.Identity, tuple[bytes, bytes, cache.ResourceGroup]] = {}
         self._bundle: tuple[bytes, cache.Resource] | None = None
-        self._linger = linger
-        self._later = later
-        self._leaving: dict[mesh.Identity, tasks.Cancellable] = {}
+        self._leaving = tasks.Linger(linger, self._drop, later=later)
 
     def group(self, identity: mesh.Identity) -> cache.ResourceGroup:
-        leaving = self._leaving.pop(identity, None)
-        if leaving is not None:
-            leaving.cancel()
+        self._leaving.back(identity)
         pair = self.identities.get(identity.namespace, identity.service_account)
         bundle = self.identities.trust_bundle()
         found = self._groups.get(identity)
@@ -80,21 +76,12 @@ class SecretGroups:
     def forget(self, identity: mesh.Identity) -> None:
         """The identity's last proxy went: its key goes after the linger,
         unless a proxy of it connects before (see LINGER_S)."""
-        if identity in self._leaving:
-            return
-        if self._linger <= 0:
-            self._drop(identity)
-            return
-        try:
-            self._leaving[identity] = self._later(self._linger, lambda: self._drop(identity))
-        except RuntimeError:  # no event loop to wait in: drop it now
-            self._drop(identity)
+        self._leaving.leave(identity)
 
     def lingering(self) -> list[mesh.Identity]:
         return list(self._leaving)
 
     def _drop(self, identity: mesh.Identity) -> None:
-        self._leaving.pop(identity, None)
         self._groups.pop(identity, None)
         self.identities.forget(identity.namespace, identity.service_account)
 
