@@ -221,6 +221,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             snapshots,
             debounce.Debouncer(options.debounce_quiet, options.debounce_max),
             certificates,
+            quiet_gc=keeper.paused,
         )
         if certificates is not None:
             certificates.on_change = lambda due: ctl.refresh(

@@ -49,6 +49,16 @@ def between(before: mesh.MeshState, after: mesh.MeshState) -> ChangeSet:
     most comparisons are by identity."""
     if before is after:
         return ChangeSet()
+    delta = after.changed_since(before)
+    if delta is not None:
+        # The registry said which keys: only those are compared.
+        return ChangeSet(
+            services=_among(delta.services, before.services, after.services),
+            endpoints=_among(delta.endpoints, before.endpoints, after.endpoints),
+            routes=_among(delta.routes, before.routes, after.routes),
+            namespaces=_among(delta.namespaces, before.namespaces, after.namespaces),
+            pods=_among(delta.pods, before.pods, after.pods),
+        )
     return ChangeSet(
         services=_differing(before.services, after.services),
         endpoints=_differing(before.endpoints, after.endpoints),
@@ -56,6 +66,18 @@ def between(before: mesh.MeshState, after: mesh.MeshState) -> ChangeSet:
         namespaces=_differing(before.namespaces, after.namespaces),
         pods=_differing(before.pods, after.pods),
     )
+
+
+def _among(
+    keys: frozenset[K], before: Mapping[K, object], after: Mapping[K, object]
+) -> frozenset[K]:
+    """Those of `keys` whose values differ (or that were added or removed)."""
+    out = set()
+    for key in keys:
+        old, new = before.get(key), after.get(key)
+        if old is not new and old != new:
+            out.add(key)
+    return frozenset(out)
 
 
 def _differing(before: Mapping[K, object], after: Mapping[K, object]) -> frozenset[K]:

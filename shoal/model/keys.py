@@ -7,7 +7,7 @@ them without importing each other.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CLUSTER_DOMAIN = "cluster.local"
 
@@ -60,6 +60,28 @@ def frozen_map(items: Mapping[str, str] | None = None) -> FrozenMap:
 class ServiceKey:
     namespace: str
     name: str
+    # Made once: keys are looked up in maps of ten thousand Services, several
+    # times per Service and push.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.namespace, self.name)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        # Identity first: maps keyed by the Services' own keys are looked up
+        # with those very objects.
+        if self is other:
+            return True
+        if not isinstance(other, ServiceKey):
+            return NotImplemented
+        return (
+            self._hash == other._hash
+            and self.namespace == other.namespace
+            and self.name == other.name
+        )
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"

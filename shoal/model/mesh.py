@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -219,6 +220,28 @@ class Pod:
 
 
 @dataclass(frozen=True, slots=True)
+class Delta:
+    """The keys in which a state differs from the one a registry built before
+    it: those added, removed or changed, as `changes.between` would find by
+    comparing every key. It names that state by its mappings (held, so that
+    they are the very objects); `prior` is the delta of that state in turn,
+    so a consumer that skipped states adds them up. Its own state's mappings
+    are named too: a copy of the state with other mappings
+    (`dataclasses.replace`) does not claim it."""
+
+    base: tuple[Mapping[object, object], ...]
+    own: tuple[int, ...]
+    services: frozenset[ServiceKey] = frozenset()
+    endpoints: frozenset[ServiceKey] = frozenset()
+    routes: frozenset[ServiceKey] = frozenset()
+    namespaces: frozenset[str] = frozenset()
+    pods: frozenset[tuple[str, str]] = frozenset()
+    prior: Delta | None = None
+    # How many deltas back `prior` reaches, bounded by the registry.
+    depth: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class MeshState:
     """One consistent view of the mesh. `version` grows with every change."""
 
@@ -232,6 +255,38 @@ class MeshState:
     # Pods by (namespace, name); only Kubernetes registries know them.
     pods: Mapping[tuple[str, str], Pod] = field(default_factory=dict)
     telemetry: Telemetry = Telemetry()
+    # What changed since the registry's previous state, where it knows.
+    delta: Delta | None = field(default=None, compare=False, repr=False)
+
+    def mappings(self) -> tuple[Mapping[object, object], ...]:
+        """The mappings a Delta describes, in its order."""
+        return (self.services, self.endpoints, self.routes, self.namespaces, self.pods)  # type: ignore[return-value]
+
+    def changed_since(self, before: MeshState) -> Delta | None:
+        """The keys that may differ from `before` (those that do, and where
+        states were skipped some that changed back), if this state's deltas
+        reach it; None when only a comparison of every key can tell."""
+        delta = self.delta
+        if delta is None or delta.own != tuple(map(id, self.mappings())):
+            return None
+        wanted = before.mappings()
+        found: list[Delta] = []
+        while delta is not None:
+            found.append(delta)
+            if all(map(operator.is_, delta.base, wanted)):
+                if len(found) == 1:
+                    return delta
+                return Delta(
+                    delta.base,
+                    found[0].own,
+                    frozenset().union(*(d.services for d in found)),
+                    frozenset().union(*(d.endpoints for d in found)),
+                    frozenset().union(*(d.routes for d in found)),
+                    frozenset().union(*(d.namespaces for d in found)),
+                    frozenset().union(*(d.pods for d in found)),
+                )
+            delta = delta.prior
+        return None
 
     def endpoints_of(self, key: ServiceKey, port: Port) -> tuple[Endpoint, ...]:
         """Endpoints serving `port`: matched by port name, as Kubernetes does."""

@@ -2,13 +2,20 @@
 
 Sources put and remove whole objects; `build` joins them (EndpointSlices to
 Services by label, endpoints to their Pods) and reports what does not join.
+
+A build redoes only what the objects put or removed since the last one
+touch: the store keeps each object's conversion and problems, each
+Service's scoped form, endpoints and route, and indexes from a Pod or a
+Service to the slices that name it, so that one annotation or one
+EndpointSlice of ten thousand costs a few lookups, not a pass over the mesh.
+The first build is the same code with every object changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from shoal.model import mesh, problems, routing
@@ -16,6 +23,7 @@ from shoal.registry import annotations as notes
 from shoal.registry import gatewayapi, manifests, trafficroute
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,16 +48,57 @@ class ObjectStore:
         # The Gateway API status of each HTTPRoute and GRPCRoute, by
         # (kind, namespace, name), as of the last build.
         self.route_status: dict[tuple[str, str, str], tuple[gatewayapi.ParentStatus, ...]] = {}
-        # Conversions of unchanged objects, by object identity: a change to
-        # one object of ten thousand converts one. The object is kept in the
-        # entry so that its id cannot be reused while the entry lives.
+        # Conversions made by `check`, by object identity, for the next
+        # build (the object is kept so that its id cannot be reused).
         self._converted: dict[int, tuple[manifests.KubeObject, object]] = {}
         self._joined: dict[int, tuple[manifests.KubeObject, _Joined]] = {}
-        self._scoped_memo: dict[int, tuple[mesh.Service, mesh.Service]] = {}
+
+        # -- what the last build left, for the next one to change --------------
+        # Keys put, removed or replaced since the last build.
+        self._dirty: set[tuple[str, str, str]] = set()
+        # The sources holding each key (several: the first by source wins).
+        self._holders: dict[tuple[str, str, str], set[str]] = {}
+        self._chosen: dict[tuple[str, str, str], Sourced] = {}
+        self._duplicates: dict[tuple[str, str, str], list[problems.Problem]] = {}
+        # Objects that could not be used, and the problems of Namespaces.
+        self._refused: dict[tuple[str, str, str], list[problems.Problem]] = {}
+        self._namespaces: dict[str, mesh.Namespace] = {}
+        self._accounts: set[tuple[str, str]] = set()
+        self._pods: dict[tuple[str, str], mesh.Pod] = {}
+        # Services as converted, then with their annotations applied (and
+        # the problems of that), with the source of each.
+        self._base: dict[mesh.ServiceKey, mesh.Service] = {}
+        self._sources: dict[mesh.ServiceKey, str] = {}
+        self._services: dict[mesh.ServiceKey, mesh.Service] = {}
+        self._scope_problems: dict[mesh.ServiceKey, list[problems.Problem]] = {}
+        # EndpointSlices: the object, the Service it names, what it joined
+        # to (its endpoints and the Pods it names) or its problem.
+        self._slices: dict[tuple[str, str, str], Sourced] = {}
+        self._slice_target: dict[tuple[str, str, str], mesh.ServiceKey] = {}
+        self._slice_joined: dict[tuple[str, str, str], tuple[manifests.KubeObject, _Joined]] = {}
+        self._slice_problems: dict[tuple[str, str, str], problems.Problem] = {}
+        # Which slices name a Service (existing or not) and a Pod.
+        self._slices_of: dict[mesh.ServiceKey, set[tuple[str, str, str]]] = {}
+        self._pod_slices: dict[tuple[str, str], set[tuple[str, str, str]]] = {}
+        self._endpoints: dict[mesh.ServiceKey, tuple[mesh.Endpoint, ...]] = {}
+        # Routes of the annotations, their problems, and the Services that
+        # have routing annotations (whose routes depend on other Services).
+        self._note_routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
+        self._route_problems: dict[mesh.ServiceKey, problems.Problem] = {}
+        self._routed: _Ordered[mesh.ServiceKey] = _Ordered()
+        self._traffic_items: dict[tuple[str, str, str], Sourced] = {}
+        self._gateway_items: dict[tuple[str, str, str], Sourced] = {}
+        self._touched: set[mesh.ServiceKey] = set()
+        # What the scope annotations are when a Service has none of them.
+        self._defaults: dict[str, object] | None = None
+        self._state = mesh.MeshState()
 
     def replace_source(self, source: str, objects: Iterable[Sourced]) -> None:
         """Set everything one source (a file, a watch) contributes, atomically."""
         objs = list(objects)
+        for key in self._by_source.get(source, {}):
+            self._unhold(source, key)
+        self._dirty.update(i.obj.key for i in self._twice.get(source, ()))
         if objs:
             # A file may define one object twice; the first one is used and
             # the second reported by `build`, so keep both here.
@@ -58,18 +107,32 @@ class ObjectStore:
                 by_key.setdefault(item.obj.key, item)
             self._by_source[source] = by_key
             self._twice[source] = [i for i in objs if by_key[i.obj.key] is not i]
+            for key in by_key:
+                self._holders.setdefault(key, set()).add(source)
+            self._dirty.update(by_key)
         else:
             self._by_source.pop(source, None)
             self._twice.pop(source, None)
 
     def put(self, source: str, item: Sourced) -> None:
         """Add or replace one object of a source (a watch event)."""
-        self._by_source.setdefault(source, {})[item.obj.key] = item
+        key = item.obj.key
+        self._by_source.setdefault(source, {})[key] = item
+        self._holders.setdefault(key, set()).add(source)
+        self._dirty.add(key)
 
     def remove(self, source: str, key: tuple[str, str, str]) -> None:
         objects = self._by_source.get(source)
-        if objects is not None:
-            objects.pop(key, None)
+        if objects is not None and objects.pop(key, None) is not None:
+            self._unhold(source, key)
+
+    def _unhold(self, source: str, key: tuple[str, str, str]) -> None:
+        holders = self._holders.get(key)
+        if holders is not None:
+            holders.discard(source)
+            if not holders:
+                del self._holders[key]
+        self._dirty.add(key)
 
     def check(self, obj: manifests.KubeObject) -> None:
         """What `manifests.check` says of one object (ManifestError if it
@@ -99,130 +162,373 @@ class ObjectStore:
         return sorted(self._by_source)
 
     def build(self) -> tuple[mesh.MeshState, list[problems.Problem]]:
+        dirty, self._dirty = self._dirty, set()
+        changed = _Changed()
+        # Objects defined twice are few; index them once per build.
+        twice: dict[tuple[str, str, str], dict[str, list[Sourced]]] = {}
+        for source, items in self._twice.items():
+            for item in items:
+                twice.setdefault(item.obj.key, {}).setdefault(source, []).append(item)
+        for key in self._in_order(dirty):
+            before = self._chosen.get(key)
+            after = self._choose(key, twice.get(key, {}))
+            if after is before:
+                continue
+            if before is not None:
+                self._drop(key, before, changed)
+            if after is not None:
+                self._add(key, after, changed)
+        for svc_key in changed.services:
+            self._service(svc_key, changed)
+        self._converted.clear()
+        for svc_key in changed.services_gone:
+            changed.slices.extend(sorted(self._slices_of.get(svc_key, ())))
+        for pod in changed.pods:
+            changed.slices.extend(sorted(self._pod_slices.get(pod, ())))
+        for slice_key in changed.slices:
+            self._slice(slice_key, changed)
+        self._joined.clear()
+        endpoints_order: Iterable[mesh.ServiceKey] = changed.endpoints
+        if len(changed.endpoints) > _FEW:
+            # In the order of their slices, as a build of everything has them.
+            by_slices = _Ordered[mesh.ServiceKey]()
+            by_slices.extend(
+                t
+                for k in sorted(self._slice_joined)
+                if (t := self._slice_target[k]) in changed.endpoints
+            )
+            by_slices.extend(changed.endpoints)
+            endpoints_order = by_slices
+        for svc_key in endpoints_order:
+            self._service_endpoints(svc_key)
+        rerouted: set[mesh.ServiceKey] = set()
+        if changed.services:
+            # A route checks that its backends exist: every routed Service's
+            # route is worked out again when any Service changed.
+            rerouted = set(changed.services) | set(self._routed)
+            for svc_key in [
+                *changed.services,
+                *(k for k in self._routed if k not in changed.services),
+            ]:
+                self._route(svc_key)
+
         found: list[problems.Problem] = []
-        chosen: dict[tuple[str, str, str], Sourced] = {}
-        for source in sorted(self._by_source):
-            for item in [*self._by_source[source].values(), *self._twice.get(source, ())]:
-                earlier = chosen.get(item.obj.key)
-                if earlier is not None:
-                    found.append(
-                        problems.Problem(
-                            item.source,
-                            str(item.obj),
-                            f"also defined in {earlier.source}; that one is used",
-                            "SHL0002",
-                        )
-                    )
-                    continue
-                chosen[item.obj.key] = item
-
-        services: dict[mesh.ServiceKey, mesh.Service] = {}
-        sources: dict[mesh.ServiceKey, str] = {}
-        namespaces: dict[str, mesh.Namespace] = {}
-        accounts: set[tuple[str, str]] = set()
-        pods: dict[tuple[str, str], mesh.Pod] = {}
-        slices: list[Sourced] = []
-        traffic_routes: list[Sourced] = []
-        gateway_routes: list[Sourced] = []
-        converted: dict[int, tuple[manifests.KubeObject, object]] = {}
-        for item in chosen.values():
-            obj = item.obj
-            try:
-                if obj.type == manifests.SERVICE:
-                    svc = self._convert(obj, manifests.to_service, converted)
-                    services[svc.key] = svc
-                    sources[svc.key] = item.source
-                elif obj.type == manifests.NAMESPACE:
-                    namespaces[obj.name] = self._namespace(item, found)
-                elif obj.type == manifests.SERVICE_ACCOUNT:
-                    accounts.add((obj.namespace, obj.name))
-                elif obj.type == manifests.POD:
-                    pods[(obj.namespace, obj.name)] = self._convert(
-                        obj, manifests.to_pod, converted
-                    )
-                elif obj.type == manifests.ENDPOINT_SLICE:
-                    slices.append(item)
-                elif obj.type == manifests.TRAFFIC_ROUTE:
-                    traffic_routes.append(item)
-                elif obj.type in manifests.GATEWAY_ROUTES:
-                    gateway_routes.append(item)
-            except manifests.ManifestError as err:
-                found.append(problems.Problem(item.source, str(obj), str(err), err.code))
-
-        endpoints: dict[mesh.ServiceKey, list[mesh.Endpoint]] = {}
-        joined: dict[int, tuple[manifests.KubeObject, _Joined]] = {}
-        for item in sorted(slices, key=lambda s: s.obj.key):
-            obj = item.obj
-            try:
-                key = mesh.ServiceKey(obj.namespace, manifests.slice_service(obj))
-                if key not in services:
-                    raise manifests.ManifestError(f"its Service {key} does not exist", "SHL0005")
-                endpoints.setdefault(key, []).extend(self._endpoints(obj, pods, joined))
-            except manifests.ManifestError as err:
-                found.append(problems.Problem(item.source, str(obj), str(err), err.code))
-        self._converted = converted
-        self._joined = joined
-
-        scoped_memo: dict[int, tuple[mesh.Service, mesh.Service]] = {}
-        for key, svc in list(services.items()):
-            memo = self._scoped_memo.get(id(svc))
-            if memo is not None and memo[0] is svc:
-                services[key] = memo[1]
-            else:
-                before = len(found)
-                services[key] = self._scoped(svc, sources[key], found)
-                if len(found) > before:
-                    continue  # a fallback to the last good value is not remembered
-            scoped_memo[id(svc)] = (svc, services[key])
-        self._scoped_memo = scoped_memo
-        routes = self._routes(services, sources, found)
-        self._traffic_routes(traffic_routes, services, routes, found)
-        self._gateway_routes(gateway_routes, services, routes, found)
+        services = dict(self._services)
+        routes = dict(self._note_routes)
+        # The Services and routes that TrafficRoutes and Gateway API routes
+        # change, now and at the last build: they may differ from the last.
+        touched: set[mesh.ServiceKey] = set()
+        self._traffic_routes(list(self._traffic_items.values()), services, routes, found, touched)
+        self._gateway_routes(list(self._gateway_items.values()), services, routes, found, touched)
+        touched, self._touched = touched | self._touched, touched
+        for listed in self._duplicates.values():
+            found.extend(listed)
+        for listed in self._refused.values():
+            found.extend(listed)
+        for listed in self._scope_problems.values():
+            found.extend(listed)
+        found.extend(self._slice_problems.values())
+        found.extend(self._route_problems.values())
 
         self._version += 1
-        state = mesh.MeshState(
+        last = self._state
+        self._state = state = mesh.MeshState(
             version=self._version,
             services=services,
-            endpoints={k: tuple(v) for k, v in endpoints.items()},
-            namespaces=namespaces,
-            service_accounts=frozenset(accounts),
+            # What did not change is the last state's very mapping.
+            endpoints=dict(self._endpoints) if changed.endpoints else last.endpoints,
+            namespaces=dict(self._namespaces) if changed.namespaces else last.namespaces,
+            service_accounts=(
+                frozenset(self._accounts) if changed.accounts else last.service_accounts
+            ),
             routes=routes,
-            pods=pods,
+            pods=dict(self._pods) if changed.pods else last.pods,
         )
+        if self._version > 1:
+            state = self._state = self._with_delta(
+                state,
+                last,
+                set(changed.services) | touched,
+                set(changed.endpoints),
+                rerouted | touched,
+                changed.namespace_names,
+                set(changed.pods),
+            )
         return state, sorted(found)
 
-    def _convert(
+    def _with_delta(
+        self,
+        state: mesh.MeshState,
+        last: mesh.MeshState,
+        services: set[mesh.ServiceKey],
+        endpoints: set[mesh.ServiceKey],
+        routes: set[mesh.ServiceKey],
+        namespaces: set[str],
+        pods: set[tuple[str, str]],
+    ) -> mesh.MeshState:
+        """The state, with the keys that differ from the last one: those of
+        the objects changed since that may differ, compared."""
+        prior = last.delta if last.delta is not None and last.delta.depth < _DELTAS else None
+        delta = mesh.Delta(
+            last.mappings(),
+            tuple(map(id, state.mappings())),
+            _differing(services, last.services, state.services),
+            _differing(endpoints, last.endpoints, state.endpoints),
+            _differing(routes, last.routes, state.routes),
+            _differing(namespaces, last.namespaces, state.namespaces),
+            _differing(pods, last.pods, state.pods),
+            prior,
+            prior.depth + 1 if prior is not None else 1,
+        )
+        return dataclasses.replace(state, delta=delta)
+
+    def _in_order(self, dirty: set[tuple[str, str, str]]) -> Iterable[tuple[str, str, str]]:
+        """The keys to redo, in their sources' order when there are many (a
+        first build, a file read again: the maps of the state then follow
+        the files), else by key; either way the same in every process."""
+        if len(dirty) <= _FEW:
+            return sorted(dirty)
+        order = dict.fromkeys(
+            k for source in sorted(self._by_source) for k in self._by_source[source] if k in dirty
+        )
+        order.update(dict.fromkeys(sorted(dirty - order.keys())))
+        return order
+
+    # -- one object ------------------------------------------------------------
+
+    def _choose(
+        self, key: tuple[str, str, str], twice: Mapping[str, list[Sourced]]
+    ) -> Sourced | None:
+        """The object of `key` the first source (by name) defines; every other
+        definition is a problem."""
+        holders = self._holders.get(key, set())
+        if len(holders) == 1 and not twice:
+            # Defined once (nearly every object): no duplicates to report.
+            (source,) = holders
+            self._duplicates.pop(key, None)
+            only = self._chosen[key] = self._by_source[source][key]
+            return only
+        chosen: Sourced | None = None
+        dropped: list[Sourced] = []
+        for source in sorted(holders | twice.keys()):
+            first = self._by_source[source].get(key) if source in holders else None
+            for item in [*((first,) if first is not None else ()), *twice.get(source, ())]:
+                if chosen is None:
+                    chosen = item
+                else:
+                    dropped.append(item)
+        if dropped and chosen is not None:
+            self._duplicates[key] = [
+                problems.Problem(
+                    item.source,
+                    str(item.obj),
+                    f"also defined in {chosen.source}; that one is used",
+                    "SHL0002",
+                )
+                for item in dropped
+            ]
+        else:
+            self._duplicates.pop(key, None)
+        if chosen is None:
+            self._chosen.pop(key, None)
+        else:
+            self._chosen[key] = chosen
+        return chosen
+
+    def _drop(self, key: tuple[str, str, str], item: Sourced, changed: _Changed) -> None:
+        """Take back what an object contributed."""
+        obj = item.obj
+        self._refused.pop(key, None)
+        if obj.type == manifests.SERVICE:
+            changed.services.add(mesh.ServiceKey(obj.namespace, obj.name))
+        elif obj.type == manifests.NAMESPACE:
+            self._namespaces.pop(obj.name, None)
+            changed.namespaces = True
+            changed.namespace_names.add(obj.name)
+        elif obj.type == manifests.SERVICE_ACCOUNT:
+            self._accounts.discard((obj.namespace, obj.name))
+            changed.accounts = True
+        elif obj.type == manifests.POD:
+            ref = (obj.namespace, obj.name)
+            pod = self._pods.pop(ref, None)
+            if pod is not None:
+                changed.pods.add(ref)
+                changed.pods_before.setdefault(ref, pod)
+        elif obj.type == manifests.ENDPOINT_SLICE:
+            self._slices.pop(key, None)
+            changed.slices.add(key)
+        elif obj.type == manifests.TRAFFIC_ROUTE:
+            self._traffic_items.pop(key, None)
+        elif obj.type in manifests.GATEWAY_ROUTES:
+            self._gateway_items.pop(key, None)
+
+    def _add(self, key: tuple[str, str, str], item: Sourced, changed: _Changed) -> None:
+        obj = item.obj
+        try:
+            if obj.type == manifests.SERVICE:
+                changed.services.add(mesh.ServiceKey(obj.namespace, obj.name))
+                changed.items[key] = item
+            elif obj.type == manifests.NAMESPACE:
+                changed.namespaces = True
+                changed.namespace_names.add(obj.name)
+                self._namespaces[obj.name] = self._namespace(
+                    item, self._refused.setdefault(key, [])
+                )
+                if not self._refused[key]:
+                    del self._refused[key]
+            elif obj.type == manifests.SERVICE_ACCOUNT:
+                self._accounts.add((obj.namespace, obj.name))
+                changed.accounts = True
+            elif obj.type == manifests.POD:
+                ref = (obj.namespace, obj.name)
+                pod = self._convert(obj, manifests.to_pod)
+                before = self._pods.get(ref) or changed.pods_before.get(ref)
+                if before is None or before != pod:
+                    self._pods[ref] = pod
+                    changed.pods.add(ref)
+                else:
+                    # The same Pod (a status field shoal does not read): the
+                    # very object stays, and nothing joined to it changes.
+                    changed.pods.discard(ref)
+                    self._pods[ref] = before
+            elif obj.type == manifests.ENDPOINT_SLICE:
+                self._slices[key] = item
+                changed.slices.add(key)
+            elif obj.type == manifests.TRAFFIC_ROUTE:
+                self._traffic_items[key] = item
+            elif obj.type in manifests.GATEWAY_ROUTES:
+                self._gateway_items[key] = item
+        except manifests.ManifestError as err:
+            self._refused[key] = [problems.Problem(item.source, str(obj), str(err), err.code)]
+
+    def _service(self, key: mesh.ServiceKey, changed: _Changed) -> None:
+        """Convert and scope a Service put, or forget one gone (or refused)."""
+        item = changed.items.get(("Service", key.namespace, key.name))
+        base: mesh.Service | None = None
+        if item is not None:
+            try:
+                base = self._convert(item.obj, manifests.to_service)
+            except manifests.ManifestError as err:
+                self._refused[item.obj.key] = [
+                    problems.Problem(item.source, str(item.obj), str(err), err.code)
+                ]
+        existed = key in self._services
+        if base is None or item is None:
+            self._base.pop(key, None)
+            self._sources.pop(key, None)
+            self._services.pop(key, None)
+            self._scope_problems.pop(key, None)
+            self._good_notes.pop(key, None)
+            self._good_routes.pop(key, None)
+            if existed:
+                changed.services_gone.add(key)
+            changed.endpoints.add(key)
+            return
+        old = self._base.get(key)
+        if old is not None and old == base and self._sources.get(key) == item.source:
+            return  # the same Service again: its scoped form and problems hold
+        scope_found: list[problems.Problem] = []
+        scoped = self._scoped(base, item.source, scope_found)
+        before = self._services.get(key)
+        if before is None:
+            # Keyed by the Service's own key object: translation looks it up
+            # by that, ten thousand times a push, found by identity.
+            key = scoped.key
+        elif before == scoped:
+            scoped = before
+        self._base[key], self._sources[key] = base, item.source
+        self._services[key] = scoped
+        if scope_found:
+            self._scope_problems[key] = scope_found
+        else:
+            self._scope_problems.pop(key, None)
+        if not existed:
+            # Its slices may join now.
+            changed.slices.extend(sorted(self._slices_of.get(key, ())))
+            changed.endpoints.add(key)
+
+    def _slice(self, key: tuple[str, str, str], changed: _Changed) -> None:
+        """Join one EndpointSlice to its Service and Pods again."""
+        target = self._slice_target.pop(key, None)
+        if target is not None:
+            changed.endpoints.add(target)
+            naming = self._slices_of.get(target)
+            if naming is not None:
+                naming.discard(key)
+                if not naming:
+                    del self._slices_of[target]
+        joined = self._slice_joined.pop(key, None)
+        if joined is not None:
+            self._unindex_pods(key, joined[1])
+        self._slice_problems.pop(key, None)
+        item = self._slices.get(key)
+        if item is None:
+            return
+        obj = item.obj
+        try:
+            target = mesh.ServiceKey(obj.namespace, manifests.slice_service(obj))
+            self._slice_target[key] = target
+            self._slices_of.setdefault(target, set()).add(key)
+            changed.endpoints.add(target)
+            if target not in self._services:
+                raise manifests.ManifestError(f"its Service {target} does not exist", "SHL0005")
+            found = self._join(obj, joined)
+            self._slice_joined[key] = (obj, found)
+            for ref, _ in found.pods:
+                self._pod_slices.setdefault(ref, set()).add(key)
+        except manifests.ManifestError as err:
+            self._slice_problems[key] = problems.Problem(item.source, str(obj), str(err), err.code)
+
+    def _join(
         self,
         obj: manifests.KubeObject,
-        convert: Callable[[manifests.KubeObject], T],
-        converted: dict[int, tuple[manifests.KubeObject, object]],
+        last: tuple[manifests.KubeObject, _Joined] | None,
+    ) -> _Joined:
+        """A slice's endpoints, joined to their Pods; redone only when the
+        slice or one of the Pods it names changed."""
+        pods = self._pods
+        for memo in (last, self._joined.get(id(obj))):
+            if (
+                memo is not None
+                and memo[0] is obj
+                and all(pods.get(ref) is info for ref, info in memo[1].pods)
+            ):
+                return memo[1]
+        eps = manifests.to_endpoints(obj, pods)
+        refs = {(obj.namespace, e.pod) for e in eps if e.pod}
+        return _Joined(eps, tuple((ref, pods.get(ref)) for ref in sorted(refs)))
+
+    def _unindex_pods(self, key: tuple[str, str, str], joined: _Joined) -> None:
+        for ref, _ in joined.pods:
+            naming = self._pod_slices.get(ref)
+            if naming is not None:
+                naming.discard(key)
+                if not naming:
+                    del self._pod_slices[ref]
+
+    def _service_endpoints(self, key: mesh.ServiceKey) -> None:
+        """A Service's endpoints: those of its slices that joined, by slice."""
+        parts = [
+            self._slice_joined[k][1].endpoints
+            for k in sorted(self._slices_of.get(key, ()))
+            if k in self._slice_joined
+        ]
+        if key not in self._services or not parts:
+            self._endpoints.pop(key, None)
+            return
+        eps = parts[0] if len(parts) == 1 else tuple(e for p in parts for e in p)
+        before = self._endpoints.get(key)
+        if before is None:
+            self._endpoints[self._services[key].key] = eps
+        elif before != eps:
+            self._endpoints[key] = eps
+
+    def _convert(
+        self, obj: manifests.KubeObject, convert: Callable[[manifests.KubeObject], T]
     ) -> T:
         memo = self._converted.get(id(obj))
         value = memo[1] if memo is not None and memo[0] is obj else convert(obj)
-        converted[id(obj)] = (obj, value)
         return value  # type: ignore[return-value]
-
-    def _endpoints(
-        self,
-        obj: manifests.KubeObject,
-        pods: Mapping[tuple[str, str], mesh.Pod],
-        joined: dict[int, tuple[manifests.KubeObject, _Joined]],
-    ) -> tuple[mesh.Endpoint, ...]:
-        """A slice's endpoints, joined to their Pods; redone only when the
-        slice or one of the Pods it names changed."""
-        memo = self._joined.get(id(obj))
-        if (
-            memo is not None
-            and memo[0] is obj
-            and all(pods.get(ref) is info for ref, info in memo[1].pods)
-        ):
-            found = memo[1]
-        else:
-            eps = manifests.to_endpoints(obj, pods)
-            refs = {(obj.namespace, e.pod) for e in eps if e.pod}
-            found = _Joined(eps, tuple((ref, pods.get(ref)) for ref in sorted(refs)))
-        joined[id(obj)] = (obj, found)
-        return found.endpoints
 
     def _namespace(self, item: Sourced, found: list[problems.Problem]) -> mesh.Namespace:
         namespace = manifests.to_namespace(item.obj)
@@ -253,7 +559,17 @@ class ObjectStore:
             "access_log": lambda: notes.access_log(svc.annotations),
         }
         good = self._good_notes.setdefault(svc.key, {})
-        values: dict[str, object] = {}
+        if not any(name.startswith(notes.PREFIX) for name in svc.annotations):
+            # None of shoal's annotations (most Services): every value is
+            # its default, worked out once.
+            if self._defaults is None:
+                self._defaults = {name: parse() for name, parse in parsers.items()}
+            good.update(self._defaults)
+            values = self._defaults
+            if all(getattr(svc, name) == value for name, value in values.items()):
+                return svc
+            return dataclasses.replace(svc, **values)  # type: ignore[arg-type]
+        values = {}
         for field_name, parse in parsers.items():
             try:
                 values[field_name] = good[field_name] = parse()
@@ -278,44 +594,52 @@ class ObjectStore:
                 )
                 if kept is not None:
                     values[field_name] = kept
+        if all(getattr(svc, name) == value for name, value in values.items()):
+            return svc  # most Services set none of them: no copy of each
         return dataclasses.replace(svc, **values)  # type: ignore[arg-type]
 
-    def _routes(
-        self,
-        services: dict[mesh.ServiceKey, mesh.Service],
-        sources: dict[mesh.ServiceKey, str],
-        found: list[problems.Problem],
-    ) -> dict[mesh.ServiceKey, routing.ServiceRoute]:
-        routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
-        for key, svc in services.items():
-            try:
-                route = notes.service_route(svc, services)
-            except notes.AnnotationError as err:
-                kept = self._good_routes.get(key)
-                if kept is not None and not kept.backends() <= services.keys():
-                    kept = None  # its backends are gone: it cannot stay
-                reason = _kept(err, kept)
-                if err.code == "SHL0101" and kept is None:
-                    # What that does to traffic: all of the Service's routing goes.
-                    reason = (
-                        f"{err}; none of the Service's routing annotations (split, header "
-                        "routes, timeout, retries, fault, mirror) apply until it is fixed"
-                    )
-                found.append(
-                    problems.Problem(sources[key], f"Service {key}", reason, err.code, _field(err))
+    def _route(self, key: mesh.ServiceKey) -> None:
+        """The route a Service's annotations ask for, or its last good one
+        (and the problem) when they are wrong."""
+        self._route_problems.pop(key, None)
+        svc = self._services.get(key)
+        if svc is None or svc.annotations.keys().isdisjoint(notes.ROUTING):
+            self._routed.discard(key)
+            self._note_routes.pop(key, None)
+            self._good_routes.pop(key, None)
+            return
+        self._routed.add(key)
+        services = self._services
+        try:
+            route = notes.service_route(svc, services)
+        except notes.AnnotationError as err:
+            kept = self._good_routes.get(key)
+            if kept is not None and not kept.backends() <= services.keys():
+                kept = None  # its backends are gone: it cannot stay
+            reason = _kept(err, kept)
+            if err.code == "SHL0101" and kept is None:
+                # What that does to traffic: all of the Service's routing goes.
+                reason = (
+                    f"{err}; none of the Service's routing annotations (split, header "
+                    "routes, timeout, retries, fault, mirror) apply until it is fixed"
                 )
-                if kept is not None:
-                    routes[key] = kept
-                continue
-            if route is None:
-                self._good_routes.pop(key, None)
+            self._route_problems[key] = problems.Problem(
+                self._sources[key], f"Service {key}", reason, err.code, _field(err)
+            )
+            if kept is None:
+                self._note_routes.pop(key, None)
             else:
-                routes[key] = self._good_routes[key] = route
-        for gone in self._good_routes.keys() - services.keys():
-            del self._good_routes[gone]
-        for gone in self._good_notes.keys() - services.keys():
-            del self._good_notes[gone]
-        return routes
+                self._note_routes[key] = kept
+            return
+        if route is None:
+            self._good_routes.pop(key, None)
+            self._note_routes.pop(key, None)
+        else:
+            before = self._note_routes.get(key)
+            if before is not None and before == route:
+                route = before  # the very object, so that translation finds it
+            self._note_routes[svc.key if before is None else key] = route
+            self._good_routes[key] = route
 
     def _traffic_routes(
         self,
@@ -323,6 +647,7 @@ class ObjectStore:
         services: dict[mesh.ServiceKey, mesh.Service],
         routes: dict[mesh.ServiceKey, routing.ServiceRoute],
         found: list[problems.Problem],
+        touched: set[mesh.ServiceKey],
     ) -> None:
         """TrafficRoutes win over a Service's routing annotations (and say so)."""
         taken: dict[mesh.ServiceKey, str] = {}
@@ -335,7 +660,10 @@ class ObjectStore:
                 parsed = trafficroute.parse(obj, services)
             except manifests.ManifestError as err:
                 kept = self._good_traffic_routes.get(ident)
-                if kept is not None and not kept.route.backends() <= services.keys():
+                if kept is not None and not (
+                    kept.route.service in services and kept.route.backends() <= services.keys()
+                ):
+                    # Its Service or a backend is gone: it cannot stay.
                     kept = None
                 found.append(
                     problems.Problem(
@@ -376,6 +704,7 @@ class ObjectStore:
                     )
                 )
             routes[target] = parsed.route
+            touched.add(target)
             svc = services[target]
             services[target] = dataclasses.replace(
                 svc,
@@ -391,6 +720,7 @@ class ObjectStore:
         services: dict[mesh.ServiceKey, mesh.Service],
         routes: dict[mesh.ServiceKey, routing.ServiceRoute],
         found: list[problems.Problem],
+        touched: set[mesh.ServiceKey],
     ) -> None:
         """HTTPRoutes and GRPCRoutes, attached to the routes of their
         Services. Where one applies it routes instead of a TrafficRoute or
@@ -451,9 +781,44 @@ class ObjectStore:
                 )
             base = before or routing.ServiceRoute(key, (), source="Gateway API")
             routes[key] = dataclasses.replace(base, attached=tuple(on_service))
+            touched.add(key)
         for gone in self._good_gateway_routes.keys() - {i.obj.key for i in items}:
             del self._good_gateway_routes[gone]
         self.route_status = status
+
+
+class _Ordered(dict[T, None]):
+    """A set that keeps the order of what was added: a build then adds to
+    the mesh's maps in the order of the objects' sources, as a build of
+    everything does, whatever the keys' hashes (a set's order changes with
+    every process)."""
+
+    def add(self, item: T) -> None:
+        self[item] = None
+
+    def discard(self, item: T) -> None:
+        self.pop(item, None)
+
+    def extend(self, items: Iterable[T]) -> None:
+        for item in items:
+            self[item] = None
+
+
+@dataclass(slots=True)
+class _Changed:
+    """What one build found changed, for the steps after it to redo."""
+
+    services: _Ordered[mesh.ServiceKey] = field(default_factory=lambda: _Ordered())
+    # The Services' objects now chosen, by object key.
+    items: dict[tuple[str, str, str], Sourced] = field(default_factory=dict)
+    services_gone: _Ordered[mesh.ServiceKey] = field(default_factory=lambda: _Ordered())
+    slices: _Ordered[tuple[str, str, str]] = field(default_factory=lambda: _Ordered())
+    pods: _Ordered[tuple[str, str]] = field(default_factory=lambda: _Ordered())
+    pods_before: dict[tuple[str, str], mesh.Pod] = field(default_factory=dict)
+    endpoints: _Ordered[mesh.ServiceKey] = field(default_factory=lambda: _Ordered())
+    namespaces: bool = False
+    namespace_names: set[str] = field(default_factory=set)
+    accounts: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,6 +826,24 @@ class _Joined:
     endpoints: tuple[mesh.Endpoint, ...]
     # The Pods it was joined with, by identity (None: the Pod was absent).
     pods: tuple[tuple[tuple[str, str], mesh.Pod | None], ...]
+
+
+# Up to how many changed keys a build redoes in key order, not sources'.
+_FEW = 64
+
+# How many builds back a state's deltas reach (each holds the mappings of
+# the state before it).
+_DELTAS = 4
+
+
+def _differing(keys: set[K], before: Mapping[K, object], after: Mapping[K, object]) -> frozenset[K]:
+    """Those of `keys` whose values differ, or that were added or removed."""
+    out = set()
+    for key in keys:
+        old, new = before.get(key), after.get(key)
+        if old is not new and old != new:
+            out.add(key)
+    return frozenset(out)
 
 
 def _kept(err: Exception, kept: object) -> str:

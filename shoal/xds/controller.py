@@ -9,13 +9,14 @@ reference resolves, and hands the snapshots to the cache.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from shoal.model import changes, mesh, problems, proxy
-from shoal.xds import cache, debounce, generators, identities, node, resources
+from shoal.xds import cache, debounce, generators, identities, memo, node, resources
 from shoal.xds import shared as sharing
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,13 @@ class Controller:
         snapshots: cache.SnapshotCache,
         debouncer: debounce.Debouncer,
         certificates: identities.Identities | None = None,
+        quiet_gc: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
+        """`quiet_gc` keeps the garbage collector out of a rebuild, which
+        adds a large, long-lived structure to the heap at once (see
+        shoal/heap.py): a collection in a first build of ten thousand
+        Services walks everything built so far, for nothing."""
+        self._quiet_gc = quiet_gc
         self._cache = snapshots
         self._debouncer = debouncer
         self._secrets = None if certificates is None else identities.SecretGroups(certificates)
@@ -76,6 +83,14 @@ class Controller:
         self._state = mesh.MeshState()
         self._proxies: dict[str, proxy.Proxy] = {}
         self._memos = sharing.Memos()
+        # Route groups known to resolve against a scope's clusters, by the
+        # ids of their parts (kept in the entry); the names and refs of the
+        # whole mesh's groups. Both for the last rebuild and this one.
+        self._resolved: memo.Generations[tuple[int, ...], tuple[object, ...]] = memo.Generations()
+        self._group_sets: memo.Generations[
+            tuple[int],
+            tuple[cache.ResourceGroup, frozenset[tuple[str, str]], frozenset[tuple[str, str]]],
+        ] = memo.Generations()
         self._own = generators.Own()
         self._shared: sharing.Shared | None = None
         # The state last pushed, and the pushes since start (the last few).
@@ -183,6 +198,10 @@ class Controller:
         change waited in the debounce before this."""
         if not self._started:
             return
+        with self._quiet_gc():
+            self._rebuild(reasons, waited)
+
+    def _rebuild(self, reasons: collections.Counter[str] | None, waited: float) -> None:
         state = self._state
         started = time.perf_counter()
         self._changed_at = time.monotonic() - waited
@@ -211,11 +230,13 @@ class Controller:
 
     def _build_shared(self, state: mesh.MeshState) -> sharing.Shared:
         shared = sharing.build(state, self._memos, self._trust_domain)
+        self._resolved.advance()
+        self._group_sets.advance()
         everything = shared.scoped_groups(None)
         only_shared = cache.Snapshot(
             {resources.CLUSTER: (everything[0],), resources.ENDPOINT: (everything[1],)}
         )
-        shared.whole = self._check(f"mesh version {state.version}", only_shared, frozenset())
+        shared.whole = self._report(f"mesh version {state.version}", self._resolve(only_shared))
         if shared.whole:
             shared.verified |= {id(everything[0]), id(everything[1])}
             self._memos.publishing()
@@ -237,11 +258,8 @@ class Controller:
             log.warning("not configuring proxy %s: %s", key, err)
             return
         scoped_clusters, route_group = groups[resources.CLUSTER][0], groups[resources.ROUTE][0]
-        if id(route_group) not in shared.verified and not unresolved(
-            cache.Snapshot(
-                {resources.CLUSTER: (scoped_clusters,), resources.ROUTE: (route_group,)}
-            ),
-            frozenset(shared.verified),
+        if id(route_group) not in shared.verified and self._routes_resolve(
+            scoped_clusters, route_group, shared
         ):
             shared.verified.add(id(route_group))
         snapshot = cache.Snapshot(
@@ -252,6 +270,64 @@ class Controller:
         if self._check(key, snapshot, skip=frozenset(shared.verified)):
             self._cache.set_snapshot(key, snapshot)
 
+    def _routes_resolve(
+        self,
+        scoped_clusters: cache.ResourceGroup,
+        route_group: cache.ResourceGroup,
+        shared: sharing.Shared,
+    ) -> bool:
+        """Whether a scope's routes name only its clusters. Remembered by
+        what it depends on, the routes' refs and the clusters (a route table
+        whose hosts changed but name the same clusters is not walked again:
+        at ten thousand Services that is ten thousand lookups per table)."""
+        key = (id(scoped_clusters), *(id(r.refs) for r in route_group))
+        if self._resolved.get(key) is not None:
+            return True
+        if self._resolve(
+            cache.Snapshot(
+                {resources.CLUSTER: (scoped_clusters,), resources.ROUTE: (route_group,)}
+            ),
+            shared.verified,
+        ):
+            return False
+        # The objects are kept with the entry, so that their ids stay theirs.
+        self._resolved.put(key, (scoped_clusters, *(r.refs for r in route_group)))
+        return True
+
+    def _resolve(
+        self, snapshot: cache.Snapshot, skip: Collection[int] = ()
+    ) -> list[tuple[str, str]]:
+        """`unresolved` for groups of ten thousand, with sets: the names and
+        the refs of each group are worked out once per group (and kept for
+        the next rebuild), then compared at C speed."""
+        whole = tuple(id(g) for groups in snapshot.groups.values() for g in groups)
+        if not skip and self._resolved.get(whole) is not None:
+            return []  # the very groups, found whole before
+        have: set[tuple[str, str]] = set()
+        wanted: set[tuple[str, str]] = set()
+        for type_url, groups in snapshot.groups.items():
+            for group in groups:
+                found = self._group_sets.get((id(group),))
+                if found is None:
+                    found = self._group_sets.put(
+                        (id(group),),
+                        (
+                            group,
+                            frozenset([(type_url, r.name) for r in group]),
+                            frozenset().union(*[r.refs for r in group]),
+                        ),
+                    )
+                have |= found[1]
+                if id(group) not in skip:
+                    wanted |= found[2]
+        missing = sorted(r for r in wanted - have if r[0] in snapshot.groups)
+        if not skip and not missing:
+            # The groups are kept with the entry, so that their ids stay theirs.
+            self._resolved.put(
+                whole, tuple(g for groups in snapshot.groups.values() for g in groups)
+            )
+        return missing
+
     def publish(self, key: str, snapshot: cache.Snapshot) -> bool:
         """Hand a snapshot to the cache if it is whole; else keep the last one."""
         if not self._check(key, snapshot, skip=frozenset()):
@@ -260,7 +336,9 @@ class Controller:
         return True
 
     def _check(self, subject: str, snapshot: cache.Snapshot, skip: frozenset[int]) -> bool:
-        missing = unresolved(snapshot, skip)
+        return self._report(subject, unresolved(snapshot, skip))
+
+    def _report(self, subject: str, missing: list[tuple[str, str]]) -> bool:
         if not missing:
             return True
         reason = "refers to missing " + ", ".join(

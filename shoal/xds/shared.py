@@ -6,20 +6,34 @@ endpoints changed (`Memos` keeps them across rebuilds). Proxies that may
 call the same Services (a scope) share one group of each, and one route
 table per kind of proxy; every proxy's snapshot is made of these groups, so
 a thousand proxies share the same Resource objects.
+
+A local sidecar's outbound route table (ten thousand virtual hosts at ten
+thousand Services) is assembled from each Service's virtual hosts, encoded
+once per Service and kind of caller (its own namespace or another): a
+change to one Service re-encodes its hosts and joins the bytes again, as
+the table's encoding would have them (see `Shared.route_table`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+import dataclasses
+import hashlib
+import itertools
+import operator
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from google.protobuf.message import Message
 
 from shoal import spiffe
-from shoal.model import mesh, scope
+from shoal.model import mesh, routing, scope
 from shoal.xds import cache, memo, resources
-from shoal.xds.translate import capture, clusters, endpoints, names, refs
+from shoal.xds.translate import capture, clusters, endpoints, names, refs, routes
+
+# The RouteTable kind of a local sidecar's outbound routes (generators.py),
+# which `Shared.route_table` assembles from each Service's virtual hosts.
+OUTBOUND_ROUTES = "outbound"
 
 Scope = frozenset[mesh.ServiceKey]
 Groups = dict[str, tuple[cache.ResourceGroup, ...]]
@@ -80,15 +94,98 @@ class RouteTable(NamedTuple):
     scope: Scope | None
 
 
+class VirtualHosts(NamedTuple):
+    """One Service's virtual hosts in an outbound route table: they depend
+    on it, its route and the Services that route sends to, the mesh's
+    trace sampling, and the caller: its namespace where Gateway API routes
+    apply (they may be a namespace's own), else whether it is the Service's."""
+
+    service: mesh.Service
+    route: routing.ServiceRoute | None
+    backends: tuple[mesh.Service | None, ...]
+    sampling: float
+    caller: str | bool
+
+
+@dataclass(frozen=True, slots=True)
+class HostsPart:
+    """Virtual hosts encoded as the `virtual_hosts` fields of a
+    RouteConfiguration, with a digest of them and the clusters they name."""
+
+    encoded: bytes
+    digest: bytes
+    refs: frozenset[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundTable:
+    """An outbound route table as last assembled: its inputs, the part of
+    each visible Service (by position) and the resulting group."""
+
+    visible: tuple[mesh.Service, ...]
+    routes: Mapping[mesh.ServiceKey, routing.ServiceRoute]
+    sampling: float
+    index: dict[mesh.ServiceKey, int]
+    parts: list[HostsPart]
+    # Their encodings and digests, joined as they are for each assembly.
+    encoded: list[bytes]
+    digests: list[bytes]
+    group: cache.ResourceGroup
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What a build made of one Service, with what it was made from."""
+
+    key: ServiceClusters
+    clusters: list[cache.Resource]
+    assignments: dict[Assignment, tuple[tuple[mesh.Endpoint, ...], cache.Resource]]
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """What the last build made, for the next to redo only what changed.
+    Its entries are those of the Services of its state: memory follows the
+    mesh."""
+
+    state: mesh.MeshState
+    trust_domain: str | None
+    services: tuple[mesh.Service, ...]
+    keys: tuple[mesh.ServiceKey, ...]
+    index: dict[mesh.ServiceKey, int]
+    subsets: dict[mesh.ServiceKey, tuple[mesh.FrozenMap, ...]]
+    entries: dict[mesh.ServiceKey, _Entry]
+    clusters: dict[mesh.ServiceKey, list[cache.Resource]]
+    endpoints: dict[mesh.ServiceKey, list[cache.Resource]]
+    # The scopes its proxies were given (filled as they are worked out).
+    scopes: dict[ScopeOf, Scope]
+    everywhere: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _CommonParts:
+    """What the outbound tables over the same visible Services share."""
+
+    visible: tuple[mesh.Service, ...]
+    index: dict[mesh.ServiceKey, int]
+    # As a caller in another namespace sees each Service.
+    parts: list[HostsPart]
+    encoded: list[bytes]
+    digests: list[bytes]
+    # Positions of each namespace's Services, and of those with Gateway API
+    # routes (which may differ for every namespace).
+    local: dict[str, list[int]]
+    attached: list[int]
+
+
 @dataclass
 class Memos:
     """What one rebuild keeps for the next (see memo.Generations)."""
 
+    # The last build, and the plain-text clusters of proxyless clients.
+    built: Built | None = None
     service_clusters: memo.Generations[ServiceClusters, list[cache.Resource]] = field(
         default_factory=memo.Generations
-    )
-    assignments: memo.Generations[Assignment, tuple[tuple[mesh.Endpoint, ...], cache.Resource]] = (
-        field(default_factory=memo.Generations)
     )
     # The last groups of each key: kept when unchanged, so that every view
     # over them stays the same object (see Shared.kept).
@@ -105,10 +202,31 @@ class Memos:
         default_factory=memo.Generations
     )
 
+    # Each Service's encoded virtual hosts, per kind of caller.
+    virtual_hosts: memo.Generations[VirtualHosts, HostsPart] = field(
+        default_factory=memo.Generations
+    )
+
     def publishing(self) -> None:
         """A rebuild that passed its check begins publishing."""
         self.headless.advance()
         self.route_tables.advance()
+
+
+# RouteConfiguration's fields, by number: `name` and `virtual_hosts`.
+_NAME = 1
+_VIRTUAL_HOSTS = 2
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field, as the encoder writes it."""
+    out = bytearray()
+    for value in (number << 3 | 2, len(payload)):
+        while value > 0x7F:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + payload
 
 
 def resource(type_url: str, message: Message) -> cache.Resource:
@@ -138,7 +256,18 @@ class Shared:
     verified: set[int] = field(default_factory=set)
     by_dependencies: dict[ScopeOf, Scope] = field(default_factory=dict)
     groups: dict[ScopedGroup, cache.ResourceGroup] = field(default_factory=dict)
+    # Whether every Service is exported to every namespace: a proxy that
+    # declares no dependencies then sees the whole mesh.
+    everywhere: bool = False
+    # Whether any Service's clusters (endpoints) differ from the last build's:
+    # if not, the last groups of them are this state's.
+    clusters_changed: bool = True
+    endpoints_changed: bool = True
     _pods: capture.PodIndex = field(default_factory=dict)
+    _affected_memo: dict[tuple[int, ...], frozenset[mesh.ServiceKey] | None] = field(
+        default_factory=dict
+    )
+    _common: dict[int, _CommonParts] = field(default_factory=dict)
     _pods_covered: set[tuple[str, str]] = field(default_factory=set)
 
     # -- scopes ---------------------------------------------------------------
@@ -147,6 +276,8 @@ class Shared:
         self, namespace: str, dependencies: frozenset[tuple[str, str]] | None
     ) -> Scope | None:
         """The Services a proxy may call; None when that is all of them."""
+        if dependencies is None and self.everywhere:
+            return None
         key = ScopeOf(namespace, dependencies)
         found = self.by_dependencies.get(key)
         if found is None:
@@ -187,14 +318,18 @@ class Shared:
         clusters_key = ScopedGroup("clusters", in_scope)
         endpoints_key = ScopedGroup("endpoints", in_scope)
         if clusters_key not in self.groups:
-            visible = self.visible(in_scope)
-            self.groups[clusters_key] = self.kept(
-                clusters_key,
-                cache.ResourceGroup(r for s in visible for r in self.clusters[s.key]),
+            keys = (
+                self.memos.built.keys
+                if in_scope is None
+                and self.memos.built is not None
+                and self.memos.built.services is self.services
+                else [s.key for s in self.visible(in_scope)]
             )
-            self.groups[endpoints_key] = self.kept(
-                endpoints_key,
-                cache.ResourceGroup(r for s in visible for r in self.endpoints[s.key]),
+            self.groups[clusters_key] = self._group(
+                clusters_key, self.clusters_changed, keys, self.clusters
+            )
+            self.groups[endpoints_key] = self._group(
+                endpoints_key, self.endpoints_changed, keys, self.endpoints
             )
             if in_scope is not None:
                 # A scope is closed over route backends, so its clusters'
@@ -204,6 +339,26 @@ class Shared:
                     id(self.groups[endpoints_key]),
                 }
         return self.groups[clusters_key], self.groups[endpoints_key]
+
+    def _group(
+        self,
+        key: ScopedGroup,
+        changed: bool,
+        keys: Sequence[mesh.ServiceKey],
+        by_service: dict[mesh.ServiceKey, list[cache.Resource]],
+    ) -> cache.ResourceGroup:
+        """The last group of `key` when none of its kind changed; else made
+        anew (at C speed, from each Service's list)."""
+        previous = self.memos.groups.get(key)
+        if previous is not None and not changed:
+            return self.memos.groups.put(key, previous)
+        group = cache.ResourceGroup(
+            itertools.chain.from_iterable(map(by_service.__getitem__, keys))
+        )
+        if key.scope is None and previous is not None:
+            # Something in the whole mesh changed: it is not the same group.
+            return self.memos.groups.put(key, group)
+        return self.kept(key, group)
 
     def kept(self, key: ScopedGroup, group: cache.ResourceGroup) -> cache.ResourceGroup:
         """The last rebuild's group of that key if nothing in it changed: its
@@ -270,60 +425,382 @@ class Shared:
     ) -> cache.ResourceGroup:
         """A group rebuilt only when `inputs` changed. Inputs are compared once
         per key and rebuild, not once per proxy: the comparison walks every
-        visible Service."""
+        visible Service. A sidecar's outbound table is assembled here, from
+        the parts of the Services that changed (`build` would make the same
+        bytes, checked by the tests, at the cost of every Service)."""
         tables = self.memos.route_tables
         fresh = tables.fresh(key)
         if fresh is not None:
             return fresh[1]
         found = tables.get(key)
+        if key.kind == OUTBOUND_ROUTES and key.namespace is not None:
+            last = found[0] if found is not None else None
+            table = self._outbound(
+                key.namespace, key.scope, last if isinstance(last, OutboundTable) else None
+            )
+            return tables.put(key, (table, table.group))[1]
         if found is None or not (found[0] is inputs or found[0] == inputs):
             found = (inputs, cache.ResourceGroup(build()))
         # The newest inputs are kept, so the next rebuild compares by identity
         # first whenever nothing changed.
         return tables.put(key, (inputs, found[1]))[1]
 
+    # -- outbound route tables, by parts ----------------------------------------
+
+    def _outbound(
+        self, namespace: str, in_scope: Scope | None, last: OutboundTable | None
+    ) -> OutboundTable:
+        visible = self.visible(in_scope)
+        now_routes = self.state.routes
+        sampling = self.state.telemetry.trace_sampling
+        affected = None
+        if last is not None and last.sampling == sampling:
+            affected = self._affected(last.visible, visible, last.routes, now_routes)
+        if last is None or affected is None:
+            common = self._common_parts(visible)
+            parts, encoded, digests = list(common.parts), list(common.encoded), list(common.digests)
+            index = common.index
+            own = list(itertools.chain(common.local.get(namespace, ()), common.attached))
+            for i in own:
+                parts[i] = part = self._hosts(visible[i], namespace)
+                encoded[i], digests[i] = part.encoded, part.digest
+            return OutboundTable(
+                visible,
+                now_routes,
+                sampling,
+                index,
+                parts,
+                encoded,
+                digests,
+                self._table_group(encoded, digests, frozenset().union(*[p.refs for p in parts])),
+            )
+        parts, index = last.parts, last.index
+        redone = {
+            at: self._hosts(visible[at], namespace)
+            for k in affected
+            if (at := index.get(k)) is not None
+        }
+        if all(part is parts[i] for i, part in redone.items()):
+            return dataclasses.replace(last, visible=visible, routes=now_routes)
+        parts, encoded, digests = list(parts), list(last.encoded), list(last.digests)
+        for i, part in redone.items():
+            parts[i], encoded[i], digests[i] = part, part.encoded, part.digest
+        (resource,) = last.group
+        table_refs = resource.refs
+        if any(part.refs != last.parts[i].refs for i, part in redone.items()):
+            table_refs = frozenset().union(*[p.refs for p in parts])
+        group = self._table_group(encoded, digests, table_refs)
+        return OutboundTable(visible, now_routes, sampling, index, parts, encoded, digests, group)
+
+    def _common_parts(self, visible: tuple[mesh.Service, ...]) -> _CommonParts:
+        """The parts of a table that every namespace but a Service's own sees
+        alike (those of Services without Gateway API routes), made once per
+        set of visible Services: each table then redoes only its own
+        namespace's Services."""
+        found = self._common.get(id(visible))
+        if found is None or found.visible is not visible:
+            # A namespace that is none of the mesh's: as any other caller.
+            parts = [self._hosts(s, "") for s in visible]
+            local: dict[str, list[int]] = {}
+            attached = []
+            state_routes = self.state.routes
+            for i, svc in enumerate(visible):
+                local.setdefault(svc.namespace, []).append(i)
+                route = state_routes.get(svc.key)
+                if route is not None and route.attached:
+                    attached.append(i)
+            found = self._common[id(visible)] = _CommonParts(
+                visible,
+                {s.key: i for i, s in enumerate(visible)},
+                parts,
+                [p.encoded for p in parts],
+                [p.digest for p in parts],
+                local,
+                attached,
+            )
+        return found
+
+    def _affected(
+        self,
+        old: tuple[mesh.Service, ...],
+        new: tuple[mesh.Service, ...],
+        old_routes: Mapping[mesh.ServiceKey, routing.ServiceRoute],
+        new_routes: Mapping[mesh.ServiceKey, routing.ServiceRoute],
+    ) -> frozenset[mesh.ServiceKey] | None:
+        """The Services whose virtual hosts may differ between two inputs of a
+        table; None if the Services in it are not the same ones (then it is
+        assembled anew). Worked out once per rebuild for every table with
+        the same inputs."""
+        ids = (id(old), id(new), id(old_routes), id(new_routes))
+        if ids in self._affected_memo:
+            return self._affected_memo[ids]
+        found: frozenset[mesh.ServiceKey] | None = None
+        if len(old) == len(new):
+            # Compared by identity at C speed: the registry keeps the very
+            # objects of what did not change.
+            moved = list(map(operator.is_not, old, new))
+            before = list(itertools.compress(old, moved))
+            after = list(itertools.compress(new, moved))
+            if all(a.key == b.key for a, b in zip(before, after, strict=True)):
+                changed = {s.key for s in after}
+                if old_routes is not new_routes:
+                    changed.update(
+                        k
+                        for k in old_routes.keys() | new_routes.keys()
+                        if old_routes.get(k) != new_routes.get(k)
+                    )
+                if changed:
+                    # A route's hosts name its backends' ports.
+                    changed.update(
+                        k for k, r in new_routes.items() if not r.backends().isdisjoint(changed)
+                    )
+                found = frozenset(changed)
+        self._affected_memo[ids] = found
+        return found
+
+    def _hosts(self, svc: mesh.Service, namespace: str) -> HostsPart:
+        """A Service's virtual hosts as seen from `namespace`, encoded."""
+        state = self.state
+        route = state.routes.get(svc.key)
+        key = VirtualHosts(
+            svc,
+            route,
+            () if route is None else tuple(state.services.get(k) for k in sorted(route.backends())),
+            state.telemetry.trace_sampling,
+            namespace if route is not None and route.attached else namespace == svc.namespace,
+        )
+        found = self.memos.virtual_hosts.get(key)
+        if found is None:
+            vhosts = routes.virtual_hosts(svc, namespace, state)
+            encoded = b"".join(
+                _field(_VIRTUAL_HOSTS, vh.SerializeToString(deterministic=True)) for vh in vhosts
+            )
+            found = self.memos.virtual_hosts.put(
+                key,
+                HostsPart(
+                    encoded,
+                    hashlib.blake2b(encoded, digest_size=8).digest(),
+                    frozenset(refs.virtual_host_refs(vhosts)),
+                ),
+            )
+        return found
+
+    def _table_group(
+        self, encoded: list[bytes], digests: list[bytes], table_refs: frozenset[tuple[str, str]]
+    ) -> cache.ResourceGroup:
+        """The table as `routes.outbound` encodes it (its name, then its
+        virtual hosts, the last one for names not in the mesh), versioned
+        by the digests of its parts: hashing megabytes per table and push
+        would cost more than the rest of the push. The body is new memory
+        every time (4 MB at 10,000 Services): where malloc maps it afresh,
+        its page faults cost more than joining it (bench/ingest.py)."""
+        head = _field(_NAME, names.OUTBOUND_ROUTE.encode())
+        tail = _field(_VIRTUAL_HOSTS, routes.not_found_host().SerializeToString(deterministic=True))
+        body = b"".join(itertools.chain((head,), encoded, (tail,)))
+        version = cache.content_version(head, b"".join(digests), tail)
+        return cache.ResourceGroup(
+            [cache.Resource(resources.ROUTE, names.OUTBOUND_ROUTE, body, version, table_refs)]
+        )
+
 
 def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shared:
     """Every Service's clusters and endpoints for `state`, and the whole
-    mesh's groups of them (not yet checked: see Shared.whole)."""
-    # This loop visits each key once: it reads the last generation and fills
-    # this one directly (see Generations.advance).
-    last_clusters, clusters_now = memos.service_clusters.advance()
-    last_assignments, assignments_now = memos.assignments.advance()
+    mesh's groups of them (not yet checked: see Shared.whole).
+
+    Only the Services whose inputs changed since the last build are
+    visited: the registry keeps the objects of what did not change, so the
+    others are found by identity, at C speed."""
+    memos.service_clusters.advance()
     memos.groups.advance()
+    memos.virtual_hosts.advance()
     subsets: dict[mesh.ServiceKey, set[mesh.FrozenMap]] = {}
     for route in state.routes.values():
         for target, labels in route.subsets():
             subsets.setdefault(target, set()).add(labels)
-    services = tuple(state.sorted_services())
-    shared = Shared(state, memos, trust_domain, services, {}, {})
-    for svc in services:
-        its_subsets = tuple(sorted(subsets.get(svc.key, ()), key=names.subset_name))
-        key = ServiceClusters(svc, shared.peers(svc), its_subsets)
-        built = last_clusters.get(key)
-        if built is None:
-            built = resource_list(
-                resources.CLUSTER, clusters.outbound_for_service(svc, key.peers, its_subsets)
-            )
-        clusters_now[key] = shared.clusters[svc.key] = built
-        assigned_all = []
-        for port in svc.ports:
-            for subset in (None, *its_subsets):
-                eps = state.endpoints_of(svc.key, port)
-                if subset is not None:
-                    eps = tuple(
-                        e for e in eps if all(e.labels.get(k) == v for k, v in subset.items())
-                    )
-                assignment = Assignment(svc.key, port, subset)
-                found = last_assignments.get(assignment)
-                # Endpoints are compared, not hashed into the key: the same
-                # objects when unchanged, so the comparison is by identity.
-                if found is None or found[0] != eps:
-                    cla = endpoints.load_assignment(
-                        names.outbound_cluster(svc.key, port, subset), eps
-                    )
-                    found = (eps, resource(resources.ENDPOINT, cla))
-                assignments_now[assignment] = found
-                assigned_all.append(found[1])
-        shared.endpoints[svc.key] = assigned_all
+    its_subsets = {k: tuple(sorted(v, key=names.subset_name)) for k, v in subsets.items() if v}
+    last = memos.built
+    if last is not None and last.trust_domain == trust_domain:
+        found = _changes(last, state, its_subsets)
+    else:
+        found = None
+    scopes_hold = False
+    if found is None:
+        services = tuple(state.sorted_services())
+        redo: Iterable[mesh.ServiceKey] = [s.key for s in services]
+        entries: dict[mesh.ServiceKey, _Entry] = {}
+        shared = Shared(state, memos, trust_domain, services, {}, {})
+        shared.clusters_changed = shared.endpoints_changed = True
+        last_entries = last.entries if last is not None else {}
+    else:
+        services, redo, scopes_hold = found
+        assert last is not None
+        entries = dict(last.entries)
+        shared = Shared(
+            state, memos, trust_domain, services, dict(last.clusters), dict(last.endpoints)
+        )
+        shared.clusters_changed = shared.endpoints_changed = False
+        if scopes_hold:
+            shared.by_dependencies = dict(last.scopes)
+        last_entries = last.entries
+    if found is not None and scopes_hold and last is not None:
+        shared.everywhere = last.everywhere  # what Services are exported to did not change
+    else:
+        shared.everywhere = all(scope.EVERYONE in s.export_to for s in services)
+    for key in redo:
+        svc = state.services[key]
+        entry = _entry(shared, svc, its_subsets.get(key, ()), last_entries.get(key))
+        entries[key] = entry
+        if shared.clusters.get(key) is not entry.clusters:
+            shared.clusters[key] = entry.clusters
+            shared.clusters_changed = True
+        endpoint_list = [r for _, r in entry.assignments.values()]
+        before = shared.endpoints.get(key)
+        if (
+            before is None
+            or len(before) != len(endpoint_list)
+            or any(map(operator.is_not, before, endpoint_list))
+        ):
+            shared.endpoints[key] = endpoint_list
+            shared.endpoints_changed = True
+    if found is None or last is None:
+        keys = tuple(s.key for s in services)
+        index = {k: i for i, k in enumerate(keys)}
+    else:
+        keys, index = last.keys, last.index
+    memos.built = Built(
+        state,
+        trust_domain,
+        services,
+        keys,
+        index,
+        its_subsets,
+        entries,
+        shared.clusters,
+        shared.endpoints,
+        shared.by_dependencies,
+        shared.everywhere,
+    )
     return shared
+
+
+def _changes(
+    last: Built, state: mesh.MeshState, subsets: dict[mesh.ServiceKey, tuple[mesh.FrozenMap, ...]]
+) -> tuple[tuple[mesh.Service, ...], set[mesh.ServiceKey], bool] | None:
+    """The Services of `state` in order, those whose translation may differ
+    from the last build's, and whether every scope stays as it was; None when
+    the mesh does not have the same Services (it is then built whole, from
+    each Service's entry)."""
+    now = state.services
+    delta = state.changed_since(last.state)
+    if delta is not None:
+        return _delta_changes(last, state, subsets, delta)
+    if len(now) != len(last.keys) or now.keys() != last.entries.keys():
+        return None
+    keys = last.keys
+    services = tuple(map(now.__getitem__, keys))
+    moved = list(map(operator.is_not, last.services, services))
+    redo = set(itertools.compress(keys, moved))
+    # Scopes depend on what each Service is exported to and on route backends.
+    scopes_hold = all(
+        a.export_to == b.export_to
+        for a, b in zip(
+            itertools.compress(last.services, moved),
+            itertools.compress(services, moved),
+            strict=True,
+        )
+    )
+    old_eps, new_eps = last.state.endpoints, state.endpoints
+    if old_eps is not new_eps:
+        redo.update(
+            itertools.compress(
+                keys, map(operator.is_not, map(old_eps.get, keys), map(new_eps.get, keys))
+            )
+        )
+    old_routes, new_routes = last.state.routes, state.routes
+    if old_routes is not new_routes:
+        for k in old_routes.keys() | new_routes.keys():
+            before, after = old_routes.get(k), new_routes.get(k)
+            if before != after and _reaches(before, k) != _reaches(after, k):
+                scopes_hold = False
+    if last.subsets != subsets:
+        redo.update(
+            k for k in last.subsets.keys() | subsets.keys() if last.subsets.get(k) != subsets.get(k)
+        )
+    return services, redo, scopes_hold
+
+
+def _delta_changes(
+    last: Built,
+    state: mesh.MeshState,
+    subsets: dict[mesh.ServiceKey, tuple[mesh.FrozenMap, ...]],
+    delta: mesh.Delta,
+) -> tuple[tuple[mesh.Service, ...], set[mesh.ServiceKey], bool] | None:
+    """`_changes` from the keys the registry says changed: no pass over
+    the mesh at all."""
+    now, entries = state.services, last.entries
+    if any((k in now) != (k in entries) for k in delta.services):
+        return None  # Services came or went: the order is made anew
+    services = list(last.services)
+    scopes_hold = True
+    redo = {k for k in delta.services if k in now}  # not one that came and went since
+    for k in redo:
+        at = last.index[k]
+        before, services[at] = services[at], now[k]
+        scopes_hold = scopes_hold and before.export_to == services[at].export_to
+    old_routes, new_routes = last.state.routes, state.routes
+    for k in delta.routes:
+        if _reaches(old_routes.get(k), k) != _reaches(new_routes.get(k), k):
+            scopes_hold = False
+    redo.update(k for k in delta.endpoints if k in entries)
+    if last.subsets != subsets:
+        redo.update(
+            k
+            for k in last.subsets.keys() | subsets.keys()
+            if last.subsets.get(k) != subsets.get(k) and k in entries
+        )
+    return tuple(services), redo, scopes_hold
+
+
+def _reaches(
+    route: routing.ServiceRoute | None, key: mesh.ServiceKey
+) -> frozenset[mesh.ServiceKey]:
+    """The other Services a route sends to: what it adds to a scope."""
+    return frozenset() if route is None else route.backends() - {key}
+
+
+def _entry(
+    shared: Shared,
+    svc: mesh.Service,
+    its_subsets: tuple[mesh.FrozenMap, ...],
+    last: _Entry | None,
+) -> _Entry:
+    """One Service's clusters and ClusterLoadAssignments, reusing what its
+    last entry made from the same inputs."""
+    state = shared.state
+    key = ServiceClusters(svc, shared.peers(svc), its_subsets)
+    if last is not None and last.key == key:
+        built = last.clusters
+    else:
+        built = resource_list(
+            resources.CLUSTER, clusters.outbound_for_service(svc, key.peers, its_subsets)
+        )
+        if last is not None and [r.version for r in built] == [r.version for r in last.clusters]:
+            # The same clusters (an annotation they do not read changed):
+            # the very resources, so that the groups over them stay too.
+            built = last.clusters
+    assignments: dict[Assignment, tuple[tuple[mesh.Endpoint, ...], cache.Resource]] = {}
+    before = last.assignments if last is not None else {}
+    for port in svc.ports:
+        for subset in (None, *its_subsets):
+            eps = state.endpoints_of(svc.key, port)
+            if subset is not None:
+                eps = tuple(e for e in eps if all(e.labels.get(k) == v for k, v in subset.items()))
+            assignment = Assignment(svc.key, port, subset)
+            found = before.get(assignment)
+            # Endpoints are compared, not hashed into the key: the same
+            # objects when unchanged, so the comparison is by identity.
+            if found is None or found[0] != eps:
+                cla = endpoints.load_assignment(names.outbound_cluster(svc.key, port, subset), eps)
+                found = (eps, resource(resources.ENDPOINT, cla))
+            assignments[assignment] = found
+    return _Entry(key, built, assignments)

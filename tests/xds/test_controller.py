@@ -174,18 +174,20 @@ def test_memos_follow_the_mesh_not_its_history() -> None:
     ctl.update(dataclasses.replace(state, services={**state.services, **many}))
     ctl.rebuild()
     memos = ctl._memos
-    assert len(memos.service_clusters) >= 200
-    # Two rebuilds without them: the first still remembers them (a Service
-    # that comes back within one push is not translated again), the second not.
+    assert memos.built is not None
+    assert len(memos.built.entries) >= 200
+    # Rebuilds without them: what was made for them is gone with them.
     for version in (1, 2):
         ctl.update(dataclasses.replace(state, version=state.version + version))
         ctl.rebuild()
-    assert len(memos.service_clusters) == len(state.services)
+    assert len(memos.built.entries) == len(state.services)
     # As much as a controller that never saw them.
     fresh = controller.Controller(
         cache.SnapshotCache(controller.Controller.key_of), debounce.Debouncer(0.1, 1.0)
     )
     fresh.update(state)
     fresh.rebuild()
-    assert len(memos.assignments) == len(fresh._memos.assignments)
+    assert fresh._memos.built is not None
+    assert len(memos.service_clusters) == len(fresh._memos.service_clusters)
+    assert len(memos.virtual_hosts) == len(fresh._memos.virtual_hosts)
     assert len(memos.groups) == len(fresh._memos.groups)

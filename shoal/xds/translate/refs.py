@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -21,7 +21,13 @@ Ref = tuple[str, str]
 
 
 def _route_refs(config: route_pb2.RouteConfiguration) -> Iterator[Ref]:
-    for vhost in config.virtual_hosts:
+    return virtual_host_refs(config.virtual_hosts)
+
+
+def virtual_host_refs(vhosts: Iterable[route_components_pb2.VirtualHost]) -> Iterator[Ref]:
+    """What the routes of some virtual hosts name (a route table's are
+    theirs, one Service's hosts at a time)."""
+    for vhost in vhosts:
         for route in vhost.routes:
             if not route.HasField("route"):
                 continue

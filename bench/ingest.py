@@ -1,0 +1,349 @@
+"""Ingest benchmark: one Kubernetes change, from the watch event to the snapshots.
+
+Builds a mesh of Kubernetes objects (10 Namespaces, `--services` Services,
+one EndpointSlice of `--endpoints-per-slice` endpoints each: 10,000 and
+100,000 by default) and feeds them through the real registry path: the
+`KubernetesRegistry` a watch drives (`replace` for the first list, `apply`
+for each watch event: parse, `ObjectStore.check`, `ObjectStore.put`), its
+`build` (`ObjectStore.build`), then `Controller.update` and `rebuild` (no
+debounce wait) with `--proxies` sidecars registered through the
+`SnapshotCache` watch path (as bench/translate.py does). It measures:
+
+* first: the first full build (store build, then translation and publish
+  to every proxy), after the list was put into the store (timed apart);
+* annotation: one Service's `shoal.io/timeout` annotation changes (its
+  route changes);
+* endpoint: one address of one EndpointSlice changes;
+
+each from the registry event to the snapshots set in the cache, split into
+store (event + build) and translation (update + rebuild + publish). Changes
+are repeated `--changes` times (median). Times are CPU seconds of this
+process (time.process_time, user and system; the system part is shown too:
+page faults of new buffers) beside wall seconds (perf_counter): on a shared
+machine the CPU time is the steadier figure. glibc's malloc is tuned as
+`shoal serve` tunes it (heap.tune_malloc); the stores' builds and the
+rebuilds keep the garbage collector out, as `shoal serve` does for the
+registry (heap.HeapKeeper.paused; the controller's `quiet_gc`).
+
+`--check` compares, after the changes, every proxy's snapshot with the one
+a fresh registry and controller build from the same objects (same names and
+versions of every resource).
+
+    .venv/bin/python bench/ingest.py [--services N] [--endpoints-per-slice K]
+        [--proxies N] [--changes N] [--profile first|annotation|endpoint] [--check] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import io
+import json
+import os
+import platform
+import pstats
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from envoy.config.core.v3 import base_pb2  # noqa: E402
+from google.protobuf import struct_pb2  # noqa: E402
+
+from shoal import heap  # noqa: E402
+from shoal.registry import kubernetes, manifests  # noqa: E402
+from shoal.xds import cache, controller, debounce, node  # noqa: E402
+from tests.kube import objects  # noqa: E402
+
+NAMESPACES = 10
+FIRST_OUTBOUND_PORT = 15001
+ANNOTATION = "shoal.io/timeout"
+
+
+@dataclass
+class Timing:
+    """One measured step: CPU and wall seconds, store and translation."""
+
+    store_cpu: float
+    translate_cpu: float
+    store_wall: float
+    translate_wall: float
+    # Of the CPU time, the kernel's (page faults of new buffers, mostly).
+    system_cpu: float = 0.0
+
+    @property
+    def total_cpu(self) -> float:
+        return self.store_cpu + self.translate_cpu
+
+    @property
+    def total_wall(self) -> float:
+        return self.store_wall + self.translate_wall
+
+
+@dataclass
+class Result:
+    services: int
+    endpoints: int
+    proxies: int
+    list_cpu_s: float = 0.0
+    first: Timing | None = None
+    annotation: list[Timing] = field(default_factory=list)
+    endpoint: list[Timing] = field(default_factory=list)
+    checked: bool | None = None
+
+
+def _address(index: int) -> str:
+    return f"10.{index >> 16 & 0xFF}.{index >> 8 & 0xFF}.{index & 0xFF}"
+
+
+def _where(i: int) -> tuple[str, str]:
+    return f"ns{i % NAMESPACES}", f"svc{i}"
+
+
+def _slice(i: int, per_slice: int, moved: dict[int, str]) -> dict[str, Any]:
+    namespace, name = _where(i)
+    first = i * per_slice
+    addresses = [moved.get(first + k, _address(first + k)) for k in range(per_slice)]
+    return objects.endpoint_slice(namespace, name, addresses=addresses, name=f"{name}-x7k2p")
+
+
+def _service(i: int, annotations: dict[int, str]) -> dict[str, Any]:
+    namespace, name = _where(i)
+    notes = {ANNOTATION: annotations[i]} if i in annotations else None
+    return objects.service(namespace, name, annotations=notes, cluster_ip=_address(1 << 20 | i))
+
+
+def proxy_node(i: int) -> base_pb2.Node:
+    """A sidecar of Service i; distinct outbound ports give distinct snapshot keys."""
+    namespace, name = _where(i)
+    metadata = struct_pb2.Struct()
+    metadata.update(
+        {
+            node.NAMESPACE: namespace,
+            node.SERVICE: name,
+            node.SERVICE_ACCOUNT: "default",
+            node.APP_PORT: 8080,
+            node.INBOUND_PORT: 15006,
+            node.OUTBOUND_PORT: FIRST_OUTBOUND_PORT + i,
+            node.INBOUND_ADDRESS: "127.0.0.1",
+        }
+    )
+    return base_pb2.Node(id=f"bench-{i}", cluster=f"{name}.{namespace}", metadata=metadata)
+
+
+class Mesh:
+    """A registry fed like a watch feeds it, and a controller with proxies."""
+
+    def __init__(self, services: int, per_slice: int) -> None:
+        self.services = services
+        self.per_slice = per_slice
+        # The registry never calls the API here: the events are handed to it.
+        # Its builds keep the garbage collector out, as `shoal serve` has it.
+        self.keeper = heap.HeapKeeper()
+        self.registry = kubernetes.KubernetesRegistry(
+            None,  # type: ignore[arg-type]
+            quiet_gc=self.keeper.paused,
+        )
+        self.reflectors = {r.kind.type: r for r in self.registry.reflectors}
+        self.snapshots = cache.SnapshotCache(controller.Controller.key_of)
+        # Rebuilds too (what `shoal serve` should pass the controller).
+        self.ctl = controller.Controller(
+            self.snapshots, debounce.Debouncer(0.1, 1.0), quiet_gc=self.keeper.paused
+        )
+        self.annotations: dict[int, str] = {}
+        self.moved: dict[int, str] = {}
+        self.watches: list[cache.Watch] = []
+        self.events: list[asyncio.Event] = []
+
+    def connect(self, proxies: int) -> None:
+        self.events = [asyncio.Event() for _ in range(proxies)]
+        # Spread over the Services and over every namespace: each namespace
+        # has its own outbound route table.
+        step = max(self.services // max(proxies, 1), 1)
+        self.watches = [
+            self.snapshots.watch(
+                cache.Client(proxy_node((i * step + i % NAMESPACES) % self.services)), e
+            )
+            for i, e in enumerate(self.events)
+        ]
+        if len(set(self.snapshots.watched_keys())) != proxies:
+            raise SystemExit("proxies do not have distinct snapshot keys")
+
+    def list_all(self) -> None:
+        """The first list of every kind, as the reflectors hand it on."""
+        kinds: dict[tuple[str, str], list[dict[str, Any]]] = {
+            manifests.NAMESPACE: [objects.namespace(f"ns{n}") for n in range(NAMESPACES)],
+            manifests.SERVICE: [_service(i, self.annotations) for i in range(self.services)],
+            manifests.ENDPOINT_SLICE: [
+                _slice(i, self.per_slice, self.moved) for i in range(self.services)
+            ],
+        }
+        for reflector in self.registry.reflectors:
+            self.registry.replace(reflector, kinds.get(reflector.kind.type, []))
+
+    def event(self, kind: tuple[str, str], obj: dict[str, Any]) -> None:
+        self.registry.apply(self.reflectors[kind], "MODIFIED", obj)
+
+    def build(self) -> None:
+        # As KubernetesRegistry.watch builds, once per burst of events.
+        with self.registry.quiet_gc():
+            state = self.registry.build()
+        self.ctl.update(state)
+
+    def translate(self) -> None:
+        self.ctl.rebuild()
+
+
+def _timed(event: Callable[[], None], m: Mesh, profile: cProfile.Profile | None = None) -> Timing:
+    gc.collect()
+    for e in m.events:
+        e.clear()
+    if profile is not None:
+        profile.enable()
+    s0 = os.times().system
+    c0, w0 = time.process_time(), time.perf_counter()
+    event()
+    m.build()
+    c1, w1 = time.process_time(), time.perf_counter()
+    m.translate()
+    c2, w2 = time.process_time(), time.perf_counter()
+    s2 = os.times().system
+    if profile is not None:
+        profile.disable()
+    if not all(e.is_set() for e in m.events):
+        raise SystemExit("a proxy was not given a new snapshot")
+    return Timing(c1 - c0, c2 - c1, w1 - w0, w2 - w1, s2 - s0)
+
+
+def content(snapshots: cache.SnapshotCache) -> dict[str, set[tuple[str, str, str]]]:
+    """(type, name, version) of every resource, per watched key."""
+    out: dict[str, set[tuple[str, str, str]]] = {}
+    for key in snapshots.watched_keys():
+        snapshot = snapshots.get(key)
+        assert snapshot is not None
+        out[key] = {
+            (type_url, r.name, r.version)
+            for type_url, groups in snapshot.groups.items()
+            for group in groups
+            for r in group
+        }
+    return out
+
+
+async def run(args: argparse.Namespace) -> Result:
+    r = Result(args.services, args.services * args.endpoints_per_slice, args.proxies)
+    m = Mesh(args.services, args.endpoints_per_slice)
+    m.connect(args.proxies)
+    profiles = {
+        name: cProfile.Profile() if args.profile == name else None
+        for name in ("first", "annotation", "endpoint")
+    }
+
+    c0 = time.process_time()
+    m.list_all()
+    r.list_cpu_s = time.process_time() - c0
+    r.first = _timed(lambda: None, m, profiles["first"])
+
+    for n in range(args.changes):
+        # Services spread over the sorted order, none twice in a row.
+        i = (n * 7919 + 13) % args.services
+        m.annotations[i] = f"{n % 50 + 2}s"
+        obj = _service(i, m.annotations)
+        r.annotation.append(
+            _timed(lambda o=obj: m.event(manifests.SERVICE, o), m, profiles["annotation"])
+        )
+    for n in range(args.changes):
+        i = (n * 7919 + 101) % args.services
+        # 172.16/12 never collides with the 10/8 addresses of the mesh.
+        m.moved[i * args.endpoints_per_slice] = f"172.16.{n >> 8 & 0xFF}.{n & 0xFF}"
+        obj = _slice(i, args.endpoints_per_slice, m.moved)
+        r.endpoint.append(
+            _timed(lambda o=obj: m.event(manifests.ENDPOINT_SLICE, o), m, profiles["endpoint"])
+        )
+
+    if args.check:
+        fresh = Mesh(args.services, args.endpoints_per_slice)
+        fresh.annotations, fresh.moved = m.annotations, m.moved
+        fresh.connect(args.proxies)
+        fresh.list_all()
+        _timed(lambda: None, fresh)
+        r.checked = content(fresh.snapshots) == content(m.snapshots)
+
+    for name, profile in profiles.items():
+        if profile is not None:
+            out = io.StringIO()
+            stats = pstats.Stats(profile, stream=out)
+            stats.sort_stats("cumulative").print_stats(30)
+            stats.sort_stats("tottime").print_stats(20)
+            print(f"== profile: {name} ==", file=sys.stderr)
+            print(out.getvalue(), file=sys.stderr)
+    for w in m.watches:
+        m.snapshots.cancel(w)
+    return r
+
+
+def _median(timings: list[Timing], attr: str) -> float:
+    return statistics.median(getattr(t, attr) for t in timings)
+
+
+def _report(r: Result) -> None:
+    assert r.first is not None
+    print(
+        f"{r.services} Services, {r.endpoints} endpoints, {r.proxies} proxies "
+        f"(python {platform.python_version()}); ms, CPU (process_time) and wall"
+    )
+    print(f"list into the store (replace: parse, check, put): {r.list_cpu_s * 1000:.0f} ms CPU")
+    print(
+        f"{'':>22} {'total cpu':>10} {'store cpu':>10} {'transl cpu':>10} "
+        f"{'(system)':>10} {'total wall':>10}"
+    )
+    rows = [("first build", [r.first]), ("annotation (median)", r.annotation)]
+    rows.append(("endpoint (median)", r.endpoint))
+    for label, timings in rows:
+        print(
+            f"{label:>22} {_median(timings, 'total_cpu') * 1000:>10.1f} "
+            f"{_median(timings, 'store_cpu') * 1000:>10.1f} "
+            f"{_median(timings, 'translate_cpu') * 1000:>10.1f} "
+            f"{_median(timings, 'system_cpu') * 1000:>10.1f} "
+            f"{_median(timings, 'total_wall') * 1000:>10.1f}"
+        )
+    if r.checked is not None:
+        print(f"snapshots equal to a fresh build: {'yes' if r.checked else 'NO'}")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--services", type=int, default=10_000)
+    parser.add_argument("--endpoints-per-slice", type=int, default=10)
+    parser.add_argument("--proxies", type=int, default=100)
+    parser.add_argument("--changes", type=int, default=7, help="changes of each kind (median)")
+    parser.add_argument("--profile", choices=("first", "annotation", "endpoint"))
+    parser.add_argument("--check", action="store_true", help="compare with a fresh build")
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    heap.tune_malloc()  # as `shoal serve` does
+    r = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(asdict(r)))
+    else:
+        _report(r)
+    return 0 if r.checked in (None, True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
