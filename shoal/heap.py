@@ -164,22 +164,28 @@ class Malloc:
 
 
 # glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
-def tune_malloc(*, mmap_threshold: int | None = None, arena_max: int = 2) -> bool:
-    """Keep few malloc arenas: gRPC's threads would add one each, every one
-    holding freed memory of its own.
+def tune_malloc(
+    *, mmap_threshold: int | None = 32 << 20, trim_threshold: int = 64 << 20, arena_max: int = 2
+) -> bool:
+    """Keep few malloc arenas, and serve large buffers from the heap.
 
-    glibc's mmap threshold is left to adapt. A fixed low one (128 KiB, once
-    set here so that the hundreds of kilobytes each connecting proxy is sent
-    went back to the system at once) made every large response fresh pages:
-    at 10,000 Services, 8 ms of system time per connecting proxy in page
-    faults, against no measurable gain in memory once responses were joined
-    once and the heap is trimmed at quiet moments (bench/fanout.py, 1,000
-    delta proxies: 157 KiB per idle stream and 351 MiB peak with it, 159
-    and 365 without). `mmap_threshold` sets one anyway.
+    gRPC's threads would add an arena each, every one holding freed memory
+    of its own. Large buffers come and go all the time (a proxy's whole
+    configuration, a route table of every Service: megabytes at 10,000
+    Services). glibc maps each above its mmap threshold afresh and unmaps it
+    on free, so every one costs its page faults again: with the 128 KiB
+    threshold once set here, 8-12 ms of system time per connecting proxy,
+    and 10 of an annotation change's 36 ms (bench/ingest.py). Below 32 MiB
+    they now come from the heap and reuse its memory, and the heap's top is
+    given back past 64 MiB; HeapKeeper's trim at quiet moments returns the
+    rest. Memory did not grow for it (bench/fanout.py: 1,000 delta proxies
+    160-165 KiB per idle stream and 355 MiB peak either way; 2,000 SotW
+    918 MiB peak either way), and the annotation change went 36 -> 13 ms.
     Environment settings (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_) win.
     Call before threads start. False where this is not glibc."""
     import os
@@ -195,6 +201,8 @@ def tune_malloc(*, mmap_threshold: int | None = None, arena_max: int = 2) -> boo
     done = True
     if mmap_threshold is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         done = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and done
+        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+            done = bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and done
     if "MALLOC_ARENA_MAX" not in os.environ:
         done = bool(mallopt(_M_ARENA_MAX, arena_max)) and done
     return done
