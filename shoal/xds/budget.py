@@ -26,6 +26,10 @@ from shoal import tasks
 # thousand streams.
 DEFAULT_BYTES = 64 << 20
 STALL_S = 2.0
+# Below this a response is not counted: a push of one changed resource to
+# a thousand streams is a few hundred bytes each, and waiting, a timer and
+# a grant per write would cost that push more than its bytes ever could.
+SMALL_BYTES = 64 << 10
 
 
 class Grant:
@@ -33,7 +37,7 @@ class Grant:
 
     __slots__ = ("_budget", "_timer", "size")
 
-    def __init__(self, budget: WriteBudget, size: int) -> None:
+    def __init__(self, budget: WriteBudget | None, size: int) -> None:
         self._budget: WriteBudget | None = budget
         self.size = size
         self._timer: tasks.Cancellable | None = None
@@ -48,6 +52,19 @@ class Grant:
         budget._give_back(self.size)
 
 
+class _Nothing(Grant):
+    """What a small response is granted: nothing to give back."""
+
+    def __init__(self) -> None:
+        super().__init__(None, 0)
+
+    def release(self) -> None:
+        pass
+
+
+_NOTHING = _Nothing()
+
+
 class WriteBudget:
     """At most `limit` bytes granted at once; a response larger than the
     whole limit waits until nothing else is out, then goes alone."""
@@ -57,9 +74,11 @@ class WriteBudget:
         limit: int = DEFAULT_BYTES,
         *,
         stall: float = STALL_S,
+        small: int = SMALL_BYTES,
         later: tasks.Later = tasks.call_later,
     ) -> None:
         self.limit = limit
+        self.small = small
         self.stall = stall
         self._later = later
         self.used = 0
@@ -68,7 +87,9 @@ class WriteBudget:
         self.waited = 0
 
     async def take(self, size: int) -> Grant:
-        size = max(0, min(size, self.limit))
+        if size < self.small:
+            return _NOTHING
+        size = min(size, self.limit)
         if self._waiting or not self._fits(size):
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             entry = (size, future)

@@ -12,7 +12,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from shoal import cli
-from shoal.xds import cache, controller, resources, server, status
+from shoal.xds import budget, cache, controller, resources, server, status
 from tests.conftest import write
 from tests.e2e.helpers import eventually
 from tests.xds.test_ads_protocol import (
@@ -69,10 +69,16 @@ async def test_a_client_that_never_acks_holds_only_itself(
 STUCK_WRITE_TIMEOUT = 20.0
 
 
-@pytest.fixture
-async def slow_server() -> AsyncIterator[tuple[int, cache.SnapshotCache, server.AdsServer]]:
+@pytest.fixture(params=["default budget", "budget under one response"])
+async def slow_server(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[int, cache.SnapshotCache, server.AdsServer]]:
+    """With a write budget smaller than one response, the stuck stream holds
+    all of it: a healthy one must still be answered (the grant stops
+    counting after its stall time, far below the write timeout)."""
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ads = server.AdsServer(snapshots, write_timeout=STUCK_WRITE_TIMEOUT)
+    spent = budget.WriteBudget(1 << 20) if request.param != "default budget" else None
+    ads = server.AdsServer(snapshots, write_timeout=STUCK_WRITE_TIMEOUT, write_budget=spent)
     grpc_server = grpc.aio.server()
     grpc_server.add_generic_rpc_handlers((ads.handler(),))
     port = grpc_server.add_insecure_port("127.0.0.1:0")

@@ -44,7 +44,7 @@ async def settle() -> None:
 def test_grants_wait_for_room_in_order() -> None:
     async def scenario() -> None:
         later = Later()
-        b = budget.WriteBudget(100, stall=2.0, later=later)
+        b = budget.WriteBudget(100, stall=2.0, small=0, later=later)
         first = await b.take(60)
         order: list[str] = []
 
@@ -73,7 +73,7 @@ def test_grants_wait_for_room_in_order() -> None:
 
 def test_a_response_larger_than_the_budget_goes_alone() -> None:
     async def scenario() -> None:
-        b = budget.WriteBudget(100, later=Later())
+        b = budget.WriteBudget(100, small=0, later=Later())
         huge = await b.take(10_000)
         assert b.used == 100
         waiting = asyncio.create_task(b.take(1))
@@ -89,7 +89,7 @@ def test_a_response_larger_than_the_budget_goes_alone() -> None:
 def test_a_stalled_write_stops_counting() -> None:
     async def scenario() -> None:
         later = Later()
-        b = budget.WriteBudget(100, stall=2.0, later=later)
+        b = budget.WriteBudget(100, stall=2.0, small=0, later=later)
         stalled = await b.take(100)
         waiting = asyncio.create_task(b.take(50))
         await settle()
@@ -106,7 +106,7 @@ def test_a_stalled_write_stops_counting() -> None:
 
 def test_a_cancelled_wait_leaves_the_budget_whole() -> None:
     async def scenario() -> None:
-        b = budget.WriteBudget(100, later=Later())
+        b = budget.WriteBudget(100, small=0, later=Later())
         held = await b.take(100)
         waiting = asyncio.create_task(b.take(10))
         behind = asyncio.create_task(b.take(10))
@@ -116,6 +116,19 @@ def test_a_cancelled_wait_leaves_the_budget_whole() -> None:
             await waiting
         held.release()
         (await behind).release()
+        assert b.used == 0
+
+    asyncio.run(scenario())
+
+
+def test_small_responses_are_not_counted() -> None:
+    async def scenario() -> None:
+        b = budget.WriteBudget(100, small=10, later=Later())
+        held = await b.take(100)
+        small = await b.take(9)  # no wait, though the budget is spent
+        small.release()
+        assert b.used == 100 and b.waited == 0
+        held.release()
         assert b.used == 0
 
     asyncio.run(scenario())
