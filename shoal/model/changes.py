@@ -4,6 +4,7 @@ log line or the dashboard can show."""
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -53,11 +54,11 @@ def between(before: mesh.MeshState, after: mesh.MeshState) -> ChangeSet:
     if delta is not None:
         # The registry said which keys: only those are compared.
         return ChangeSet(
-            services=_among(delta.services, before.services, after.services),
-            endpoints=_among(delta.endpoints, before.endpoints, after.endpoints),
-            routes=_among(delta.routes, before.routes, after.routes),
-            namespaces=_among(delta.namespaces, before.namespaces, after.namespaces),
-            pods=_among(delta.pods, before.pods, after.pods),
+            services=differing_among(delta.services, before.services, after.services),
+            endpoints=differing_among(delta.endpoints, before.endpoints, after.endpoints),
+            routes=differing_among(delta.routes, before.routes, after.routes),
+            namespaces=differing_among(delta.namespaces, before.namespaces, after.namespaces),
+            pods=differing_among(delta.pods, before.pods, after.pods),
         )
     return ChangeSet(
         services=_differing(before.services, after.services),
@@ -68,8 +69,8 @@ def between(before: mesh.MeshState, after: mesh.MeshState) -> ChangeSet:
     )
 
 
-def _among(
-    keys: frozenset[K], before: Mapping[K, object], after: Mapping[K, object]
+def differing_among(
+    keys: AbstractSet[K], before: Mapping[K, object], after: Mapping[K, object]
 ) -> frozenset[K]:
     """Those of `keys` whose values differ (or that were added or removed)."""
     out = set()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from shoal.model import mesh, problems, routing
+from shoal.model import changes, mesh, problems, routing
 from shoal.registry import annotations as notes
 from shoal.registry import gatewayapi, manifests, trafficroute
 
@@ -272,11 +272,11 @@ class ObjectStore:
         delta = mesh.Delta(
             last.mappings(),
             tuple(map(id, state.mappings())),
-            _differing(services, last.services, state.services),
-            _differing(endpoints, last.endpoints, state.endpoints),
-            _differing(routes, last.routes, state.routes),
-            _differing(namespaces, last.namespaces, state.namespaces),
-            _differing(pods, last.pods, state.pods),
+            changes.differing_among(services, last.services, state.services),
+            changes.differing_among(endpoints, last.endpoints, state.endpoints),
+            changes.differing_among(routes, last.routes, state.routes),
+            changes.differing_among(namespaces, last.namespaces, state.namespaces),
+            changes.differing_among(pods, last.pods, state.pods),
             prior,
             prior.depth + 1 if prior is not None else 1,
         )
@@ -834,16 +834,6 @@ _FEW = 64
 # How many builds back a state's deltas reach (each holds the mappings of
 # the state before it).
 _DELTAS = 4
-
-
-def _differing(keys: set[K], before: Mapping[K, object], after: Mapping[K, object]) -> frozenset[K]:
-    """Those of `keys` whose values differ, or that were added or removed."""
-    out = set()
-    for key in keys:
-        old, new = before.get(key), after.get(key)
-        if old is not new and old != new:
-            out.add(key)
-    return frozenset(out)
 
 
 def _kept(err: Exception, kept: object) -> str:

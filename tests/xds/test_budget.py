@@ -4,36 +4,11 @@ served, and a write that stalls stops holding others up."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pytest
 
 from shoal.xds import budget
-
-
-@dataclass
-class Timer:
-    callback: Callable[[], None]
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
-class Later:
-    timers: list[Timer] = field(default_factory=list)
-
-    def __call__(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(callback)
-        self.timers.append(timer)
-        return timer
-
-    def fire(self) -> None:
-        for timer in self.timers:
-            if not timer.cancelled:
-                timer.callback()
+from tests.timers import Later
 
 
 async def settle() -> None:
@@ -66,7 +41,7 @@ def test_grants_wait_for_room_in_order() -> None:
         (await big).release()
         (await small).release()
         assert b.used == 0
-        assert all(t.cancelled for t in later.timers), "a finished grant stops its timer"
+        assert all(t.cancelled for _, t in later.timers), "a finished grant stops its timer"
 
     asyncio.run(scenario())
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.model import mesh
 from shoal.xds import identities
+from tests.timers import Later
 
 
 @dataclass
@@ -37,33 +37,6 @@ class Issuer:
 
     def forget(self, namespace: str, service_account: str) -> None:
         self.held.pop((namespace, service_account), None)
-
-
-@dataclass
-class Timer:
-    callback: Callable[[], None]
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
-class Later:
-    """Scheduled callbacks, fired when the test says."""
-
-    timers: list[tuple[float, Timer]] = field(default_factory=list)
-
-    def __call__(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(callback)
-        self.timers.append((delay, timer))
-        return timer
-
-    def fire(self) -> None:
-        due, self.timers = self.timers, []
-        for _, timer in due:
-            if not timer.cancelled:
-                timer.callback()
 
 
 WEB = mesh.Identity("shop", "web")
