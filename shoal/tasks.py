@@ -82,9 +82,6 @@ class Linger(Generic[K]):
         self._later = later
         self._leaving: dict[K, Cancellable] = {}
 
-    def __len__(self) -> int:
-        return len(self._leaving)
-
     def __iter__(self) -> Iterator[K]:
         return iter(list(self._leaving))
 

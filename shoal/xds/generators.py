@@ -58,9 +58,6 @@ class Own:
         """Its last stream went: dropped after the linger unless it is back."""
         self._leaving.leave(p)
 
-    def __len__(self) -> int:
-        return len(self._by_proxy)
-
     def _drop(self, p: proxy.Proxy) -> None:
         self._by_proxy.pop(p, None)
 
