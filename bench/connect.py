@@ -42,7 +42,7 @@ on it. With `--keep`, proxies stay connected and only the first of the
 identity is issued one. `--warmup` connects come first, not counted.
 
 The floor (`--no-floor` to skip): a bare grpc.aio server in its own process
-(fanout/floor.py ReplayFloor, started as `bench/connect.py --floor-server`),
+(fanout/floor.py ReplayFloor, started as `bench/fanout.py --replay-server`),
 with shoal's gRPC options and the same mTLS, answering each subscription with
 the bytes shoal sent the last measured proxy for that type (the same five
 responses: CDS, EDS, LDS, RDS, SDS), parsing every request into the same
@@ -487,19 +487,7 @@ async def measure_shoal(
 async def measure_floor(
     args: argparse.Namespace, row: Row, bodies: dict[str, bytes], work: Path, tls: harness.Tls
 ) -> None:
-    tag = f"{row.services}-{row.mode}"
-    port = processes.free_port()
-    command = [
-        processes.PYTHON,
-        str(SCRIPT),
-        "--floor-server",
-        str(port),
-        "--floor-bodies",
-        str(floor.write_bodies(work / f"floor-bodies-{tag}", bodies)),
-    ]
-    if tls.enabled:
-        command += ["--floor-tls", str(tls.write_server(work / f"floor-tls-{tag}"))]
-    proc, _ = await processes.start_process(command, work, f"floor-{tag}", "floor: listening")
+    proc, port = await floor.start_replay(work, f"{row.services}-{row.mode}", bodies, tls)
     try:
         await series(args, row, proc.pid, f"127.0.0.1:{port}", tls)
     finally:
@@ -736,10 +724,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="perf record -g the server over the measured connects, to FILE.SERVICES-MODE",
     )
     p.add_argument("--perf-rate", type=int, default=999, help="samples per second (999)")
-    # Internal: the floor server, started by this script.
-    p.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--floor-bodies", help=argparse.SUPPRESS)
-    p.add_argument("--floor-tls", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.connects < 1 or args.warmup < 0 or args.settle < 0:
         p.error("--connects must be at least 1, --warmup and --settle at least 0")
@@ -755,10 +739,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
-    if args.floor_server is not None:
-        tls = Path(args.floor_tls) if args.floor_tls else None
-        asyncio.run(floor.replay_main(args.floor_server, Path(args.floor_bodies), tls))
-        return 0
     try:
         rows = asyncio.run(coordinator(args))
     except (KeyboardInterrupt, asyncio.CancelledError):

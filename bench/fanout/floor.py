@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from shoal.xds import server as ads_server
 
-from . import processes, wire
+from . import harness, processes, wire
 
 # Shoal's own, so the floor holds as many streams the same way.
 SERVER_OPTIONS = ads_server.GRPC_OPTIONS
@@ -74,10 +74,20 @@ class Floor:
 
 async def floor_main(port: int, body_file: Path, tls: Path | None) -> None:
     """`tls`: a folder of cert.pem, key.pem and roots.pem (plain text without)."""
+    floor = Floor(body_file)
+    await _serve(port, floor.handler(), tls, on_usr1=floor.push)
+
+
+async def _serve(
+    port: int,
+    handler: grpc.GenericRpcHandler,
+    tls: Path | None,
+    on_usr1: Callable[[], None] | None = None,
+) -> None:
+    """Serve `handler` with shoal's gRPC options until SIGINT or SIGTERM."""
     processes.raise_open_files()
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    floor = Floor(body_file)
-    server.add_generic_rpc_handlers((floor.handler(),))
+    server.add_generic_rpc_handlers((handler,))
     address = f"127.0.0.1:{port}"
     if tls is None:
         bound = server.add_insecure_port(address)
@@ -88,7 +98,8 @@ async def floor_main(port: int, body_file: Path, tls: Path | None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, floor.push)
+    if on_usr1 is not None:
+        loop.add_signal_handler(signal.SIGUSR1, on_usr1)
     print(f"floor: listening on 127.0.0.1:{bound}", flush=True)
     await stop.wait()
     await server.stop(grace=0.5)
@@ -161,19 +172,24 @@ def read_bodies(folder: Path) -> dict[str, bytes]:
 async def replay_main(port: int, bodies: Path, tls: Path | None) -> None:
     """A ReplayFloor of the responses in `bodies` (write_bodies), until
     SIGINT or SIGTERM; `tls` as for floor_main."""
-    processes.raise_open_files()
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((ReplayFloor(read_bodies(bodies)).handler(),))
-    address = f"127.0.0.1:{port}"
-    if tls is None:
-        bound = server.add_insecure_port(address)
-    else:
-        bound = server.add_secure_port(address, _credentials(tls))
-    await server.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"floor: listening on 127.0.0.1:{bound}", flush=True)
-    await stop.wait()
-    await server.stop(grace=0.5)
+    await _serve(port, ReplayFloor(read_bodies(bodies)).handler(), tls)
+
+
+async def start_replay(
+    work: Path, tag: str, bodies: dict[str, bytes], tls: harness.Tls
+) -> tuple[asyncio.subprocess.Process, int]:
+    """A replay floor in its own process (bench/fanout.py --replay-server),
+    with the same TLS as shoal; the process and its port."""
+    port = processes.free_port()
+    command = [
+        processes.PYTHON,
+        str(processes.ENTRY),
+        "--replay-server",
+        str(port),
+        "--replay-bodies",
+        str(write_bodies(work / f"replay-bodies-{tag}", bodies)),
+    ]
+    if tls.enabled:
+        command += ["--floor-tls", str(tls.write_server(work / f"replay-tls-{tag}"))]
+    proc, _ = await processes.start_process(command, work, f"replay-{tag}", "floor: listening")
+    return proc, port

@@ -231,20 +231,7 @@ async def measure_floor_storm(
     """The reconnect storm's floor: every proxy connects at once to a bare
     gRPC server that hands each the configuration recorded from shoal, as
     ready bytes (floor.ReplayFloor)."""
-    port = processes.free_port()
-    command = [
-        processes.PYTHON,
-        str(processes.ENTRY),
-        "--replay-server",
-        str(port),
-        "--replay-bodies",
-        str(floor.write_bodies(work / f"replay-bodies-{r.proxies}", bodies)),
-    ]
-    if tls.enabled:
-        command += ["--floor-tls", str(tls.write_server(work / f"replay-tls-{r.proxies}"))]
-    replay, _ = await processes.start_process(
-        command, work, f"replay-{r.proxies}", "floor: listening"
-    )
+    replay, port = await floor.start_replay(work, str(r.proxies), bodies, tls)
     try:
         await asyncio.sleep(SETTLE_S)
         setup = {"mode": args.mode, "services": args.services, "tls": tls.client(), "floor": False}
