@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import functools
 import gc
 import io
 import json
@@ -57,16 +58,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import translate  # noqa: E402  (bench/, this script's folder)
 from envoy.config.core.v3 import base_pb2  # noqa: E402
-from google.protobuf import struct_pb2  # noqa: E402
 
 from shoal import heap  # noqa: E402
 from shoal.registry import kubernetes, manifests  # noqa: E402
-from shoal.xds import cache, controller, debounce, node  # noqa: E402
+from shoal.xds import cache, controller, debounce  # noqa: E402
 from tests.kube import objects  # noqa: E402
 
 NAMESPACES = 10
-FIRST_OUTBOUND_PORT = 15001
 ANNOTATION = "shoal.io/timeout"
 
 
@@ -125,20 +125,7 @@ def _service(i: int, annotations: dict[int, str]) -> dict[str, Any]:
 
 def proxy_node(i: int) -> base_pb2.Node:
     """A sidecar of Service i; distinct outbound ports give distinct snapshot keys."""
-    namespace, name = _where(i)
-    metadata = struct_pb2.Struct()
-    metadata.update(
-        {
-            node.NAMESPACE: namespace,
-            node.SERVICE: name,
-            node.SERVICE_ACCOUNT: "default",
-            node.APP_PORT: 8080,
-            node.INBOUND_PORT: 15006,
-            node.OUTBOUND_PORT: FIRST_OUTBOUND_PORT + i,
-            node.INBOUND_ADDRESS: "127.0.0.1",
-        }
-    )
-    return base_pb2.Node(id=f"bench-{i}", cluster=f"{name}.{namespace}", metadata=metadata)
+    return translate.sidecar_node(i, *_where(i))
 
 
 class Mesh:
@@ -260,7 +247,7 @@ async def run(args: argparse.Namespace) -> Result:
         m.annotations[i] = f"{n % 50 + 2}s"
         obj = _service(i, m.annotations)
         r.annotation.append(
-            _timed(lambda o=obj: m.event(manifests.SERVICE, o), m, profiles["annotation"])
+            _timed(functools.partial(m.event, manifests.SERVICE, obj), m, profiles["annotation"])
         )
     for n in range(args.changes):
         i = (n * 7919 + 101) % args.services
@@ -268,7 +255,9 @@ async def run(args: argparse.Namespace) -> Result:
         m.moved[i * args.endpoints_per_slice] = f"172.16.{n >> 8 & 0xFF}.{n & 0xFF}"
         obj = _slice(i, args.endpoints_per_slice, m.moved)
         r.endpoint.append(
-            _timed(lambda o=obj: m.event(manifests.ENDPOINT_SLICE, o), m, profiles["endpoint"])
+            _timed(
+                functools.partial(m.event, manifests.ENDPOINT_SLICE, obj), m, profiles["endpoint"]
+            )
         )
 
     if args.check:
@@ -293,7 +282,7 @@ async def run(args: argparse.Namespace) -> Result:
 
 
 def _median(timings: list[Timing], attr: str) -> float:
-    return statistics.median(getattr(t, attr) for t in timings)
+    return float(statistics.median(getattr(t, attr) for t in timings))
 
 
 def _report(r: Result) -> None:

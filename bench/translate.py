@@ -122,11 +122,17 @@ def move_one_endpoint(state: mesh.MeshState, key: mesh.ServiceKey) -> mesh.MeshS
 def proxy_node(i: int) -> base_pb2.Node:
     """A sidecar of Service i; distinct outbound ports give distinct snapshot keys."""
     key = _service_key(i)
+    return sidecar_node(i, key.namespace, key.name)
+
+
+def sidecar_node(i: int, namespace: str, name: str) -> base_pb2.Node:
+    """Sidecar number i, of Service `name` in `namespace`, with outbound
+    port FIRST_OUTBOUND_PORT + i (bench/ingest.py uses it too)."""
     metadata = struct_pb2.Struct()
     metadata.update(
         {
-            node.NAMESPACE: key.namespace,
-            node.SERVICE: key.name,
+            node.NAMESPACE: namespace,
+            node.SERVICE: name,
             node.SERVICE_ACCOUNT: "default",
             node.APP_PORT: 8080,
             node.INBOUND_PORT: 15006,
@@ -134,7 +140,7 @@ def proxy_node(i: int) -> base_pb2.Node:
             node.INBOUND_ADDRESS: "127.0.0.1",
         }
     )
-    return base_pb2.Node(id=f"bench-{i}", cluster=f"{key.name}.{key.namespace}", metadata=metadata)
+    return base_pb2.Node(id=f"bench-{i}", cluster=f"{name}.{namespace}", metadata=metadata)
 
 
 def content(snapshots: cache.SnapshotCache) -> set[tuple[str, str, str]]:
