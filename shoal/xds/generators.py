@@ -121,19 +121,9 @@ class SidecarGenerator:
         self, p: proxy.Sidecar, ctx: Context, in_scope: sharing.Scope | None
     ) -> sharing.Groups:
         shared = ctx.shared
-        state = shared.state
         scoped_clusters, scoped_endpoints = shared.scoped_groups(in_scope)
-        visible = shared.visible(in_scope)
         own_clusters, own_listeners = self._own(p, ctx)
-        route_group = shared.route_table(
-            sharing.RouteTable("outbound", p.namespace, in_scope),
-            _route_inputs(ctx, visible),
-            lambda: [
-                sharing.resource(
-                    resources.ROUTE, sidecar.outbound_routes(p.namespace, visible, state)
-                )
-            ],
-        )
+        route_group = shared.outbound_routes(p.namespace, in_scope)
         return {
             resources.CLUSTER: (scoped_clusters, own_clusters),
             resources.ENDPOINT: (scoped_endpoints,),

@@ -425,25 +425,35 @@ class Shared:
     ) -> cache.ResourceGroup:
         """A group rebuilt only when `inputs` changed. Inputs are compared once
         per key and rebuild, not once per proxy: the comparison walks every
-        visible Service. A sidecar's outbound table is assembled here, from
-        the parts of the Services that changed (`build` would make the same
-        bytes, checked by the tests, at the cost of every Service)."""
+        visible Service."""
         tables = self.memos.route_tables
         fresh = tables.fresh(key)
         if fresh is not None:
             return fresh[1]
         found = tables.get(key)
-        if key.kind == OUTBOUND_ROUTES and key.namespace is not None:
-            last = found[0] if found is not None else None
-            table = self._outbound(
-                key.namespace, key.scope, last if isinstance(last, OutboundTable) else None
-            )
-            return tables.put(key, (table, table.group))[1]
         if found is None or not (found[0] is inputs or found[0] == inputs):
             found = (inputs, cache.ResourceGroup(build()))
         # The newest inputs are kept, so the next rebuild compares by identity
         # first whenever nothing changed.
         return tables.put(key, (inputs, found[1]))[1]
+
+    def outbound_routes(self, namespace: str, in_scope: Scope | None) -> cache.ResourceGroup:
+        """A sidecar's outbound route table, once per namespace, scope and
+        rebuild: assembled from the encoded parts of the Services, and only
+        those that changed since the last rebuild are encoded again (the
+        bytes are what `sidecar.outbound_routes` serializes whole, checked
+        by the tests, which would cost every Service each time)."""
+        tables = self.memos.route_tables
+        key = RouteTable(OUTBOUND_ROUTES, namespace, in_scope)
+        fresh = tables.fresh(key)
+        if fresh is not None:
+            return fresh[1]
+        found = tables.get(key)
+        last = found[0] if found is not None else None
+        table = self._outbound(
+            namespace, in_scope, last if isinstance(last, OutboundTable) else None
+        )
+        return tables.put(key, (table, table.group))[1]
 
     # -- outbound route tables, by parts ----------------------------------------
 
