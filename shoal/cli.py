@@ -25,7 +25,7 @@ import grpc
 import yaml
 from prometheus_client import CollectorRegistry
 
-from shoal import heap, kube, sidecar_files, spiffe, tasks, terminal
+from shoal import heap, kube, sidecar_files, spiffe, tasks, terminal, workers
 from shoal.agent import health as agent_health
 from shoal.agent import iptables
 from shoal.agent import run as agent_run
@@ -63,6 +63,7 @@ DASHBOARD_PORT = 15019
 # The admin action that hands out the served dashboard's login link.
 DASHBOARD_LOGIN = "dashboard/login"
 ADMIN_SOCKET = "admin.sock"
+MAX_WORKERS = 64
 # Where the CLI finds a control plane: its admin socket in the state
 # directory, unless --admin or SHOAL_ADMIN says otherwise.
 ADMIN_ENV = "SHOAL_ADMIN"
@@ -147,6 +148,11 @@ class ServeOptions:
     # Where that dashboard's graph takes its traffic from ("": the sidecars
     # whose Envoy admin is on this host).
     dashboard_prometheus: str = ""
+    # Processes serving xDS on the one xDS address (shoal/workers.py), and
+    # which of them this is: 0 is the one started, the one with the admin
+    # port, dashboard, webhook, join port and collector.
+    workers: int = 1
+    worker: int = 0
 
 
 @dataclass
@@ -167,11 +173,14 @@ class ControlPlane:
     traces: traces.SpanStore | None = None
     # The dashboard's URL with its login token ("" when not served).
     dashboard_url: str = ""
+    # Workers 1 to N-1 (None with one worker, and in those workers).
+    pool: workers.Pool | None = None
 
 
 @contextlib.asynccontextmanager
 async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     """Start everything `shoal serve` runs; stop all of it, in reverse, on exit."""
+    given = options
     async with contextlib.AsyncExitStack() as stack:
         keeper = heap.HeapKeeper()
         kube_api: kube.Api | None = None
@@ -206,10 +215,14 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 authority, record = await roots.load_shared(
                     kube_api, options.ca_secret, options.trust_domain
                 )
+            elif options.worker > 0 and options.ca_cert is None:
+                authority, record = roots.load_local_shared(options.state_dir, options.trust_domain)
             else:
                 authority = roots.load_local(
                     options.state_dir, options.trust_domain, _plugged(options)
                 )
+                if options.workers > 1 and options.ca_cert is None:
+                    record = roots.share_local(options.state_dir, authority)
         certificates = (
             workloads.WorkloadCertificates(authority, ttl=options.workload_ttl)
             if authority is not None
@@ -321,8 +334,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
 
             if kube_api is not None and record is not None:
                 shared_root = roots.shared_root(kube_api, options.ca_secret, certificates, revoke)
+            elif record is not None:
+                shared_root = roots.local_shared_root(options.state_dir, certificates, revoke)
+            if shared_root is not None and record is not None:
                 shared_root.applied(record)
-            if options.ca_cert is None:
+            if options.ca_cert is None and options.worker == 0:
                 rotations = operations.RootRotations(
                     rotation.RootRotation(
                         None if shared_root is not None else options.state_dir,
@@ -367,6 +383,9 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             webhook_port = await _webhook(stack, options, certificates, kube_api, metric_registry)
 
         socket_path = options.admin_socket or options.state_dir / ADMIN_SOCKET
+        worker_sockets = {i: workers.socket_of(socket_path, i) for i in range(1, options.workers)}
+        if options.worker > 0:
+            worker_sockets = {}
         dashboard_url = ""
         if options.dashboard_address:
             dashboard_url = await _dashboard(stack, options, str(socket_path))
@@ -378,15 +397,26 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 return login
 
             actions[DASHBOARD_LOGIN] = dashboard_login
-        admin_host, admin_port = _host_port(options.admin_address)
+        if worker_sockets:
+            own_proxies = reports["syncz"]
+            reports["syncz"] = lambda: workers.every_proxy(own_proxies(), worker_sockets)
+        admin_host, admin_port = (
+            _host_port(options.admin_address) if options.admin_address else (None, 0)
+        )
         admin_port = await stack.enter_async_context(
             admin.serve(
                 admin.app(
                     ready=registry.ready,
                     reports=reports,
                     queries={
-                        "config_dump": lambda q: status.config_dump_of(ads, q),
-                        "proxy_diff": lambda q: proxydiff.diff_of(ads, q),
+                        "config_dump": workers.found_anywhere(
+                            lambda q: status.config_dump_of(ads, q),
+                            "/debug/config_dump",
+                            worker_sockets,
+                        ),
+                        "proxy_diff": workers.found_anywhere(
+                            lambda q: proxydiff.diff_of(ads, q), "/debug/proxy_diff", worker_sockets
+                        ),
                         "describe": lambda q: observe_describe.service_of(
                             ctl.state,
                             q,
@@ -422,6 +452,30 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         running.start(keeper.run(), "heap-keeper")
         if shared_root is not None:
             running.start(shared_root.follow(), "shared-root")
+        pool: workers.Pool | None = None
+        if options.workers > 1 and options.worker == 0:
+            # The other workers bind the port this one bound (":0" included).
+            xds_address = f"{_host_port(options.xds_address)[0]}:{xds_port}"
+            pool = workers.Pool(
+                options.workers,
+                workers.worker_command(logging.getLevelName(logging.getLogger().level).lower()),
+                lambda i: dataclasses.replace(
+                    given,
+                    worker=i,
+                    xds_address=xds_address,
+                    admin_address="",
+                    admin_socket=worker_sockets[i],
+                    join_address="",
+                    webhook_address="",
+                    collector_address="",
+                    dashboard_address="",
+                ),
+            )
+            stack.push_async_callback(pool.stop)
+            await pool.start()
+            running.start(pool.supervise(), "xds-workers")
+        # What follows is done once for the whole control plane: by worker 0.
+        leader_duties = options.worker == 0
         if kube_api is not None and webhook_port and certificates is not None:
             trusted = certificates
             keeper_of_bundle = injector_bundle.CaBundle(
@@ -435,7 +489,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             reports["injection"] = lambda: {"caBundle": keeper_of_bundle.last}
             webhook_keeper.append(keeper_of_bundle)
             running.start(keeper_of_bundle.run(), "webhook-ca-bundle")
-        if kube_api is not None and isinstance(registry, kubernetes.KubernetesRegistry):
+        if (
+            leader_duties
+            and kube_api is not None
+            and isinstance(registry, kubernetes.KubernetesRegistry)
+        ):
             watched = registry
             writer = routestatus.RouteStatus(
                 kube_api,
@@ -469,6 +527,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             collector_port,
             span_store,
             dashboard_url,
+            pool,
         )
 
 
@@ -644,6 +703,8 @@ async def _serve(options: ServeOptions) -> int:
         security = (
             "plain text" if cp.authority is None else f"mTLS, trust domain {options.trust_domain}"
         )
+        if options.workers > 1:
+            security += f", {options.workers} workers"
         print(
             f"shoal: xDS on {_host_port(options.xds_address)[0]}:{cp.xds_port} ({security}), "
             f"admin on http://{_host_port(options.admin_address)[0]}:{cp.admin_port}/ "
@@ -659,6 +720,31 @@ async def _serve(options: ServeOptions) -> int:
     return 0
 
 
+async def _serve_worker() -> int:
+    """One of workers 1 to N-1 (shoal/workers.py): its options come from
+    worker 0 on stdin; it serves until stdin closes or SIGTERM."""
+    stdin = await workers.stdin_reader()
+    options = await workers.read_options(stdin)
+    if not isinstance(options, ServeOptions):
+        print("shoal serve --worker: not started by shoal serve --workers", file=sys.stderr)
+        return 2
+    # Its lines go where worker 0's go: each says which worker wrote it.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(terminal.Formatter(f"[worker {options.worker}] {LOG_FORMAT}"))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Ctrl-C reaches the whole process group; worker 0 stops the others.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    async with control_plane(options), tasks.Tasks() as running:
+        running.start(workers.until_parent_gone(stdin), "parent").add_done_callback(
+            lambda _: stop.set()
+        )
+        print(workers.READY, flush=True)
+        await stop.wait()
+    return 0
+
+
 def _address_for(given: str | None, kubernetes: bool, in_cluster: str, local: str = "") -> str:
     """A listener's address: as given (`''` for off), else its default for
     the mode."""
@@ -668,6 +754,12 @@ def _address_for(given: str | None, kubernetes: bool, in_cluster: str, local: st
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.worker:
+        heap.tune_malloc()
+        return asyncio.run(_serve_worker())
+    if not 1 <= args.workers <= MAX_WORKERS:
+        print(f"shoal serve: --workers must be 1 to {MAX_WORKERS}", file=sys.stderr)
+        return 2
     if (args.registry is None) == (not args.kubernetes):
         print("shoal serve: give either --registry DIR or --kubernetes", file=sys.stderr)
         return 2
@@ -723,6 +815,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=dataclasses.replace(
             server.Limits(), streams_per_identity=args.max_streams_per_identity
         ),
+        workers=args.workers,
     )
     for identity in options.admin_identities:
         namespace, _, account = identity.partition("/")
@@ -1038,7 +1131,10 @@ def format_proxy_status(proxies: list[dict[str, Any]]) -> str:
             x["type"] == "SDS" and x["status"] != "NOT SENT" for p in proxies for x in p["types"]
         )
     ]
+    # With `serve --workers N`: which worker serves each stream.
+    by_worker = any("worker" in p for p in proxies)
     header = ["NAME", "CLUSTER", "MODE", *shown_types, "MESH", "CONNECTED", "IDENTITY"]
+    header += ["WORKER"] if by_worker else []
     rows = [header]
     errors = []
     for p in proxies:
@@ -1054,6 +1150,7 @@ def format_proxy_status(proxies: list[dict[str, Any]]) -> str:
                     )
                 )
         cells += [p["mesh"], f"{p['connected_s']:.0f}s", p.get("identity") or "-"]
+        cells += [p.get("worker", "-")] if by_worker else []
         rows.append(_safe_cells([str(c) for c in cells]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -1486,6 +1583,16 @@ def _serve_command(sub: Any) -> None:
         metavar="NAME",
         help="another name or address sidecars use to reach xDS (for its certificate)",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes serving xDS on the one xDS address, each on a core of its own "
+        "(default 1; see the README's Scale out)",
+    )
+    # What worker 0 starts workers 1 to N-1 with (their options on stdin).
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     _injection_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -2058,14 +2165,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     handler = logging.StreamHandler()
-    handler.setFormatter(terminal.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(terminal.Formatter(LOG_FORMAT))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     result: int = args.func(args)
     return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m shoal.cli`, this file is `__main__`; its classes
+    # should be `shoal.cli`'s, as the ones `serve --workers` hands its
+    # workers are named.
+    from shoal import cli
+
+    sys.exit(cli.main())

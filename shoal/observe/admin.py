@@ -186,6 +186,8 @@ def app(
                 # A query's name may hold a path parameter
                 # ("traces/{trace_id}"): it is read like a query argument.
                 found = query({**request.query, **request.match_info})
+                if inspect.isawaitable(found):
+                    found = await found
             except ValueError as err:
                 return web.json_response({"error": str(err)}, status=400)
             if found is None:
@@ -241,15 +243,18 @@ def _dumps(value: Any) -> str:
 
 @contextlib.asynccontextmanager
 async def serve(
-    application: web.Application, host: str, port: int, socket_path: Path
+    application: web.Application, host: str | None, port: int, socket_path: Path
 ) -> AsyncIterator[int]:
     """The admin API on host:port (anonymous callers) and on a Unix socket
-    only this user can open (readers and admins); yields the TCP port bound."""
+    only this user can open (readers and admins); yields the TCP port bound
+    (0 with no host: the socket only)."""
     runner = web.AppRunner(application, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
-        bound: int = runner.addresses[0][1]
+        bound = 0
+        if host is not None:
+            await web.TCPSite(runner, host, port).start()
+            bound = runner.addresses[0][1]
         _free_socket(socket_path)
         await web.UnixSite(runner, str(socket_path)).start()
         # Besides the mode, each caller's uid is checked (caller_role).

@@ -3,7 +3,11 @@ directory, or (on Kubernetes) one Secret every replica shares."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,4 +80,92 @@ def shared_root(
 
     return rotation.SharedRoot(
         certificates, read, write, where=f"Secret {namespace}/{secret}", on_revoke=on_revoke
+    )
+
+
+# With `shoal serve --workers N` on a state directory, the root and the
+# phase of a rotation, in one file every worker reads (the Secret's role on
+# Kubernetes): written whole and renamed into place, so a reader never sees
+# half of a phase.
+FOLDER_RECORD = "shared-root.json"
+
+
+class RecordChanged(RuntimeError):
+    """The record was written by someone else since it was read."""
+
+
+def _record_path(state_dir: Path) -> Path:
+    return state_dir / "ca" / FOLDER_RECORD
+
+
+def _read_folder_record(state_dir: Path) -> tuple[dict[str, bytes], str]:
+    raw = _record_path(state_dir).read_bytes()
+    try:
+        data = {k: base64.b64decode(v) for k, v in json.loads(raw).items()}
+    except (ValueError, AttributeError) as err:
+        raise ca.CAError(f"{_record_path(state_dir)} is not a root record: {err}") from err
+    return data, hashlib.sha256(raw).hexdigest()
+
+
+def _write_folder_record(state_dir: Path, data: dict[str, bytes]) -> str:
+    raw = json.dumps({k: base64.b64encode(v).decode() for k, v in sorted(data.items())}).encode()
+    path = _record_path(state_dir)
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    ca.write_private(staged, raw)
+    os.replace(staged, path)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def share_local(state_dir: Path, authority: ca.Authority) -> rotation.RootRecord:
+    """Worker 0, as it starts: the root it loaded, as the record the other
+    workers start from (written afresh: the root files are the truth
+    between runs, and a rotation a crash cut short is not resumed)."""
+    record = rotation.RootRecord(authority.signer, retired=authority.retired)
+    _write_folder_record(state_dir, record.encode())
+    return record
+
+
+def load_local_shared(
+    state_dir: Path, trust_domain: str
+) -> tuple[ca.Authority, rotation.RootRecord]:
+    """A worker other than 0, as it starts: what the record says now."""
+    data, _ = _read_folder_record(state_dir)
+    record = rotation.RootRecord.decode(data, str(_record_path(state_dir)))
+    return record.authority(trust_domain), record
+
+
+def local_shared_root(
+    state_dir: Path,
+    certificates: workloads.WorkloadCertificates,
+    on_revoke: Callable[[], None],
+    *,
+    poll: float = 1.0,
+) -> rotation.SharedRoot:
+    """Follows (and, on worker 0, announces) the record in the state
+    directory. When a rotation ends, the new root is also written where a
+    single process loads it from, so the next start uses it."""
+
+    async def read() -> tuple[dict[str, bytes], str]:
+        return _read_folder_record(state_dir)
+
+    async def write(data: dict[str, bytes], version: str) -> str:
+        _, now = _read_folder_record(state_dir)
+        if now != version:
+            raise RecordChanged(f"{_record_path(state_dir)} changed since it was read")
+        record = rotation.RootRecord.decode(data, str(_record_path(state_dir)))
+        if not record.phase:
+            ca.forget_retired(state_dir)
+            for retired in record.retired:
+                ca.save_retired(state_dir, retired)
+            ca.write_private(state_dir / "ca" / ca.ROOT_KEY, record.signer.key_pem)
+            (state_dir / "ca" / ca.ROOT_CERT).write_bytes(record.signer.cert_pem)
+        return _write_folder_record(state_dir, data)
+
+    return rotation.SharedRoot(
+        certificates,
+        read,
+        write,
+        where=str(_record_path(state_dir)),
+        poll=poll,
+        on_revoke=on_revoke,
     )
