@@ -40,6 +40,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--workers", type=int, default=2, help="client processes the proxies are spread over"
     )
+    p.add_argument(
+        "--serve-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shoal serve --workers N; server CPU and memory are then those of all N",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-floor", action="store_true", help="skip the bare gRPC server")
     p.add_argument("--no-reconnect", action="store_true", help="skip the reconnect storm")

@@ -69,6 +69,8 @@ class Result:
     services: int
     workers: int
     instrumented: bool
+    # shoal serve --workers.
+    serve_workers: int = 1
     connect_all_s: float = math.nan
     connect_server_cpu_s: float = math.nan
     connect_client_cpu_s: float = math.nan

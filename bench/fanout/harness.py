@@ -79,6 +79,19 @@ class Shoal:
     def pid(self) -> int:
         return self.proc.pid
 
+    def pids(self) -> list[int]:
+        """It and the workers it started (`--serve-workers`)."""
+        return [self.pid, *processes.children(self.pid)]
+
+    def cpu_s(self) -> float:
+        return sum(processes.cpu_s(p) for p in self.pids())
+
+    def rss_kib(self) -> tuple[int, int]:
+        """(VmRSS, VmHWM) summed over its processes: the peak is the sum of
+        each one's peak, an upper bound of their peak together."""
+        each = [processes.rss_kib(p) for p in self.pids()]
+        return sum(r for r, _ in each), sum(h for _, h in each)
+
 
 async def start_shoal(
     registry: Path,
@@ -110,6 +123,8 @@ async def start_shoal(
     ]
     if args.xds_security == "insecure":
         argv.append("--insecure-xds")
+    if args.serve_workers > 1:
+        argv += ["--workers", str(args.serve_workers)]
     env: dict[str, str] = dict(extra_env or {})
     events = None
     if args.tracemalloc:

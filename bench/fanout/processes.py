@@ -69,6 +69,17 @@ def cpu_s(pid: int) -> float:
 TICK_MS = 1000.0 / _TICK
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid` started that still run."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
 def cpu_ticks(pid: int) -> tuple[int, int]:
     """(utime, stime) of a process, all threads, in clock ticks (TICK_MS each)."""
     stat = Path(f"/proc/{pid}/stat").read_text()

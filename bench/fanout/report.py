@@ -41,7 +41,7 @@ def print_row(r: figures.Result, header: bool) -> None:
     if header:
         print(
             f"mode {r.mode}, xDS {r.xds_security}, {r.services} services, "
-            f"{r.workers} client worker(s)"
+            f"{r.workers} client worker(s), shoal serve --workers {r.serve_workers}"
         )
         print(" ".join(f"{name:>{width}}" for name, width in COLUMNS))
     cells = (

@@ -27,16 +27,16 @@ OTHER_CPU_WARNING_S = 5.0
 
 
 async def push_once(
-    workers: clients.Workers, trigger: Callable[[], None], server_pid: int
+    workers: clients.Workers, trigger: Callable[[], None], server_cpu_s: Callable[[], float]
 ) -> tuple[figures.Push, bytes]:
     """`trigger()` starts a push; the clock starts just before it."""
     await workers.every({"op": "mark"})
-    cpu0, client0 = processes.cpu_s(server_pid), await workers.cpu_s()
+    cpu0, client0 = server_cpu_s(), await workers.cpu_s()
     started = time.monotonic()
     trigger()
     replies = await workers.every({"op": "wait_push", "timeout": PUSH_TIMEOUT_S}, PUSH_TIMEOUT_S)
     await asyncio.sleep(0.3)  # let the server take the last ACKs
-    cpu1, client1 = processes.cpu_s(server_pid), await workers.cpu_s()
+    cpu1, client1 = server_cpu_s(), await workers.cpu_s()
     acked_at = [t for r in replies for t in r["acked_at"]]
     latencies = [(t - started) * 1000 for t in acked_at]
     sample = next((bytes.fromhex(r["sample"]) for r in replies if r["sample"]), b"")
@@ -83,16 +83,16 @@ async def measure_shoal(
     sample = b""
     try:
         await asyncio.sleep(SETTLE_S)
-        base_rss, _ = processes.rss_kib(server.pid)
+        base_rss, _ = server.rss_kib()
 
         if args.tracemalloc:
             server.proc.send_signal(signal.SIGUSR1)
         # Every proxy connects at once.
         profile("connect")
-        cpu0, client0 = processes.cpu_s(server.pid), await workers.cpu_s()
+        cpu0, client0 = server.cpu_s(), await workers.cpu_s()
         setup = {"mode": args.mode, "services": args.services, "tls": tls.client(), "floor": False}
         r.connect_all_s, connected, errors = await workers.connect(target, proxies, timeout, setup)
-        r.connect_server_cpu_s = processes.cpu_s(server.pid) - cpu0
+        r.connect_server_cpu_s = server.cpu_s() - cpu0
         r.connect_client_cpu_s = await workers.cpu_s() - client0
         profile("connect")
         if connected != proxies:
@@ -102,7 +102,7 @@ async def measure_shoal(
         await asyncio.sleep(SETTLE_S * 2)
         if args.tracemalloc:
             server.proc.send_signal(signal.SIGUSR1)
-        rss, _ = processes.rss_kib(server.pid)
+        rss, _ = server.rss_kib()
         r.rss_base_mb = base_rss / 1024
         r.rss_mb = rss / 1024
         r.rss_per_stream_kb = (rss - base_rss) / proxies
@@ -115,7 +115,7 @@ async def measure_shoal(
             push, body = await push_once(
                 workers,
                 functools.partial(mesh.move_endpoint, registry, service, address),
-                server.pid,
+                server.cpu_s,
             )
             r.pushes.append(push)
             sample = sample or body
@@ -132,17 +132,17 @@ async def measure_shoal(
         if not args.no_reconnect:
             await workers.every({"op": "close"}, timeout)
             profile("reconnect")
-            cpu0, client0 = processes.cpu_s(server.pid), await workers.cpu_s()
+            cpu0, client0 = server.cpu_s(), await workers.cpu_s()
             r.reconnect_all_s, connected, errors = await workers.connect(
                 target, proxies, timeout, setup
             )
-            r.reconnect_server_cpu_s = processes.cpu_s(server.pid) - cpu0
+            r.reconnect_server_cpu_s = server.cpu_s() - cpu0
             r.reconnect_client_cpu_s = await workers.cpu_s() - client0
             profile("reconnect")
             if connected != proxies:
                 _problem(r, f"reconnect: {connected} of {proxies} connected; {errors[:3]}")
                 _problem(r, f"shoal serve: {processes.tail(server.stderr, 600)}")
-        _, peak = processes.rss_kib(server.pid)
+        _, peak = server.rss_kib()
         r.rss_peak_mb = peak / 1024
         await workers.every({"op": "close"}, timeout)
     finally:
@@ -208,7 +208,9 @@ async def measure_floor(
         r.floor_rss_per_stream_kb = (rss - base_rss) / r.proxies
         for k in range(args.pushes):
             push, _ = await push_once(
-                workers, functools.partial(os.kill, bare.pid, signal.SIGUSR1), bare.pid
+                workers,
+                functools.partial(os.kill, bare.pid, signal.SIGUSR1),
+                functools.partial(processes.cpu_s, bare.pid),
             )
             r.floor_pushes.append(push)
             if push.missing:
@@ -263,6 +265,7 @@ async def run_one(
         args.services,
         args.workers,
         args.instrument,
+        args.serve_workers,
     )
     timeout = 60.0 + proxies * 0.05
     machine0, ours0 = processes.machine_cpu_s(), processes.own_cpu_s()
