@@ -223,6 +223,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 )
                 if options.workers > 1 and options.ca_cert is None:
                     record = roots.share_local(options.state_dir, authority)
+                    # Keys in it, for the workers only: gone with them.
+                    stack.callback(roots.unshare_local, options.state_dir)
+                else:
+                    # One left by a run that did not stop cleanly.
+                    roots.unshare_local(options.state_dir)
         certificates = (
             workloads.WorkloadCertificates(authority, ttl=options.workload_ttl)
             if authority is not None
@@ -268,7 +273,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         metric_registry.register(_gauges(ads, ctl, registry))
         _more_metrics(metric_registry, ads, ctl, registry, certificates)
 
-        xds_port = await _xds_server(stack, options, ads, certificates)
+        xds_port, xds_server = await _xds_server(stack, options, ads, certificates)
         span_store = traces.SpanStore(options.max_spans, options.max_span_bytes)
         collector_port = 0
         if options.collector_address:
@@ -427,7 +432,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                         "traces": span_store.query_list,
                         "traces/{trace_id}": span_store.query_one,
                     },
-                    metrics=lambda: metrics.render(metric_registry),
+                    metrics=(
+                        (lambda: workers.every_metric(metric_registry, worker_sockets))
+                        if worker_sockets
+                        else (lambda: metrics.render(metric_registry))
+                    ),
                     actions=actions,
                     hosts=options.admin_hosts,
                     socket_path=str(socket_path),
@@ -471,7 +480,14 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                     dashboard_address="",
                 ),
             )
-            stack.push_async_callback(pool.stop)
+            started = pool
+
+            async def stop_serving() -> None:
+                # This worker's port closes with the others': their proxies
+                # do not move here only to be dropped again.
+                await asyncio.gather(xds_server.stop(1), started.stop())
+
+            stack.push_async_callback(stop_serving)
             await pool.start()
             running.start(pool.supervise(), "xds-workers")
         # What follows is done once for the whole control plane: by worker 0.
@@ -643,7 +659,7 @@ async def _xds_server(
     options: ServeOptions,
     ads: server.AdsServer,
     certificates: workloads.WorkloadCertificates | None,
-) -> int:
+) -> tuple[int, grpc.aio.Server]:
     """ADS and CSDS on the xDS address, mutual TLS unless --insecure-xds;
     the port bound."""
     grpc_server = grpc.aio.server(options=server.GRPC_OPTIONS)
@@ -668,7 +684,7 @@ async def _xds_server(
         raise OSError(f"cannot listen on {options.xds_address}")
     await grpc_server.start()
     stack.push_async_callback(grpc_server.stop, 1)
-    return port
+    return port, grpc_server
 
 
 INSECURE_WARNING = (
@@ -835,7 +851,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if options.registry is not None and not options.registry.is_dir():
         print(f"shoal serve: registry folder {options.registry} does not exist", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(options))
+    try:
+        return asyncio.run(_serve(options))
+    except workers.WorkerFailed as err:
+        print(f"shoal serve: {err}", file=sys.stderr)
+        return 1
 
 
 async def _join(

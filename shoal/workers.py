@@ -28,12 +28,15 @@ import signal
 import struct
 import sys
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,11 @@ RESTART_MAX_S = 30.0
 RESTART_RESET_S = 60.0
 # How long a worker may take to serve, and to stop when asked.
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
 # Reading another worker's admin socket.
 FETCH_TIMEOUT_S = 10.0
 _LENGTH = struct.Struct("!Q")
+_CREATED = "_created"
 
 
 def socket_of(admin_socket: Path, index: int) -> Path:
@@ -83,6 +87,10 @@ async def until_parent_gone(stdin: asyncio.StreamReader) -> None:
         pass
 
 
+class WorkerFailed(RuntimeError):
+    """A worker did not start serving."""
+
+
 @dataclass
 class _Worker:
     index: int
@@ -112,6 +120,7 @@ class Pool:
         self._clock = clock
         self.workers = [_Worker(i) for i in range(1, count)]
         self._stopping = False
+        self._supervising: asyncio.Task[None] | None = None
 
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers if w.proc is not None]
@@ -120,8 +129,14 @@ class Pool:
         return sum(max(w.starts - 1, 0) for w in self.workers)
 
     async def start(self) -> None:
-        """Every worker, each serving before this returns."""
-        await asyncio.gather(*(self._start(w) for w in self.workers))
+        """Every worker, each serving before this returns; if one fails, the
+        others are stopped too."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                for worker in self.workers:
+                    group.create_task(self._start(worker))
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
 
     async def _start(self, worker: _Worker) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -134,34 +149,38 @@ class Pool:
         worker.proc = proc
         worker.starts += 1
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(send_options(self._options_for(worker.index)))
-        await proc.stdin.drain()
         grace = STOP_TIMEOUT_S
         try:
+            proc.stdin.write(send_options(self._options_for(worker.index)))
+            await proc.stdin.drain()
             line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
         except TimeoutError:
             line, grace = b"", 0.0
+        except ConnectionError:
+            line = b""  # it exited before it read its options
+        except asyncio.CancelledError:
+            await self._stop(worker, grace=0.0)
+            raise
         if not line.startswith(READY.encode()):
-            # Killed only if it does not exit: subprocess reaps an exited
-            # process to check, and asyncio would lose its exit status.
-            try:
-                await asyncio.wait_for(proc.wait(), grace)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-            raise RuntimeError(f"xDS worker {worker.index} did not start (exit {proc.returncode})")
+            await self._stop(worker, grace=grace)
+            raise WorkerFailed(
+                f"xDS worker {worker.index} did not start (exit {proc.returncode}); "
+                "its log is above"
+            )
         # Keep its stdout read, or a full pipe would stall it.
         worker.output = asyncio.create_task(_drain(proc.stdout))
         log.info("xDS worker %d serving (pid %d)", worker.index, proc.pid)
 
     async def supervise(self) -> None:
-        """Start again any worker that exits, until cancelled."""
-        await asyncio.gather(*(self._keep(w) for w in self.workers))
+        """Start again any worker that exits, until cancelled or stopped."""
+        self._supervising = asyncio.current_task()
+        async with asyncio.TaskGroup() as group:
+            for worker in self.workers:
+                group.create_task(self._keep(worker))
 
     async def _keep(self, worker: _Worker) -> None:
         delay = RESTART_FIRST_S
-        while True:
+        while not self._stopping:
             proc = worker.proc
             assert proc is not None
             started = self._clock()
@@ -181,34 +200,44 @@ class Pool:
                 ran,
                 delay,
             )
-            while True:
+            while not self._stopping:
                 await self._sleep(delay)
                 delay = min(delay * 2, RESTART_MAX_S)
+                if self._stopping:
+                    return
                 try:
                     await self._start(worker)
                     break
-                except (RuntimeError, OSError) as err:
+                except Exception as err:  # whatever it was, try again later
                     log.warning("%s; trying again in %.1f s", err, delay)
 
     async def stop(self) -> None:
-        """Every worker asked to stop (its stdin closed), then made to."""
+        """No more restarts; every worker asked to stop (its stdin closed),
+        then made to."""
         self._stopping = True
+        if self._supervising is not None and self._supervising is not asyncio.current_task():
+            self._supervising.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervising
         await asyncio.gather(*(self._stop(w) for w in self.workers))
 
-    async def _stop(self, worker: _Worker) -> None:
+    async def _stop(self, worker: _Worker, grace: float = STOP_TIMEOUT_S) -> None:
+        """Close its stdin, wait `grace`, then SIGTERM, then SIGKILL. No
+        signal goes to a process that has exited: subprocess would reap it
+        to check, and asyncio would lose its exit status."""
         proc = worker.proc
         if proc is None:
             return
         if proc.stdin is not None:
             proc.stdin.close()
-        for ask in (None, signal.SIGTERM, signal.SIGKILL):
+        for ask, wait in ((None, grace), (signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, None)):
             if proc.returncode is not None:
                 break
             if ask is not None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(ask)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+                await asyncio.wait_for(proc.wait(), wait)
         if worker.output is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(worker.output, STOP_TIMEOUT_S)
@@ -226,24 +255,24 @@ async def _drain(stream: asyncio.StreamReader) -> None:
         pass
 
 
-async def fetch(socket_path: Path, path: str) -> tuple[int, Any]:
-    """GET `path` of a worker's admin API: (HTTP status, its JSON)."""
+async def fetch(socket_path: Path, path: str) -> tuple[int, str]:
+    """GET `path` of a worker's admin API: (HTTP status, the body)."""
     connector = aiohttp.UnixConnector(path=str(socket_path))
     timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S)
     async with (
         aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
         session.get(f"http://worker{path}") as response,
     ):
-        return response.status, json.loads(await response.text())
+        return response.status, await response.text()
 
 
-async def gather(sockets: Mapping[int, Path], path: str) -> dict[int, tuple[int, Any]]:
+async def gather(sockets: Mapping[int, Path], path: str) -> dict[int, tuple[int, str]]:
     """The same GET of every worker, by index; a worker that cannot answer
     (it is starting again) is left out, and logged."""
     found = await asyncio.gather(
         *(fetch(s, path) for s in sockets.values()), return_exceptions=True
     )
-    out: dict[int, tuple[int, Any]] = {}
+    out: dict[int, tuple[int, str]] = {}
     for (index, socket_path), answer in zip(sockets.items(), found, strict=True):
         if isinstance(answer, BaseException):
             log.warning("reading xDS worker %d at %s: %s", index, socket_path, answer)
@@ -258,9 +287,9 @@ async def every_proxy(
     """proxy-status of the whole control plane: this worker's streams and
     every other worker's, each marked with the worker serving it."""
     found = [{**p, "worker": 0} for p in own]
-    for index, (status, proxies) in (await gather(sockets, "/debug/syncz")).items():
-        if status == 200 and isinstance(proxies, list):
-            found += [{**p, "worker": index} for p in proxies]
+    for index, (status, body) in (await gather(sockets, "/debug/syncz")).items():
+        proxies = json.loads(body) if status == 200 else []
+        found += [{**p, "worker": index} for p in proxies]
     return sorted(found, key=lambda p: (str(p.get("id")), p["worker"], p.get("stream", 0)))
 
 
@@ -268,25 +297,72 @@ Query = Callable[[Mapping[str, str]], Any]
 
 
 def found_anywhere(own: Query, path: str, sockets: Mapping[int, Path]) -> Query:
-    """A query about one proxy answered by whichever worker serves it."""
+    """A query about one proxy (`proxy=ID`, its id or a part of it) answered
+    by whichever worker serves it. An exact id wins over a part; a part
+    that names proxies on several workers is refused, naming them."""
     if not sockets:
         return own
 
     async def query(q: Mapping[str, str]) -> Any:
-        found = own(q)
-        if found is not None:
-            return found
+        found: list[dict[str, Any]] = []
+        mine = own(q)
+        if mine is not None:
+            found.append(mine)
         answers = await gather(sockets, f"{path}?{urllib.parse.urlencode(dict(q))}")
         for status, body in answers.values():
             if status == 200:
-                return body
-            if status == 400:
-                raise ValueError(body.get("error", "refused") if isinstance(body, dict) else body)
+                found.append(json.loads(body))
+            elif status == 400:
+                raise ValueError(json.loads(body).get("error", "refused"))
+        exact = [f for f in found if f.get("id") == q.get("proxy")]
+        if exact or len(found) == 1:
+            return (exact or found)[0]
+        if found:
+            names = ", ".join(sorted(f"{f.get('id')} ({f.get('identity')})" for f in found))
+            raise ValueError(f"{q.get('proxy')!r} names {len(found)} proxies: {names}")
         return None
 
     return query
 
 
+async def every_metric(own: CollectorRegistry, sockets: Mapping[int, Path]) -> bytes:
+    """/metrics of the whole control plane: each family once, each sample
+    labelled `worker` with the worker that counted it."""
+    merged: dict[str, Metric] = {}
+
+    def add(families: Iterable[Metric], index: int) -> None:
+        for family in families:
+            # A counter's or histogram's `_created` comes back from the text
+            # as a gauge family of its own: left out, not shown twice.
+            if family.name.endswith(_CREATED):
+                continue
+            into = merged.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type, family.unit)
+            )
+            into.samples += [
+                s._replace(labels={**s.labels, "worker": str(index)})
+                for s in family.samples
+                if not s.name.endswith(_CREATED)
+            ]
+
+    add(own.collect(), 0)
+    for index, (status, body) in (await gather(sockets, "/metrics")).items():
+        if status == 200:
+            add(text_string_to_metric_families(body), index)
+    return generate_latest(_Families(list(merged.values())))
+
+
+class _Families(CollectorRegistry):
+    def __init__(self, families: list[Metric]) -> None:
+        super().__init__(auto_describe=False)
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
+
+
 def worker_command(log_level: str) -> list[str]:
     """`shoal serve` as a worker, with the Python running this one."""
-    return [sys.executable, "-m", "shoal.cli", "--log-level", log_level, "serve", "--worker"]
+    # -P: not the current directory first on the import path, as `-m`
+    # would put it; a worker holds the CA's key.
+    return [sys.executable, "-P", "-m", "shoal.cli", "--log-level", log_level, "serve", "--worker"]

@@ -58,7 +58,7 @@ async def test_a_worker_that_exits_is_started_again_with_backoff() -> None:
 
 async def test_a_worker_that_does_not_start_is_an_error_naming_it() -> None:
     pool = workers.Pool(2, [sys.executable, "-c", "import sys; sys.exit(5)"], lambda i: i)
-    with pytest.raises(RuntimeError, match=r"xDS worker 1 did not start \(exit 5\)"):
+    with pytest.raises(workers.WorkerFailed, match=r"xDS worker 1 did not start \(exit 5\)"):
         await pool.start()
     await pool.stop()
 

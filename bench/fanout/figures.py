@@ -36,6 +36,8 @@ class Push:
     client_cpu_s: float
     bytes: int
     resources: int
+    # Each server process's part of server_cpu_s (--serve-workers: worker 0 first).
+    server_cpu_each_s: tuple[float, ...] = ()
     # With --instrument: where the time went in the server, from the trigger
     # (file written) to the registry reload, the reload itself, the wait for
     # the debounce, the rebuild, and from the end of the rebuild (when the
@@ -80,6 +82,7 @@ class Result:
     push_first_ms: float = math.nan
     push_spread_p99_ms: float = math.nan
     push_cpu_s: float = math.nan
+    push_cpu_each_s: list[float] = field(default_factory=list)
     push_client_cpu_s: float = math.nan
     push_bytes: int = 0
     push_resources: int = 0
@@ -129,6 +132,10 @@ def summarize(r: Result) -> None:
     r.push_first_ms = _median([p.first_ms for p in r.pushes])
     r.push_spread_p99_ms = _median([p.p99_ms - p.first_ms for p in r.pushes])
     r.push_cpu_s = _median([p.server_cpu_s for p in r.pushes])
+    r.push_cpu_each_s = [
+        _median([p.server_cpu_each_s[i] for p in r.pushes if len(p.server_cpu_each_s) > i])
+        for i in range(max((len(p.server_cpu_each_s) for p in r.pushes), default=0))
+    ]
     r.push_client_cpu_s = _median([p.client_cpu_s for p in r.pushes])
     r.push_bytes = max((p.bytes for p in r.pushes), default=0)
     r.push_resources = max((p.resources for p in r.pushes), default=0)

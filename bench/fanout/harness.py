@@ -83,8 +83,11 @@ class Shoal:
         """It and the workers it started (`--serve-workers`)."""
         return [self.pid, *processes.children(self.pid)]
 
+    def cpu_each_s(self) -> list[float]:
+        return [processes.cpu_s(p) for p in self.pids()]
+
     def cpu_s(self) -> float:
-        return sum(processes.cpu_s(p) for p in self.pids())
+        return sum(self.cpu_each_s())
 
     def rss_kib(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) summed over its processes: the peak is the sum of

@@ -27,7 +27,9 @@ OTHER_CPU_WARNING_S = 5.0
 
 
 async def push_once(
-    workers: clients.Workers, trigger: Callable[[], None], server_cpu_s: Callable[[], float]
+    workers: clients.Workers,
+    trigger: Callable[[], None],
+    server_cpu_s: Callable[[], list[float]],
 ) -> tuple[figures.Push, bytes]:
     """`trigger()` starts a push; the clock starts just before it."""
     await workers.every({"op": "mark"})
@@ -47,7 +49,8 @@ async def push_once(
         last_ms=max(latencies, default=math.nan),
         acked=len(latencies),
         missing=sum(r["missing"] for r in replies),
-        server_cpu_s=cpu1 - cpu0,
+        server_cpu_s=sum(cpu1) - sum(cpu0),
+        server_cpu_each_s=tuple(b - a for a, b in zip(cpu0, cpu1, strict=False)),
         client_cpu_s=client1 - client0,
         bytes=len(sample),
         resources=figures.resource_count(sample),
@@ -115,7 +118,7 @@ async def measure_shoal(
             push, body = await push_once(
                 workers,
                 functools.partial(mesh.move_endpoint, registry, service, address),
-                server.cpu_s,
+                server.cpu_each_s,
             )
             r.pushes.append(push)
             sample = sample or body
@@ -210,7 +213,7 @@ async def measure_floor(
             push, _ = await push_once(
                 workers,
                 functools.partial(os.kill, bare.pid, signal.SIGUSR1),
-                functools.partial(processes.cpu_s, bare.pid),
+                lambda: [processes.cpu_s(bare.pid)],
             )
             r.floor_pushes.append(push)
             if push.missing:

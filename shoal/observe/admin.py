@@ -118,7 +118,7 @@ def app(
     ready: Callable[[], tuple[bool, str]],
     reports: Mapping[str, Report],
     queries: Mapping[str, Query] | None = None,
-    metrics: Callable[[], bytes] | None = None,
+    metrics: Callable[[], bytes | Awaitable[bytes]] | None = None,
     actions: Mapping[str, Action] | None = None,
     hosts: Collection[str] = (),
     socket_path: str = "",
@@ -223,7 +223,10 @@ def app(
         render = metrics
 
         async def metrics_handler(_: web.Request) -> web.Response:
-            return web.Response(body=render(), headers={"Content-Type": PROMETHEUS_TEXT})
+            body = render()
+            if inspect.isawaitable(body):
+                body = await body
+            return web.Response(body=body, headers={"Content-Type": PROMETHEUS_TEXT})
 
         add("GET", "/metrics", metrics_handler, Role.ANONYMOUS)
     for name, report in reports.items():

@@ -4,6 +4,7 @@ directory, or (on Kubernetes) one Secret every replica shares."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -123,6 +124,15 @@ def share_local(state_dir: Path, authority: ca.Authority) -> rotation.RootRecord
     record = rotation.RootRecord(authority.signer, retired=authority.retired)
     _write_folder_record(state_dir, record.encode())
     return record
+
+
+def unshare_local(state_dir: Path) -> None:
+    """The record gone, and any half-written one: it holds root keys, which
+    outlive their use nowhere."""
+    path = _record_path(state_dir)
+    for leftover in [path, *path.parent.glob(f".{path.name}.*")]:
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
 
 
 def load_local_shared(

@@ -16,18 +16,22 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import pytest
 from cryptography import x509
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from shoal import envoy
 from shoal.demo import mesh
-from shoal.sds import ca
+from shoal.sds import ca, roots
 from shoal.xds import resources
 from tests import manifests
 from tests.conftest import write
 from tests.e2e.helpers import ServeProcess, eventually, who_answers
 from tests.xds.test_ads_protocol import AdsClient, make_node, unpack_clusters
+
+pytestmark = pytest.mark.timeout(300)
 
 CDS = resources.CLUSTER
 SDS = resources.SECRET
@@ -86,19 +90,44 @@ def shoal_command(*args: str) -> str:
     return done.stdout
 
 
+def admin_get(state: Path, path: str) -> str:
+    """A GET of worker 0's admin socket, with curl."""
+    return subprocess.run(
+        ["curl", "-sf", "--unix-socket", str(state / "admin.sock"), f"http://x{path}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+
+
 def proxy_status(state: Path) -> list[dict[str, object]]:
     """What `shoal proxy-status` reads: worker 0's /debug/syncz."""
-    found = json.loads(
-        subprocess.run(
-            ["curl", "-sf", "--unix-socket", str(state / "admin.sock"), "http://x/debug/syncz"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    )
+    found = json.loads(admin_get(state, "/debug/syncz"))
     assert isinstance(found, list)
     return found
+
+
+def promtool_problems(exposition: str) -> str:
+    """What `promtool check metrics` (Prometheus's own) finds wrong."""
+    checked = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=exposition,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return "" if checked.returncode == 0 else checked.stdout + checked.stderr
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """A gauge's value by worker."""
+    return {
+        s.labels["worker"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
 
 
 def worker_pids(serve: ServeProcess) -> list[int]:
@@ -111,11 +140,24 @@ def worker_pids(serve: ServeProcess) -> list[int]:
 
 def alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return False
     # A zombie (exited, not yet reaped) is not serving.
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def stop(serve: ServeProcess, workers: list[int]) -> None:
+    """Worker 0 asked to stop, as an operator would, so that it stops the
+    others; any left (the test failed half-way) killed."""
+    if serve.proc is not None and serve.proc.returncode is None:
+        serve.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(serve.proc.wait(), 30)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    await serve.stop()
 
 
 @contextlib.asynccontextmanager
@@ -153,10 +195,11 @@ async def test_two_workers_serve_one_port_and_both_push(registry_dir: Path, tmp_
     state = tmp_path / "state"
     serve = ServeProcess(registry_dir, xds, state, extra=("--workers", "2"))
     local = mesh.LocalMesh(tmp_path / "sidecars", xds)
+    seen: list[int] = []
     try:
         await serve.start()
         assert "2 workers" in serve.banner
-        (worker,) = worker_pids(serve)
+        (worker,) = seen = worker_pids(serve)
         local.authority = serve.authority()
         a = await local.add("a-1", namespace="default", service="a", inbound_port=a_in)
         await local.add("b-1", namespace="default", service="b", inbound_port=b1_in)
@@ -174,6 +217,19 @@ async def test_two_workers_serve_one_port_and_both_push(registry_dir: Path, tmp_
                 shoal_command("config-dump", on_one, "--admin", str(state / "admin.sock"))
             )
             assert dump["id"] == on_one and "CDS" in dump["types"]
+            # /metrics: every worker's, each sample labelled with its worker,
+            # and what Prometheus's own checker accepts.
+            exposition = admin_get(state, "/metrics")
+            assert promtool_problems(exposition) == ""
+            streams = samples(exposition, "shoal_xds_connected_streams")
+            assert set(streams) == {"0", "1"} and all(v > 0 for v in streams.values())
+
+            async def counted_alike() -> bool:
+                text = await asyncio.to_thread(admin_get, state, "/metrics")
+                listed = await asyncio.to_thread(proxy_status, state)
+                return sum(samples(text, "shoal_xds_connected_streams").values()) == len(listed)
+
+            await eventually(counted_alike, 30.0)
 
             # Both workers translate a change and push it to their streams.
             write(registry_dir, "c.yaml", manifests.service_with_endpoints("c", [b2_in]))
@@ -203,6 +259,7 @@ async def test_two_workers_serve_one_port_and_both_push(registry_dir: Path, tmp_
 
             await eventually(restarted, 60.0)
             (worker,) = worker_pids(serve)
+            seen.append(worker)
             assert any("xDS worker 1 (pid" in line for line in serve.output)
 
             # New streams land on it again.
@@ -218,7 +275,7 @@ async def test_two_workers_serve_one_port_and_both_push(registry_dir: Path, tmp_
         await eventually(gone, 30.0)
         await serve.wait()
     finally:
-        await serve.stop()
+        await stop(serve, seen)
         await local.close()
         local.kill_all()
 
@@ -242,8 +299,10 @@ async def test_a_root_rotation_reaches_the_proxies_of_every_worker(
     state = tmp_path / "state"
     serve = ServeProcess(registry_dir, xds, state, extra=("--workers", "2"))
     secrets = ("ROOTCA", "default")
+    seen: list[int] = []
     try:
         await serve.start()
+        seen = worker_pids(serve)
         old_root = serve.authority().signer.cert
         async with raw_proxies(serve, xds, subscribe=(SDS,), names=secrets) as raws:
             pumps = [asyncio.create_task(r.keep_taking(SDS, secrets)) for r in raws]
@@ -293,5 +352,11 @@ async def test_a_root_rotation_reaches_the_proxies_of_every_worker(
         on_disk, _ = ca.load_or_create(state, "cluster.local")
         assert on_disk.cert.serial_number == new_root.serial_number
         assert [r.cert.serial_number for r in ca.load_retired(state)] == [old_root.serial_number]
+        # The record, with its keys, is there only while the workers run.
+        assert (state / "ca" / roots.FOLDER_RECORD).exists()
+        await stop(serve, seen)
+        assert serve.proc is not None and serve.proc.returncode == 0
+        assert not (state / "ca" / roots.FOLDER_RECORD).exists()
+        assert not any(alive(pid) for pid in seen)
     finally:
-        await serve.stop()
+        await stop(serve, seen)
