@@ -301,6 +301,24 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             reports["kubernetes"] = registry.health
         webhook_keeper: list[injector_bundle.CaBundle] = []
 
+        socket_path = options.admin_socket or options.state_dir / ADMIN_SOCKET
+        # Worker 0's view of the others (shoal/workers.py).
+        worker_sockets = {
+            i: workers.socket_of(socket_path, i)
+            for i in range(1, options.workers if options.worker == 0 else 1)
+        }
+
+        async def every_proxy() -> tuple[analysis_facts.ProxyFacts, ...]:
+            """The proxies of this worker, and of every other one."""
+            own = analysis_gather.proxies(ads, ctl)
+            return (
+                await analysis_gather.with_workers(own, worker_sockets) if worker_sockets else own
+            )
+
+        reports[analysis_gather.PROXY_FACTS.removeprefix("/debug/")] = lambda: [
+            analysis_facts.proxy_facts_json(p) for p in analysis_gather.proxies(ads, ctl)
+        ]
+
         async def analysis_problems() -> list[problems.Problem]:
             """Every analyzer over what the control plane knows now: what
             /debug/problems shows, and the Events on Kubernetes objects."""
@@ -312,6 +330,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 debounce_max_s=options.debounce_max,
                 injection_webhook=lambda: webhook_keeper[0].installed if webhook_keeper else None,
                 clock_offsets=span_store.clock_offsets,
+                connected=await every_proxy(),
             )
             return analysis_run.analyze(found)
 
@@ -329,6 +348,17 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 certificates,
                 status.held_by_proxy(ads, "default"),
             )
+            if worker_sockets:
+                own_ca = reports["ca"]
+
+                async def every_ca() -> dict[str, Any]:
+                    found = await workers.gather(worker_sockets, "/debug/ca")
+                    return report.with_workers(
+                        own_ca(),
+                        {i: json.loads(body) for i, (code, body) in found.items() if code == 200},
+                    )
+
+                reports["ca"] = every_ca
 
             def revoke() -> None:
                 # The root these streams were authenticated under is no longer
@@ -387,10 +417,6 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 ).mint
             webhook_port = await _webhook(stack, options, certificates, kube_api, metric_registry)
 
-        socket_path = options.admin_socket or options.state_dir / ADMIN_SOCKET
-        worker_sockets = {i: workers.socket_of(socket_path, i) for i in range(1, options.workers)}
-        if options.worker > 0:
-            worker_sockets = {}
         dashboard_url = ""
         if options.dashboard_address:
             dashboard_url = await _dashboard(stack, options, str(socket_path))
@@ -405,6 +431,15 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         if worker_sockets:
             own_proxies = reports["syncz"]
             reports["syncz"] = lambda: workers.every_proxy(own_proxies(), worker_sockets)
+
+        async def describe(q: Mapping[str, str]) -> dict[str, Any] | None:
+            return observe_describe.service_of(
+                ctl.state,
+                q,
+                await every_proxy(),
+                certificates.trust_domain if certificates is not None else None,
+            )
+
         admin_host, admin_port = (
             _host_port(options.admin_address) if options.admin_address else (None, 0)
         )
@@ -422,12 +457,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                         "proxy_diff": workers.found_anywhere(
                             lambda q: proxydiff.diff_of(ads, q), "/debug/proxy_diff", worker_sockets
                         ),
-                        "describe": lambda q: observe_describe.service_of(
-                            ctl.state,
-                            q,
-                            analysis_gather.proxies(ads, ctl),
-                            certificates.trust_domain if certificates is not None else None,
-                        ),
+                        "describe": describe,
                         "identities": lambda q: observe_reports.identities(ctl.state, q),
                         "traces": span_store.query_list,
                         "traces/{trace_id}": span_store.query_one,
@@ -1275,7 +1305,7 @@ def cmd_ca_status(args: argparse.Namespace) -> int:
     for w in found["workloads"]:
         out.append(
             f"  {w['identity']}  serial {w['serial'][:16]}  until {w['not_after']}  "
-            f"renews {w['renew_at']}"
+            f"renews {w['renew_at']}" + (f"  (worker {w['worker']})" if "worker" in w else "")
         )
         out += [f"    held by {proxy_id}" for proxy_id in w["proxies"]]
     for serial, proxies in found["proxies_on_older_certificates"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from cryptography import x509
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
@@ -32,6 +33,24 @@ def serial_of_secret(body: bytes) -> str | None:
     if not chain:
         return None
     return f"{x509.load_pem_x509_certificate(chain).serial_number:x}"
+
+
+def with_workers(own: dict[str, Any], others: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
+    """`status` of worker 0 with every other worker's (`serve --workers`):
+    each issues its own proxies' certificates, from the same CA."""
+    merged = {
+        **own,
+        "renewals": own["renewals"] + sum(o["renewals"] for o in others.values()),
+        "workloads": [{**w, "worker": 0} for w in own["workloads"]],
+        "proxies_on_older_certificates": {
+            k: list(v) for k, v in own["proxies_on_older_certificates"].items()
+        },
+    }
+    for index, other in sorted(others.items()):
+        merged["workloads"] += [{**w, "worker": index} for w in other["workloads"]]
+        for serial, proxies in other["proxies_on_older_certificates"].items():
+            merged["proxies_on_older_certificates"].setdefault(serial, []).extend(proxies)
+    return merged
 
 
 def status(

@@ -84,6 +84,17 @@ def shoal_cli() -> list[str]:
     return [sys.executable, "-m", "shoal.cli"]
 
 
+def analyze(*args: str) -> list[dict[str, str]]:
+    """`shoal analyze`, which exits 1 when it finds an error."""
+    done = subprocess.run(
+        [*shoal_cli(), "analyze", *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode in (0, 1), done.stderr
+    found = json.loads(done.stdout)
+    assert isinstance(found, list)
+    return found
+
+
 def shoal_command(*args: str) -> str:
     done = subprocess.run([*shoal_cli(), *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -160,6 +171,12 @@ async def stop(serve: ServeProcess, workers: list[int]) -> None:
     await serve.stop()
 
 
+def serving(serve: ServeProcess, raws: list[RawProxy]) -> set[object]:
+    """The workers serving these streams."""
+    names = {r.name for r in raws}
+    return {p["worker"] for p in proxy_status(serve.state_dir) if p["id"] in names}
+
+
 @contextlib.asynccontextmanager
 async def raw_proxies(
     serve: ServeProcess,
@@ -177,10 +194,9 @@ async def raw_proxies(
             opened.append(raw)
             for type_url in subscribe:
                 await raw.subscribe(type_url, names)
-            workers = {p["worker"] for p in proxy_status(serve.state_dir)}
-            if workers == {0, 1}:
+            if serving(serve, opened) == {0, 1}:
                 break
-        assert {p["worker"] for p in proxy_status(serve.state_dir)} == {0, 1}
+        assert serving(serve, opened) == {0, 1}
         yield opened
     finally:
         for raw in opened:
@@ -230,6 +246,22 @@ async def test_two_workers_serve_one_port_and_both_push(registry_dir: Path, tmp_
                 return sum(samples(text, "shoal_xds_connected_streams").values()) == len(listed)
 
             await eventually(counted_alike, 30.0)
+
+            # A proxy of worker 1 rejects its clusters: `shoal analyze`, on
+            # worker 0, says so, naming it.
+            nacker = next(r for r in raws if served.get(r.name) == 1)
+            cds = nacker.last[CDS]
+            await nacker.client.request(
+                CDS, version=cds.version_info, nonce=cds.nonce, error="rejected by the test"
+            )
+
+            async def analyzed() -> bool:
+                found = await asyncio.to_thread(
+                    analyze, "--output", "json", "--admin", str(state / "admin.sock")
+                )
+                return any(p["code"] == "SHL0401" and nacker.name in p["reason"] for p in found)
+
+            await eventually(analyzed, 30.0)
 
             # Both workers translate a change and push it to their streams.
             write(registry_dir, "c.yaml", manifests.service_with_endpoints("c", [b2_in]))
@@ -344,6 +376,13 @@ async def test_a_root_rotation_reaches_the_proxies_of_every_worker(
                 # The rotation waits on worker 0's proxies, and gives the
                 # others the time to read each phase; all end on the new root.
                 await eventually(everyone_moved, 30.0)
+                # `shoal ca status` shows who holds what, on every worker.
+                status = json.loads(
+                    shoal_command("ca", "status", "--json", "--admin", str(state / "admin.sock"))
+                )
+                holders = {p: w["worker"] for w in status["workloads"] for p in w["proxies"]}
+                assert {r.name for r in raws} <= {h.split(" ")[0] for h in holders}
+                assert set(holders.values()) == {0, 1}
             finally:
                 for pump in pumps:
                     pump.cancel()

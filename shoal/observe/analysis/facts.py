@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from shoal.model import mesh, problems, proxy
 from shoal.xds import server, status
@@ -65,3 +67,43 @@ class Facts:
             for p in self.proxies
             if isinstance(p.proxy, proxy.Sidecar) and p.proxy.service_key == key
         ]
+
+
+# A proxy's facts as JSON, so that worker 0 of `shoal serve --workers N`
+# analyzes every worker's proxies together: a problem such as "no proxy of
+# this Service is connected" holds only of all of them.
+_PROXY_KINDS: dict[str, type[proxy.Sidecar | proxy.Proxyless | proxy.CapturedSidecar]] = {
+    "sidecar": proxy.Sidecar,
+    "proxyless": proxy.Proxyless,
+    "captured": proxy.CapturedSidecar,
+}
+
+
+def proxy_facts_json(p: ProxyFacts) -> dict[str, Any]:
+    placed = None
+    if p.proxy is not None:
+        kind = next(k for k, c in _PROXY_KINDS.items() if isinstance(p.proxy, c))
+        placed = {"kind": kind, **dataclasses.asdict(p.proxy)}
+    return {
+        **{f: getattr(p, f) for f in ("name", "identity", "connected_at", "admin_port", "peer")},
+        "proxy": placed,
+        "types": [dataclasses.asdict(t) for t in p.types],
+        "certificate": dataclasses.asdict(p.certificate) if p.certificate else None,
+    }
+
+
+def proxy_facts_of_json(d: Mapping[str, Any]) -> ProxyFacts:
+    placed = d["proxy"]
+    certificate = d["certificate"]
+    return ProxyFacts(
+        name=d["name"],
+        identity=d["identity"],
+        proxy=_PROXY_KINDS[placed["kind"]](**{k: v for k, v in placed.items() if k != "kind"})
+        if placed
+        else None,
+        types=tuple(status.TypeStatus(**t) for t in d["types"]),
+        connected_at=d["connected_at"],
+        admin_port=d["admin_port"],
+        peer=d["peer"],
+        certificate=HeldCertificate(**certificate) if certificate else None,
+    )

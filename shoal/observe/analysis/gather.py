@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from cryptography import x509
 
+from shoal import workers
 from shoal.model import mesh, problems
 from shoal.observe.analysis import evidence, facts
 from shoal.sds import report
@@ -47,6 +50,21 @@ def proxies(ads: server.AdsServer, ctl: controller.Controller) -> tuple[facts.Pr
     return tuple(out)
 
 
+async def with_workers(
+    own: tuple[facts.ProxyFacts, ...], sockets: Mapping[int, Path]
+) -> tuple[facts.ProxyFacts, ...]:
+    """This worker's proxies and every other worker's (`serve --workers`)."""
+    found = list(own)
+    for code, body in (await workers.gather(sockets, PROXY_FACTS)).values():
+        if code == 200:
+            found += [facts.proxy_facts_of_json(d) for d in json.loads(body)]
+    return tuple(sorted(found, key=lambda p: (p.name, p.connected_at)))
+
+
+# Where each worker says what its proxies are (its admin API, /debug/...).
+PROXY_FACTS = "/debug/proxy_facts"
+
+
 async def live(
     state: mesh.MeshState,
     found: tuple[problems.Problem, ...],
@@ -56,10 +74,12 @@ async def live(
     debounce_max_s: float,
     injection_webhook: Callable[[], bool | None] = lambda: None,
     clock_offsets: Callable[[], Mapping[str, float]] = dict,
+    connected: tuple[facts.ProxyFacts, ...] | None = None,
 ) -> facts.Facts:
     """Everything a running control plane knows now, and the counters of
-    the proxies it can reach."""
-    connected = proxies(ads, ctl)
+    the proxies it can reach; `connected`: its proxies, if not only those
+    of `ads`."""
+    connected = proxies(ads, ctl) if connected is None else connected
     stats = await evidence.scrape((p.name, p.admin_port, p.peer) for p in connected)
     return facts.Facts(
         state=state,
