@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -61,6 +62,30 @@ async def who_answers(
         else:
             seen[f"!{status}"] += 1
     return seen
+
+
+async def rotate_root(admin_socket: str, timeout: float = 60.0) -> str:
+    """`shoal ca rotate-root --wait`, as an operator types it; what it printed."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "shoal.cli",
+            "ca",
+            "rotate-root",
+            "--wait",
+            "--admin",
+            admin_socket,
+            "--timeout",
+            str(timeout),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 30,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 class ServeProcess:

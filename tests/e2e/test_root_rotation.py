@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +12,7 @@ from shoal import cli, envoy
 from shoal.demo import mesh
 from shoal.sds import ca
 from tests.conftest import write
-from tests.e2e.helpers import caught_up, eventually
+from tests.e2e.helpers import caught_up, eventually, rotate_root
 from tests.e2e.test_mtls import _pair
 from tests.manifests import workload
 
@@ -59,27 +57,9 @@ async def test_root_rotation_under_traffic_drops_no_request(
     try:
         await answered(20)
         before = ok
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [
-                sys.executable,
-                "-m",
-                "shoal.cli",
-                "ca",
-                "rotate-root",
-                "--wait",
-                "--admin",
-                control_plane.admin_socket,
-                "--timeout",
-                "60",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+        printed = await rotate_root(control_plane.admin_socket)
         for phase in ("trusting-both", "re-issuing", "dropping-old", "done"):
-            assert phase in result.stdout
+            assert phase in printed
         during = ok - before
         await answered(50)  # on the new root alone
     finally:

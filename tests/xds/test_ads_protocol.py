@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -23,6 +24,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 
 from shoal import cli
 from shoal.xds import cache, controller, node, resources, server
@@ -110,13 +112,21 @@ def ads_stream(
     return stream.open_stream(port, lambda channel: AdsClient(channel, first_node))
 
 
-def unpack_clusters(response: Response) -> list[cluster_pb2.Cluster]:
+M = TypeVar("M", bound=Message)
+
+
+def unpack_all(response: Response, kind: type[M]) -> list[M]:
+    """Every resource of a response, as `kind`."""
     out = []
     for any_msg in response.resources:
-        cluster = cluster_pb2.Cluster()
-        assert any_msg.Unpack(cluster), f"{any_msg.type_url} is not a Cluster"
-        out.append(cluster)
+        found = kind()
+        assert any_msg.Unpack(found), f"{any_msg.type_url} is not a {kind.__name__}"
+        out.append(found)
     return out
+
+
+def unpack_clusters(response: Response) -> list[cluster_pb2.Cluster]:
+    return unpack_all(response, cluster_pb2.Cluster)
 
 
 def clusters_of(response: Response) -> dict[str, cluster_pb2.Cluster]:
@@ -126,12 +136,7 @@ def clusters_of(response: Response) -> dict[str, cluster_pb2.Cluster]:
 
 def assignments_of(response: Response) -> dict[str, endpoint_pb2.ClusterLoadAssignment]:
     assert response.type_url == EDS
-    out = {}
-    for any_msg in response.resources:
-        cla = endpoint_pb2.ClusterLoadAssignment()
-        assert any_msg.Unpack(cla)
-        out[cla.cluster_name] = cla
-    return out
+    return {c.cluster_name: c for c in unpack_all(response, endpoint_pb2.ClusterLoadAssignment)}
 
 
 def listeners_of(response: Response) -> list[listener_pb2.Listener]:
