@@ -29,10 +29,16 @@ from shoal.sds import ca, roots
 from shoal.xds import resources
 from tests import manifests
 from tests.conftest import write
+from tests.e2e import test_kubernetes as kube_tests
 from tests.e2e.helpers import ServeProcess, eventually, rotate_root, who_answers
+from tests.kube import objects
+from tests.kube.emulator import KubeEmulator
 from tests.xds.test_ads_protocol import AdsClient, make_node, unpack_all, unpack_clusters
 
 pytestmark = pytest.mark.timeout(300)
+
+# The Kubernetes tests' API server emulator, with their namespaces.
+emu = kube_tests.emu
 
 CDS = resources.CLUSTER
 SDS = resources.SECRET
@@ -184,9 +190,10 @@ async def raw_proxies(
     xds: int,
     subscribe: tuple[str, ...] = (CDS,),
     names: tuple[str, ...] = (),
+    authority: ca.Authority | None = None,
 ) -> AsyncIterator[list[RawProxy]]:
     """Streams opened one by one until both workers serve some."""
-    authority = serve.authority()
+    authority = authority or serve.authority()
     pair = authority.workload("default", "default")
     opened: list[RawProxy] = []
     try:
@@ -377,5 +384,37 @@ async def test_a_root_rotation_reaches_the_proxies_of_every_worker(
         assert serve.proc is not None and serve.proc.returncode == 0
         assert not (state / "ca" / roots.FOLDER_RECORD).exists()
         assert not any(alive(pid) for pid in seen)
+    finally:
+        await stop(serve, seen)
+
+
+async def test_on_kubernetes_every_worker_watches_the_api_server(
+    emu: KubeEmulator, tmp_path: Path
+) -> None:
+    """Each worker lists and watches the API server, so a Service created
+    later reaches the proxies of both; the root is the Secret's."""
+    emu.create(objects.service(kube_tests.SHOP, "web", ports=[("http", 80)]))
+    xds = envoy.free_port()
+    serve = ServeProcess(
+        None,
+        xds,
+        tmp_path / "state",
+        kubeconfig=emu.write_kubeconfig(tmp_path / "kubeconfig", namespace=kube_tests.HOME),
+        extra=("--workers", "2", "--webhook-address", f"127.0.0.1:{envoy.free_port()}"),
+    )
+    seen: list[int] = []
+    try:
+        await serve.start()
+        seen = worker_pids(serve)
+        authority = kube_tests._authority(emu)
+        async with raw_proxies(serve, xds, authority=authority) as raws:
+            emu.create(objects.service(kube_tests.SHOP, "late", ports=[("http", 80)]))
+            late = "outbound|80||late.shop.svc.cluster.local"
+
+            async def has_late(raw: RawProxy) -> None:
+                while late not in {c.name for c in unpack_clusters(raw.last[CDS])}:
+                    await raw.take(CDS)
+
+            await asyncio.wait_for(asyncio.gather(*(has_late(r) for r in raws)), 60)
     finally:
         await stop(serve, seen)
