@@ -770,9 +770,16 @@ async def _serve_worker() -> int:
     """One of workers 1 to N-1 (shoal/workers.py): its options come from
     worker 0 on stdin; it serves until stdin closes or SIGTERM."""
     stdin = await workers.stdin_reader()
-    options = await workers.read_options(stdin)
+    try:
+        options = await workers.read_options(stdin)
+    except Exception:  # whatever it is, it is not worker 0's pipe
+        options = None
     if not isinstance(options, ServeOptions):
-        print("shoal serve --worker: not started by shoal serve --workers", file=sys.stderr)
+        print(
+            "shoal serve --worker: this is what shoal serve --workers N starts; "
+            "it is not for starting by hand",
+            file=sys.stderr,
+        )
         return 2
     # Its lines go where worker 0's go: each says which worker wrote it.
     for handler in logging.getLogger().handlers:

@@ -70,6 +70,39 @@ def test_serve_refuses_a_missing_folder(tmp_path: Path) -> None:
     assert "does not exist" in result.stderr
 
 
+def test_serve_refuses_a_worker_count_out_of_range(tmp_path: Path) -> None:
+    for count in ("0", "65"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shoal.cli",
+                "serve",
+                "--registry",
+                str(tmp_path),
+                "--workers",
+                count,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2
+        assert "--workers must be 1 to 64" in result.stderr
+
+
+def test_a_worker_started_by_hand_says_what_it_is_for() -> None:
+    # `serve --worker` reads its options from worker 0: from nothing else.
+    result = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "serve", "--worker"],
+        input=b"\0\0\0\0\0\0\0\x05" + b"nope.",
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert b"it is not for starting by hand" in result.stderr
+
+
 def test_analyze_lists_every_problem_with_code_object_field_and_fix(tmp_path: Path) -> None:
     (tmp_path / "ok.yaml").write_text(
         "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\nspec: {ports: [{port: 80}]}\n"
