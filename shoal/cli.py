@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -373,12 +374,28 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                 shared_root = roots.local_shared_root(options.state_dir, certificates, revoke)
             if shared_root is not None and record is not None:
                 shared_root.applied(record)
+            reports[HELD_FOR_ROTATION] = lambda: {
+                name: [_b64(bundle), _b64(chain)]
+                for name, (bundle, chain) in _held_for_rotation(ads).items()
+            }
+
+            async def held_everywhere() -> rotation.Held:
+                """What every worker's proxies hold, for a rotation to wait on."""
+                held = _held_for_rotation(ads)
+                found = await workers.gather(worker_sockets, f"/debug/{HELD_FOR_ROTATION}")
+                for index, (code, body) in found.items():
+                    if code != 200:
+                        continue
+                    for name, (bundle, chain) in json.loads(body).items():
+                        held[f"{name} (worker {index})"] = (_unb64(bundle), _unb64(chain))
+                return held
+
             if options.ca_cert is None and options.worker == 0:
                 rotations = operations.RootRotations(
                     rotation.RootRotation(
                         None if shared_root is not None else options.state_dir,
                         certificates,
-                        lambda: _held_for_rotation(ads),
+                        held_everywhere,
                         step_timeout=options.root_rotation_step_timeout,
                         announce=shared_root.announce if shared_root is not None else None,
                         on_revoke=revoke,
@@ -726,6 +743,18 @@ INSECURE_WARNING = (
 
 def _replica_name() -> str:
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+# Each worker's proxies' trust bundles and certificates, for worker 0's rotation.
+HELD_FOR_ROTATION = "ca/held"
+
+
+def _b64(data: bytes | None) -> str | None:
+    return base64.b64encode(data).decode() if data is not None else None
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return base64.b64decode(text) if text is not None else None
 
 
 def _held_for_rotation(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ class Progress:
 
 # Per proxy: (the PEM bytes of the trust bundle it holds, its certificate's
 # issuer-side chain PEM) or None for a value it does not hold yet.
-HeldFn = Callable[[], dict[str, tuple[bytes | None, bytes | None]]]
+# (Awaitable: with `serve --workers`, worker 0 asks the other workers.)
+Held = dict[str, tuple[bytes | None, bytes | None]]
+HeldFn = Callable[[], Held | Awaitable[Held]]
 
 
 # The phases of a rotation, in order, and what each one waits for.
@@ -199,7 +202,10 @@ class RootRotation:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         while True:
-            behind = tuple(sorted(p for p, (b, c) in self._held().items() if not holds(b, c)))
+            held = self._held()
+            if inspect.isawaitable(held):
+                held = await held
+            behind = tuple(sorted(p for p, (b, c) in held.items() if not holds(b, c)))
             self.progress.laggards = behind
             if not behind:
                 return
