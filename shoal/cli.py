@@ -463,7 +463,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         admin_port = await stack.enter_async_context(
             admin.serve(
                 admin.app(
-                    ready=registry.ready,
+                    ready=(
+                        (lambda: workers.every_ready(registry.ready(), worker_sockets))
+                        if worker_sockets
+                        else registry.ready
+                    ),
                     reports=reports,
                     queries={
                         "config_dump": workers.found_anywhere(

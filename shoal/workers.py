@@ -281,6 +281,18 @@ async def gather(sockets: Mapping[int, Path], path: str) -> dict[int, tuple[int,
     return out
 
 
+async def every_ready(own: tuple[bool, str], sockets: Mapping[int, Path]) -> tuple[bool, str]:
+    """Ready when every worker is: a new connection may land on any."""
+    if not own[0]:
+        return own
+    answers = await gather(sockets, "/ready")
+    for index in sockets:
+        code, body = answers.get(index, (0, "it does not answer"))
+        if code != 200:
+            return False, f"xDS worker {index}: {body.strip()}"
+    return own
+
+
 async def every_proxy(
     own: list[dict[str, Any]], sockets: Mapping[int, Path]
 ) -> list[dict[str, Any]]:

@@ -76,3 +76,14 @@ async def test_workers_stop_when_their_stdin_closes() -> None:
 
 def test_each_worker_has_a_socket_beside_worker_0s() -> None:
     assert workers.socket_of(Path("/run/shoal/admin.sock"), 2) == Path("/run/shoal/admin.sock.2")
+
+
+async def test_worker_0_is_ready_only_when_every_worker_is(tmp_path: Path) -> None:
+    # A worker that does not answer (starting again, say) is not ready.
+    gone = {1: tmp_path / "admin.sock.1"}
+    assert await workers.every_ready((True, "ok"), gone) == (
+        False,
+        "xDS worker 1: it does not answer",
+    )
+    assert await workers.every_ready((False, "listing"), gone) == (False, "listing")
+    assert await workers.every_ready((True, "ok"), {}) == (True, "ok")

@@ -115,7 +115,7 @@ def _refused(status: int, reason: str) -> web.Response:
 
 def app(
     *,
-    ready: Callable[[], tuple[bool, str]],
+    ready: Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]],
     reports: Mapping[str, Report],
     queries: Mapping[str, Query] | None = None,
     metrics: Callable[[], bytes | Awaitable[bytes]] | None = None,
@@ -158,7 +158,8 @@ def app(
         return await handler(request)
 
     async def ready_handler(_: web.Request) -> web.Response:
-        ok, reason = ready()
+        found = ready()
+        ok, reason = await found if inspect.isawaitable(found) else found
         return web.Response(status=200 if ok else 503, text=f"{reason}\n")
 
     async def healthz(_: web.Request) -> web.Response:

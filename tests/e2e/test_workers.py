@@ -230,6 +230,8 @@ async def test_two_workers_serve_one_port_and_both_push(registry_dir: Path, tmp_
         async with raw_proxies(serve, xds) as raws, aiohttp.ClientSession() as session:
             assert set(await who_answers(session, a, "b", 5)) == {"b-1"}
 
+            # Ready: worker 0 and every other worker.
+            assert admin_get(state, "/ready").strip() != ""
             # Every stream shows in worker 0's proxy-status, with its worker.
             table = shoal_command("proxy-status", "--admin", str(state / "admin.sock"))
             assert table.splitlines()[0].split()[-1] == "WORKER"
