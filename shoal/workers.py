@@ -7,12 +7,14 @@ gRPC binds with SO_REUSEPORT, so the kernel spreads new connections over
 every worker's socket. Each worker watches the registry and translates on
 its own. Translation is deterministic and versions are digests of content,
 so every worker holds the same snapshots under the same versions, and a
-proxy that reconnects to another worker is not sent its configuration again.
+proxy that reconnects to another worker is not sent its configuration again
+(its workload certificate excepted: each worker issues its own proxies').
 
 Worker 0 alone serves the admin port, dashboard, webhook, join port and
 collector. The other workers serve their admin API on a Unix socket of their
-own (beside worker 0's), which worker 0 reads for proxy-status and config
-dumps. A worker stops when its standard input reaches end of file: when
+own (beside worker 0's), which worker 0 reads for what its own admin API
+says of proxies: proxy-status, config dumps, analysis, metrics, readiness,
+and what a root rotation waits on. A worker stops when its standard input reaches end of file: when
 worker 0 exits, however it exits, no worker is left serving a mesh nobody
 updates. A worker that exits by itself is started again, with backoff.
 """
@@ -53,6 +55,7 @@ STOP_TIMEOUT_S = 5.0
 # Reading another worker's admin socket.
 FETCH_TIMEOUT_S = 10.0
 _LENGTH = struct.Struct("!Q")
+MAX_OPTIONS = 1 << 20
 _CREATED = "_created"
 
 
@@ -71,6 +74,8 @@ async def read_options(stdin: asyncio.StreamReader) -> Any:
     """The options worker 0 sent (its own process, over a pipe only it
     holds: nothing else can write there)."""
     (length,) = _LENGTH.unpack(await stdin.readexactly(_LENGTH.size))
+    if length > MAX_OPTIONS:
+        raise ValueError(f"{length} bytes of options: not worker 0's")
     return pickle.loads(await stdin.readexactly(length))
 
 
