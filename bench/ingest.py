@@ -14,6 +14,8 @@ debounce wait) with `--proxies` sidecars registered through the
 * annotation: one Service's `shoal.io/timeout` annotation changes (its
   route changes);
 * endpoint: one address of one EndpointSlice changes;
+* Service added, Service removed: a Service and its EndpointSlice come,
+  and go, each after an annotation change elsewhere (as in a live mesh);
 
 each from the registry event to the snapshots set in the cache, split into
 store (event + build) and translation (update + rebuild + publish). Changes
@@ -99,6 +101,8 @@ class Result:
     first: Timing | None = None
     annotation: list[Timing] = field(default_factory=list)
     endpoint: list[Timing] = field(default_factory=list)
+    service_added: list[Timing] = field(default_factory=list)
+    service_removed: list[Timing] = field(default_factory=list)
     checked: bool | None = None
 
 
@@ -178,8 +182,8 @@ class Mesh:
         for reflector in self.registry.reflectors:
             self.registry.replace(reflector, kinds.get(reflector.kind.type, []))
 
-    def event(self, kind: tuple[str, str], obj: dict[str, Any]) -> None:
-        self.registry.apply(self.reflectors[kind], "MODIFIED", obj)
+    def event(self, kind: tuple[str, str], obj: dict[str, Any], verb: str = "MODIFIED") -> None:
+        self.registry.apply(self.reflectors[kind], verb, obj)
 
     def build(self) -> None:
         # As KubernetesRegistry.watch builds, once per burst of events.
@@ -233,7 +237,7 @@ async def run(args: argparse.Namespace) -> Result:
     m.connect(args.proxies)
     profiles = {
         name: cProfile.Profile() if args.profile == name else None
-        for name in ("first", "annotation", "endpoint")
+        for name in ("first", "annotation", "endpoint", "service")
     }
 
     c0 = time.process_time()
@@ -259,6 +263,28 @@ async def run(args: argparse.Namespace) -> Result:
                 functools.partial(m.event, manifests.ENDPOINT_SLICE, obj), m, profiles["endpoint"]
             )
         )
+
+    for n in range(args.changes):
+        # A Service deployed (with its endpoints), then taken away.
+        i = args.services + n
+        added = [
+            (manifests.SERVICE, _service(i, {})),
+            (manifests.ENDPOINT_SLICE, _slice(i, args.endpoints_per_slice, {})),
+        ]
+
+        def apply(verb: str, objs: list[tuple[tuple[str, str], dict[str, Any]]] = added) -> None:
+            for kind, obj in objs:
+                m.event(kind, obj, verb)
+
+        # Between them, other changes, as in a live mesh: what a rebuild
+        # keeps for the next one is then that of an annotation's rebuild.
+        other = (n * 7919 + 57) % args.services
+        m.annotations[other] = f"{n % 50 + 3}s"
+        _timed(functools.partial(m.event, manifests.SERVICE, _service(other, m.annotations)), m)
+        r.service_added.append(_timed(functools.partial(apply, "ADDED"), m, profiles["service"]))
+        m.annotations.pop(other)
+        _timed(functools.partial(m.event, manifests.SERVICE, _service(other, m.annotations)), m)
+        r.service_removed.append(_timed(functools.partial(apply, "DELETED"), m))
 
     if args.check:
         fresh = Mesh(args.services, args.endpoints_per_slice)
@@ -298,6 +324,8 @@ def _report(r: Result) -> None:
     )
     rows = [("first build", [r.first]), ("annotation (median)", r.annotation)]
     rows.append(("endpoint (median)", r.endpoint))
+    rows += [("Service added (median)", r.service_added)]
+    rows += [("Service removed (median)", r.service_removed)]
     for label, timings in rows:
         print(
             f"{label:>22} {_median(timings, 'total_cpu') * 1000:>10.1f} "
@@ -317,7 +345,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--endpoints-per-slice", type=int, default=10)
     parser.add_argument("--proxies", type=int, default=100)
     parser.add_argument("--changes", type=int, default=7, help="changes of each kind (median)")
-    parser.add_argument("--profile", choices=("first", "annotation", "endpoint"))
+    parser.add_argument("--profile", choices=("first", "annotation", "endpoint", "service"))
     parser.add_argument("--check", action="store_true", help="compare with a fresh build")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)

@@ -117,6 +117,10 @@ class HostsPart:
     refs: frozenset[tuple[str, str]]
 
 
+# A place in a table whose part is yet to be made.
+_NO_PART = HostsPart(b"", b"", frozenset())
+
+
 @dataclass(frozen=True, slots=True)
 class OutboundTable:
     """An outbound route table as last assembled: its inputs, the part of
@@ -268,6 +272,9 @@ class Shared:
         default_factory=dict
     )
     _common: dict[int, _CommonParts] = field(default_factory=dict)
+    _realigned_memo: dict[
+        tuple[int, ...], tuple[list[int], list[int], dict[mesh.ServiceKey, int]]
+    ] = field(default_factory=dict)
     _pods_covered: set[tuple[str, str]] = field(default_factory=set)
 
     # -- scopes ---------------------------------------------------------------
@@ -484,6 +491,8 @@ class Shared:
                 digests,
                 self._table_group(encoded, digests, frozenset().union(*[p.refs for p in parts])),
             )
+        if len(visible) != len(last.visible):
+            return self._resized(last, visible, namespace, affected)
         parts, index = last.parts, last.index
         redone = {
             at: self._hosts(visible[at], namespace)
@@ -501,6 +510,47 @@ class Shared:
             table_refs = frozenset().union(*[p.refs for p in parts])
         group = self._table_group(encoded, digests, table_refs)
         return OutboundTable(visible, now_routes, sampling, index, parts, encoded, digests, group)
+
+    def _resized(
+        self,
+        last: OutboundTable,
+        visible: tuple[mesh.Service, ...],
+        namespace: str,
+        affected: frozenset[mesh.ServiceKey],
+    ) -> OutboundTable:
+        """A table whose Services came or went: the parts of the others
+        carried over by position, the new and the affected made."""
+        carried, redo, index = self._realigned(last.visible, last.index, visible, affected)
+        # (-1: made below.)
+        parts = [last.parts[j] if j >= 0 else _NO_PART for j in carried]
+        encoded = [p.encoded for p in parts]
+        digests = [p.digest for p in parts]
+        for i in redo:
+            parts[i] = part = self._hosts(visible[i], namespace)
+            encoded[i], digests[i] = part.encoded, part.digest
+        group = self._table_group(encoded, digests, frozenset().union(*[p.refs for p in parts]))
+        return OutboundTable(
+            visible, self.state.routes, last.sampling, index, parts, encoded, digests, group
+        )
+
+    def _realigned(
+        self,
+        old: tuple[mesh.Service, ...],
+        old_index: Mapping[mesh.ServiceKey, int],
+        new: tuple[mesh.Service, ...],
+        affected: frozenset[mesh.ServiceKey],
+    ) -> tuple[list[int], list[int], dict[mesh.ServiceKey, int]]:
+        """For each position of `new`, where its part was in `old` (-1 for
+        those to redo), those to redo, and the new index: once per rebuild
+        for every table with the same inputs."""
+        ids = (id(old), id(new), id(affected))
+        found = self._realigned_memo.get(ids)
+        if found is None:
+            index = {s.key: i for i, s in enumerate(new)}
+            carried = [old_index.get(k, -1) if k not in affected else -1 for k in index]
+            redo = [i for i, j in enumerate(carried) if j < 0]
+            found = self._realigned_memo[ids] = (carried, redo, index)
+        return found
 
     def _common_parts(self, visible: tuple[mesh.Service, ...]) -> _CommonParts:
         """The parts of a table that every namespace but a Service's own sees
@@ -538,13 +588,16 @@ class Shared:
         new_routes: Mapping[mesh.ServiceKey, routing.ServiceRoute],
     ) -> frozenset[mesh.ServiceKey] | None:
         """The Services whose virtual hosts may differ between two inputs of a
-        table; None if the Services in it are not the same ones (then it is
-        assembled anew). Worked out once per rebuild for every table with
-        the same inputs."""
+        table: those changed, come or gone, and those whose routes changed or
+        name one of them. Worked out once per rebuild for every table with
+        the same inputs. None if as many Services came as went (then the
+        table is assembled anew: rare, and not worth a keyed comparison on
+        every rebuild)."""
         ids = (id(old), id(new), id(old_routes), id(new_routes))
         if ids in self._affected_memo:
             return self._affected_memo[ids]
         found: frozenset[mesh.ServiceKey] | None = None
+        changed: set[mesh.ServiceKey] | None = None
         if len(old) == len(new):
             # Compared by identity at C speed: the registry keeps the very
             # objects of what did not change.
@@ -553,18 +606,24 @@ class Shared:
             after = list(itertools.compress(new, moved))
             if all(a.key == b.key for a, b in zip(before, after, strict=True)):
                 changed = {s.key for s in after}
-                if old_routes is not new_routes:
-                    changed.update(
-                        k
-                        for k in old_routes.keys() | new_routes.keys()
-                        if old_routes.get(k) != new_routes.get(k)
-                    )
-                if changed:
-                    # A route's hosts name its backends' ports.
-                    changed.update(
-                        k for k, r in new_routes.items() if not r.backends().isdisjoint(changed)
-                    )
-                found = frozenset(changed)
+        else:
+            # Services came or went (rarer): compared by key.
+            was = {s.key: s for s in old}
+            now = {s.key: s for s in new}
+            changed = {k for k in was.keys() | now.keys() if was.get(k) is not now.get(k)}
+        if changed is not None:
+            if old_routes is not new_routes:
+                changed.update(
+                    k
+                    for k in old_routes.keys() | new_routes.keys()
+                    if old_routes.get(k) != new_routes.get(k)
+                )
+            if changed:
+                # A route's hosts name its backends' ports.
+                changed.update(
+                    k for k, r in new_routes.items() if not r.backends().isdisjoint(changed)
+                )
+            found = frozenset(changed)
         self._affected_memo[ids] = found
         return found
 
