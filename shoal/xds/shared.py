@@ -701,7 +701,7 @@ def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shar
         shared.clusters_changed = shared.endpoints_changed = True
         last_entries = last.entries if last is not None else {}
     else:
-        services, redo, scopes_hold = found
+        services, redo, scopes_hold, gone = found
         assert last is not None
         entries = dict(last.entries)
         shared = Shared(
@@ -711,6 +711,12 @@ def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shar
         if scopes_hold:
             shared.by_dependencies = dict(last.scopes)
         last_entries = last.entries
+        for key in gone:
+            # A Service gone: its clusters and endpoints with it.
+            del entries[key]
+            shared.clusters.pop(key, None)
+            shared.endpoints.pop(key, None)
+            shared.clusters_changed = shared.endpoints_changed = True
     if found is not None and scopes_hold and last is not None:
         shared.everywhere = last.everywhere  # what Services are exported to did not change
     else:
@@ -731,7 +737,7 @@ def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shar
         ):
             shared.endpoints[key] = endpoint_list
             shared.endpoints_changed = True
-    if found is None or last is None:
+    if found is None or last is None or len(services) != len(last.keys) or gone:
         keys = tuple(s.key for s in services)
         index = {k: i for i, k in enumerate(keys)}
     else:
@@ -752,9 +758,14 @@ def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shar
     return shared
 
 
+# The Services in order, those whose translation may differ from the last
+# build's, whether every scope stays as it was, and the Services gone.
+_Changes = tuple[tuple[mesh.Service, ...], set[mesh.ServiceKey], bool, frozenset[mesh.ServiceKey]]
+
+
 def _changes(
     last: Built, state: mesh.MeshState, subsets: dict[mesh.ServiceKey, tuple[mesh.FrozenMap, ...]]
-) -> tuple[tuple[mesh.Service, ...], set[mesh.ServiceKey], bool] | None:
+) -> _Changes | None:
     """The Services of `state` in order, those whose translation may differ
     from the last build's, and whether every scope stays as it was; None when
     the mesh does not have the same Services (it is then built whole, from
@@ -795,7 +806,7 @@ def _changes(
         redo.update(
             k for k in last.subsets.keys() | subsets.keys() if last.subsets.get(k) != subsets.get(k)
         )
-    return services, redo, scopes_hold
+    return services, redo, scopes_hold, frozenset()
 
 
 def _delta_changes(
@@ -803,31 +814,38 @@ def _delta_changes(
     state: mesh.MeshState,
     subsets: dict[mesh.ServiceKey, tuple[mesh.FrozenMap, ...]],
     delta: mesh.Delta,
-) -> tuple[tuple[mesh.Service, ...], set[mesh.ServiceKey], bool] | None:
+) -> _Changes:
     """`_changes` from the keys the registry says changed: no pass over
     the mesh at all."""
     now, entries = state.services, last.entries
-    if any((k in now) != (k in entries) for k in delta.services):
-        return None  # Services came or went: the order is made anew
-    services = list(last.services)
-    scopes_hold = True
     redo = {k for k in delta.services if k in now}  # not one that came and went since
-    for k in redo:
-        at = last.index[k]
-        before, services[at] = services[at], now[k]
-        scopes_hold = scopes_hold and before.export_to == services[at].export_to
+    if any((k in now) != (k in entries) for k in delta.services):
+        # Services came or went: the order is made anew, and every scope
+        # (what a Service is exported to decides who sees it); the other
+        # Services' entries stay.
+        services = state.sorted_services()
+        scopes_hold = False
+        gone = frozenset(k for k in delta.services if k not in now and k in entries)
+    else:
+        gone = frozenset()
+        services = list(last.services)
+        scopes_hold = True
+        for k in redo:
+            at = last.index[k]
+            before, services[at] = services[at], now[k]
+            scopes_hold = scopes_hold and before.export_to == services[at].export_to
     old_routes, new_routes = last.state.routes, state.routes
     for k in delta.routes:
         if _reaches(old_routes.get(k), k) != _reaches(new_routes.get(k), k):
             scopes_hold = False
-    redo.update(k for k in delta.endpoints if k in entries)
+    redo.update(k for k in delta.endpoints if k in now)
     if last.subsets != subsets:
         redo.update(
             k
             for k in last.subsets.keys() | subsets.keys()
-            if last.subsets.get(k) != subsets.get(k) and k in entries
+            if last.subsets.get(k) != subsets.get(k) and k in now
         )
-    return tuple(services), redo, scopes_hold
+    return tuple(services), redo, scopes_hold, gone
 
 
 def _reaches(
