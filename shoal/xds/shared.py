@@ -273,7 +273,15 @@ class Shared:
     )
     _common: dict[int, _CommonParts] = field(default_factory=dict)
     _realigned_memo: dict[
-        tuple[int, ...], tuple[list[int], list[int], dict[mesh.ServiceKey, int]]
+        tuple[int, ...],
+        tuple[
+            tuple[mesh.Service, ...],
+            tuple[mesh.Service, ...],
+            frozenset[mesh.ServiceKey],
+            list[int],
+            list[int],
+            dict[mesh.ServiceKey, int],
+        ],
     ] = field(default_factory=dict)
     _pods_covered: set[tuple[str, str]] = field(default_factory=set)
 
@@ -545,12 +553,14 @@ class Shared:
         for every table with the same inputs."""
         ids = (id(old), id(new), id(affected))
         found = self._realigned_memo.get(ids)
-        if found is None:
+        # The key objects are kept and checked: an id is its object's only
+        # while that object lives.
+        if found is None or found[0] is not old or found[1] is not new or found[2] is not affected:
             index = {s.key: i for i, s in enumerate(new)}
             carried = [old_index.get(k, -1) if k not in affected else -1 for k in index]
             redo = [i for i, j in enumerate(carried) if j < 0]
-            found = self._realigned_memo[ids] = (carried, redo, index)
-        return found
+            found = self._realigned_memo[ids] = (old, new, affected, carried, redo, index)
+        return found[3], found[4], found[5]
 
     def _common_parts(self, visible: tuple[mesh.Service, ...]) -> _CommonParts:
         """The parts of a table that every namespace but a Service's own sees
