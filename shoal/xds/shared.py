@@ -268,9 +268,9 @@ class Shared:
     clusters_changed: bool = True
     endpoints_changed: bool = True
     _pods: capture.PodIndex = field(default_factory=dict)
-    _affected_memo: dict[tuple[int, ...], frozenset[mesh.ServiceKey] | None] = field(
-        default_factory=dict
-    )
+    _affected_memo: dict[
+        tuple[int, ...], tuple[tuple[object, ...], frozenset[mesh.ServiceKey] | None]
+    ] = field(default_factory=dict)
     _common: dict[int, _CommonParts] = field(default_factory=dict)
     _realigned_memo: dict[
         tuple[int, ...],
@@ -603,9 +603,13 @@ class Shared:
         the same inputs. None if as many Services came as went (then the
         table is assembled anew: rare, and not worth a keyed comparison on
         every rebuild)."""
-        ids = (id(old), id(new), id(old_routes), id(new_routes))
-        if ids in self._affected_memo:
-            return self._affected_memo[ids]
+        inputs = (old, new, old_routes, new_routes)
+        ids = tuple(map(id, inputs))
+        memo = self._affected_memo.get(ids)
+        # Its inputs are kept with it and checked: an id is its object's
+        # only while that object lives.
+        if memo is not None and all(map(operator.is_, memo[0], inputs)):
+            return memo[1]
         found: frozenset[mesh.ServiceKey] | None = None
         changed: set[mesh.ServiceKey] | None = None
         if len(old) == len(new):
@@ -634,7 +638,7 @@ class Shared:
                     k for k, r in new_routes.items() if not r.backends().isdisjoint(changed)
                 )
             found = frozenset(changed)
-        self._affected_memo[ids] = found
+        self._affected_memo[ids] = (inputs, found)
         return found
 
     def _hosts(self, svc: mesh.Service, namespace: str) -> HostsPart:
