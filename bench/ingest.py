@@ -27,12 +27,17 @@ machine the CPU time is the steadier figure. glibc's malloc is tuned as
 rebuilds keep the garbage collector out, as `shoal serve` does for the
 registry (heap.HeapKeeper.paused; the controller's `quiet_gc`).
 
+`--scoped` exports every 10th Service to its own namespace only, so that
+the sidecars of the other namespaces have a scope (their route tables are
+then keyed by it, and a Service that comes or goes changes it).
+
 `--check` compares, after the changes, every proxy's snapshot with the one
 a fresh registry and controller build from the same objects (same names and
 versions of every resource).
 
     .venv/bin/python bench/ingest.py [--services N] [--endpoints-per-slice K]
-        [--proxies N] [--changes N] [--profile first|annotation|endpoint] [--check] [--json]
+        [--proxies N] [--changes N] [--profile first|annotation|endpoint|service]
+        [--check] [--scoped] [--json]
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ from tests.kube import objects  # noqa: E402
 
 NAMESPACES = 10
 ANNOTATION = "shoal.io/timeout"
+EXPORT_TO = "shoal.io/export-to"
+SCOPED_EVERY = 10
 
 
 @dataclass
@@ -121,10 +128,15 @@ def _slice(i: int, per_slice: int, moved: dict[int, str]) -> dict[str, Any]:
     return objects.endpoint_slice(namespace, name, addresses=addresses, name=f"{name}-x7k2p")
 
 
-def _service(i: int, annotations: dict[int, str]) -> dict[str, Any]:
+def _service(i: int, annotations: dict[int, str], scoped: bool = False) -> dict[str, Any]:
     namespace, name = _where(i)
-    notes = {ANNOTATION: annotations[i]} if i in annotations else None
-    return objects.service(namespace, name, annotations=notes, cluster_ip=_address(1 << 20 | i))
+    notes = {ANNOTATION: annotations[i]} if i in annotations else {}
+    if scoped and i % SCOPED_EVERY == SCOPED_EVERY // 2:
+        # Seen from one namespace only: the sidecars of the others have a scope.
+        notes[EXPORT_TO] = _where(i)[0]
+    return objects.service(
+        namespace, name, annotations=notes or None, cluster_ip=_address(1 << 20 | i)
+    )
 
 
 def proxy_node(i: int) -> base_pb2.Node:
@@ -135,8 +147,9 @@ def proxy_node(i: int) -> base_pb2.Node:
 class Mesh:
     """A registry fed like a watch feeds it, and a controller with proxies."""
 
-    def __init__(self, services: int, per_slice: int) -> None:
+    def __init__(self, services: int, per_slice: int, scoped: bool = False) -> None:
         self.services = services
+        self.scoped = scoped
         self.per_slice = per_slice
         # The registry never calls the API here: the events are handed to it.
         # Its builds keep the garbage collector out, as `shoal serve` has it.
@@ -174,7 +187,9 @@ class Mesh:
         """The first list of every kind, as the reflectors hand it on."""
         kinds: dict[tuple[str, str], list[dict[str, Any]]] = {
             manifests.NAMESPACE: [objects.namespace(f"ns{n}") for n in range(NAMESPACES)],
-            manifests.SERVICE: [_service(i, self.annotations) for i in range(self.services)],
+            manifests.SERVICE: [
+                _service(i, self.annotations, self.scoped) for i in range(self.services)
+            ],
             manifests.ENDPOINT_SLICE: [
                 _slice(i, self.per_slice, self.moved) for i in range(self.services)
             ],
@@ -233,7 +248,7 @@ def content(snapshots: cache.SnapshotCache) -> dict[str, set[tuple[str, str, str
 
 async def run(args: argparse.Namespace) -> Result:
     r = Result(args.services, args.services * args.endpoints_per_slice, args.proxies)
-    m = Mesh(args.services, args.endpoints_per_slice)
+    m = Mesh(args.services, args.endpoints_per_slice, args.scoped)
     m.connect(args.proxies)
     profiles = {
         name: cProfile.Profile() if args.profile == name else None
@@ -249,7 +264,7 @@ async def run(args: argparse.Namespace) -> Result:
         # Services spread over the sorted order, none twice in a row.
         i = (n * 7919 + 13) % args.services
         m.annotations[i] = f"{n % 50 + 2}s"
-        obj = _service(i, m.annotations)
+        obj = _service(i, m.annotations, m.scoped)
         r.annotation.append(
             _timed(functools.partial(m.event, manifests.SERVICE, obj), m, profiles["annotation"])
         )
@@ -280,14 +295,20 @@ async def run(args: argparse.Namespace) -> Result:
         # keeps for the next one is then that of an annotation's rebuild.
         other = (n * 7919 + 57) % args.services
         m.annotations[other] = f"{n % 50 + 3}s"
-        _timed(functools.partial(m.event, manifests.SERVICE, _service(other, m.annotations)), m)
+        _timed(
+            functools.partial(m.event, manifests.SERVICE, _service(other, m.annotations, m.scoped)),
+            m,
+        )
         r.service_added.append(_timed(functools.partial(apply, "ADDED"), m, profiles["service"]))
         m.annotations.pop(other)
-        _timed(functools.partial(m.event, manifests.SERVICE, _service(other, m.annotations)), m)
+        _timed(
+            functools.partial(m.event, manifests.SERVICE, _service(other, m.annotations, m.scoped)),
+            m,
+        )
         r.service_removed.append(_timed(functools.partial(apply, "DELETED"), m))
 
     if args.check:
-        fresh = Mesh(args.services, args.endpoints_per_slice)
+        fresh = Mesh(args.services, args.endpoints_per_slice, args.scoped)
         fresh.annotations, fresh.moved = m.annotations, m.moved
         fresh.connect(args.proxies)
         fresh.list_all()
@@ -347,6 +368,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--changes", type=int, default=7, help="changes of each kind (median)")
     parser.add_argument("--profile", choices=("first", "annotation", "endpoint", "service"))
     parser.add_argument("--check", action="store_true", help="compare with a fresh build")
+    parser.add_argument(
+        "--scoped",
+        action="store_true",
+        help=f"every {SCOPED_EVERY}th Service is exported to its own namespace only, so "
+        "the sidecars of every other namespace have a scope",
+    )
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 

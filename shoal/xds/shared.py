@@ -210,11 +210,18 @@ class Memos:
     virtual_hosts: memo.Generations[VirtualHosts, HostsPart] = field(
         default_factory=memo.Generations
     )
+    # The outbound table last assembled for each namespace, whatever its
+    # scope: a table whose scope is new (a Service came into it) starts
+    # from it, since a Service's virtual hosts do not depend on the scope.
+    outbound_by_namespace: memo.Generations[str, OutboundTable] = field(
+        default_factory=memo.Generations
+    )
 
     def publishing(self) -> None:
         """A rebuild that passed its check begins publishing."""
         self.headless.advance()
         self.route_tables.advance()
+        self.outbound_by_namespace.advance()
 
 
 # RouteConfiguration's fields, by number: `name` and `virtual_hosts`.
@@ -465,9 +472,10 @@ class Shared:
             return fresh[1]
         found = tables.get(key)
         last = found[0] if found is not None else None
-        table = self._outbound(
-            namespace, in_scope, last if isinstance(last, OutboundTable) else None
-        )
+        if not isinstance(last, OutboundTable):
+            last = self.memos.outbound_by_namespace.get(namespace)
+        table = self._outbound(namespace, in_scope, last)
+        self.memos.outbound_by_namespace.put(namespace, table)
         return tables.put(key, (table, table.group))[1]
 
     # -- outbound route tables, by parts ----------------------------------------
