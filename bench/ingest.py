@@ -47,11 +47,9 @@ import asyncio
 import cProfile
 import functools
 import gc
-import io
 import json
 import os
 import platform
-import pstats
 import resource
 import statistics
 import sys
@@ -317,12 +315,7 @@ async def run(args: argparse.Namespace) -> Result:
 
     for name, profile in profiles.items():
         if profile is not None:
-            out = io.StringIO()
-            stats = pstats.Stats(profile, stream=out)
-            stats.sort_stats("cumulative").print_stats(30)
-            stats.sort_stats("tottime").print_stats(20)
-            print(f"== profile: {name} ==", file=sys.stderr)
-            print(out.getvalue(), file=sys.stderr)
+            translate.print_profile(profile, name, most=30)
     for w in m.watches:
         m.snapshots.cancel(w)
     return r

@@ -180,16 +180,20 @@ async def start_replay(
 ) -> tuple[asyncio.subprocess.Process, int]:
     """A replay floor in its own process (bench/fanout.py --replay-server),
     with the same TLS as shoal; the process and its port."""
+    served = write_bodies(work / f"replay-bodies-{tag}", bodies)
+    return await start(
+        work, f"replay-{tag}", "--replay-server", ["--replay-bodies", str(served)], tls
+    )
+
+
+async def start(
+    work: Path, name: str, server_flag: str, flags: list[str], tls: harness.Tls
+) -> tuple[asyncio.subprocess.Process, int]:
+    """A floor server in its own process (bench/fanout.py `server_flag`
+    PORT `flags`), with the same TLS as shoal; the process and its port."""
     port = processes.free_port()
-    command = [
-        processes.PYTHON,
-        str(processes.ENTRY),
-        "--replay-server",
-        str(port),
-        "--replay-bodies",
-        str(write_bodies(work / f"replay-bodies-{tag}", bodies)),
-    ]
+    command = [processes.PYTHON, str(processes.ENTRY), server_flag, str(port), *flags]
     if tls.enabled:
-        command += ["--floor-tls", str(tls.write_server(work / f"replay-tls-{tag}"))]
-    proc, _ = await processes.start_process(command, work, f"replay-{tag}", "floor: listening")
+        command += ["--floor-tls", str(tls.write_server(work / f"{name}-tls"))]
+    proc, _ = await processes.start_process(command, work, name, "floor: listening")
     return proc, port

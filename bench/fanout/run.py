@@ -182,22 +182,8 @@ async def measure_floor(
     """The same clients and the same bytes, from a server that does nothing else."""
     body_file = work / f"floor-body-{r.proxies}"
     body_file.write_bytes(sample)
-    port = processes.free_port()
-    command = [
-        processes.PYTHON,
-        str(processes.ENTRY),
-        "--floor-server",
-        str(port),
-        "--floor-body",
-        str(body_file),
-    ]
-    if tls.enabled:
-        command += ["--floor-tls", str(tls.write_server(work / f"floor-tls-{r.proxies}"))]
-    bare, _ = await processes.start_process(
-        command,
-        work,
-        f"floor-{r.proxies}",
-        "floor: listening",
+    bare, port = await floor.start(
+        work, f"floor-{r.proxies}", "--floor-server", ["--floor-body", str(body_file)], tls
     )
     try:
         await asyncio.sleep(SETTLE_S)
