@@ -174,8 +174,6 @@ class ControlPlane:
     traces: traces.SpanStore | None = None
     # The dashboard's URL with its login token ("" when not served).
     dashboard_url: str = ""
-    # Workers 1 to N-1 (None with one worker, and in those workers).
-    pool: workers.Pool | None = None
 
 
 @contextlib.asynccontextmanager
@@ -512,7 +510,6 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
         running.start(keeper.run(), "heap-keeper")
         if shared_root is not None:
             running.start(shared_root.follow(), "shared-root")
-        pool: workers.Pool | None = None
         if options.workers > 1 and options.worker == 0:
             # The other workers bind the port this one bound (":0" included).
             xds_address = f"{_host_port(options.xds_address)[0]}:{xds_port}"
@@ -531,12 +528,11 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
                     dashboard_address="",
                 ),
             )
-            started = pool
 
-            async def stop_serving() -> None:
+            async def stop_serving(pool: workers.Pool = pool) -> None:
                 # This worker's port closes with the others': their proxies
                 # do not move here only to be dropped again.
-                await asyncio.gather(xds_server.stop(1), started.stop())
+                await asyncio.gather(xds_server.stop(1), pool.stop())
 
             stack.push_async_callback(stop_serving)
             await pool.start()
@@ -594,7 +590,6 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
             collector_port,
             span_store,
             dashboard_url,
-            pool,
         )
 
 

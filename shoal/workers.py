@@ -127,9 +127,6 @@ class Pool:
         self._stopping = False
         self._supervising: asyncio.Task[None] | None = None
 
-    def pids(self) -> list[int]:
-        return [w.proc.pid for w in self.workers if w.proc is not None]
-
     def restarts(self) -> int:
         return sum(max(w.starts - 1, 0) for w in self.workers)
 
