@@ -172,9 +172,13 @@ class Mesh:
         # Spread over the Services and over every namespace: each namespace
         # has its own outbound route table.
         step = max(self.services // max(proxies, 1), 1)
+        spread = step % NAMESPACES == 0
         self.watches = [
             self.snapshots.watch(
-                cache.Client(proxy_node((i * step + i % NAMESPACES) % self.services)), e
+                cache.Client(
+                    proxy_node((i * step + (i % NAMESPACES if spread else 0)) % self.services)
+                ),
+                e,
             )
             for i, e in enumerate(self.events)
         ]
