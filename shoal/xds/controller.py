@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from shoal.model import changes, mesh, problems, proxy
@@ -229,6 +230,8 @@ class Controller:
         self.on_push(push)
 
     def _build_shared(self, state: mesh.MeshState) -> sharing.Shared:
+        before = self._shared
+        self._own.advance(before is not None and generators.sidecar_own_holds(before.state, state))
         shared = sharing.build(state, self._memos, self._trust_domain)
         self._resolved.advance()
         self._group_sets.advance()
@@ -267,7 +270,7 @@ class Controller:
             label=f"mesh version {shared.state.version}",
             changed_at=self._changed_at,
         )
-        if self._check(key, snapshot, skip=frozenset(shared.verified)):
+        if self._check(key, snapshot, skip=shared.verified):
             self._cache.set_snapshot(key, snapshot)
 
     def _routes_resolve(
@@ -335,7 +338,7 @@ class Controller:
         self._cache.set_snapshot(key, snapshot)
         return True
 
-    def _check(self, subject: str, snapshot: cache.Snapshot, skip: frozenset[int]) -> bool:
+    def _check(self, subject: str, snapshot: cache.Snapshot, skip: AbstractSet[int]) -> bool:
         return self._report(subject, unresolved(snapshot, skip))
 
     def _report(self, subject: str, missing: list[tuple[str, str]]) -> bool:
@@ -350,7 +353,7 @@ class Controller:
 
 
 def unresolved(
-    snapshot: cache.Snapshot, skip: frozenset[int] = frozenset()
+    snapshot: cache.Snapshot, skip: AbstractSet[int] = frozenset()
 ) -> list[tuple[str, str]]:
     """Every reference in the snapshot that names nothing in it, leaving out
     groups (by id) already known to resolve."""

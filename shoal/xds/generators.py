@@ -44,14 +44,36 @@ class Own:
     def __init__(
         self, *, linger: float = OWN_LINGER_S, later: tasks.Later = tasks.call_later
     ) -> None:
-        self._by_proxy: dict[proxy.Proxy, tuple[Any, OwnGroups]] = {}
+        # (inputs, groups, the epoch in which the inputs were last compared)
+        self._by_proxy: dict[proxy.Proxy, tuple[Any, OwnGroups, int]] = {}
         self._leaving = tasks.Linger(linger, self._drop, later=later)
+        self._epoch = 0
+
+    def advance(self, sidecars_hold: bool) -> None:
+        """A new mesh state is being built; `sidecars_hold`: nothing a local
+        sidecar's own resources are built from changed since the last one
+        (`sidecar_own_holds`), so theirs are `kept` without working their
+        inputs out again."""
+        if not sidecars_hold:
+            self._epoch += 1
+
+    def kept(self, p: proxy.Proxy) -> OwnGroups | None:
+        """A local sidecar's groups, if compared with their inputs since the
+        last change that may reach them; None: `get` them."""
+        found = self._by_proxy.get(p)
+        if found is None or found[2] != self._epoch:
+            return None
+        self._leaving.back(p)
+        return found[1]
 
     def get(self, p: proxy.Proxy, inputs: Any, build: Callable[[], OwnGroups]) -> OwnGroups:
         self._leaving.back(p)
         found = self._by_proxy.get(p)
         if found is None or found[0] != inputs:
-            found = self._by_proxy[p] = (inputs, build())
+            found = (inputs, build(), self._epoch)
+        elif found[2] != self._epoch:
+            found = (found[0], found[1], self._epoch)
+        self._by_proxy[p] = found
         return found[1]
 
     def forget(self, p: proxy.Proxy) -> None:
@@ -135,6 +157,11 @@ class SidecarGenerator:
     def _own(self, s: proxy.Sidecar, ctx: Context) -> OwnGroups:
         """Its inbound cluster and listeners: they change only with the
         sidecar itself, its Service's protocol or its security."""
+        # Most pushes move endpoints alone: working out a thousand sidecars'
+        # inputs again for them was half of such a rebuild.
+        kept = ctx.own.kept(s)
+        if kept is not None:
+            return kept
         state = ctx.shared.state
         domain = ctx.trust_domain
         security = sidecar.security(s, state, domain) if domain is not None else None
@@ -153,6 +180,22 @@ class SidecarGenerator:
                 ),
             ),
         )
+
+
+def sidecar_own_holds(before: mesh.MeshState, now: mesh.MeshState) -> bool:
+    """Whether a local sidecar's own resources are built from the same
+    things in both states. They read its Service, its namespace and the
+    mesh's telemetry switches; never endpoints, routes or Pods. Told by the
+    registry's delta; without one, they may have changed."""
+    if before is now:
+        return True
+    delta = now.changed_since(before)
+    return (
+        delta is not None
+        and not delta.services
+        and not delta.namespaces
+        and now.telemetry == before.telemetry
+    )
 
 
 class CapturedGenerator:

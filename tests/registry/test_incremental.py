@@ -337,3 +337,44 @@ def test_a_first_build_keeps_the_order_of_the_sources() -> None:
     old, _ = stores.old.build()
     for mapping in ("services", "endpoints", "namespaces", "pods"):
         assert list(getattr(new, mapping)) == list(getattr(old, mapping)), mapping
+
+
+def test_endpoints_alone_keep_each_sidecars_own_resources(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A push of endpoints alone (most pushes) hands every sidecar its own
+    listeners as they were, without working out what they are built from;
+    a change of its Service builds them again."""
+    stores = Stores()
+    stores.put("api", objects.service("ns0", "svc0"))
+    stores.put("api", objects.endpoint_slice("ns0", "svc0", name="svc0-1"))
+    published = Published()
+    published.publish(stores.new.build()[0])
+    key = published.cache.watched_keys()[0]
+
+    def listeners() -> cache.ResourceGroup:
+        snapshot = published.cache.get(key)
+        assert snapshot is not None
+        return snapshot.groups[resources.LISTENER][0]
+
+    before = listeners()
+    observed: list[object] = []
+    real_observe = sidecar.observe
+
+    def counting_observe(*args: Any) -> Any:
+        observed.append(args)
+        return real_observe(*args)
+
+    monkeypatch.setattr(sidecar, "observe", counting_observe)
+    stores.put("api", objects.endpoint_slice("ns0", "svc0", name="svc0-1", addresses=["10.1.2.3"]))
+    state = stores.new.build()[0]
+    published.publish(state)
+    snapshot = published.cache.get(key)
+    assert snapshot is not None and snapshot.label == f"mesh version {state.version}"
+    assert listeners() is before
+    assert observed == []
+
+    stores.put("api", objects.service("ns0", "svc0", annotations={"shoal.io/access-log": "on"}))
+    published.publish(stores.new.build()[0])
+    assert observed, "a change of its Service works its inputs out again"
+    assert listeners() is not before
