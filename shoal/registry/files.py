@@ -211,14 +211,17 @@ class FolderRegistry:
         import watchfiles
 
         # watchfiles' default 1.6 s debounce would miss the 1 s edit-to-live
-        # goal; the controller debounces bursts of changes anyway. Its first
+        # goal; the controller debounces bursts of changes anyway. watchfiles
+        # looks for events every `step` and hands them over one quiet step
+        # later: 5 ms (not 20) takes about 25 ms off every change, for
+        # about 5 ms of CPU a second while idle. Its first
         # answer, a change or a quiet `rust_timeout`, comes once the watcher
         # is armed: the folder is read again then, since a file written
         # between the first load and that moment raised no event.
         async for changes in watchfiles.awatch(
             self.root,
             debounce=50,
-            step=20,
+            step=5,
             stop_event=stop,
             recursive=True,
             rust_timeout=_ARMED_WITHIN_MS,
