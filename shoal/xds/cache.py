@@ -227,6 +227,17 @@ class ResourceGroup:
             weakref.WeakValueDictionary()
         )
 
+    def replaced(self, changes: Mapping[str, Resource]) -> ResourceGroup | None:
+        """A copy with `changes` in place of the resources of those names, in
+        the same order; None if it lacks one of the names. A copy of the
+        map, not a pass over every resource again."""
+        by_name = self._by_name
+        if not all(name in by_name for name in changes):
+            return None
+        group = ResourceGroup()
+        group._by_name = {**by_name, **changes}
+        return group
+
     def same_as(self, other: ResourceGroup) -> bool:
         """The very same resources (by identity), in the same order."""
         if len(self._by_name) != len(other._by_name):

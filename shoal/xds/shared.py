@@ -279,7 +279,11 @@ class Shared:
     # if not, the last groups of them are this state's.
     clusters_changed: bool = True
     endpoints_changed: bool = True
+    # The Services whose endpoints alone changed since the last build, with
+    # their lists then and now; None when the mesh's Services changed.
+    endpoint_moves: EndpointMoves | None = None
     _pods: capture.PodIndex = field(default_factory=dict)
+    _interned: dict[Scope, Scope] = field(default_factory=dict)
     _affected_memo: dict[
         tuple[int, ...], tuple[tuple[object, ...], frozenset[mesh.ServiceKey] | None]
     ] = field(default_factory=dict)
@@ -308,9 +312,13 @@ class Shared:
         key = ScopeOf(namespace, dependencies)
         found = self.by_dependencies.get(key)
         if found is None:
-            found = self.by_dependencies[key] = scope.visible(
-                self.services, self.state.routes, namespace, dependencies
-            )
+            made = scope.visible(self.services, self.state.routes, namespace, dependencies)
+            # Equal scopes (namespaces that see the same Services) are one
+            # object: the groups and tables of a scope are then found by
+            # identity, not by comparing ten thousand keys per proxy.
+            if not self._interned and self.by_dependencies:
+                self._interned.update((s, s) for s in self.by_dependencies.values())
+            found = self.by_dependencies[key] = self._interned.setdefault(made, made)
         return None if len(found) == len(self.services) else found
 
     def visible(self, in_scope: Scope | None) -> tuple[mesh.Service, ...]:
@@ -353,18 +361,21 @@ class Shared:
         clusters_key = ScopedGroup("clusters", in_scope)
         endpoints_key = ScopedGroup("endpoints", in_scope)
         if clusters_key not in self.groups:
-            keys = (
-                self.memos.built.keys
-                if in_scope is None
-                and self.memos.built is not None
-                and self.memos.built.services is self.services
-                else [s.key for s in self.visible(in_scope)]
-            )
+
+            def keys() -> Sequence[mesh.ServiceKey]:
+                if (
+                    in_scope is None
+                    and self.memos.built is not None
+                    and self.memos.built.services is self.services
+                ):
+                    return self.memos.built.keys
+                return [s.key for s in self.visible(in_scope)]
+
             self.groups[clusters_key] = self._group(
                 clusters_key, self.clusters_changed, keys, self.clusters
             )
             self.groups[endpoints_key] = self._group(
-                endpoints_key, self.endpoints_changed, keys, self.endpoints
+                endpoints_key, self.endpoints_changed, keys, self.endpoints, self.endpoint_moves
             )
             if in_scope is not None:
                 # A scope is closed over route backends, so its clusters'
@@ -379,16 +390,24 @@ class Shared:
         self,
         key: ScopedGroup,
         changed: bool,
-        keys: Sequence[mesh.ServiceKey],
+        keys: Callable[[], Sequence[mesh.ServiceKey]],
         by_service: dict[mesh.ServiceKey, list[cache.Resource]],
+        moves: EndpointMoves | None = None,
     ) -> cache.ResourceGroup:
-        """The last group of `key` when none of its kind changed; else made
-        anew (at C speed, from each Service's list)."""
+        """The last group of `key` when none of its kind changed; the last
+        one with the moved Services' resources in place, when only those
+        changed; else made anew (at C speed, from each Service's list)."""
         previous = self.memos.groups.get(key)
         if previous is not None and not changed:
             return self.memos.groups.put(key, previous)
+        if previous is not None and moves is not None:
+            # Most pushes move a few endpoints: each scope's group of ten
+            # thousand is the last one with those few swapped.
+            patched = _moved(previous, moves, key.scope)
+            if patched is not None:
+                return self.memos.groups.put(key, patched)
         group = cache.ResourceGroup(
-            itertools.chain.from_iterable(map(by_service.__getitem__, keys))
+            itertools.chain.from_iterable(map(by_service.__getitem__, keys()))
         )
         if key.scope is None and previous is not None:
             # Something in the whole mesh changed: it is not the same group.
@@ -757,6 +776,10 @@ def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shar
         shared.everywhere = last.everywhere  # what Services are exported to did not change
     else:
         shared.everywhere = all(scope.EVERYONE in s.export_to for s in services)
+    # Only where every Service is the last build's, in its place.
+    moves: EndpointMoves | None = (
+        {} if found is not None and last is not None and services is last.services else None
+    )
     for key in redo:
         svc = state.services[key]
         entry = _entry(shared, svc, its_subsets.get(key, ()), last_entries.get(key))
@@ -773,6 +796,11 @@ def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shar
         ):
             shared.endpoints[key] = endpoint_list
             shared.endpoints_changed = True
+            if moves is not None and before is not None:
+                moves[key] = (before, endpoint_list)
+            else:
+                moves = None
+    shared.endpoint_moves = moves
     if found is None or last is None or len(services) != len(last.keys) or gone:
         keys = tuple(s.key for s in services)
         index = {k: i for i, k in enumerate(keys)}
@@ -792,6 +820,30 @@ def build(state: mesh.MeshState, memos: Memos, trust_domain: str | None) -> Shar
         shared.everywhere,
     )
     return shared
+
+
+EndpointMoves = dict[mesh.ServiceKey, tuple[list[cache.Resource], list[cache.Resource]]]
+
+
+def _moved(
+    previous: cache.ResourceGroup, moves: EndpointMoves, in_scope: Scope | None
+) -> cache.ResourceGroup | None:
+    """`previous` with the moved Services' resources in place (itself if
+    none of them is in the scope); None when a Service's resources are not
+    the same names as before (a port or subset came or went)."""
+    changes: dict[str, cache.Resource] = {}
+    for key, (before, after) in moves.items():
+        if in_scope is not None and key not in in_scope:
+            continue
+        if len(before) != len(after):
+            return None
+        for b, a in zip(before, after, strict=True):
+            if b.name != a.name:
+                return None
+            changes[a.name] = a
+    if not changes:
+        return previous
+    return previous.replaced(changes)
 
 
 # The Services in order, those whose translation may differ from the last
@@ -855,6 +907,7 @@ def _delta_changes(
     the mesh at all."""
     now, entries = state.services, last.entries
     redo = {k for k in delta.services if k in now}  # not one that came and went since
+    services: Sequence[mesh.Service]
     if any((k in now) != (k in entries) for k in delta.services):
         # Services came or went: the order is made anew, and every scope
         # (what a Service is exported to decides who sees it); the other
@@ -864,12 +917,17 @@ def _delta_changes(
         gone = frozenset(k for k in delta.services if k not in now and k in entries)
     else:
         gone = frozenset()
-        services = list(last.services)
         scopes_hold = True
-        for k in redo:
-            at = last.index[k]
-            before, services[at] = services[at], now[k]
-            scopes_hold = scopes_hold and before.export_to == services[at].export_to
+        if redo:
+            services = list(last.services)
+            for k in redo:
+                at = last.index[k]
+                before, services[at] = services[at], now[k]
+                scopes_hold = scopes_hold and before.export_to == services[at].export_to
+        else:
+            # The very tuple: what was worked out from it (each scope's
+            # Services, its groups) holds as it is.
+            services = last.services
     old_routes, new_routes = last.state.routes, state.routes
     for k in delta.routes:
         if _reaches(old_routes.get(k), k) != _reaches(new_routes.get(k), k):

@@ -87,3 +87,14 @@ async def test_watches_fire_on_their_key_only() -> None:
     snapshots.on_idle = idle.append
     snapshots.cancel(w)
     assert idle == ["k1"]
+
+
+def test_a_group_with_some_resources_replaced_keeps_its_order() -> None:
+    group = cache.ResourceGroup([_cluster("a"), _cluster("b"), _cluster("c")])
+    b2 = _cluster("b", timeout_s=2)
+    replaced = group.replaced({"b": b2})
+    assert replaced is not None and replaced is not group
+    assert [r.name for r in replaced] == ["a", "b", "c"]
+    assert replaced.get("b") is b2 and replaced.get("a") is group.get("a")
+    assert group.get("b") is not b2, "the group itself is unchanged"
+    assert group.replaced({"d": _cluster("d")}) is None, "a name it lacks is not a replacement"

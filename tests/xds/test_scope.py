@@ -8,6 +8,7 @@ from pathlib import Path
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
+from shoal.model import mesh as model
 from shoal.registry import files
 from shoal.xds import cache, controller, debounce, node, resources
 from tests import manifests
@@ -45,6 +46,10 @@ class Mesh:
         snap = self.snapshots.get(w.key)
         assert snap is not None
         return snap
+
+
+def mesh_key(namespace: str, name: str) -> model.ServiceKey:
+    return model.ServiceKey(namespace, name)
 
 
 def services_in(snap: cache.Snapshot) -> set[str]:
@@ -127,3 +132,23 @@ async def test_proxies_with_the_same_scope_share_serialized_resources(registry_d
     assert one.groups[resources.ROUTE][0] is two.groups[resources.ROUTE][0]
     # Their own listeners differ (ports), and only those.
     assert one.groups[resources.LISTENER][0] is not two.groups[resources.LISTENER][0]
+
+
+async def test_namespaces_that_see_the_same_services_share_one_scope(registry_dir: Path) -> None:
+    """Equal scopes are one object, so that what is kept per scope is found
+    by identity, not by comparing every Service of the mesh per proxy."""
+    write(
+        registry_dir,
+        "a.yaml",
+        manifests.service("private", "team-a", extra=_note("shoal.io/export-to", ".")),
+    )
+    write(registry_dir, "b.yaml", manifests.service("web", "team-b"))
+    write(registry_dir, "c.yaml", manifests.service("web", "team-c"))
+    mesh = Mesh(registry_dir)
+    one, two = mesh.proxy("team-b", "web", 20001), mesh.proxy("team-c", "web", 20002)
+    shared = mesh.ctl._shared
+    assert shared is not None
+    b, c = shared.scope("team-b", None), shared.scope("team-c", None)
+    assert b is not None and b == {mesh_key("team-b", "web"), mesh_key("team-c", "web")}
+    assert b is c
+    assert one.groups[resources.ENDPOINT][0] is two.groups[resources.ENDPOINT][0]
