@@ -48,6 +48,15 @@ class Mesh:
         return snap
 
 
+def _write_private(registry_dir: Path, file: str) -> None:
+    """team-a's Service "private", seen from its own namespace only."""
+    write(
+        registry_dir,
+        file,
+        manifests.service("private", "team-a", extra=_note("shoal.io/export-to", ".")),
+    )
+
+
 def mesh_key(namespace: str, name: str) -> model.ServiceKey:
     return model.ServiceKey(namespace, name)
 
@@ -62,11 +71,7 @@ def services_in(snap: cache.Snapshot) -> set[str]:
 
 async def test_export_to_limits_who_sees_a_service(registry_dir: Path) -> None:
     write(registry_dir, "a.yaml", manifests.service("public", "team-a"))
-    write(
-        registry_dir,
-        "b.yaml",
-        manifests.service("private", "team-a", extra=_note("shoal.io/export-to", ".")),
-    )
+    _write_private(registry_dir, "b.yaml")
     write(
         registry_dir,
         "c.yaml",
@@ -137,11 +142,7 @@ async def test_proxies_with_the_same_scope_share_serialized_resources(registry_d
 async def test_namespaces_that_see_the_same_services_share_one_scope(registry_dir: Path) -> None:
     """Equal scopes are one object, so that what is kept per scope is found
     by identity, not by comparing every Service of the mesh per proxy."""
-    write(
-        registry_dir,
-        "a.yaml",
-        manifests.service("private", "team-a", extra=_note("shoal.io/export-to", ".")),
-    )
+    _write_private(registry_dir, "a.yaml")
     write(registry_dir, "b.yaml", manifests.service("web", "team-b"))
     write(registry_dir, "c.yaml", manifests.service("web", "team-c"))
     mesh = Mesh(registry_dir)
