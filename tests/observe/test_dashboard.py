@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 
 from shoal import cli, envoy
 from shoal.demo import mesh
@@ -76,6 +76,24 @@ async def opened(b: Browser, url: str, dark: bool = False) -> AsyncIterator[Page
 async def show(page: Page, view: str) -> None:
     await page.goto(page.url.split("#")[0] + f"#/{view}")
     await expect(page.locator(f'main[data-view="{view}"]')).to_be_visible(timeout=WAIT_MS)
+
+
+async def read_all(elements: Locator, count: int, *attributes: str) -> list[tuple[str, ...]]:
+    """`attributes` of each of `count` elements, read in one step: the page
+    redraws itself every few seconds, and elements read one by one may be
+    gone between two reads."""
+    found: list[tuple[str, ...]] = []
+
+    async def all_there() -> bool:
+        rows = await elements.evaluate_all(
+            "(els, names) => els.map(e => names.map(n => e.getAttribute(n) ?? ''))",
+            list(attributes),
+        )
+        found[:] = [tuple(row) for row in rows]
+        return len(found) == count
+
+    await eventually(all_there, timeout=WAIT_MS / 1000)
+    return found
 
 
 async def shot(page: Page, folder: Path, name: str) -> None:
@@ -239,7 +257,7 @@ async def test_each_view_shows_the_mesh_as_it_is(
         await show(page, "graph")
         edges = page.locator('path[data-kind="traffic"][data-edge^="default/frontend>"]')
         await expect(edges).to_have_count(2, timeout=WAIT_MS)
-        counted = [int(await e.get_attribute("data-requests") or 0) for e in await edges.all()]
+        counted = [int(n or 0) for (n,) in await read_all(edges, 2, "data-requests")]
         assert sum(counted) == sent, counted
         await expect(page.locator('path[data-kind="route"]')).to_have_count(2)
         await expect(page.locator("#graph-source")).to_contain_text("sidecars' own Envoy stats")
@@ -294,10 +312,10 @@ async def test_each_view_shows_the_mesh_as_it_is(
         await expect(page.locator("#traces tbody tr")).to_have_count(1)
         rows = page.locator("#waterfall .wf-row")
         await expect(rows).to_have_count(3, timeout=WAIT_MS)
-        assert [await r.get_attribute("data-service") for r in await rows.all()] == [
-            "frontend.default",
-            "reviews.default",
-            "ratings.default",
+        assert await read_all(rows, 3, "data-service") == [
+            ("frontend.default",),
+            ("reviews.default",),
+            ("ratings.default",),
         ]
         await rows.nth(2).click()
         await expect(page.locator("#span-tags")).to_contain_text("outbound|80||ratings.default")
@@ -376,10 +394,8 @@ async def test_with_prometheus_the_graph_counts_what_prometheus_scraped(
             edges = page.locator('path[data-kind="traffic"][data-edge^="default/frontend>"]')
             await expect(edges).to_have_count(2, timeout=WAIT_MS)
             counts = {
-                str(await e.get_attribute("data-edge")): int(
-                    await e.get_attribute("data-requests") or 0
-                )
-                for e in await edges.all()
+                edge: int(n or 0)
+                for edge, n in await read_all(edges, 2, "data-edge", "data-requests")
             }
             assert sum(counts.values()) == sent, counts
             assert set(counts) == {
