@@ -181,7 +181,7 @@ async def control_plane(options: ServeOptions) -> AsyncIterator[ControlPlane]:
     """Start everything `shoal serve` runs; stop all of it, in reverse, on exit."""
     given = options
     async with contextlib.AsyncExitStack() as stack:
-        keeper = heap.HeapKeeper()
+        keeper = heap.HeapKeeper(hold=heap.HOLD_AFTER_BURST_S)
         kube_api: kube.Api | None = None
         registry: files.FolderRegistry | kubernetes.KubernetesRegistry
         if options.kubernetes:

@@ -34,6 +34,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+# How long collection may stay off after a burst (a rebuild) so that its
+# fan-out runs without a collection walking what the rebuild made: a push to
+# a thousand streams takes 150-250 ms; the first collection after a rebuild
+# took up to 9 ms of it (bench/fanout.py --instrument, push_gc_ms).
+HOLD_AFTER_BURST_S = 1.0
+
+
 class HeapKeeper:
     """Freeze the heap `quiet` seconds after it last grew; collect fully
     (unfreezing first) at most every `full_every` seconds, also only when
@@ -46,6 +53,7 @@ class HeapKeeper:
         quiet: float = 0.5,
         full_every: float = 600.0,
         trim_every: float = 10.0,
+        hold: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         malloc: Malloc | None = None,
@@ -64,6 +72,11 @@ class HeapKeeper:
         self.full_collections = 0
         self._pauses = 0
         self._was_enabled = True
+        # A burst is followed by its fan-out (a rebuild by a thousand
+        # writes): collection stays off through it, up to `hold` seconds,
+        # and the young generation is then collected once at the freeze.
+        self.hold = hold
+        self._held_since: float | None = None
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "stop" and info.get("generation", 0) >= 1:
@@ -76,7 +89,8 @@ class HeapKeeper:
         would walk everything built so far, for nothing. The heap is frozen
         once the burst settles, as after any other."""
         self._pauses += 1
-        if self._pauses == 1:
+        # While held since the last burst, collection is off by our doing.
+        if self._pauses == 1 and self._held_since is None:
             self._was_enabled = gc.isenabled()
             gc.disable()
         try:
@@ -84,8 +98,18 @@ class HeapKeeper:
         finally:
             self._pauses -= 1
             if self._pauses == 0 and self._was_enabled:
-                gc.enable()
+                if self.hold > 0:
+                    if self._held_since is None:  # a hold counts from its first burst
+                        self._held_since = self._clock()
+                else:
+                    gc.enable()
             self.note_growth()
+
+    def _resume(self) -> None:
+        """Automatic collection back on, after a burst's hold."""
+        if self._held_since is not None and not self._pauses:
+            self._held_since = None
+            gc.enable()
 
     def note_growth(self) -> None:
         """For callers that know a burst just happened (and for tests)."""
@@ -106,6 +130,8 @@ class HeapKeeper:
         """One decision: freeze, collect-and-freeze, or nothing."""
         self.trim()
         now = self._clock()
+        if self._held_since is not None and now - self._held_since >= self.hold:
+            self._resume()  # bursts kept coming: the collector may not wait longer
         if self._grew_at is None or now - self._grew_at < self.quiet:
             return
         self._grew_at = None
@@ -129,6 +155,7 @@ class HeapKeeper:
             gc.collect(1)
             gc.freeze()
         self.freezes += 1
+        self._resume()
 
     async def run(self) -> None:
         gc.callbacks.append(self._on_gc)
@@ -139,6 +166,7 @@ class HeapKeeper:
                 self.settle()
         finally:
             gc.callbacks.remove(self._on_gc)
+            self._resume()
 
 
 class Malloc:

@@ -25,6 +25,7 @@ def unfrozen() -> Iterator[None]:
     gc.unfreeze()
     yield
     gc.unfreeze()
+    gc.enable()  # whatever a failed test left
 
 
 def test_freezes_only_after_a_quiet_spell(unfrozen: None) -> None:
@@ -157,3 +158,35 @@ def test_glibc_is_found_here() -> None:
     malloc = heap.Malloc.of_libc()
     assert malloc is not None
     malloc.trim()
+
+
+def test_collection_stays_off_through_the_fan_out_after_a_burst(unfrozen: None) -> None:
+    clock = Clock()
+    keeper = heap.HeapKeeper(quiet=0.5, hold=1.0, clock=clock)
+    with keeper.paused():
+        pass
+    assert not gc.isenabled(), "held off while the burst's fan-out runs"
+    clock.now += 0.2
+    keeper.settle()
+    assert not gc.isenabled(), "not settled yet"
+    with keeper.paused():  # the next burst, within the hold
+        assert not gc.isenabled()
+    assert not gc.isenabled()
+    clock.now += 0.6
+    keeper.settle()
+    assert keeper.freezes == 1, "settled: the young generation collected, then frozen"
+    assert gc.isenabled(), "and collection back on"
+
+
+def test_a_hold_ends_when_bursts_keep_coming(unfrozen: None) -> None:
+    clock = Clock()
+    keeper = heap.HeapKeeper(quiet=0.5, hold=1.0, clock=clock)
+    for _ in range(3):  # a burst every 0.4 s: never quiet for 0.5 s
+        with keeper.paused():
+            pass
+        keeper.settle()
+        assert not gc.isenabled(), "held, within a second of the first burst"
+        clock.now += 0.4
+    keeper.settle()
+    assert keeper.freezes == 0, "never quiet"
+    assert gc.isenabled(), "but the collector waits no longer than the hold"
