@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value]  # every tag, and a name's or nonce's length
     out = bytearray()
     while True:
         bits = value & 0x7F
@@ -22,6 +24,9 @@ def _varint(value: int) -> bytes:
         else:
             out.append(bits)
             return bytes(out)
+
+
+_SMALL = tuple(bytes((n,)) for n in range(0x80))
 
 
 def length_delimited(field_number: int, payload: bytes) -> bytes:
