@@ -18,9 +18,39 @@ PUSH_ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
 # so these must flow while a CDS response is still unacknowledged.
 WARMING = frozenset({SECRET, ENDPOINT})
 
+# The types each type's resources may name (translate/refs.py reads them):
+# endpoints and secrets name nothing.
+NAMES = {
+    LISTENER: frozenset({ROUTE, CLUSTER, SECRET}),
+    ROUTE: frozenset({CLUSTER}),
+    CLUSTER: frozenset({ENDPOINT, SECRET}),
+    ENDPOINT: frozenset[str](),
+    SECRET: frozenset[str](),
+}
+
+# For each type, the types pushed after it whose resources may name one of
+# it: what a wildcard type must keep for them (make before break) depends on
+# what the proxy holds of these and of no other.
+NAMED_LATER_BY = {
+    t: tuple(later for later in PUSH_ORDER[i + 1 :] if t in NAMES[later])
+    for i, t in enumerate(PUSH_ORDER)
+}
+
 # State-of-the-world types where a response carries the complete set and a
 # missing name means deleted; the others are asked for by name.
 WILDCARD = frozenset({CLUSTER, LISTENER})
+
+# For each type, the types pushed before it that a proxy must have asked
+# for by name before it is sent: those a type pushed earlier still names
+# (a cluster's endpoints, before listeners and routes), wildcard types aside.
+ASKED_BEFORE = {
+    t: tuple(
+        e
+        for i, e in enumerate(PUSH_ORDER[: PUSH_ORDER.index(t)])
+        if e not in WILDCARD and any(e in NAMES[n] for n in PUSH_ORDER[:i])
+    )
+    for t in PUSH_ORDER
+}
 
 SHORT = {
     LISTENER: "LDS",
@@ -37,7 +67,3 @@ def short(type_url: str) -> str:
 
 def earlier_than(type_url: str) -> tuple[str, ...]:
     return PUSH_ORDER[: PUSH_ORDER.index(type_url)]
-
-
-def later_than(type_url: str) -> tuple[str, ...]:
-    return PUSH_ORDER[PUSH_ORDER.index(type_url) + 1 :]

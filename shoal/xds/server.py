@@ -139,6 +139,11 @@ class Connection:
     # sidecar's port on its own 127.0.0.1, a captured sidecar's Pod.
     admin_port: int = 0
     pod: str = ""
+    # While a response is being written: since when (the loop's clock), by
+    # which task; `stalled` once the write watchdog gave up on it.
+    writing_since: float = 0.0
+    writer: asyncio.Task[Any] | None = None
+    stalled: bool = False
 
     @property
     def snapshot(self) -> cache.Snapshot | None:
@@ -244,6 +249,10 @@ class AdsServer:
         self._cache = snapshots
         self._clock = clock
         self._write_timeout = write_timeout
+        # One timer looks at every stream's write in progress, rather than a
+        # timeout per write (a timer in the loop's heap per response, set
+        # and cancelled a thousand times a push).
+        self._write_watchdog: asyncio.TimerHandle | None = None
         self._observer = observer or _NoObserver()
         self.trust_domain = trust_domain
         self.limits = limits
@@ -415,6 +424,9 @@ class AdsServer:
         """Answer requests and push changes until the client is done (None)
         or the stream must end (its status)."""
         reader = asyncio.create_task(self._read(requests, conn))
+        conn.writer = asyncio.current_task()
+        if self._write_watchdog is None:
+            self._watch_writes()
         on_request = self._on_delta_request if conn.delta else self._on_sotw_request
         try:
             while True:
@@ -726,7 +738,7 @@ class AdsServer:
             return view
         # Make before break: a resource the proxy still needs (a route still
         # names the cluster) stays until what needs it has moved on.
-        held_elsewhere = self._held_refs(conn, resources.later_than(state.type_url))
+        held_elsewhere = self._held_refs(conn, resources.NAMED_LATER_BY[state.type_url])
         gone = set(removed)
         kept = [
             r
@@ -756,9 +768,7 @@ class AdsServer:
         endpoints before any route may send traffic to it. A client may ACK
         clusters before it asks for their endpoints, so a type not yet
         subscribed to counts as not asked for."""
-        for t in resources.earlier_than(upto):
-            if t in resources.WILDCARD:
-                continue
+        for t in resources.ASKED_BEFORE[upto]:
             st = conn.types.get(t)
             wanted = self._wanted_names(conn, t, snapshot)
             if not wanted:
@@ -838,7 +848,7 @@ class AdsServer:
                 state.told_absent,
                 state.nacked_version,
                 state.held,
-                *(_held_of(conn, resources.later_than(type_url)) if state.wildcard else ()),
+                *(_held_of(conn, resources.NAMED_LATER_BY[type_url]) if state.wildcard else ()),
             )
             if state.settled == inputs:
                 continue
@@ -1007,16 +1017,39 @@ class AdsServer:
             count,
             nonce,
         )
+        conn.writing_since = asyncio.get_running_loop().time()
         try:
-            # asyncio.timeout, not wait_for: wait_for makes a Task per write,
-            # which delays every stream's response until all were scheduled.
-            async with asyncio.timeout(self._write_timeout):
-                await context.write(body)
-        except TimeoutError as err:
+            await context.write(body)
+        except asyncio.CancelledError:
+            if not conn.stalled:
+                raise
+            writer = asyncio.current_task()
+            if writer is not None:
+                writer.uncancel()  # the watchdog's cancel, not the stream's end
             raise StreamError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"not reading its responses for {self._write_timeout:.0f}s; dropped",
-            ) from err
+            ) from None
+        finally:
+            conn.writing_since = 0.0
+
+    def _watch_writes(self) -> None:
+        """End every stream whose write has waited longer than the write
+        timeout (a client that stopped reading: flow control holds the
+        write forever); looks again every quarter of it while streams are
+        open."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in self.connections.values():
+            since, writer = conn.writing_since, conn.writer
+            if since and now - since > self._write_timeout and writer and not conn.stalled:
+                conn.stalled = True
+                writer.cancel()
+        self._write_watchdog = (
+            loop.call_later(self._write_timeout / 4, self._watch_writes)
+            if self.connections
+            else None
+        )
 
 
 # Refusals kept for the analyzers: enough for every kind of mistake at once.

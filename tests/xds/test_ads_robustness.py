@@ -69,6 +69,20 @@ async def test_a_client_that_never_acks_holds_only_itself(
 STUCK_WRITE_TIMEOUT = 20.0
 
 
+def _publish_megabytes(
+    snapshots: cache.SnapshotCache, generation: int, clusters: int = 4_000
+) -> None:
+    """About 0.8 MB of clusters per thousand, for every proxy."""
+    key = controller.Controller.key_of(cache.Client(make_node("any")))
+    group = cache.ResourceGroup(
+        cache.Resource.from_message(
+            CDS, f"c{i}", cluster_pb2.Cluster(name=f"c{i}-{generation}" + "x" * 800)
+        )
+        for i in range(clusters)
+    )
+    snapshots.set_snapshot(key, cache.Snapshot({resources.CLUSTER: (group,)}))
+
+
 @pytest.fixture(params=["default budget", "budget under one response"])
 async def slow_server(
     request: pytest.FixtureRequest,
@@ -96,17 +110,9 @@ async def test_a_client_that_stops_reading_holds_one_response_at_most(
     a client that stops reading costs one response of memory, however many
     changes follow, and healthy streams are not slowed."""
     port, snapshots, ads = slow_server
-    key = controller.Controller.key_of(cache.Client(make_node("any")))
 
     def publish(generation: int) -> None:
-        # About 3 MB of clusters: more than flow control lets through unread.
-        group = cache.ResourceGroup(
-            cache.Resource.from_message(
-                CDS, f"c{i}", cluster_pb2.Cluster(name=f"c{i}-{generation}" + "x" * 800)
-            )
-            for i in range(4_000)
-        )
-        snapshots.set_snapshot(key, cache.Snapshot({resources.CLUSTER: (group,)}))
+        _publish_megabytes(snapshots, generation)  # more than flow control lets through unread
 
     publish(0)
     options = [("grpc.max_receive_message_length", -1)]
@@ -139,6 +145,44 @@ async def test_a_client_that_stops_reading_holds_one_response_at_most(
             assert conn.types[CDS].nonce == "1", "more than one response queued for it"
             assert conn.types[CDS].in_flight
         stuck.cancel()
+
+
+WRITE_STUCK_CLUSTERS = 20_000
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() -> None:
+    """The server gives its stream up once a write has waited the write
+    timeout (UNAVAILABLE, kept among the refusals), and goes on serving.
+    The client is not told: grpc.aio cannot end a call whose write is still
+    queued in gRPC's core, which keeps it until the connection closes."""
+    snapshots = cache.SnapshotCache(controller.Controller.key_of)
+    ads = server.AdsServer(snapshots, write_timeout=1.0)
+    grpc_server = grpc.aio.server()
+    grpc_server.add_generic_rpc_handlers((ads.handler(),))
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    # More than the client's transport takes in unread (its windows grow
+    # to a few MB): the write waits.
+    _publish_megabytes(snapshots, 0, clusters=20_000)
+    options = [("grpc.max_receive_message_length", -1)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            stuck = stub.StreamAggregatedResources()
+            await stuck.write(Request(node=make_node("stuck"), type_url=CDS))  # never reads
+
+            async def dropped() -> bool:
+                return any("not reading its responses for 1s" in m for _, m in ads.refusals)
+
+            await eventually(dropped)
+            assert not ads.connections
+            stuck.cancel()
+        _publish_megabytes(snapshots, 1)
+        async with ads_stream(port, make_node("healthy")) as healthy:
+            await healthy.request(CDS)
+            assert len((await healthy.recv()).resources) == 4_000, "and the server goes on"
+    finally:
+        await grpc_server.stop(grace=None)
 
 
 @pytest.fixture
