@@ -52,6 +52,12 @@ ASKED_BEFORE = {
     for t in PUSH_ORDER
 }
 
+# Types whose ACK changes nothing any other type's sending reads but the
+# subscriptions checked before a send: no type keeps resources for them (they
+# name nothing) and none of them is wildcard. Their ACK alone, when nothing
+# else is due, needs no look at the stream's other types.
+ANSWERED_ALONE = frozenset(t for t in PUSH_ORDER if not NAMES[t] and t not in WILDCARD)
+
 SHORT = {
     LISTENER: "LDS",
     ROUTE: "RDS",

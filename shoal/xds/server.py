@@ -144,6 +144,9 @@ class Connection:
     writing_since: float = 0.0
     writer: asyncio.Task[Any] | None = None
     stalled: bool = False
+    # A type whose ACK the reader may take itself, without waking the
+    # stream's task: nothing else was due when its response went out.
+    answered_alone: TypeState | None = None
 
     @property
     def snapshot(self) -> cache.Snapshot | None:
@@ -432,6 +435,8 @@ class AdsServer:
             while True:
                 if conn.revoked:
                     return grpc.StatusCode.UNAUTHENTICATED, conn.revoked
+                if conn.inbox:
+                    conn.answered_alone = None  # requests are taken in order
                 while conn.inbox:
                     request = conn.inbox.popleft()
                     if request is _OVERFLOW:
@@ -538,6 +543,8 @@ class AdsServer:
     async def _read(self, requests: AsyncIterator[Any], conn: Connection) -> None:
         try:
             async for request in requests:
+                if conn.answered_alone is not None and self._take_answer(conn, request):
+                    continue
                 if len(conn.inbox) >= MAX_QUEUED_REQUESTS:
                     conn.inbox.clear()
                     conn.inbox.append(_OVERFLOW)
@@ -550,6 +557,29 @@ class AdsServer:
         finally:
             conn.closed = True
             conn.wake.set()
+
+    def _take_answer(self, conn: Connection, request: Any) -> bool:
+        """Take a delta ACK here, in the reader, when the stream's task
+        would wake for it only to find nothing to send: the ACK of the one
+        response awaited (conn.answered_alone), with nothing queued before
+        it and no other wake-up pending. A push to a thousand streams
+        otherwise wakes each twice (its response, its ACK)."""
+        state = conn.answered_alone
+        if (
+            state is None
+            or conn.inbox
+            or conn.wake.is_set()
+            or request.type_url != state.type_url
+            or request.response_nonce != state.nonce
+            or request.resource_names_subscribe
+            or request.resource_names_unsubscribe
+            or request.initial_resource_versions
+            or request.HasField("error_detail")
+        ):
+            return False
+        conn.answered_alone = None
+        self._on_answer(conn, state, request)
+        return True
 
     # -- requests ------------------------------------------------------------
 
@@ -824,6 +854,7 @@ class AdsServer:
         return union
 
     async def _send_pending(self, conn: Connection, snapshot: cache.Snapshot, context: Any) -> None:
+        conn.answered_alone = None
         held_back = False
         for type_url in resources.PUSH_ORDER:
             state = conn.types.get(type_url)
@@ -837,19 +868,7 @@ class AdsServer:
                 continue
             if held_back and type_url not in resources.WARMING:
                 continue
-            # Everything _desired and _absent read: a stream is woken for
-            # each push, write and ACK, and most wake-ups change nothing for
-            # most types (a push of endpoints leaves every other type's
-            # groups the same objects); those are passed over at once.
-            inputs = (
-                snapshot.groups.get(type_url),
-                state.names,
-                state.wildcard,
-                state.told_absent,
-                state.nacked_version,
-                state.held,
-                *(_held_of(conn, resources.NAMED_LATER_BY[type_url]) if state.wildcard else ()),
-            )
+            inputs = _inputs(conn, state, snapshot)
             if state.settled == inputs:
                 continue
             view = self._desired(conn, state, snapshot)
@@ -863,7 +882,14 @@ class AdsServer:
                 return
             state.changed_at = snapshot.changed_at
             if conn.delta:
+                # Marked before the write: its ACK may be read before the
+                # write's own completion is.
+                if type_url in resources.ANSWERED_ALONE and _settled_after(
+                    conn, type_url, snapshot
+                ):
+                    conn.answered_alone = state
                 if not await self._send_delta(conn, state, view, context):
+                    conn.answered_alone = None
                     continue
             else:
                 await self._send_sotw(conn, state, view, context)
@@ -1117,6 +1143,36 @@ def _node_id_problem(node_id: str, limit: int) -> str | None:
     if terminal.has_control(node_id):
         return f"node.id {printable(node_id)} has control characters"
     return None
+
+
+def _inputs(conn: Connection, state: TypeState, snapshot: cache.Snapshot) -> tuple[object, ...]:
+    """Everything _desired and _absent read of a type: a stream is woken for
+    each push, write and ACK, and most wake-ups change nothing for most
+    types (a push of endpoints leaves every other type's groups the same
+    objects); those are passed over at once."""
+    type_url = state.type_url
+    return (
+        snapshot.groups.get(type_url),
+        state.names,
+        state.wildcard,
+        state.told_absent,
+        state.nacked_version,
+        state.held,
+        *(_held_of(conn, resources.NAMED_LATER_BY[type_url]) if state.wildcard else ()),
+    )
+
+
+def _settled_after(conn: Connection, type_url: str, snapshot: cache.Snapshot) -> bool:
+    """Whether every type pushed after `type_url` awaits its own ACK or was
+    found to need nothing with what it has now: then the ACK of `type_url`
+    leaves nothing to send."""
+    for later in resources.PUSH_ORDER[resources.PUSH_ORDER.index(type_url) + 1 :]:
+        state = conn.types.get(later)
+        if state is None or state.in_flight:
+            continue
+        if state.settled != _inputs(conn, state, snapshot):
+            return False
+    return True
 
 
 def _held_of(conn: Connection, types: Iterable[str]) -> tuple[cache.View | None, ...]:

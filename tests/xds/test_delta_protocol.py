@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -310,6 +311,41 @@ async def test_one_endpoint_change_sends_one_assignment(port: int, registry_dir:
         # Nothing else follows: no CDS, LDS or RDS, no second EDS.
         await client.expect_nothing()
         assert len(proxy.log) == before + 1
+
+
+async def test_an_endpoints_ack_is_taken_without_waking_the_stream(
+    port: int, registry_dir: Path, control_plane: cli.ControlPlane
+) -> None:
+    """Nothing else is due when endpoints go out, so their ACK is taken as
+    it is read: the stream's task is not woken to look for more to send.
+    The ACK counts all the same, and the next change goes out."""
+    async with delta_stream(port, make_node("ack-alone")) as client:
+        proxy = await connect_proxy(client)
+        ads = control_plane.ads
+        passes = 0
+        send_pending = ads._send_pending
+
+        async def counted(*args: Any) -> None:
+            nonlocal passes
+            passes += 1
+            await send_pending(*args)
+
+        ads._send_pending = counted  # type: ignore[method-assign]
+        for port_now in (9011, 9012):
+            passes = 0
+            write(registry_dir, "alpha.yaml", service_manifest("alpha", port_now))
+            changed = await proxy.step()  # and ACKed
+            assert endpoint_ports(changed) == {ALPHA: {port_now}}
+            eds = only_connection(control_plane).types[EDS]
+
+            def acked(
+                state: server.TypeState = eds, version: str = changed.system_version_info
+            ) -> bool:
+                return state.acked_version == version and not state.in_flight
+
+            await eventually(acked)
+            await client.expect_nothing()
+            assert passes == 1, "woken for the push only, not for its ACK"
 
 
 async def test_an_updated_cluster_gets_its_endpoints_again(port: int, registry_dir: Path) -> None:
