@@ -272,6 +272,9 @@ class AdsServer:
         self.refusals: collections.OrderedDict[tuple[str, str], Refusal] = collections.OrderedDict()
         self.nacks_total = 0
         self.pushes_total = 0
+        # Streams given up on a write their client never read, whose calls
+        # gRPC still holds (see _outlast).
+        self.stalled_streams = 0
         # Work shared by every stream that is in the same place: the same
         # diff between two views, the same names a set of clusters needs.
         # Each entry lives as long as the views and subscriptions it was
@@ -345,10 +348,25 @@ class AdsServer:
             refusal = await self._serve(conn, requests, context)
             if refusal is not None:
                 self._refuse(context, f"proxy {conn.node_id}", identity or "", *refusal)
+            if conn.stalled:
+                await self._outlast()
         finally:
             if conn is not None:
                 self._release(conn)
             self._accounts.discharge(identity)
+
+    async def _outlast(self) -> None:
+        """Wait for the end of a call given up on an unread write. grpc.aio
+        cannot end a call whose write is queued in gRPC's core, which keeps
+        the response until the client goes (gRPC then cancels this task);
+        until then the stream still counts against its identity, so that a
+        client cannot make the server hold unread responses beyond its
+        identity's streams."""
+        self.stalled_streams += 1
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            self.stalled_streams -= 1
 
     def _refuse(
         self, context: Any, who: str, identity: str, code: grpc.StatusCode, message: str

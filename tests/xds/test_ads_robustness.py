@@ -154,7 +154,8 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() 
     """The server gives its stream up once a write has waited the write
     timeout (UNAVAILABLE, kept among the refusals), and goes on serving.
     The client is not told: grpc.aio cannot end a call whose write is still
-    queued in gRPC's core, which keeps it until the connection closes."""
+    queued in gRPC's core, which keeps it until the client goes; the
+    stream counts as stalled (and against its identity) until then."""
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
     ads = server.AdsServer(snapshots, write_timeout=1.0)
     grpc_server = grpc.aio.server()
@@ -176,7 +177,13 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() 
 
             await eventually(dropped)
             assert not ads.connections
+            assert ads.stalled_streams == 1, "its call lives on in gRPC, and counts"
             stuck.cancel()
+
+            async def let_go() -> bool:
+                return ads.stalled_streams == 0
+
+            await eventually(let_go)
         _publish_megabytes(snapshots, 1)
         async with ads_stream(port, make_node("healthy")) as healthy:
             await healthy.request(CDS)
