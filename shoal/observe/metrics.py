@@ -148,6 +148,12 @@ class ProxyMetrics(Collector):
             "proxy-status; the error is in /debug/syncz)",
             value=nacked,
         )
+        yield GaugeMetricFamily(
+            "shoal_xds_stalled_streams",
+            "Streams given up because their client stopped reading, whose calls gRPC "
+            "still holds until the client goes (each still counts against its identity)",
+            value=self._ads.stalled_streams,
+        )
 
 
 class CertificateMetrics(Collector):

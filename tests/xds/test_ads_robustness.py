@@ -12,6 +12,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from shoal import cli
+from shoal.observe import metrics
 from shoal.xds import budget, cache, controller, resources, server, status
 from tests.conftest import write
 from tests.e2e.helpers import eventually
@@ -67,6 +68,14 @@ async def test_a_client_that_never_acks_holds_only_itself(
 # Long, so that a push that waited for the stuck stream cannot be mistaken
 # for one slowed by a busy machine.
 STUCK_WRITE_TIMEOUT = 20.0
+
+
+def _stalled_gauge(ads: server.AdsServer) -> float:
+    """What a scrape of shoal_xds_stalled_streams reads."""
+    collector = metrics.ProxyMetrics(ads, lambda key: "sidecar")
+    (family,) = [f for f in collector.collect() if f.name == "shoal_xds_stalled_streams"]
+    (sample,) = family.samples
+    return float(sample.value)
 
 
 def _publish_megabytes(
@@ -178,12 +187,14 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() 
             await eventually(dropped)
             assert not ads.connections
             assert ads.stalled_streams == 1, "its call lives on in gRPC, and counts"
+            assert _stalled_gauge(ads) == 1.0
             stuck.cancel()
 
             async def let_go() -> bool:
                 return ads.stalled_streams == 0
 
             await eventually(let_go)
+            assert _stalled_gauge(ads) == 0.0
         _publish_megabytes(snapshots, 1)
         async with ads_stream(port, make_node("healthy")) as healthy:
             await healthy.request(CDS)
