@@ -52,10 +52,11 @@ ASKED_BEFORE = {
     for t in PUSH_ORDER
 }
 
-# Types whose ACK changes nothing any other type's sending reads but the
-# subscriptions checked before a send: no type keeps resources for them (they
-# name nothing) and none of them is wildcard. Their ACK alone, when nothing
-# else is due, needs no look at the stream's other types.
+# Types whose ACK another type's next send depends on only through the
+# subscription check before it (ASKED_BEFORE): they name nothing, so no
+# wildcard type keeps resources for them, and they are not wildcard
+# themselves. When nothing else is due, their ACK needs no look at the
+# stream's other types (server._take_answer).
 ANSWERED_ALONE = frozenset(t for t in PUSH_ORDER if not NAMES[t] and t not in WILDCARD)
 
 SHORT = {

@@ -97,6 +97,27 @@ async def test_one_endpoint_change_serializes_one_resource_whatever_the_proxy_co
         assert new is not None and new is not before[w.key]
 
 
+async def test_resources_name_only_the_types_the_push_order_expects() -> None:
+    """The server decides what a type's ACK can change from
+    resources.NAMES; a translation that named another type would make it
+    skip a look it needs."""
+    snapshots = cache.SnapshotCache(controller.Controller.key_of)
+    ctl = controller.Controller(snapshots, debounce.Debouncer(0.1, 1.0))
+    ctl.update(fixtures.state())
+    ctl.rebuild()
+    snapshots.watch(cache.Client(_node(20000)), asyncio.Event())
+    (key,) = snapshots.keys()
+    snapshot = snapshots.get(key)
+    assert snapshot is not None
+    named: set[tuple[str, str]] = set()
+    for type_url in snapshot.groups:
+        for r in snapshot.resources(type_url):
+            named |= {(type_url, t) for t, _ in r.refs}
+    assert {(resources.LISTENER, resources.ROUTE), (resources.CLUSTER, resources.ENDPOINT)} <= named
+    for type_url, target in named:
+        assert target in resources.NAMES[type_url], (type_url, target)
+
+
 def _cluster(name: str, eds: bool) -> cache.Resource:
     c = cluster_pb2.Cluster(
         name=name, type=cluster_pb2.Cluster.EDS if eds else cluster_pb2.Cluster.STATIC
