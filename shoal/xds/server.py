@@ -26,7 +26,7 @@ import grpc
 from cryptography import x509
 from envoy.service.discovery.v3 import discovery_pb2
 
-from shoal import spiffe, terminal
+from shoal import spiffe, tasks, terminal
 from shoal.xds import accounts, budget, cache, memo, resources, wire
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class AdsServer:
         # One timer looks at every stream's write in progress, rather than a
         # timeout per write (a timer in the loop's heap per response, set
         # and cancelled a thousand times a push).
-        self._write_watchdog: asyncio.TimerHandle | None = None
+        self._write_watchdog: tasks.Cancellable | None = None
         self._observer = observer or _NoObserver()
         self.trust_domain = trust_domain
         self.limits = limits
@@ -1082,15 +1082,14 @@ class AdsServer:
         timeout (a client that stopped reading: flow control holds the
         write forever); looks again every quarter of it while streams are
         open."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = asyncio.get_running_loop().time()
         for conn in self.connections.values():
             since, writer = conn.writing_since, conn.writer
             if since and now - since > self._write_timeout and writer and not conn.stalled:
                 conn.stalled = True
                 writer.cancel()
         self._write_watchdog = (
-            loop.call_later(self._write_timeout / 4, self._watch_writes)
+            tasks.call_later(self._write_timeout / 4, self._watch_writes)
             if self.connections
             else None
         )
