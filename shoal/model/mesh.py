@@ -288,6 +288,30 @@ class MeshState:
             delta = delta.prior
         return None
 
+    def endpoints_moved_since(self, before: MeshState) -> frozenset[ServiceKey] | None:
+        """The Services whose endpoints may differ from `before`'s, when
+        nothing else does; None when something else may (a Service, a
+        route, a namespace, a Pod, service accounts or telemetry)."""
+        if self is before:
+            return frozenset()
+        if self.service_accounts != before.service_accounts or self.telemetry != before.telemetry:
+            return None
+        delta = self.changed_since(before)
+        if delta is not None:
+            if delta.services or delta.routes or delta.namespaces or delta.pods:
+                return None
+            return delta.endpoints
+        # Without the registry's delta, unchanged mappings are the very objects.
+        if (
+            self.services is not before.services
+            or self.routes is not before.routes
+            or self.namespaces is not before.namespaces
+            or self.pods is not before.pods
+        ):
+            return None
+        now, then = self.endpoints, before.endpoints
+        return frozenset(k for k in now.keys() | then.keys() if now.get(k) is not then.get(k))
+
     def endpoints_of(self, key: ServiceKey, port: Port) -> tuple[Endpoint, ...]:
         """Endpoints serving `port`: matched by port name, as Kubernetes does."""
         return tuple(e for e in self.endpoints.get(key, ()) if e.port_name == port.name)

@@ -238,6 +238,11 @@ class ResourceGroup:
         group._by_name = {**by_name, **changes}
         return group
 
+    def same_names(self, other: ResourceGroup) -> bool:
+        """Names the same resources, whatever their content: a reference
+        that resolves in one resolves in the other."""
+        return self._by_name.keys() == other._by_name.keys()
+
     def same_as(self, other: ResourceGroup) -> bool:
         """The very same resources (by identity), in the same order."""
         if len(self._by_name) != len(other._by_name):

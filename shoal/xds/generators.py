@@ -198,6 +198,42 @@ def sidecar_own_holds(before: mesh.MeshState, now: mesh.MeshState) -> bool:
     )
 
 
+def endpoints_reach_only_scoped_groups(
+    before: mesh.MeshState,
+    now: mesh.MeshState,
+    moved: Collection[mesh.ServiceKey],
+    captured_pods: Collection[tuple[str, str]],
+) -> bool:
+    """Whether the endpoints of `moved`, the one thing that differs between
+    the two states, reach every proxy's configuration only through the
+    scopes' endpoint groups, so that its new snapshot is its last with those
+    groups swapped. Only captured sidecars (their `captured_pods`) read
+    endpoints otherwise: the outbound listener matches a headless Service's
+    by address, and the Pod index (which Service ports a Pod serves, by its
+    endpoints) makes their scope and own listeners."""
+    if not captured_pods:
+        return True
+    services = now.services
+    for key in moved:
+        svc = services.get(key)
+        if svc is not None and svc.headless:
+            return False
+        if _pod_ports(key, before, captured_pods) != _pod_ports(key, now, captured_pods):
+            return False
+    return True
+
+
+def _pod_ports(
+    key: mesh.ServiceKey, state: mesh.MeshState, pods: Collection[tuple[str, str]]
+) -> list[tuple[str, int, str]]:
+    """What `capture.pod_index` reads of a Service's endpoints for `pods`."""
+    return sorted(
+        (e.pod, e.port, e.port_name)
+        for e in state.endpoints.get(key, ())
+        if e.pod is not None and (key.namespace, e.pod) in pods
+    )
+
+
 class CapturedGenerator:
     """A captured Pod's sidecar: inbound for every port the Pod serves, one
     outbound listener for whatever it calls (headless Services included)."""

@@ -98,14 +98,16 @@ class Generations(Generic[K, V]):
     An entry is `fresh` once this generation has looked it up or put it: a
     rebuild compares its inputs once, not once per proxy."""
 
-    __slots__ = ("_fresh", "_previous")
+    __slots__ = ("_carried", "_fresh", "_previous")
 
     def __init__(self) -> None:
         self._fresh: dict[K, V] = {}
         self._previous: dict[K, V] = {}
+        self._carried: dict[K, V] = {}
 
     def __len__(self) -> int:
-        return len(self._fresh) + sum(1 for k in self._previous if k not in self._fresh)
+        kept = self._previous.keys() | self._carried.keys()
+        return len(self._fresh) + sum(1 for k in kept if k not in self._fresh)
 
     def get(self, key: K) -> V | None:
         """The value of `key` from this generation or the last (which then
@@ -125,11 +127,22 @@ class Generations(Generic[K, V]):
         self._fresh[key] = value
         return value
 
+    def carry(self) -> None:
+        """Keep the last generation's entries through the next `advance`
+        too: a rebuild that did not look at them (it swapped groups and made
+        nothing) must not leave the next to make them all again. They are
+        not fresh: this generation still compares what it looks up."""
+        self._carried = self._previous
+
     def advance(self) -> tuple[Mapping[K, V], dict[K, V]]:
         """Begin a generation; the last one and this one, for a rebuild that
         visits each key once and reads and fills them directly (keys that
         are tuples hash anew at every lookup: once each way is enough)."""
-        self._previous, self._fresh = self._fresh, {}
+        previous, self._fresh = self._fresh, {}
+        if self._carried:
+            previous = {**self._carried, **previous}
+            self._carried = {}
+        self._previous = previous
         return self._previous, self._fresh
 
 

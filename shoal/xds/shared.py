@@ -17,6 +17,7 @@ the table's encoding would have them (see `Shared.route_table`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import operator
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple
 from google.protobuf.message import Message
 
 from shoal import spiffe
-from shoal.model import mesh, routing, scope
+from shoal.model import mesh, proxy, routing, scope
 from shoal.xds import cache, memo, resources
 from shoal.xds.translate import capture, clusters, endpoints, names, refs, routes
 
@@ -228,6 +229,22 @@ class Memos:
         self.route_tables.advance()
         self.outbound_by_namespace.advance()
 
+    def carry(self) -> None:
+        """This rebuild swapped groups in the last snapshots and looked at
+        nothing else: what the last rebuild kept, the next may use. (Not
+        `groups`: `Shared.replacing` puts every one of them again, and a
+        group is patched with one build's moves, from the last build's.)"""
+        kept: tuple[memo.Generations[Any, Any], ...] = (
+            self.service_clusters,
+            self.headless,
+            self.route_tables,
+            self.virtual_hosts,
+            self.outbound_by_namespace,
+            self.visible,
+        )
+        for generations in kept:
+            generations.carry()
+
 
 # RouteConfiguration's fields, by number: `name` and `virtual_hosts`.
 _NAME = 1
@@ -282,6 +299,9 @@ class Shared:
     # The Services whose endpoints alone changed since the last build, with
     # their lists then and now; None when the mesh's Services changed.
     endpoint_moves: EndpointMoves | None = None
+    # What each proxy was last given from this build: the proxy it was for
+    # and its snapshot (see `replacing`).
+    published: dict[str, tuple[proxy.Proxy, cache.Snapshot]] = field(default_factory=dict)
     _pods: capture.PodIndex = field(default_factory=dict)
     _interned: dict[Scope, Scope] = field(default_factory=dict)
     _affected_memo: dict[
@@ -300,6 +320,11 @@ class Shared:
         ],
     ] = field(default_factory=dict)
     _pods_covered: set[tuple[str, str]] = field(default_factory=set)
+
+    @functools.cached_property
+    def label(self) -> str:
+        """What the snapshots made from it say they are."""
+        return f"mesh version {self.state.version}"
 
     # -- scopes ---------------------------------------------------------------
 
@@ -421,6 +446,35 @@ class Shared:
         if previous is not None and previous.same_as(group):
             group = previous
         return self.memos.groups.put(key, group)
+
+    def replacing(self, before: Shared) -> dict[int, cache.ResourceGroup] | None:
+        """The endpoint groups (ENDPOINT) of `before` that this build
+        replaces (by id: the snapshots made from `before` hold them), when every other group
+        of `before` is this build's too and each replacement names the same
+        resources; None when not. Then a snapshot made from `before` with
+        those swapped is what this build would make, and resolves as it did,
+        provided nothing else a proxy's generator reads changed (see
+        generators.endpoints_reach_only_scoped_groups)."""
+        if (
+            not before.whole
+            or not self.whole
+            or self.clusters_changed
+            or self.endpoint_moves is None
+            or before.trust_domain != self.trust_domain
+        ):
+            return None
+        found: dict[int, cache.ResourceGroup] = {}
+        for key, group in before.groups.items():
+            if key.kind == "clusters":
+                if self.scoped_groups(key.scope)[0] is not group:
+                    return None
+            elif key.kind == "endpoints":
+                now = self.scoped_groups(key.scope)[1]
+                if now is not group:
+                    if not now.same_names(group):
+                        return None
+                    found[id(group)] = now
+        return found
 
     def plain_clusters(self, in_scope: Scope | None) -> cache.ResourceGroup:
         """The scope's clusters without TLS, for proxyless gRPC clients."""

@@ -42,3 +42,20 @@ def test_a_long_list_is_cut_short() -> None:
     assert changes.ChangeSet(endpoints=keys).summary(most=2) == (
         "endpoints of ns/s0, ns/s1 and 8 more"
     )
+
+
+def test_endpoints_moved_alone_are_told_with_or_without_a_registry_delta() -> None:
+    state = fixtures.state()
+    web = mesh.ServiceKey("shop", "web")
+    assert state.endpoints_moved_since(state) == frozenset()
+    moved = {**state.endpoints, web: (mesh.Endpoint("10.9.9.9", 9000, "grpc-api"),)}
+    after = dataclasses.replace(state, endpoints=moved)
+    assert after.endpoints_moved_since(state) == {web}
+    # Anything else that may differ (a new mapping of Services, even equal)
+    # is not endpoints alone.
+    services = dataclasses.replace(after, services=dict(state.services))
+    assert services.endpoints_moved_since(state) is None
+    sampling = dataclasses.replace(
+        after, telemetry=dataclasses.replace(state.telemetry, trace_sampling=50.0)
+    )
+    assert sampling.endpoints_moved_since(state) is None

@@ -25,6 +25,7 @@ from google.protobuf import struct_pb2
 
 from shoal.model import changes, mesh, proxy
 from shoal.registry import manifests, store
+from shoal.sds import ca, workloads
 from shoal.xds import cache, controller, debounce, node, resources
 from shoal.xds.translate import names, refs, sidecar
 from tests.kube import objects
@@ -89,14 +90,22 @@ def _slice(rng: random.Random) -> dict[str, Any]:
     return doc
 
 
+def _pod_ip(name: str) -> str:
+    return f"10.0.9.{PODS.index(name) + 1}"
+
+
 def _pod(rng: random.Random) -> dict[str, Any]:
-    return objects.pod(
+    name = rng.choice(PODS)
+    doc = objects.pod(
         rng.choice(NAMESPACES[:2]),
-        rng.choice(PODS),
+        name,
         labels={"version": rng.choice(["v1", "v2"])},
-        service_account=rng.choice(["default", "web", "db"]),
-        ip=_address(rng),
+        service_account=rng.choice(["default", "default", "web", "db"]),
+        ip=_pod_ip(name),
     )
+    # What a captured sidecar of it says of itself (Published).
+    doc["metadata"]["uid"] = f"uid-{name}"
+    return doc
 
 
 def _namespace(rng: random.Random) -> dict[str, Any]:
@@ -224,15 +233,43 @@ def _node(i: int, namespace: str, service: str) -> base_pb2.Node:
     return base_pb2.Node(id=f"p{i}", cluster=f"{service}.{namespace}", metadata=metadata)
 
 
-class Published:
-    """A controller, and the sidecars whose snapshots it sets."""
+def _captured_node(namespace: str, pod: str) -> base_pb2.Node:
+    metadata = struct_pb2.Struct()
+    metadata.update(
+        {
+            node.INTERCEPTION_MODE: node.REDIRECT,
+            node.NAMESPACE: namespace,
+            node.POD_NAME: pod,
+            node.POD_UID: f"uid-{pod}",
+            node.POD_IP: _pod_ip(pod),
+        }
+    )
+    return base_pb2.Node(id=f"sidecar~{_pod_ip(pod)}~{pod}.{namespace}", metadata=metadata)
 
-    def __init__(self) -> None:
+
+def _proxyless_node(namespace: str, service: str) -> base_pb2.Node:
+    metadata = struct_pb2.Struct()
+    metadata.update({node.PROXYLESS: True, node.NAMESPACE: namespace, node.SERVICE: service})
+    return base_pb2.Node(id=f"grpc-{service}", metadata=metadata)
+
+
+class Published:
+    """A controller, and the proxies whose snapshots it sets: sidecars of
+    Services, sidecars of captured Pods and a proxyless client."""
+
+    def __init__(self, certificates: workloads.WorkloadCertificates | None = None) -> None:
+        self.certificates = certificates
         self.cache = cache.SnapshotCache(controller.Controller.key_of)
-        self.ctl = controller.Controller(self.cache, debounce.Debouncer(0.1, 1.0))
+        self.ctl = controller.Controller(
+            self.cache, debounce.Debouncer(0.1, 1.0), certificates=certificates
+        )
         proxies = [("ns0", "svc0"), ("ns0", "svc3"), ("ns1", "svc1"), ("ns2", "svc2")]
-        for i, (ns, svc) in enumerate(proxies):
-            self.cache.watch(cache.Client(_node(i, ns, svc)), asyncio.Event())
+        nodes = [_node(i, ns, svc) for i, (ns, svc) in enumerate(proxies)]
+        captured = [("ns0", "pod1"), ("ns1", "pod2"), ("ns0", "pod3"), ("ns1", "pod4")]
+        nodes += [_captured_node(ns, pod) for ns, pod in captured]
+        nodes.append(_proxyless_node("ns1", "svc4"))
+        for n in nodes:
+            self.cache.watch(cache.Client(n), asyncio.Event())
 
     def publish(self, state: mesh.MeshState) -> dict[str, set[tuple[str, str, str]] | None]:
         self.ctl.update(state)
@@ -240,7 +277,11 @@ class Published:
         out: dict[str, set[tuple[str, str, str]] | None] = {}
         for key in self.cache.watched_keys():
             snapshot = self.cache.get(key)
-            if snapshot is not None and snapshot.label == f"mesh version {state.version}":
+            if (
+                snapshot is not None
+                and snapshot.label == f"mesh version {state.version}"
+                and isinstance(self.ctl.proxy_of(key), proxy.Sidecar)
+            ):
                 _same_outbound_routes(self.ctl, key, snapshot, state)
             out[key] = (
                 None
@@ -273,11 +314,17 @@ def _same_outbound_routes(
     assert found.refs == refs.of(whole)
 
 
+def _mutual_tls() -> workloads.WorkloadCertificates:
+    return workloads.WorkloadCertificates(ca.Authority(ca.new_root("cluster.local")))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_incremental_builds_equal_full_builds(seed: int) -> None:
     rng = random.Random(seed)
     stores = Stores()
-    published = Published()
+    # Half with mutual TLS: who is behind a Service is then in its clusters.
+    certificates = _mutual_tls() if seed % 2 else None
+    published = Published(certificates)
     last = mesh.MeshState()
     for _ in range(120):
         for _ in range(rng.choice([1, 1, 1, 2, 5])):
@@ -294,7 +341,7 @@ def test_incremental_builds_equal_full_builds(seed: int) -> None:
         if rng.random() < 0.3:
             continue  # the controller skips a state (a debounced burst)
         last = new_state
-        fresh = Published()
+        fresh = Published(certificates)
         want = fresh.publish(old_state)
         got = published.publish(new_state)
         # A snapshot that refers to something missing is not published: the
@@ -378,3 +425,117 @@ def test_endpoints_alone_keep_each_sidecars_own_resources(
     published.publish(stores.new.build()[0])
     assert observed, "a change of its Service works its inputs out again"
     assert listeners() is not before
+
+
+# -- pushes of endpoints alone: the last snapshots with the groups swapped ----
+
+
+def _captured_mesh(stores: Stores) -> None:
+    """Sidecars' Services, and Pod pod1 of ns0 (a captured sidecar of
+    Published) behind svc0, with a headless Service beside them."""
+    stores.put("api", _pod_doc("ns0", "pod1"))
+    for name in ("svc0", "svc1", "svc2", "svc3"):
+        stores.put("api", objects.service("ns0", name, cluster_ip="10.96.0.1"))
+    stores.put("api", objects.service("ns2", "svc2", cluster_ip="10.96.0.2"))
+    stores.put("api", objects.service("ns1", "svc1", cluster_ip="10.96.0.3"))
+    stores.put("api", objects.service("ns0", "db", ports=[("tcp-db", 5432)], cluster_ip="None"))
+    stores.put("api", _slice_doc("svc0", "10.0.1.1", "pod1"))
+    stores.put("api", _slice_doc("db", "10.0.2.1", None, port=("tcp-db", 5432)))
+
+
+def _pod_doc(namespace: str, name: str) -> dict[str, Any]:
+    doc = objects.pod(namespace, name, ip=_pod_ip(name))
+    doc["metadata"]["uid"] = f"uid-{name}"
+    return doc
+
+
+def _slice_doc(
+    service: str,
+    address: str,
+    pod: str | None,
+    *,
+    ready: bool = True,
+    port: int | tuple[str, int] = 8080,
+) -> dict[str, Any]:
+    return objects.endpoint_slice(
+        "ns0",
+        service,
+        addresses=[address],
+        pods=[pod],
+        ports=[port],
+        ready=ready,
+        name=f"{service}-1",
+    )
+
+
+def _push(published: Published, stores: Stores) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """What the long-lived controller publishes for the store's state, what
+    a fresh one does, and how many proxies the push swapped groups for."""
+    state = stores.new.build()[0]
+    got = published.publish(state)
+    want = Published(published.certificates).publish(state)
+    return got, want, published.ctl.recent_pushes[-1].repointed
+
+
+@pytest.mark.parametrize("mtls", [False, True], ids=["plain", "mtls"])
+def test_endpoints_alone_are_swapped_into_every_proxys_last_snapshot(mtls: bool) -> None:
+    stores = Stores()
+    _captured_mesh(stores)
+    published = Published(_mutual_tls() if mtls else None)
+    got, want, _ = _push(published, stores)
+    configured = [k for k, v in got.items() if v is not None]
+    assert any(k.startswith("pod/ns0/pod1/") for k in configured)
+    assert any(k.startswith("proxyless/") for k in configured)
+
+    # The same Pod at another address, then not ready: what a fresh
+    # controller builds, without generating any proxy's configuration again.
+    for address, ready in (("10.0.1.2", True), ("10.0.1.2", False)):
+        stores.put("api", _slice_doc("svc0", address, "pod1", ready=ready))
+        got, want, repointed = _push(published, stores)
+        assert got == want
+        assert repointed == len(configured)
+
+
+def test_a_moved_headless_endpoint_is_generated_again_for_captured_sidecars() -> None:
+    """A captured sidecar's outbound listener matches a headless Service's
+    endpoints by address: not a group that can be swapped."""
+    stores = Stores()
+    _captured_mesh(stores)
+    published = Published()
+    _push(published, stores)
+    stores.put("api", _slice_doc("db", "10.0.2.2", None, port=("tcp-db", 5432)))
+    got, want, repointed = _push(published, stores)
+    assert got == want
+    assert repointed == 0
+
+
+def test_a_pod_behind_another_service_is_generated_again_for_captured_sidecars() -> None:
+    """Which Service ports a Pod serves is read from the endpoints: its
+    captured sidecar's inbound listener and scope follow."""
+    stores = Stores()
+    _captured_mesh(stores)
+    stores.put("api", _slice_doc("svc1", "10.0.3.1", None))
+    published = Published()
+    _push(published, stores)
+    stores.put("api", _slice_doc("svc1", "10.0.3.1", "pod1"))
+    got, want, repointed = _push(published, stores)
+    assert got == want
+    assert repointed == 0
+
+
+def test_another_service_account_behind_a_service_is_generated_again() -> None:
+    """With mutual TLS a Service's clusters name the identities behind it,
+    read from its endpoints' Pods: its clusters change, not only endpoints."""
+    stores = Stores()
+    _captured_mesh(stores)
+    for name, account in (("pod5", "default"), ("pod6", "web")):
+        doc = _pod_doc("ns0", name)
+        doc["spec"]["serviceAccountName"] = account
+        stores.put("api", doc)
+    stores.put("api", _slice_doc("svc2", "10.0.4.1", "pod5"))
+    published = Published(_mutual_tls())
+    _push(published, stores)
+    stores.put("api", _slice_doc("svc2", "10.0.4.2", "pod6"))
+    got, want, repointed = _push(published, stores)
+    assert got == want
+    assert repointed == 0

@@ -27,3 +27,19 @@ def test_a_value_put_again_replaces_the_last_one() -> None:
     assert g.get(("k", 1)) == "new"
     g.advance()
     assert g.get(("k", 1)) == "new"
+
+
+def test_a_carried_generation_outlives_one_more_advance_without_being_fresh() -> None:
+    """A rebuild that only swapped groups keeps what the last one used for
+    the next, which still compares what it looks up."""
+    g: memo.Generations[str, int] = memo.Generations()
+    g.put("a", 1)
+    g.advance()
+    g.carry()
+    assert g.fresh("a") is None
+    g.advance()
+    assert g.fresh("a") is None
+    assert g.get("a") == 1, "carried through the generation that did not look"
+    g.advance()
+    g.advance()
+    assert g.get("a") is None, "then forgotten as any other"
