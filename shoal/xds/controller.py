@@ -219,12 +219,11 @@ class Controller:
         repointed = 0
         if shared.whole:
             context = self._context(shared)
-            replaced = self._replacing(before, shared, reasons)
-            if replaced is None:
+            replaced = None if before is None else self._replacing(before, shared, reasons)
+            if before is None or replaced is None:
                 for key, p in self._proxies.items():
                     self._publish(key, p, context)
             else:
-                assert before is not None
                 last = before.published
                 for key, p in self._proxies.items():
                     found = last.get(key)
@@ -269,7 +268,7 @@ class Controller:
 
     def _replacing(
         self,
-        before: sharing.Shared | None,
+        before: sharing.Shared,
         shared: sharing.Shared,
         reasons: collections.Counter[str] | None,
     ) -> dict[int, cache.ResourceGroup] | None:
@@ -278,7 +277,7 @@ class Controller:
         must be generated again. A swap costs a proxy a few microseconds,
         where generating and checking it costs tens: with a thousand
         proxies, that was most of the time before the first response."""
-        if before is None or (reasons and set(reasons) != {MESH_CHANGED}):
+        if reasons and set(reasons) != {MESH_CHANGED}:
             return None  # certificates are read by generating
         moved = shared.state.endpoints_moved_since(before.state)
         if moved is None or not generators.endpoints_reach_only_scoped_groups(
