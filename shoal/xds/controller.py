@@ -12,7 +12,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -296,23 +296,22 @@ class Controller:
         self,
         key: str,
         p: proxy.Proxy,
-        last: cache.Snapshot,
+        last: sharing.Groups,
         replaced: dict[int, cache.ResourceGroup],
         shared: sharing.Shared,
     ) -> None:
-        """`last` with the replaced endpoint groups swapped: it resolved,
-        and each replacement names what the group it replaces named."""
-        groups = dict(last.groups)
+        """The `last` groups with the replaced endpoint groups swapped: they
+        resolved, and each replacement names what the group it replaces
+        named."""
+        groups = dict(last)
         found = groups.get(resources.ENDPOINT)
         if found:
             groups[resources.ENDPOINT] = tuple([replaced.get(id(g), g) for g in found])
         snapshot = self._snapshot(groups, shared)
-        shared.published[key] = (p, snapshot)
+        shared.published[key] = (p, groups)
         self._cache.set_snapshot(key, snapshot)
 
-    def _snapshot(
-        self, groups: Mapping[str, Sequence[cache.ResourceGroup]], shared: sharing.Shared
-    ) -> cache.Snapshot:
+    def _snapshot(self, groups: sharing.Groups, shared: sharing.Shared) -> cache.Snapshot:
         return cache.Snapshot(
             groups=groups,
             label=shared.label,
@@ -341,7 +340,7 @@ class Controller:
             shared.verified.add(id(route_group))
         snapshot = self._snapshot(groups, shared)
         if self._check(key, snapshot, skip=shared.verified):
-            shared.published[key] = (p, snapshot)
+            shared.published[key] = (p, groups)
             self._cache.set_snapshot(key, snapshot)
 
     def _routes_resolve(

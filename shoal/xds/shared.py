@@ -300,8 +300,10 @@ class Shared:
     # their lists then and now; None when the mesh's Services changed.
     endpoint_moves: EndpointMoves | None = None
     # What each proxy was last given from this build: the proxy it was for
-    # and its snapshot (see `replacing`).
-    published: dict[str, tuple[proxy.Proxy, cache.Snapshot]] = field(default_factory=dict)
+    # and its snapshot's groups (see `replacing`). The groups, not the
+    # snapshot: a replaced snapshot and the views worked out on it go when
+    # the cache lets go of them, as they did before.
+    published: dict[str, tuple[proxy.Proxy, Groups]] = field(default_factory=dict)
     _pods: capture.PodIndex = field(default_factory=dict)
     _interned: dict[Scope, Scope] = field(default_factory=dict)
     _affected_memo: dict[
