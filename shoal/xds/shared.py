@@ -451,11 +451,14 @@ class Shared:
 
     def replacing(self, before: Shared) -> dict[int, cache.ResourceGroup] | None:
         """The endpoint groups (ENDPOINT) of `before` that this build
-        replaces (by id: the snapshots made from `before` hold them), when every other group
-        of `before` is this build's too and each replacement names the same
-        resources; None when not. Then a snapshot made from `before` with
-        those swapped is what this build would make, and resolves as it did,
-        provided nothing else a proxy's generator reads changed (see
+        replaces, by id (the snapshots made from `before` hold them), when
+        each scope's clusters are the very group `before` had and each
+        replacement names the same resources; None when not. (The other
+        kinds of group, plain-text and headless clusters, are made from the
+        Services and the identities behind them, which are then unchanged.)
+        A snapshot made from `before` with those swapped is then what this
+        build would make, and resolves as it did, provided nothing else a
+        proxy's generator reads changed (see
         generators.endpoints_reach_only_scoped_groups)."""
         if (
             not before.whole
