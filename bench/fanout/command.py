@@ -38,6 +38,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--pushes", type=int, default=5, help="one-endpoint pushes per proxy count")
     p.add_argument(
+        "--warmup-pushes",
+        type=int,
+        default=0,
+        help="pushes before those, not counted, for shoal and the floor alike (0): the "
+        "clients' first push after they connect costs them more CPU than the later ones",
+    )
+    p.add_argument(
         "--workers", type=int, default=2, help="client processes the proxies are spread over"
     )
     p.add_argument(

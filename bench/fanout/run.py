@@ -110,6 +110,14 @@ async def measure_shoal(
         r.rss_mb = rss / 1024
         r.rss_per_stream_kb = (rss - base_rss) / proxies
 
+        # Not counted (`--warmup-pushes`): the first push after a connect.
+        for k in range(args.warmup_pushes if connected else 0):
+            await push_once(
+                workers,
+                functools.partial(mesh.move_endpoint, registry, 1, f"172.17.{k}.1"),
+                server.cpu_each_s,
+            )
+            await asyncio.sleep(PUSH_GAP_S)
         # One endpoint moves, `--pushes` times, in Services spread over the mesh.
         profile("push")
         for k in range(args.pushes if connected else 0):
@@ -195,15 +203,19 @@ async def measure_floor(
         await asyncio.sleep(SETTLE_S)
         rss, _ = processes.rss_kib(bare.pid)
         r.floor_rss_per_stream_kb = (rss - base_rss) / r.proxies
-        for k in range(args.pushes):
+        for k in range(args.warmup_pushes + args.pushes):
             push, _ = await push_once(
                 workers,
                 functools.partial(os.kill, bare.pid, signal.SIGUSR1),
                 lambda: [processes.cpu_s(bare.pid)],
             )
+            if k < args.warmup_pushes:
+                await asyncio.sleep(0.3)
+                continue  # as for shoal: not counted
             r.floor_pushes.append(push)
             if push.missing:
-                _problem(r, f"floor push {k}: {push.missing} proxies did not ACK")
+                counted = k - args.warmup_pushes
+                _problem(r, f"floor push {counted}: {push.missing} proxies did not ACK")
             await asyncio.sleep(0.3)
         await workers.every({"op": "close"}, timeout)
     finally:
