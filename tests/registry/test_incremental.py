@@ -15,6 +15,7 @@ the same problems.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import random
 from typing import Any
@@ -271,9 +272,11 @@ class Published:
         for n in nodes:
             self.cache.watch(cache.Client(n), asyncio.Event())
 
-    def publish(self, state: mesh.MeshState) -> dict[str, set[tuple[str, str, str]] | None]:
+    def publish(
+        self, state: mesh.MeshState, reasons: collections.Counter[str] | None = None
+    ) -> dict[str, set[tuple[str, str, str]] | None]:
         self.ctl.update(state)
-        self.ctl.rebuild()
+        self.ctl.rebuild(reasons)
         out: dict[str, set[tuple[str, str, str]] | None] = {}
         for key in self.cache.watched_keys():
             snapshot = self.cache.get(key)
@@ -539,3 +542,20 @@ def test_another_service_account_behind_a_service_is_generated_again() -> None:
     got, want, repointed = _push(published, stores)
     assert got == want
     assert repointed == 0
+
+
+def test_certificates_renewed_in_the_same_burst_are_generated_again() -> None:
+    """A burst that renewed certificates as endpoints moved: the new
+    certificates are read by generating, not found in the last snapshots."""
+    stores = Stores()
+    _captured_mesh(stores)
+    certificates = _mutual_tls()
+    published = Published(certificates)
+    _push(published, stores)
+    certificates.set_authority(certificates.authority, reissue=True)
+    stores.put("api", _slice_doc("svc0", "10.0.1.2", "pod1"))
+    state = stores.new.build()[0]
+    burst = collections.Counter({controller.MESH_CHANGED: 1, "certificates renewed": 1})
+    got = published.publish(state, burst)
+    assert got == Published(certificates).publish(state)
+    assert published.ctl.recent_pushes[-1].repointed == 0
