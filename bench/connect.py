@@ -437,16 +437,6 @@ async def _start_sampler(cmd: list[str]) -> asyncio.subprocess.Process:
 # -- shoal, then the floor ---------------------------------------------------------
 
 
-def _server_args(args: argparse.Namespace, profile: str) -> argparse.Namespace:
-    """What harness.start_shoal reads."""
-    return argparse.Namespace(
-        xds_security=args.xds_security,
-        tracemalloc=None,
-        instrument=False,
-        server_profile=profile,
-    )
-
-
 async def measure_shoal(
     args: argparse.Namespace, row: Row, registry: Path, work: Path, tls: harness.Tls
 ) -> dict[str, bytes]:
@@ -461,7 +451,7 @@ async def measure_shoal(
     server = await harness.start_shoal(
         registry,
         work,
-        _server_args(args, cprofile),
+        harness.ServeOptions(insecure_xds=args.xds_security == "insecure", server_profile=cprofile),
         log_level=args.log_level,
         extra_env=extra_env,
     )

@@ -20,6 +20,29 @@ INSTRUMENTED_SERVE = Path(__file__).resolve().parent / "instrumented_serve.py"
 TRUST_DOMAIN = "cluster.local"  # shoal serve's default
 
 
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the server under test runs: explicit fields, so a benchmark that
+    does not set one gets its default instead of failing at start."""
+
+    insecure_xds: bool = False
+    workers: int = 1
+    tracemalloc: str = ""
+    instrument: bool = False
+    server_profile: str = ""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeOptions:
+        """bench/fanout.py's flags of the same names."""
+        return cls(
+            insecure_xds=args.xds_security == "insecure",
+            workers=args.serve_workers,
+            tracemalloc=args.tracemalloc or "",
+            instrument=args.instrument,
+            server_profile=args.server_profile or "",
+        )
+
+
 @dataclass
 class Tls:
     """Certificates from the mesh CA in shoal's state directory: one xDS client
@@ -99,7 +122,7 @@ class Shoal:
 async def start_shoal(
     registry: Path,
     logs: Path,
-    args: argparse.Namespace,
+    options: ServeOptions,
     *,
     log_level: str = "warning",
     extra_env: dict[str, str] | None = None,
@@ -124,19 +147,19 @@ async def start_shoal(
         "--max-streams-per-identity",
         "1000000",
     ]
-    if args.xds_security == "insecure":
+    if options.insecure_xds:
         argv.append("--insecure-xds")
-    if args.serve_workers > 1:
-        argv += ["--workers", str(args.serve_workers)]
+    if options.workers > 1:
+        argv += ["--workers", str(options.workers)]
     env: dict[str, str] = dict(extra_env or {})
     events = None
-    if args.tracemalloc:
-        env["FANOUT_TRACEMALLOC"] = args.tracemalloc
-    if args.instrument:
+    if options.tracemalloc:
+        env["FANOUT_TRACEMALLOC"] = options.tracemalloc
+    if options.instrument:
         events = logs / f"events-{registry.name}.json"
         env["FANOUT_EVENTS"] = str(events)
-    if args.server_profile:
-        env["FANOUT_PROFILE"] = args.server_profile
+    if options.server_profile:
+        env["FANOUT_PROFILE"] = options.server_profile
     python = processes.PYTHON
     instrumented = any(k.startswith("FANOUT_") for k in env)
     cmd = (

@@ -75,7 +75,9 @@ async def measure_shoal(
     registry.mkdir()
     mesh.write_manifests(registry, args.services)
     extra_env = {"FANOUT_MALLOC": "glibc"} if args.malloc == "glibc" else {}
-    server = await harness.start_shoal(registry, work, args, extra_env=extra_env)
+    server = await harness.start_shoal(
+        registry, work, harness.ServeOptions.from_args(args), extra_env=extra_env
+    )
     target = f"127.0.0.1:{server.xds_port}"
     phase = args.server_profile_phase if args.server_profile else ""
 
