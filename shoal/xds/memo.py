@@ -87,8 +87,37 @@ class Interned(Generic[T]):
         if found is not None:
             # Equal hashes of unequal values are rare: the newcomer is then
             # simply not shared.
-            return found if found == value else value
+            return found if found is value or found == value else value
         self._by_hash[h] = weakref.ref(value, _Drop(self._by_hash, h))  # type: ignore[arg-type]
+        return value
+
+
+class ByBytes(Generic[T]):
+    """What was read from some bytes, by those bytes, for as long as anyone
+    holds it: the same bytes read again give the same object back unread. T
+    must support weak references."""
+
+    __slots__ = ("_by_bytes",)
+
+    def __init__(self) -> None:
+        self._by_bytes: dict[bytes, weakref.ref[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_bytes)
+
+    def get(self, raw: bytes) -> T | None:
+        ref = self._by_bytes.get(raw)
+        return None if ref is None else ref()
+
+    def put(self, raw: bytes, value: T) -> T:
+        entries = self._by_bytes
+
+        def drop(ref: weakref.ref[T]) -> None:
+            # Only this entry: a later put of the same bytes is another's.
+            if entries.get(raw) is ref:
+                del entries[raw]
+
+        entries[raw] = weakref.ref(value, drop)
         return value
 
 

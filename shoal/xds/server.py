@@ -288,6 +288,12 @@ class AdsServer:
         )
         self._absents: memo.WeakMemo[frozenset[str]] = memo.WeakMemo()
         self._subscriptions: memo.Interned[frozenset[str]] = memo.Interned()
+        # What each interned subscription costs its stream (accounts.names_cost).
+        self._names_costs: memo.WeakMemo[int] = memo.WeakMemo()
+        # The long name lists of requests by their encoding: every sidecar's
+        # EDS request names every cluster of its scope, as do its ACKs in
+        # SotW; read once, not once per request (see _request_names).
+        self._names_by_wire: memo.ByBytes[frozenset[str]] = memo.ByBytes()
         self._wanted: memo.WeakMemo[frozenset[str]] = memo.WeakMemo()
         self._wanted_unions: memo.WeakMemo[cache.UnionSet[str]] = memo.WeakMemo()
         self._covered: memo.WeakMemo[bool] = memo.WeakMemo()
@@ -518,7 +524,7 @@ class AdsServer:
         may sit in a cycle (its tasks, its watch) that only a full collection
         reclaims, and the heap keeper freezes old objects."""
         for state in conn.types.values():
-            self._set_names(conn, state, frozenset())
+            self._set_names(conn, state, frozenset(), 0)
             self._announce(conn, state, None)
         conn.types.clear()
         conn.inbox.clear()
@@ -606,15 +612,20 @@ class AdsServer:
         limits: one object per distinct subscription (a thousand sidecars
         asking for the same names share one set, and the views and diffs
         memoized on it are found by identity)."""
-        self._accounts.check(conn, accounts.names_cost(names) - state.names_cost)
         wanted = self._subscriptions(names)
+        found = self._names_costs.get((wanted,)) if len(wanted) >= _KEYED_BY_WIRE_FROM else None
+        cost = accounts.names_cost(wanted) if found is None else found
+        if found is None and len(wanted) >= _KEYED_BY_WIRE_FROM:
+            self._names_costs.put((wanted,), cost)
+        self._accounts.check(conn, cost - state.names_cost)
         if wanted is not state.names:
-            self._set_names(conn, state, wanted)
+            self._set_names(conn, state, wanted, cost)
 
-    def _set_names(self, conn: Connection, state: TypeState, names: frozenset[str]) -> None:
+    def _set_names(
+        self, conn: Connection, state: TypeState, names: frozenset[str], cost: int
+    ) -> None:
         """Replace a type's subscription, charged to the stream and (once per
         distinct set) to its identity; refused, nothing changes."""
-        cost = accounts.names_cost(names)
         self._accounts.check(conn, cost - state.names_cost)
         self._accounts.replace(conn, (state.names, state.names_cost), (names, cost))
         state.names, state.names_cost = names, cost
@@ -670,7 +681,7 @@ class AdsServer:
         # Read out of the message once: each read of a repeated string
         # field makes every name anew, and a sidecar's EDS request (and each
         # of its ACKs) names every cluster of the mesh.
-        names = _names_of(request.resource_names)
+        names = self._request_names(request, "resource_names", _SOTW_STRINGS)
         if not self._serves(conn, type_url):
             return
         # Legacy wildcard: an empty name list on LDS or CDS means everything.
@@ -698,7 +709,7 @@ class AdsServer:
 
     def _on_delta_request(self, conn: Connection, request: Any) -> None:
         type_url = request.type_url
-        subscribe = _names_of(request.resource_names_subscribe)
+        subscribe = self._request_names(request, "resource_names_subscribe", _DELTA_STRINGS)
         unsubscribe = _names_of(request.resource_names_unsubscribe)
         if not self._serves(conn, type_url):
             return
@@ -728,8 +739,13 @@ class AdsServer:
         if "*" in unsubscribe:
             state.wildcard = False
         if subscribe or unsubscribe:
-            self._subscribe(conn, state, (state.names | subscribe) - unsubscribe - {"*"})
-            state.told_absent -= subscribe
+            if state.names or unsubscribe or "*" in subscribe:
+                subscribe_to = (state.names | subscribe) - unsubscribe - {"*"}
+            else:
+                subscribe_to = subscribe  # the first list: already a shared set
+            self._subscribe(conn, state, subscribe_to)
+            if state.told_absent:
+                state.told_absent -= subscribe
             # The client forgets what it unsubscribed from. A name it
             # subscribes to again must be sent again, even unchanged: it may
             # have forgotten it (xds_protocol.rst, "Subscribing to
@@ -743,6 +759,25 @@ class AdsServer:
                 if state.pending is not None:
                     # Not restored by the ACK of a response already sent.
                     state.pending = _without(state.pending, dropped)
+
+    def _request_names(self, request: Any, field: str, strings: tuple[str, ...]) -> frozenset[str]:
+        """The names of a request's repeated `field`. A long list is looked
+        up by its encoding first: turning 10,000 names into Python strings
+        and hashing them costs three times what encoding the list does, and
+        a fleet sends the same few lists over and over. The same encoding
+        means the same names, already checked against the limits. A list is
+        found while a stream subscribes to it, and no longer: what streams
+        asked for goes with them (tests/security)."""
+        values = getattr(request, field)
+        if len(values) < _KEYED_BY_WIRE_FROM:
+            return _names_of(values)
+        raw = _names_wire(request, strings)
+        if raw is None:
+            return _names_of(values)
+        names = self._names_by_wire.get(raw)
+        if names is None:
+            names = self._names_by_wire.put(raw, self._subscriptions(_names_of(values)))
+        return names
 
     def _on_answer(self, conn: Connection, state: TypeState, request: Any) -> None:
         """The request answers our latest response of its type: ACK or NACK."""
@@ -1207,6 +1242,29 @@ def _identity(body: bytes) -> bytes:
 
 
 _NO_NAMES: frozenset[str] = frozenset()
+# Below this, reading the names costs about what encoding them does.
+_KEYED_BY_WIRE_FROM = 64
+# The fields of a request other than its names that _names_wire sets aside.
+_SOTW_STRINGS = ("version_info", "type_url", "response_nonce")
+_DELTA_STRINGS = ("type_url", "response_nonce")
+
+
+def _names_wire(request: Any, strings: tuple[str, ...]) -> bytes | None:
+    """The encoding of the request's one name list, or None when it carries
+    more than that list and `strings` (a node, an error, a second list):
+    those are rare, and read the long way. The strings are set aside for
+    the encoding and put back."""
+    kept = [getattr(request, name) for name in strings]
+    for name in strings:
+        request.ClearField(name)
+    try:
+        if len(request.ListFields()) != 1:
+            return None
+        raw: bytes = request.SerializeToString()
+        return raw
+    finally:
+        for name, value in zip(strings, kept, strict=True):
+            setattr(request, name, value)
 
 
 def _names_of(field: Collection[str]) -> frozenset[str]:

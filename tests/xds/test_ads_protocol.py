@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from shoal import cli
-from shoal.xds import cache, controller, node, resources, server
+from shoal.xds import cache, node, resources, server
 from shoal.xds.translate import refs
 from tests import manifests
 from tests.conftest import write
@@ -252,21 +252,6 @@ def registry_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def port(control_plane: cli.ControlPlane) -> int:
     return control_plane.xds_port
-
-
-@pytest.fixture
-async def bare_server() -> AsyncIterator[tuple[int, cache.SnapshotCache, server.AdsServer]]:
-    """An AdsServer over a cache the test fills by hand: no registry, no controller."""
-    snapshots = cache.SnapshotCache(controller.Controller.key_of)
-    ads = server.AdsServer(snapshots)
-    grpc_server = grpc.aio.server()
-    grpc_server.add_generic_rpc_handlers((ads.handler(),))
-    bound = grpc_server.add_insecure_port("127.0.0.1:0")
-    await grpc_server.start()
-    try:
-        yield bound, snapshots, ads
-    finally:
-        await grpc_server.stop(grace=None)
 
 
 # -- 1. ACK ---------------------------------------------------------------------
@@ -520,6 +505,113 @@ async def test_long_name_after_a_good_start_ends_the_stream(port: int) -> None:
         await client.request(EDS, ["n" * (server.MAX_NAME_LENGTH + 1)])
         err = await client.status()
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# A name list long enough to be looked up by its encoding (server._names_wire).
+MANY_NAMES = [f"outbound|8080||svc-{i:03}.default.svc.cluster.local" for i in range(100)]
+
+
+def count_name_reads(monkeypatch: pytest.MonkeyPatch, at_least: int) -> list[int]:
+    """The lengths of the name lists the server reads into sets, of those of
+    `at_least` names."""
+    reads: list[int] = []
+    names_of = server._names_of
+
+    def counted(field: Any) -> frozenset[str]:
+        if len(field) >= at_least:
+            reads.append(len(field))
+        return names_of(field)
+
+    monkeypatch.setattr(server, "_names_of", counted)
+    return reads
+
+
+def acked(state: server.TypeState, response: Response) -> Callable[[], bool]:
+    return lambda: state.acked_version == response.version_info
+
+
+def serve_assignments(
+    snapshots: cache.SnapshotCache, proxy: base_pb2.Node, names: Iterable[str]
+) -> None:
+    """An empty ClusterLoadAssignment of each name, for the proxy."""
+    made = [endpoint_pb2.ClusterLoadAssignment(cluster_name=name) for name in names]
+    snapshot = cache.Snapshot(
+        groups={
+            EDS: (
+                cache.ResourceGroup(
+                    cache.Resource.from_message(EDS, c.cluster_name, c) for c in made
+                ),
+            )
+        }
+    )
+    snapshots.set_snapshot(snapshots.key_of(cache.Client(proxy)), snapshot)
+
+
+async def test_a_long_name_list_is_read_once_for_every_stream_that_sends_it(
+    bare_server: tuple[int, cache.SnapshotCache, server.AdsServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every sidecar's EDS request names every cluster, and in SotW so does
+    each of its ACKs: while a stream holds the list, another sending it is
+    not read into a set again but found by its encoding. What else the
+    requests carry (version, nonce) still counts."""
+    bound, snapshots, ads = bare_server
+    reads = count_name_reads(monkeypatch, server._KEYED_BY_WIRE_FROM)
+    async with contextlib.AsyncExitStack() as streams:
+        states = []
+        for i in range(3):
+            n = make_node(f"long-list-{i}")
+            serve_assignments(snapshots, n, MANY_NAMES)
+            client = await streams.enter_async_context(ads_stream(bound, n))
+            await client.request(CDS)  # the node goes with this one
+            await client.recv()
+            await client.request(EDS, MANY_NAMES)
+            response = await client.recv()
+            assert set(assignments_of(response)) == set(MANY_NAMES)
+            await client.ack(response, MANY_NAMES)
+            (conn,) = (c for c in ads.connections.values() if c.node_id == n.id)
+            eds = conn.types[EDS]
+            await eventually(acked(eds, response))
+            assert eds.names == frozenset(MANY_NAMES)
+            states.append((client, eds))
+        assert reads == [len(MANY_NAMES)], "read once, for the first request of the first stream"
+
+        # Another list is another encoding: read anew, once too.
+        for client, eds in states:
+            await client.request(EDS, MANY_NAMES[:-1], version=eds.acked_version, nonce=eds.nonce)
+            fewer = await client.recv()
+            assert set(assignments_of(fewer)) == set(MANY_NAMES[:-1])
+            await client.ack(fewer, MANY_NAMES[:-1])
+            await eventually(acked(eds, fewer))
+            assert eds.names == frozenset(MANY_NAMES[:-1])
+        assert reads == [len(MANY_NAMES), len(MANY_NAMES) - 1]
+
+    # Every stream gone, the lists went with them (as all they asked for,
+    # tests/security): a sidecar connecting alone has its list read anew.
+    n = make_node("long-list-alone")
+    serve_assignments(snapshots, n, MANY_NAMES)
+    async with ads_stream(bound, n) as client:
+        await client.request(CDS)
+        await client.recv()
+        await client.request(EDS, MANY_NAMES)
+        assert set(assignments_of(await client.recv())) == set(MANY_NAMES)
+    assert reads == [len(MANY_NAMES), len(MANY_NAMES) - 1, len(MANY_NAMES)]
+
+
+async def test_a_long_list_over_the_limits_is_refused_every_time_it_is_sent(
+    bare_server: tuple[int, cache.SnapshotCache, server.AdsServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bound, _, _ = bare_server
+    reads = count_name_reads(monkeypatch, server._KEYED_BY_WIRE_FROM)
+    too_long = [*MANY_NAMES, "n" * (server.MAX_NAME_LENGTH + 1)]
+    for i in range(2):
+        async with ads_stream(bound, make_node(f"long-refused-{i}")) as client:
+            await client.request(CDS)  # the node goes with this one
+            await client.request(EDS, too_long)
+            err = await client.status()
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reads == [len(too_long)] * 2, "read and refused each time, never kept"
 
 
 # -- 8. the bytes on the wire ---------------------------------------------------------

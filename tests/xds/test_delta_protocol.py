@@ -27,7 +27,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
 
 from shoal import cli
-from shoal.xds import resources, server
+from shoal.xds import cache, resources, server
 from shoal.xds.translate import refs
 from tests.conftest import write
 from tests.xds import stream
@@ -35,11 +35,14 @@ from tests.xds.test_ads_protocol import (
     CDS,
     EDS,
     LDS,
+    MANY_NAMES,
     RDS,
     cluster_name,
+    count_name_reads,
     eds_names,
     eventually,
     make_node,
+    serve_assignments,
     service_manifest,
 )
 
@@ -687,3 +690,41 @@ async def test_long_name_after_a_good_start_ends_the_stream(port: int) -> None:
 def xds_security() -> str:
     """This suite speaks the xDS protocol with a bare client: plain text."""
     return "insecure"
+
+
+async def test_a_long_subscription_is_read_once_while_a_stream_holds_it(
+    bare_server: tuple[int, cache.SnapshotCache, server.AdsServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each sidecar subscribes to every cluster's endpoints in one request:
+    read once, then found by its encoding. A request carrying more than
+    the list (what a reconnecting client holds) is read the long way, and
+    a subscription added to one already held is the union of both."""
+    bound, snapshots, ads = bare_server
+    reads = count_name_reads(monkeypatch, server._KEYED_BY_WIRE_FROM)
+    async with contextlib.AsyncExitStack() as streams:
+        for i, initial in enumerate([{}, {}, {MANY_NAMES[0]: "old"}]):
+            n = make_node(f"delta-long-{i}")
+            serve_assignments(snapshots, n, MANY_NAMES)
+            client = await streams.enter_async_context(delta_stream(bound, n))
+            await client.request(CDS)  # the node goes with this one
+            await client.request(EDS, MANY_NAMES, initial=initial)
+            response = await client.recv()
+            assert set(versions(response)) == set(MANY_NAMES)
+            await client.ack(response)
+            (conn,) = (c for c in ads.connections.values() if c.node_id == n.id)
+            assert conn.types[EDS].names == frozenset(MANY_NAMES)
+        assert reads == [len(MANY_NAMES)] * 2, "read once, and once more with initial versions"
+
+        n = make_node("delta-long-halves")
+        more = [f"more-{i:03}" for i in range(len(MANY_NAMES))]
+        serve_assignments(snapshots, n, [*MANY_NAMES, *more])
+        client = await streams.enter_async_context(delta_stream(bound, n))
+        await client.request(CDS)
+        await client.request(EDS, MANY_NAMES)
+        await client.ack(await client.recv())
+        await client.request(EDS, more)
+        response = await client.recv()
+        assert set(versions(response)) == set(more), describe(response)
+        (conn,) = (c for c in ads.connections.values() if c.node_id == n.id)
+        assert conn.types[EDS].names == frozenset([*MANY_NAMES, *more])

@@ -43,3 +43,22 @@ def test_a_carried_generation_outlives_one_more_advance_without_being_fresh() ->
     g.advance()
     g.advance()
     assert g.get("a") is None, "then forgotten as any other"
+
+
+def test_bytes_give_back_what_was_read_from_them_while_it_is_held() -> None:
+    m: memo.ByBytes[frozenset[str]] = memo.ByBytes()
+    names = frozenset({"a", "b"})
+    assert m.put(b"ab", names) is names
+    assert m.get(b"ab") is names
+    assert m.get(b"ba") is None
+    del names
+    assert m.get(b"ab") is None and len(m) == 0, "gone with the last holder"
+
+
+def test_a_collected_value_does_not_take_a_later_one_of_the_same_bytes() -> None:
+    m: memo.ByBytes[frozenset[str]] = memo.ByBytes()
+    first = frozenset({"a"})
+    m.put(b"a", first)
+    second = m.put(b"a", frozenset({"a"}))  # replaces the first entry
+    del first
+    assert m.get(b"a") is second, "the first one's going left the second's entry alone"
