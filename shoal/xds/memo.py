@@ -94,13 +94,16 @@ class Interned(Generic[T]):
 
 class ByBytes(Generic[T]):
     """What was read from some bytes, by those bytes, for as long as anyone
-    holds it: the same bytes read again give the same object back unread. T
-    must support weak references."""
+    holds it: the same bytes read again give the same object back unread.
+    One encoding per object: others of it (the same names in another
+    order) are read again, and hold no more memory. T must support weak
+    references."""
 
-    __slots__ = ("_by_bytes",)
+    __slots__ = ("_by_bytes", "_keyed")
 
     def __init__(self) -> None:
         self._by_bytes: dict[bytes, weakref.ref[T]] = {}
+        self._keyed: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._by_bytes)
@@ -110,14 +113,21 @@ class ByBytes(Generic[T]):
         return None if ref is None else ref()
 
     def put(self, raw: bytes, value: T) -> T:
+        """`value`, kept by `raw` unless it is kept by other bytes already."""
+        keyed = self._keyed
+        if id(value) in keyed:
+            return value
         entries = self._by_bytes
+        ident = id(value)
 
         def drop(ref: weakref.ref[T]) -> None:
+            keyed.discard(ident)
             # Only this entry: a later put of the same bytes is another's.
             if entries.get(raw) is ref:
                 del entries[raw]
 
         entries[raw] = weakref.ref(value, drop)
+        keyed.add(ident)
         return value
 
 

@@ -62,3 +62,16 @@ def test_a_collected_value_does_not_take_a_later_one_of_the_same_bytes() -> None
     second = m.put(b"a", frozenset({"a"}))  # replaces the first entry
     del first
     assert m.get(b"a") is second, "the first one's going left the second's entry alone"
+
+
+def test_an_object_is_kept_by_its_first_bytes_only() -> None:
+    m: memo.ByBytes[frozenset[str]] = memo.ByBytes()
+    names = frozenset({"a", "b"})
+    m.put(b"ab", names)
+    assert m.put(b"ba", names) is names
+    assert m.get(b"ba") is None and len(m) == 1, "another encoding is not kept"
+    del names
+    assert len(m) == 0
+    again = frozenset({"a", "b"})
+    m.put(b"ba", again)
+    assert m.get(b"ba") is again, "once the first is gone, the next may be kept"
