@@ -114,11 +114,9 @@ class ByBytes(Generic[T]):
 
     def put(self, raw: bytes, value: T) -> T:
         """`value`, kept by `raw` unless it is kept by other bytes already."""
-        keyed = self._keyed
-        if id(value) in keyed:
+        keyed, entries, ident = self._keyed, self._by_bytes, id(value)
+        if ident in keyed:
             return value
-        entries = self._by_bytes
-        ident = id(value)
 
         def drop(ref: weakref.ref[T]) -> None:
             keyed.discard(ident)

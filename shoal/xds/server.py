@@ -613,10 +613,12 @@ class AdsServer:
         asking for the same names share one set, and the views and diffs
         memoized on it are found by identity)."""
         wanted = self._subscriptions(names)
-        found = self._names_costs.get((wanted,)) if len(wanted) >= _KEYED_BY_WIRE_FROM else None
-        cost = accounts.names_cost(wanted) if found is None else found
-        if found is None and len(wanted) >= _KEYED_BY_WIRE_FROM:
-            self._names_costs.put((wanted,), cost)
+        long = len(wanted) >= _KEYED_BY_WIRE_FROM
+        cost = self._names_costs.get((wanted,)) if long else None
+        if cost is None:
+            cost = accounts.names_cost(wanted)
+            if long:
+                self._names_costs.put((wanted,), cost)
         self._accounts.check(conn, cost - state.names_cost)
         if wanted is not state.names:
             self._set_names(conn, state, wanted, cost)
