@@ -16,6 +16,7 @@ from shoal.observe import metrics
 from shoal.xds import budget, cache, controller, resources, server, status
 from tests.conftest import write
 from tests.e2e.helpers import eventually
+from tests.xds.conftest import serving
 from tests.xds.test_ads_protocol import (
     CDS,
     Request,
@@ -102,14 +103,8 @@ async def slow_server(
     snapshots = cache.SnapshotCache(controller.Controller.key_of)
     spent = budget.WriteBudget(1 << 20) if request.param != "default budget" else None
     ads = server.AdsServer(snapshots, write_timeout=STUCK_WRITE_TIMEOUT, write_budget=spent)
-    grpc_server = grpc.aio.server()
-    grpc_server.add_generic_rpc_handlers((ads.handler(),))
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    await grpc_server.start()
-    try:
+    async with serving(ads) as port:
         yield port, snapshots, ads
-    finally:
-        await grpc_server.stop(grace=None)
 
 
 async def test_a_client_that_stops_reading_holds_one_response_at_most(
