@@ -262,6 +262,13 @@ def _field(number: int, payload: bytes) -> bytes:
     return bytes(out) + payload
 
 
+@functools.cache
+def _not_found_field() -> bytes:
+    """The last virtual host of every outbound table, encoded once: it
+    never changes, and a route push would otherwise encode it per table."""
+    return _field(_VIRTUAL_HOSTS, cache.encode(routes.not_found_host()))
+
+
 def resource(type_url: str, message: Message) -> cache.Resource:
     # A ClusterLoadAssignment is named by its cluster; everything else by `name`.
     name = getattr(message, "cluster_name" if type_url == resources.ENDPOINT else "name")
@@ -754,9 +761,7 @@ class Shared:
         found = self.memos.virtual_hosts.get(key)
         if found is None:
             vhosts = routes.virtual_hosts(svc, namespace, state)
-            encoded = b"".join(
-                _field(_VIRTUAL_HOSTS, vh.SerializeToString(deterministic=True)) for vh in vhosts
-            )
+            encoded = b"".join(_field(_VIRTUAL_HOSTS, cache.encode(vh)) for vh in vhosts)
             found = self.memos.virtual_hosts.put(
                 key,
                 HostsPart(
@@ -777,7 +782,7 @@ class Shared:
         every time (4 MB at 10,000 Services): where malloc maps it afresh,
         its page faults cost more than joining it (bench/ingest.py)."""
         head = _field(_NAME, names.OUTBOUND_ROUTE.encode())
-        tail = _field(_VIRTUAL_HOSTS, routes.not_found_host().SerializeToString(deterministic=True))
+        tail = _not_found_field()
         body = b"".join(itertools.chain((head,), encoded, (tail,)))
         version = cache.content_version(head, b"".join(digests), tail)
         return cache.ResourceGroup(
