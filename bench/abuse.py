@@ -186,7 +186,9 @@ async def healthy_push(server: Server, port: int) -> float:
         return took
 
 
-async def attack(server: Server, streams: int, megabytes: float) -> dict[str, Any]:
+async def attack(
+    server: Server, streams: int, megabytes: float, after_close: float
+) -> dict[str, Any]:
     per_name = len("outbound|80||s00-000000.demo.svc.cluster.local")
     count = int(megabytes * 2**20 / per_name)
     out: dict[str, Any] = {"rss_before_mib": round(server.rss(), 1)}
@@ -215,7 +217,7 @@ async def attack(server: Server, streams: int, megabytes: float) -> dict[str, An
         # every 10 s (shoal.heap); older versions never do.
         await asyncio.sleep(1)
         closed = server.rss()
-        await asyncio.sleep(15)
+        await asyncio.sleep(after_close)
         out[label] = {
             "streams": outcomes,
             "rss_open_mib": round(during, 1),
@@ -230,13 +232,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--streams", type=int, default=40)
     parser.add_argument("--megabytes", type=float, default=2.0)
+    parser.add_argument(
+        "--after-close",
+        type=float,
+        default=15.0,
+        help="seconds after the streams close before the last RSS is read (15: past the "
+        "heap keeper's 10 s)",
+    )
     parser.add_argument("--shoal", default=sys.executable, help="the python of the shoal to test")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shoal-abuse-") as workdir:
         server = Server(args.shoal, Path(workdir))
         try:
             time.sleep(1.0)
-            result = asyncio.run(attack(server, args.streams, args.megabytes))
+            result = asyncio.run(attack(server, args.streams, args.megabytes, args.after_close))
         finally:
             server.stop()
     result["banner"] = server.banner.strip()

@@ -20,7 +20,7 @@ counted):
   (nanoseconds on a CPU; utime + stime, not rounded to clock ticks), less
   what the server spends idle over the same window (shoal serve idles at
   5-8 ms of CPU a second: its file watcher's and heap keeper's timers, the
-  gRPC poller thread; measured for IDLE_WINDOW_S before and after the
+  gRPC poller thread; measured for `--idle-window` seconds before and after the
   connects; `raw` in the table is before this). The median and p90 over
   `--connects` connects are the figures.
 * stat: utime + stime from /proc/PID/stat (clock ticks of 10 ms, converted
@@ -124,7 +124,6 @@ CONNECT_TIMEOUT_S = 180.0
 QUIET_WINDOW_S = 0.5
 QUIET_MS = 5.0  # server CPU per QUIET_WINDOW_S below which it is idle
 QUIET_TIMEOUT_S = 300.0
-IDLE_WINDOW_S = 3.0
 
 
 # -- the client --------------------------------------------------------------
@@ -237,7 +236,7 @@ class Row:
     wall_ms_median: float = math.nan
     wall_ms_p90: float = math.nan
     disconnect_cpu_ms_median: float = math.nan  # net of idling
-    # Measured before and after the connects, IDLE_WINDOW_S each; the mean.
+    # Measured before and after the connects, `--idle-window` each; the mean.
     idle_ms_per_s: float = math.nan
     idle_loop_ms_per_s: float = math.nan
     idle_ms_per_s_before_after: tuple[float, float] = (math.nan, math.nan)
@@ -283,7 +282,7 @@ async def series(
     )
     row.connects, row.warmup, row.settle_s = args.connects, args.warmup, args.settle
     row.startup_s = await quiesce(pid)
-    idle_before = await idle(pid, IDLE_WINDOW_S)
+    idle_before = await idle(pid, args.idle_window)
     measured: list[Spent] = []
     walls: list[float] = []
     disconnects: list[Spent] = []
@@ -343,7 +342,7 @@ async def series(
     # The last proxy, left connected until now (with --keep, all of them).
     await fleet.close()
     await asyncio.sleep(args.settle)
-    idle_after = await idle(pid, IDLE_WINDOW_S)
+    idle_after = await idle(pid, args.idle_window)
     rates = [s.cpu_ms / s.seconds for s in (idle_before, idle_after)]
     row.idle_ms_per_s_before_after = (rates[0], rates[1])
     quiet = Idle(
@@ -662,6 +661,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "(1.0: past the heap keeper's freeze, 0.5 s after a burst)",
     )
     p.add_argument(
+        "--idle-window",
+        type=float,
+        default=3.0,
+        help="seconds the idle server's CPU is read, before and after the connects (3.0)",
+    )
+    p.add_argument(
         "--keep",
         action="store_true",
         help="earlier proxies stay connected (default: each disconnects before the next)",
@@ -715,8 +720,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--perf-rate", type=int, default=999, help="samples per second (999)")
     args = p.parse_args(argv)
-    if args.connects < 1 or args.warmup < 0 or args.settle < 0:
-        p.error("--connects must be at least 1, --warmup and --settle at least 0")
+    if args.connects < 1 or args.warmup < 0 or args.settle < 0 or args.idle_window <= 0:
+        p.error(
+            "--connects must be at least 1, --warmup and --settle at least 0, --idle-window above 0"
+        )
     if mesh.FIRST_OUTBOUND_PORT + args.warmup + args.connects > 65535:
         p.error("too many connects (one outbound port each)")
     # The server runs in a temporary directory.

@@ -49,6 +49,12 @@ from shoal.observe.dashboard import server as dashboard
 
 CHROMIUM = "/usr/bin/chromium"
 VIEWS = ("graph", "services", "proxies")
+# What each view shows one of per Service or proxy: the "elements" figure.
+VIEW_ITEMS = {
+    "graph": "#main svg g[data-node]",
+    "services": "#main section[data-service]",
+    "proxies": "#main tr[data-proxy]",
+}
 API = ("graph", "services", "syncz", "ca", "pushes", "problems", "traces")
 WAIT_MS = 120_000
 
@@ -150,7 +156,7 @@ async def load_view(browser: Browser, url: str, view: str, loads: int) -> dict[s
                 content.append(found["content"])
                 frame.append(found["frame"])
                 rows = await page.evaluate(
-                    "document.querySelectorAll('#main tr, #main svg g').length"
+                    f"document.querySelectorAll({json.dumps(VIEW_ITEMS[view])}).length"
                 )
             finally:
                 await page.close()
