@@ -122,6 +122,15 @@ def _built(*texts: str) -> tuple[mesh.MeshState, store.ObjectStore, list[str]]:
     return state, objects, [str(p) for p in found]
 
 
+def _put(objects: store.ObjectStore, text: str) -> tuple[mesh.MeshState, list[str]]:
+    """One object put into a built store (as a watch event), then a build."""
+    obj = manifests.parse_object(yaml.safe_load(text))
+    assert obj is not None
+    objects.put("test.yaml", store.Sourced(obj, "test.yaml"))
+    state, found = objects.build()
+    return state, [str(p) for p in found]
+
+
 def _route_config(state: mesh.MeshState, caller: str) -> Any:
     return sidecar.outbound_routes(caller, state.sorted_services(), state)
 
@@ -439,10 +448,9 @@ spec:
       backendRefs: [{{name: {backend}, port: 80}}]
 """
 
-    state, _, found = _built(
-        *SERVICES,
-        route("first", "2026-01-01T00:00:00Z", "echo-v1"),
-        route("second", "2026-03-01T00:00:00Z", "echo-v2"),
+    second = route("second", "2026-03-01T00:00:00Z", "echo-v2")
+    state, objects, found = _built(
+        *SERVICES, route("first", "2026-01-01T00:00:00Z", "echo-v1"), second
     )
     assert found == [
         "test.yaml: HTTPRoute shop/second: spec.rules[0].matches[0] never matches on Service "
@@ -454,6 +462,10 @@ spec:
         state.routes[mesh.ServiceKey("shop", "echo")].attached, 80, "shop"
     )
     assert rules is not None and len(rules) == 4
+    # The younger route's match changes, then changes back: the report
+    # follows, though the Service has as many routes as before.
+    assert _put(objects, second.replace('value: "1"', 'value: "2"'))[1] == []
+    assert _put(objects, second)[1] == found
     # Which route comes first is their age, not the order they are read in.
     _, _, found = _built(
         *SERVICES,
@@ -481,3 +493,44 @@ spec:
     action = vhost.routes[0].route
     assert action.cluster_not_found_response_code == action.SERVICE_UNAVAILABLE
     assert "shoal-invalid-backend" in [c.name for c in action.weighted_clusters.clusters]
+
+
+def test_a_build_parses_again_only_the_routes_whose_objects_or_services_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, objects, _ = _built(*SERVICES, ROUTES)
+    parsed: list[str] = []
+    real_parse = gatewayapi.parse
+
+    def counting_parse(obj: manifests.KubeObject, known: Any) -> gatewayapi.Parsed:
+        parsed.append(str(obj))
+        return real_parse(obj, known)
+
+    monkeypatch.setattr(gatewayapi, "parse", counting_parse)
+
+    def put(text: str) -> tuple[mesh.MeshState, list[str]]:
+        parsed.clear()
+        return _put(objects, text)
+
+    # A Service no route names: no route is parsed again.
+    put(_service("other"))
+    assert parsed == []
+    # A backend loses the port the routes send to: the two routes that name
+    # it are parsed again, and say so; the GRPCRoute is not.
+    _, found = put(_service("echo-v2", ports=(8080,)))
+    assert sorted(parsed) == ["HTTPRoute caller/mine", "HTTPRoute shop/echo"]
+    assert any("Service shop/echo-v2 has no port 80" in p for p in found), found
+    (mine,) = objects.route_status[("HTTPRoute", "caller", "mine")]
+    assert not {c.type: c for c in mine.conditions}["ResolvedRefs"].status
+    # It gets the port back: they resolve again.
+    _, found = put(_service("echo-v2"))
+    assert sorted(parsed) == ["HTTPRoute caller/mine", "HTTPRoute shop/echo"]
+    (mine,) = objects.route_status[("HTTPRoute", "caller", "mine")]
+    assert {c.type: c for c in mine.conditions}["ResolvedRefs"].status
+    # A route read again, equal (a file saved, a watch re-listed): not
+    # parsed again; changed: parsed again.
+    grpc_route = ROUTES.split("---\n")[2]
+    put(grpc_route)
+    assert parsed == []
+    put(grpc_route.replace("Bye", "Ciao"))
+    assert parsed == ["GRPCRoute shop/grpc-echo"]

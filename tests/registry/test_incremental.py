@@ -2,7 +2,8 @@
 
 A random sequence of puts, removes and file replacements (Services and
 their annotations, EndpointSlices, Pods, Namespaces, service accounts,
-TrafficRoutes, the same object in two sources) is applied to one store,
+TrafficRoutes, HTTPRoutes and GRPCRoutes, the same object in two sources)
+is applied to one store,
 built after each step, and its state, problems and route status compared
 with those of the store as it was before builds became incremental
 (tests/registry/reference_store.py: a pass over every object), fed the same
@@ -133,6 +134,41 @@ def _traffic_route(rng: random.Random) -> dict[str, Any]:
     return objects.traffic_route(ns, f"route{rng.randrange(3)}", spec)
 
 
+def _gateway_route(rng: random.Random) -> dict[str, Any]:
+    """An HTTPRoute or GRPCRoute on a Service of its namespace or, as a
+    consumer route, of the other one; its backends may lack the port it
+    names or not exist, and now and then it is refused whole."""
+    ns = rng.choice(NAMESPACES[:2])
+    grpc = rng.random() < 0.2
+    port = 9090 if grpc else rng.choice([80, 8080])
+    parent: dict[str, Any] = {"group": "", "kind": "Service", "name": rng.choice(SERVICES)}
+    if rng.random() < 0.3:
+        parent["namespace"] = rng.choice(NAMESPACES[:2])
+    if rng.random() < 0.5:
+        parent["port"] = port
+    rule: dict[str, Any] = {
+        "backendRefs": [
+            {"name": rng.choice(SERVICES), "port": port, "weight": rng.choice([1, 9])}
+            for _ in range(rng.choice([1, 2]))
+        ]
+    }
+    if not grpc:
+        rule["matches"] = [{"path": {"type": "PathPrefix", "value": rng.choice(["/", "/a"])}}]
+        if rng.random() < 0.1:
+            rule["timeouts"] = {"request": "soon"}
+    kind = "GRPCRoute" if grpc else "HTTPRoute"
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": kind,
+        "metadata": {
+            "name": f"{kind.lower()}{rng.randrange(3)}",
+            "namespace": ns,
+            "creationTimestamp": f"2026-01-0{rng.randrange(1, 4)}T00:00:00Z",
+        },
+        "spec": {"parentRefs": [parent], "rules": [rule]},
+    }
+
+
 MAKERS = (
     (_service, 6),
     (_slice, 6),
@@ -140,6 +176,7 @@ MAKERS = (
     (_namespace, 1),
     (lambda rng: objects.service_account(rng.choice(NAMESPACES), "web"), 1),
     (_traffic_route, 1),
+    (_gateway_route, 2),
 )
 
 
