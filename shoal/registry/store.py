@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from shoal.model import changes, mesh, problems, routing
 from shoal.registry import annotations as notes
@@ -25,6 +25,7 @@ from shoal.registry import gatewayapi, manifests, trafficroute
 
 T = TypeVar("T")
 K = TypeVar("K")
+P = TypeVar("P")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +47,9 @@ class ObjectStore:
         self._good_routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
         self._good_traffic_routes: dict[tuple[str, str], trafficroute.Parsed] = {}
         self._good_gateway_routes: dict[tuple[str, str, str], gatewayapi.Parsed] = {}
-        # Each Gateway API route's last parse, reused while the object and
-        # the Services it looked up are the same: parsing every route on
-        # every build was most of a build at 1,000 routes.
-        self._parsed_gateway_routes: dict[tuple[str, str, str], _ParsedRoute] = {}
+        # The last parse of each route object (see _Reparsed).
+        self._traffic_parses: _Reparsed[trafficroute.Parsed] = _Reparsed()
+        self._gateway_parses: _Reparsed[gatewayapi.Parsed] = _Reparsed()
         # Each Service's Gateway API routes at the last build, and which of
         # their rules never match (gatewayapi.shadowed).
         self._shadowed: dict[
@@ -668,7 +668,7 @@ class ObjectStore:
             ident = (obj.namespace, obj.name)
             seen.add(ident)
             try:
-                parsed = trafficroute.parse(obj, services)
+                parsed = self._traffic_parses.parse(trafficroute.parse, obj, services)
             except manifests.ManifestError as err:
                 kept = self._good_traffic_routes.get(ident)
                 if kept is not None and not (
@@ -724,6 +724,7 @@ class ObjectStore:
             )
         for gone in self._good_traffic_routes.keys() - seen:
             del self._good_traffic_routes[gone]
+        self._traffic_parses.keep({i.obj.key for i in items})
 
     def _gateway_routes(
         self,
@@ -742,7 +743,7 @@ class ObjectStore:
         for item in sorted(items, key=lambda i: i.obj.key):
             obj = item.obj
             try:
-                parsed = self._parse_gateway_route(obj, services)
+                parsed = self._gateway_parses.parse(gatewayapi.parse, obj, services)
             except manifests.ManifestError as err:
                 kept = self._good_gateway_routes.get(obj.key)
                 if kept is not None and not all(
@@ -808,38 +809,47 @@ class ObjectStore:
         held = {i.obj.key for i in items}
         for gone in self._good_gateway_routes.keys() - held:
             del self._good_gateway_routes[gone]
-        for gone in self._parsed_gateway_routes.keys() - held:
-            del self._parsed_gateway_routes[gone]
+        self._gateway_parses.keep(held)
         self.route_status = status
 
-    def _parse_gateway_route(
-        self, obj: manifests.KubeObject, services: Mapping[mesh.ServiceKey, mesh.Service]
-    ) -> gatewayapi.Parsed:
-        last = self._parsed_gateway_routes.get(obj.key)
+
+class _Reparsed(Generic[P]):
+    """The last parse of each route object that reads the mesh's Services,
+    with each Service the parse looked up as it found it (None: not in the
+    mesh), reused while the object is equal and those Services are the
+    same: parsing every route on every build was most of a build at 1,000
+    routes."""
+
+    def __init__(self) -> None:
+        self._last: dict[
+            tuple[str, str, str],
+            tuple[manifests.KubeObject, tuple[tuple[mesh.ServiceKey, mesh.Service | None], ...], P],
+        ] = {}
+
+    def parse(
+        self,
+        parse: Callable[[manifests.KubeObject, Mapping[mesh.ServiceKey, mesh.Service]], P],
+        obj: manifests.KubeObject,
+        services: Mapping[mesh.ServiceKey, mesh.Service],
+    ) -> P:
+        last = self._last.get(obj.key)
         if (
             last is not None
-            and (last.obj is obj or last.obj == obj)
-            and all((now := services.get(key)) is then or now == then for key, then in last.looked)
+            and (last[0] is obj or last[0] == obj)
+            and all((now := services.get(key)) is then or now == then for key, then in last[1])
         ):
-            return last.parsed
-        self._parsed_gateway_routes.pop(obj.key, None)
+            return last[2]
+        self._last.pop(obj.key, None)
         looking = _LookedUp(services)
-        parsed = gatewayapi.parse(obj, looking)
+        parsed = parse(obj, looking)
         if not looking.whole:
-            self._parsed_gateway_routes[obj.key] = _ParsedRoute(
-                obj, tuple(looking.looked.items()), parsed
-            )
+            self._last[obj.key] = (obj, tuple(looking.looked.items()), parsed)
         return parsed
 
-
-@dataclass(frozen=True, slots=True)
-class _ParsedRoute:
-    """A Gateway API route's parse, and each Service the parse looked up
-    as it found it (None: not in the mesh)."""
-
-    obj: manifests.KubeObject
-    looked: tuple[tuple[mesh.ServiceKey, mesh.Service | None], ...]
-    parsed: gatewayapi.Parsed
+    def keep(self, keys: Collection[tuple[str, str, str]]) -> None:
+        """Forget the objects not among `keys` (gone from the store)."""
+        for gone in self._last.keys() - keys:
+            del self._last[gone]
 
 
 class _LookedUp(Mapping[mesh.ServiceKey, mesh.Service]):

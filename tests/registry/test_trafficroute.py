@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from shoal.model import mesh, routing
-from shoal.registry import files, manifests, trafficroute
+from shoal.registry import files, manifests, store, trafficroute
 from tests import manifests as m
 from tests.conftest import write
 
@@ -140,3 +141,35 @@ def test_a_traffic_route_wins_over_annotations_and_says_so(registry_dir: Path) -
     again = registry.reload({path})
     assert again.routes[mesh.ServiceKey("shop", "reviews")] == route
     assert any("weights add up to 101" in str(p) for p in registry.problems)
+
+
+def test_a_build_parses_a_traffic_route_again_only_when_it_or_a_service_it_names_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    objects = store.ObjectStore()
+    parsed: list[str] = []
+    real_parse = trafficroute.parse
+
+    def counting_parse(obj: manifests.KubeObject, known: Any) -> trafficroute.Parsed:
+        parsed.append(str(obj))
+        return real_parse(obj, known)
+
+    monkeypatch.setattr(trafficroute, "parse", counting_parse)
+
+    def build(*texts: str) -> list[str]:
+        parsed.clear()
+        for text in texts:
+            objects.put("f", store.Sourced(_obj(text), "f"))
+        return [str(p) for p in objects.build()[1]]
+
+    service = (
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: shop}}\n"
+        "spec: {{ports: [{{port: 80}}]}}\n"
+    )
+    build(*(service.format(n) for n in ("reviews", "shadow", "other")), FULL)
+    assert parsed == ["TrafficRoute shop/reviews"]
+    assert build(service.format("other").replace("80", "81")) == [] and parsed == []
+    assert build(FULL) == [] and parsed == []
+    # The mirror's Service goes: the route is refused, its last good form kept.
+    objects.remove("f", ("Service", "shop", "shadow"))
+    assert any("shop/shadow" in p for p in build()) and parsed == ["TrafficRoute shop/reviews"]
