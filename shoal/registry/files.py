@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from shoal.model import mesh, problems
-from shoal.registry import manifests, store
+from shoal.registry import manifests, problemlog, store
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class FolderRegistry:
         self._store = store.ObjectStore()
         self._file_problems: dict[str, list[problems.Problem]] = {}
         self._build_problems: list[problems.Problem] = []
+        self._problem_log = problemlog.ProblemLog(log, "manifest error")
         self._state = mesh.MeshState()
         # Set once the folder is watched and was read again after that.
         self.armed = asyncio.Event()
@@ -189,8 +190,7 @@ class FolderRegistry:
 
     def _rebuild(self) -> mesh.MeshState:
         self._state, self._build_problems = self._store.build()
-        for problem in self._build_problems:
-            log.warning("manifest error: %s", problem)
+        self._problem_log.update(self._build_problems)
         return self._state
 
     def read(self, paths: list[Path]) -> mesh.MeshState:

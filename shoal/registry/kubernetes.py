@@ -30,7 +30,7 @@ import aiohttp
 
 from shoal import kube
 from shoal.model import mesh, problems
-from shoal.registry import gatewayapi, manifests, store
+from shoal.registry import gatewayapi, manifests, problemlog, store
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,7 @@ class KubernetesRegistry:
         self._state = mesh.MeshState()
         self._object_problems: dict[tuple[str, str, str], problems.Problem] = {}
         self._build_problems: list[problems.Problem] = []
+        self._problem_log = problemlog.ProblemLog(log, "problem")
         self._dirty = asyncio.Event()
         self._content_changed = False
         self.stats = Stats()
@@ -463,8 +464,7 @@ class KubernetesRegistry:
 
     def build(self) -> mesh.MeshState:
         self._state, self._build_problems = self._store.build()
-        for problem in self._build_problems:
-            log.warning("kubernetes: %s", problem)
+        self._problem_log.update(self._build_problems)
         return self._state
 
     async def watch(self, on_change: Callable[[mesh.MeshState], None], stop: asyncio.Event) -> None:

@@ -329,3 +329,26 @@ async def test_arming_the_watcher_pushes_nothing_when_nothing_changed(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+def test_a_problem_is_logged_when_it_comes_and_when_it_goes_not_on_every_build(
+    registry_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    timeout = '\n  annotations:\n    shoal.io/timeout: "{}"'
+    bad = write(registry_dir, "web.yaml", manifests.service("web", extra=timeout.format("soon")))
+    with caplog.at_level(logging.INFO, logger="shoal.registry.files"):
+        registry = _load(registry_dir)
+        # Builds for other reasons: a Service comes, then its file is read again.
+        other = write(registry_dir, "db.yaml", manifests.service("db"))
+        registry.reload({other})
+        registry.reload({other})
+        assert len(registry.problems) == 1
+        said = [r for r in caplog.records if "soon" in r.getMessage()]
+        assert [r.levelno for r in said] == [logging.WARNING], said
+        assert said[0].getMessage().startswith("manifest error: ")
+        write(registry_dir, "web.yaml", manifests.service("web", extra=timeout.format("2s")))
+        registry.reload({bad})
+    assert registry.problems == []
+    said = [r for r in caplog.records if "soon" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.INFO], said
+    assert "cleared" in said[1].getMessage()
