@@ -16,6 +16,9 @@ debounce wait) with `--proxies` sidecars registered through the
 * endpoint: one address of one EndpointSlice changes;
 * Service added, Service removed: a Service and its EndpointSlice come,
   and go, each after an annotation change elsewhere (as in a live mesh);
+* route (with `--routes N`): one of N TrafficRoutes, each splitting its
+  Service's traffic with the next Service of its namespace, changes its
+  weights;
 
 each from the registry event to the snapshots set in the cache, split into
 store (event + build) and translation (update + rebuild + publish). Changes
@@ -36,8 +39,8 @@ a fresh registry and controller build from the same objects (same names and
 versions of every resource).
 
     .venv/bin/python bench/ingest.py [--services N] [--endpoints-per-slice K]
-        [--proxies N] [--changes N] [--profile first|annotation|endpoint|service]
-        [--check] [--scoped] [--json]
+        [--proxies N] [--changes N] [--profile first|annotation|endpoint|service|route]
+        [--routes N] [--check] [--scoped] [--json]
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ class Result:
     endpoint: list[Timing] = field(default_factory=list)
     service_added: list[Timing] = field(default_factory=list)
     service_removed: list[Timing] = field(default_factory=list)
+    routes: int = 0
+    route: list[Timing] = field(default_factory=list)
     checked: bool | None = None
 
 
@@ -137,6 +142,25 @@ def _service(i: int, annotations: dict[int, str], scoped: bool = False) -> dict[
     )
 
 
+def _traffic_route(i: int, services: int, weight: int = 90) -> dict[str, Any]:
+    """Service i's TrafficRoute: `weight` to it, the rest to the next
+    Service of its namespace."""
+    namespace, name = _where(i)
+    other = _where((i + NAMESPACES) % services)[1]
+    spec = {
+        "service": name,
+        "rules": [
+            {
+                "backends": [
+                    {"service": name, "weight": weight},
+                    {"service": other, "weight": 100 - weight},
+                ]
+            }
+        ],
+    }
+    return objects.traffic_route(namespace, name, spec)
+
+
 def proxy_node(i: int) -> base_pb2.Node:
     """A sidecar of Service i; distinct outbound ports give distinct snapshot keys."""
     return translate.sidecar_node(i, *_where(i))
@@ -145,9 +169,14 @@ def proxy_node(i: int) -> base_pb2.Node:
 class Mesh:
     """A registry fed like a watch feeds it, and a controller with proxies."""
 
-    def __init__(self, services: int, per_slice: int, scoped: bool = False) -> None:
+    def __init__(
+        self, services: int, per_slice: int, scoped: bool = False, routes: int = 0
+    ) -> None:
         self.services = services
         self.scoped = scoped
+        # Services 0, k, 2k, ... have a TrafficRoute, with these weights.
+        self.routed = range(0, services, max(services // routes, 1))[:routes] if routes else ()
+        self.weights: dict[int, int] = {i: 90 for i in self.routed}
         self.per_slice = per_slice
         # The registry never calls the API here: the events are handed to it.
         # Its builds keep the garbage collector out, as `shoal serve` has it.
@@ -194,6 +223,9 @@ class Mesh:
             ],
             manifests.ENDPOINT_SLICE: [
                 _slice(i, self.per_slice, self.moved) for i in range(self.services)
+            ],
+            manifests.TRAFFIC_ROUTE: [
+                _traffic_route(i, self.services, w) for i, w in self.weights.items()
             ],
         }
         for reflector in self.registry.reflectors:
@@ -250,11 +282,12 @@ def content(snapshots: cache.SnapshotCache) -> dict[str, set[tuple[str, str, str
 
 async def run(args: argparse.Namespace) -> Result:
     r = Result(args.services, args.services * args.endpoints_per_slice, args.proxies)
-    m = Mesh(args.services, args.endpoints_per_slice, args.scoped)
+    m = Mesh(args.services, args.endpoints_per_slice, args.scoped, args.routes)
+    r.routes = len(m.routed)
     m.connect(args.proxies)
     profiles = {
         name: cProfile.Profile() if args.profile == name else None
-        for name in ("first", "annotation", "endpoint", "service")
+        for name in ("first", "annotation", "endpoint", "service", "route")
     }
 
     c0 = time.process_time()
@@ -309,9 +342,17 @@ async def run(args: argparse.Namespace) -> Result:
         )
         r.service_removed.append(_timed(functools.partial(apply, "DELETED"), m))
 
+    for n in range(args.changes if m.routed else 0):
+        i = m.routed[(n * 7919 + 3) % len(m.routed)]
+        m.weights[i] = 80 - n % 50
+        obj = _traffic_route(i, args.services, m.weights[i])
+        r.route.append(
+            _timed(functools.partial(m.event, manifests.TRAFFIC_ROUTE, obj), m, profiles["route"])
+        )
+
     if args.check:
-        fresh = Mesh(args.services, args.endpoints_per_slice, args.scoped)
-        fresh.annotations, fresh.moved = m.annotations, m.moved
+        fresh = Mesh(args.services, args.endpoints_per_slice, args.scoped, args.routes)
+        fresh.annotations, fresh.moved, fresh.weights = m.annotations, m.moved, m.weights
         fresh.connect(args.proxies)
         fresh.list_all()
         _timed(lambda: None, fresh)
@@ -344,6 +385,8 @@ def _report(r: Result) -> None:
     rows.append(("endpoint (median)", r.endpoint))
     rows += [("Service added (median)", r.service_added)]
     rows += [("Service removed (median)", r.service_removed)]
+    if r.route:
+        rows += [(f"route of {r.routes} (median)", r.route)]
     for label, timings in rows:
         print(
             f"{label:>22} {_median(timings, 'total_cpu') * 1000:>10.1f} "
@@ -363,7 +406,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--endpoints-per-slice", type=int, default=10)
     parser.add_argument("--proxies", type=int, default=100)
     parser.add_argument("--changes", type=int, default=7, help="changes of each kind (median)")
-    parser.add_argument("--profile", choices=("first", "annotation", "endpoint", "service"))
+    parser.add_argument(
+        "--profile", choices=("first", "annotation", "endpoint", "service", "route")
+    )
+    parser.add_argument(
+        "--routes", type=int, default=0, help="TrafficRoutes, spread over the Services (0)"
+    )
     parser.add_argument("--check", action="store_true", help="compare with a fresh build")
     parser.add_argument(
         "--scoped",
