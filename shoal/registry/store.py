@@ -47,6 +47,11 @@ class ObjectStore:
         self._good_routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
         self._good_traffic_routes: dict[tuple[str, str], trafficroute.Parsed] = {}
         self._good_gateway_routes: dict[tuple[str, str, str], gatewayapi.Parsed] = {}
+        # Services a TrafficRoute's policy changed at the last build: the
+        # Service as converted, the parse, and the Service with the policy.
+        self._policied: dict[
+            mesh.ServiceKey, tuple[mesh.Service, trafficroute.Parsed, mesh.Service]
+        ] = {}
         # The last parse of each route object (see _Reparsed).
         self._traffic_parses: _Reparsed[trafficroute.Parsed] = _Reparsed()
         self._gateway_parses: _Reparsed[gatewayapi.Parsed] = _Reparsed()
@@ -663,6 +668,7 @@ class ObjectStore:
         """TrafficRoutes win over a Service's routing annotations (and say so)."""
         taken: dict[mesh.ServiceKey, str] = {}
         seen: set[tuple[str, str]] = set()
+        policied, self._policied = self._policied, {}
         for item in sorted(items, key=lambda i: i.obj.key):
             obj = item.obj
             ident = (obj.namespace, obj.name)
@@ -717,11 +723,18 @@ class ObjectStore:
             routes[target] = parsed.route
             touched.add(target)
             svc = services[target]
-            services[target] = dataclasses.replace(
-                svc,
-                outlier=parsed.outlier or svc.outlier,
-                limits=parsed.limits or svc.limits,
-            )
+            outlier = parsed.outlier or svc.outlier
+            limits = parsed.limits or svc.limits
+            if outlier is svc.outlier and limits is svc.limits:
+                continue
+            # The very Service of the last build when neither it nor the
+            # policy changed: translation finds what did not change by
+            # identity, and a copy per routed Service per build is work too.
+            last = policied.get(target)
+            if last is None or last[0] is not svc or last[1] is not parsed:
+                last = (svc, parsed, dataclasses.replace(svc, outlier=outlier, limits=limits))
+            self._policied[target] = last
+            services[target] = last[2]
         for gone in self._good_traffic_routes.keys() - seen:
             del self._good_traffic_routes[gone]
         self._traffic_parses.keep({i.obj.key for i in items})

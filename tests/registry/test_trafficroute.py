@@ -173,3 +173,30 @@ def test_a_build_parses_a_traffic_route_again_only_when_it_or_a_service_it_names
     # The mirror's Service goes: the route is refused, its last good form kept.
     objects.remove("f", ("Service", "shop", "shadow"))
     assert any("shop/shadow" in p for p in build()) and parsed == ["TrafficRoute shop/reviews"]
+
+
+def test_a_policy_follows_its_traffic_route_and_its_service_build_after_build() -> None:
+    objects = store.ObjectStore()
+
+    def build(*texts: str) -> mesh.Service:
+        for text in texts:
+            objects.put("f", store.Sourced(_obj(text), "f"))
+        state, found = objects.build()
+        assert found == []
+        return state.services[mesh.ServiceKey("shop", "reviews")]
+
+    service = (
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: shop}}\n"
+        "spec: {{ports: [{{port: {}}}]}}\n"
+    )
+    first = build(service.format("reviews", 80), service.format("shadow", 80), FULL)
+    assert first.outlier == mesh.OutlierPolicy(3, 10.0, 30)
+    # Nothing changed: the very Service of the last build.
+    assert build() is first
+    # The policy changes, the Service does not.
+    changed = build(FULL.replace("consecutive5xx: 3", "consecutive5xx: 4"))
+    assert changed.outlier == mesh.OutlierPolicy(4, 10.0, 30)
+    # The Service changes, the route does not: both show.
+    moved = build(service.format("reviews", 81))
+    assert [p.port for p in moved.ports] == [81]
+    assert moved.outlier == changed.outlier and moved.limits == changed.limits
