@@ -64,7 +64,9 @@ def _ok(d: Any) -> None:
 
 def _ingest(d: Any) -> None:
     assert d["checked"] is True
-    assert all(_positive(c["store_cpu"]) for c in d["annotation"] + d["endpoint"]), d
+    assert d["routes"] == 10 and len(d["route"]) == 1, d
+    changes = d["annotation"] + d["endpoint"] + d["route"]
+    assert all(_positive(c["store_cpu"]) for c in changes), d
 
 
 def _certs(d: Any) -> None:
@@ -132,7 +134,10 @@ BENCHES = [
     ),
     Bench(
         "ingest.py",
-        ("--services", "100", "--proxies", "5", "--changes", "1", "--check", "--json"),
+        (
+            *("--services", "100", "--proxies", "5", "--changes", "1"),
+            *("--routes", "10", "--check", "--json"),
+        ),
         _ingest,
     ),
     Bench("translate.py", ("--sizes", "100", "--proxies", "3", "--json"), _ok),
