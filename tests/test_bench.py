@@ -108,6 +108,12 @@ def _converge(d: Any) -> None:
         assert m["non_200"] == 0 and _positive(m["converged_ms"]["median"]), m
 
 
+def _eds_order(rows: Any) -> None:
+    assert [r["mode"] for r in rows] == ["sotw", "delta"]
+    for r in rows:
+        assert r["proxies"] == 2 and r["requests"] >= 2 and r["same_set"], r
+
+
 def _abuse(d: Any) -> None:
     for scenario in ("one identity", "one identity, new names", "an identity per stream"):
         assert _positive(d[scenario]["healthy_push_ms"]), d[scenario]
@@ -156,6 +162,7 @@ BENCHES = [
         _telemetry,
     ),
     Bench("converge.py", ("--callers", "2", "--reps", "1", "--json"), _converge),
+    Bench("eds_order.py", ("--services", "70", "--proxies", "2", "--json"), _eds_order),
     Bench("abuse.py", ("--streams", "2", "--megabytes", "0.2", "--after-close", "0.1"), _abuse),
     Bench("fuzz.py", ("--minutes", "0.005", "--targets", "sotw", "--json"), _fuzz),
 ]
