@@ -735,13 +735,7 @@ async def run_mode(mode: str, work: Path, args: argparse.Namespace) -> dict[str,
         telemetry = dataclasses.replace(telemetry, trace_sampling=args.trace_sampling)
     async with localmesh.control_plane(registry, work, 2, telemetry=telemetry) as cp:
         probe = Probe(cp)
-        local = mesh.LocalMesh(
-            work / "sidecars",
-            cp.xds_port,
-            delta=mode == "delta",
-            authority=cp.authority,
-            collector_port=cp.collector_port,
-        )
+        local = localmesh.local_mesh(cp, work, delta=mode == "delta")
         workers: list[Worker] = []
         try:
             backends = {n: await start_backend(local, n, p) for n, p in inbound.items()}

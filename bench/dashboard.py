@@ -211,12 +211,7 @@ async def run(services: int, loads: int) -> dict[str, Any]:
         ports = {"client": envoy.free_port(), "server": envoy.free_port()}
         write_mesh(registry, services, ports)
         async with localmesh.control_plane(registry, work, services) as cp:
-            local = mesh.LocalMesh(
-                work / "sidecars",
-                cp.xds_port,
-                authority=cp.authority,
-                collector_port=cp.collector_port,
-            )
+            local = localmesh.local_mesh(cp, work)
             try:
                 w = await localmesh.sidecars(local, ports)
                 # Traffic for the graph's edge. If the sidecars cannot carry it

@@ -37,7 +37,6 @@ if str(ROOT) not in sys.path:
 import localmesh  # noqa: E402  (bench/, this script's folder)
 
 from shoal import envoy  # noqa: E402
-from shoal.demo import mesh  # noqa: E402
 from shoal.xds import resources, server  # noqa: E402
 
 KEYED_FROM = 64  # shoal.xds.server._KEYED_BY_WIRE_FROM
@@ -88,13 +87,7 @@ async def run_mode(mode: str, services: int, proxies: int) -> dict[str, Any]:
         seen: list[tuple[str, tuple[str, ...]]] = []
         async with localmesh.control_plane(registry, work, services) as cp:
             record(cp.ads, seen)
-            local = mesh.LocalMesh(
-                work / "sidecars",
-                cp.xds_port,
-                delta=mode == "delta",
-                authority=cp.authority,
-                collector_port=cp.collector_port,
-            )
+            local = localmesh.local_mesh(cp, work, delta=mode == "delta")
             try:
                 for k in range(proxies):
                     await local.add(

@@ -38,6 +38,17 @@ async def control_plane(
         yield cp
 
 
+def local_mesh(cp: cli.ControlPlane, work: Path, delta: bool = False) -> mesh.LocalMesh:
+    """Envoy sidecars of `cp` (its xDS port, CA and collector), under WORK/sidecars."""
+    return mesh.LocalMesh(
+        work / "sidecars",
+        cp.xds_port,
+        delta=delta,
+        authority=cp.authority,
+        collector_port=cp.collector_port,
+    )
+
+
 async def sidecars(local: mesh.LocalMesh, ports: Mapping[str, int]) -> dict[str, mesh.Workload]:
     """One workload of each Service in `ports` (name -> inbound port), its
     service account NAME-sa, in the default namespace."""

@@ -152,12 +152,7 @@ async def run_config(
         debounce_max=0.5,
         telemetry=CONFIGS[name],
     ) as cp:
-        local = mesh.LocalMesh(
-            work / "sidecars",
-            cp.xds_port,
-            authority=cp.authority,
-            collector_port=cp.collector_port,
-        )
+        local = localmesh.local_mesh(cp, work)
         try:
             workloads = await localmesh.sidecars(local, ports)
             async with aiohttp.ClientSession() as session:

@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from shoal.model import mesh, routing
 from shoal.registry import gatewayapi, manifests, store
 from shoal.xds.translate import clusters, routes, sidecar
+from tests.registry import parses
 from tests.xds import fixtures
 from tests.xds.test_envoy_validate import _bootstrap, validate
 from tests.xds.test_translate import check_golden
@@ -499,14 +500,7 @@ def test_a_build_parses_again_only_the_routes_whose_objects_or_services_changed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, objects, _ = _built(*SERVICES, ROUTES)
-    parsed: list[str] = []
-    real_parse = gatewayapi.parse
-
-    def counting_parse(obj: manifests.KubeObject, known: Any) -> gatewayapi.Parsed:
-        parsed.append(str(obj))
-        return real_parse(obj, known)
-
-    monkeypatch.setattr(gatewayapi, "parse", counting_parse)
+    parsed = parses.recorded(monkeypatch, gatewayapi)
 
     def put(text: str) -> tuple[mesh.MeshState, list[str]]:
         parsed.clear()

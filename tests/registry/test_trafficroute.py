@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -12,6 +11,7 @@ from shoal.model import mesh, routing
 from shoal.registry import files, manifests, store, trafficroute
 from tests import manifests as m
 from tests.conftest import write
+from tests.registry import parses
 
 FULL = """apiVersion: shoal.io/v1alpha1
 kind: TrafficRoute
@@ -147,14 +147,7 @@ def test_a_build_parses_a_traffic_route_again_only_when_it_or_a_service_it_names
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     objects = store.ObjectStore()
-    parsed: list[str] = []
-    real_parse = trafficroute.parse
-
-    def counting_parse(obj: manifests.KubeObject, known: Any) -> trafficroute.Parsed:
-        parsed.append(str(obj))
-        return real_parse(obj, known)
-
-    monkeypatch.setattr(trafficroute, "parse", counting_parse)
+    parsed = parses.recorded(monkeypatch, trafficroute)
 
     def build(*texts: str) -> list[str]:
         parsed.clear()
