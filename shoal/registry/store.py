@@ -52,6 +52,24 @@ class ObjectStore:
         self._policied: dict[
             mesh.ServiceKey, tuple[mesh.Service, trafficroute.Parsed, mesh.Service]
         ] = {}
+        # What the TrafficRoutes did at the last build, each route and
+        # Service set (the Service when a policy changed it) and the
+        # problems found: done again when nothing they read changed.
+        self._traffic_replay: (
+            tuple[
+                list[tuple[mesh.ServiceKey, routing.ServiceRoute, mesh.Service | None]],
+                list[problems.Problem],
+            ]
+            | None
+        ) = None
+        # The same for Gateway API routes: each Service's route with them.
+        self._gateway_replay: (
+            tuple[list[tuple[mesh.ServiceKey, routing.ServiceRoute]], list[problems.Problem]] | None
+        ) = None
+        # The Services Gateway API routes routed at the last build.
+        self._gateway_routed: set[mesh.ServiceKey] = set()
+        # The Services TrafficRoutes routed at the last build.
+        self._traffic_routed: set[mesh.ServiceKey] = set()
         # The last parse of each route object (see _Reparsed).
         self._traffic_parses: _Reparsed[trafficroute.Parsed] = _Reparsed()
         self._gateway_parses: _Reparsed[gatewayapi.Parsed] = _Reparsed()
@@ -234,8 +252,33 @@ class ObjectStore:
         # The Services and routes that TrafficRoutes and Gateway API routes
         # change, now and at the last build: they may differ from the last.
         touched: set[mesh.ServiceKey] = set()
-        self._traffic_routes(list(self._traffic_items.values()), services, routes, found, touched)
-        self._gateway_routes(list(self._gateway_items.values()), services, routes, found, touched)
+        # Where neither the routes nor the Services and annotations they
+        # read changed (an endpoint moved: most builds), what they did at
+        # the last build holds, and is done again as it was.
+        if changed.services or changed.traffic_routes or self._traffic_replay is None:
+            self._traffic_routes(
+                list(self._traffic_items.values()), services, routes, found, touched
+            )
+        else:
+            applied, said = self._traffic_replay
+            for target, route, service in applied:
+                routes[target] = route
+                if service is not None:
+                    services[target] = service
+            found.extend(said)
+        if (
+            changed.services
+            or changed.traffic_routes
+            or changed.gateway_routes
+            or self._gateway_replay is None
+        ):
+            self._gateway_routes(
+                list(self._gateway_items.values()), services, routes, found, touched
+            )
+        else:
+            attached_routes, said = self._gateway_replay
+            routes.update(attached_routes)
+            found.extend(said)
         touched, self._touched = touched | self._touched, touched
         for listed in self._duplicates.values():
             found.extend(listed)
@@ -375,8 +418,10 @@ class ObjectStore:
             changed.slices.add(key)
         elif obj.type == manifests.TRAFFIC_ROUTE:
             self._traffic_items.pop(key, None)
+            changed.traffic_routes = True
         elif obj.type in manifests.GATEWAY_ROUTES:
             self._gateway_items.pop(key, None)
+            changed.gateway_routes = True
 
     def _add(self, key: tuple[str, str, str], item: Sourced, changed: _Changed) -> None:
         obj = item.obj
@@ -412,8 +457,10 @@ class ObjectStore:
                 changed.slices.add(key)
             elif obj.type == manifests.TRAFFIC_ROUTE:
                 self._traffic_items[key] = item
+                changed.traffic_routes = True
             elif obj.type in manifests.GATEWAY_ROUTES:
                 self._gateway_items[key] = item
+                changed.gateway_routes = True
         except manifests.ManifestError as err:
             self._refused[key] = [problems.Problem(item.source, str(obj), str(err), err.code)]
 
@@ -669,6 +716,11 @@ class ObjectStore:
         taken: dict[mesh.ServiceKey, str] = {}
         seen: set[tuple[str, str]] = set()
         policied, self._policied = self._policied, {}
+        before = self._state
+        routed: set[mesh.ServiceKey] = set()
+        seen_keys = {i.obj.key for i in items}
+        applied: list[tuple[mesh.ServiceKey, routing.ServiceRoute, mesh.Service | None]] = []
+        said = len(found)
         for item in sorted(items, key=lambda i: i.obj.key):
             obj = item.obj
             ident = (obj.namespace, obj.name)
@@ -695,7 +747,9 @@ class ObjectStore:
                     continue
                 parsed = kept
             self._good_traffic_routes[ident] = parsed
-            target = parsed.route.service
+            # The Service's own key: the maps below are keyed by that very
+            # object, so each lookup is by identity, not a comparison.
+            target = services[parsed.route.service].key
             if target in taken:
                 found.append(
                     problems.Problem(
@@ -721,23 +775,35 @@ class ObjectStore:
                     )
                 )
             routes[target] = parsed.route
-            touched.add(target)
+            routed.add(target)
             svc = services[target]
             outlier = parsed.outlier or svc.outlier
             limits = parsed.limits or svc.limits
-            if outlier is svc.outlier and limits is svc.limits:
-                continue
-            # The very Service of the last build when neither it nor the
-            # policy changed: translation finds what did not change by
-            # identity, and a copy per routed Service per build is work too.
-            last = policied.get(target)
-            if last is None or last[0] is not svc or last[1] is not parsed:
-                last = (svc, parsed, dataclasses.replace(svc, outlier=outlier, limits=limits))
-            self._policied[target] = last
-            services[target] = last[2]
+            if outlier is not svc.outlier or limits is not svc.limits:
+                # The very Service of the last build when neither it nor the
+                # policy changed: translation finds what did not change by
+                # identity, and a copy per routed Service per build is work too.
+                last = policied.get(target)
+                if last is None or last[0] is not svc or last[1] is not parsed:
+                    last = (svc, parsed, dataclasses.replace(svc, outlier=outlier, limits=limits))
+                self._policied[target] = last
+                services[target] = last[2]
+                applied.append((target, parsed.route, last[2]))
+            else:
+                applied.append((target, parsed.route, None))
+            # Compared with the last state only where the route or the
+            # Service is not the very object it holds.
+            if before.routes.get(target) is not parsed.route or (
+                before.services.get(target) is not services[target]
+            ):
+                touched.add(target)
+        # A Service no longer routed by a TrafficRoute goes back to its own.
+        touched.update(self._traffic_routed - routed)
+        self._traffic_routed = routed
         for gone in self._good_traffic_routes.keys() - seen:
             del self._good_traffic_routes[gone]
-        self._traffic_parses.keep({i.obj.key for i in items})
+        self._traffic_parses.keep(seen_keys)
+        self._traffic_replay = (applied, found[said:])
 
     def _gateway_routes(
         self,
@@ -753,6 +819,8 @@ class ObjectStore:
         attached: dict[mesh.ServiceKey, list[routing.AttachedRoute]] = {}
         status: dict[tuple[str, str, str], tuple[gatewayapi.ParentStatus, ...]] = {}
         origins: dict[mesh.ServiceKey, tuple[Sourced, gatewayapi.Parsed]] = {}
+        applied: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
+        said = len(found)
         for item in sorted(items, key=lambda i: i.obj.key):
             obj = item.obj
             try:
@@ -817,8 +885,13 @@ class ObjectStore:
                     )
                 )
             base = before or routing.ServiceRoute(key, (), source="Gateway API")
-            routes[key] = dataclasses.replace(base, attached=routes_on)
+            routes[key] = applied[key] = dataclasses.replace(base, attached=routes_on)
             touched.add(key)
+        # A Service no longer routed by a Gateway API route goes back to
+        # what routed it before.
+        touched.update(self._gateway_routed - applied.keys())
+        self._gateway_routed = set(applied)
+        self._gateway_replay = (list(applied.items()), found[said:])
         held = {i.obj.key for i in items}
         for gone in self._good_gateway_routes.keys() - held:
             del self._good_gateway_routes[gone]
@@ -846,12 +919,13 @@ class _Reparsed(Generic[P]):
         services: Mapping[mesh.ServiceKey, mesh.Service],
     ) -> P:
         last = self._last.get(obj.key)
-        if (
-            last is not None
-            and (last[0] is obj or last[0] == obj)
-            and all((now := services.get(key)) is then or now == then for key, then in last[1])
-        ):
-            return last[2]
+        if last is not None and (last[0] is obj or last[0] == obj):
+            for key, then in last[1]:
+                now = services.get(key)
+                if now is not then and now != then:
+                    break
+            else:
+                return last[2]
         self._last.pop(obj.key, None)
         looking = _LookedUp(services)
         parsed = parse(obj, looking)
@@ -876,9 +950,14 @@ class _LookedUp(Mapping[mesh.ServiceKey, mesh.Service]):
         self.whole = False
 
     def __getitem__(self, key: mesh.ServiceKey) -> mesh.Service:
-        found = self.looked[key] = self._services.get(key)
+        found = self._services.get(key)
         if found is None:
+            self.looked[key] = None
             raise KeyError(key)
+        # Noted by the Service's own key: the map is keyed by that very
+        # object (while the Service is the first of its name), and finding
+        # it again is then a lookup by identity, not a comparison.
+        self.looked[found.key] = found
         return found
 
     def __iter__(self) -> Iterator[mesh.ServiceKey]:
@@ -922,6 +1001,8 @@ class _Changed:
     namespaces: bool = False
     namespace_names: set[str] = field(default_factory=set)
     accounts: bool = False
+    traffic_routes: bool = False
+    gateway_routes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
