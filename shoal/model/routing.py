@@ -154,14 +154,32 @@ class ServiceRoute:
     # callers one applies to, they route instead of `rules` (README,
     # "Gateway API").
     attached: tuple[AttachedRoute, ...] = ()
+    # Made once: translation asks every route of the mesh for them on every
+    # rebuild, and the registry keeps the objects of routes that did not change.
+    _backends: frozenset[keys.ServiceKey] = field(init=False, repr=False, compare=False)
+    _subsets: frozenset[tuple[keys.ServiceKey, keys.FrozenMap]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "_backends",
+            _targets(self.rules, self.mirror).union(*(a.backends() for a in self.attached)),
+        )
+        object.__setattr__(
+            self,
+            "_subsets",
+            frozenset((b.service, b.subset) for r in self.rules for b in r.backends if b.subset),
+        )
 
     def backends(self) -> frozenset[keys.ServiceKey]:
         """Every Service this route sends traffic (or copies of it) to."""
-        return _targets(self.rules, self.mirror).union(*(a.backends() for a in self.attached))
+        return self._backends
 
     def subsets(self) -> frozenset[tuple[keys.ServiceKey, keys.FrozenMap]]:
         """Label subsets of Services this route sends to."""
-        return frozenset((b.service, b.subset) for r in self.rules for b in r.backends if b.subset)
+        return self._subsets
 
 
 def _targets(
