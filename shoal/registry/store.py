@@ -47,29 +47,18 @@ class ObjectStore:
         self._good_routes: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
         self._good_traffic_routes: dict[tuple[str, str], trafficroute.Parsed] = {}
         self._good_gateway_routes: dict[tuple[str, str, str], gatewayapi.Parsed] = {}
-        # Services a TrafficRoute's policy changed at the last build: the
-        # Service as converted, the parse, and the Service with the policy.
-        self._policied: dict[
-            mesh.ServiceKey, tuple[mesh.Service, trafficroute.Parsed, mesh.Service]
-        ] = {}
-        # What the TrafficRoutes did at the last build, each route and
-        # Service set (the Service when a policy changed it) and the
-        # problems found: done again when nothing they read changed.
-        self._traffic_replay: (
-            tuple[
-                list[tuple[mesh.ServiceKey, routing.ServiceRoute, mesh.Service | None]],
-                list[problems.Problem],
-            ]
-            | None
-        ) = None
-        # The same for Gateway API routes: each Service's route with them.
+        # What the TrafficRoutes make of the mesh, kept from build to build
+        # and redone only for those whose object or looked-up Services
+        # changed (see _traffic_routes).
+        self._traffic = _TrafficRoutes()
+        # What the Gateway API routes did at the last build: each Service's
+        # route with them, and the problems found; done again as it was
+        # when nothing they read changed.
         self._gateway_replay: (
             tuple[list[tuple[mesh.ServiceKey, routing.ServiceRoute]], list[problems.Problem]] | None
         ) = None
         # The Services Gateway API routes routed at the last build.
         self._gateway_routed: set[mesh.ServiceKey] = set()
-        # The Services TrafficRoutes routed at the last build.
-        self._traffic_routed: set[mesh.ServiceKey] = set()
         # The last parse of each route object (see _Reparsed).
         self._traffic_parses: _Reparsed[trafficroute.Parsed] = _Reparsed()
         self._gateway_parses: _Reparsed[gatewayapi.Parsed] = _Reparsed()
@@ -252,23 +241,13 @@ class ObjectStore:
         # The Services and routes that TrafficRoutes and Gateway API routes
         # change, now and at the last build: they may differ from the last.
         touched: set[mesh.ServiceKey] = set()
+        self._traffic_routes(changed, services, routes, found, touched)
         # Where neither the routes nor the Services and annotations they
         # read changed (an endpoint moved: most builds), what they did at
         # the last build holds, and is done again as it was.
-        if changed.services or changed.traffic_routes or self._traffic_replay is None:
-            self._traffic_routes(
-                list(self._traffic_items.values()), services, routes, found, touched
-            )
-        else:
-            applied, said = self._traffic_replay
-            for target, route, service in applied:
-                routes[target] = route
-                if service is not None:
-                    services[target] = service
-            found.extend(said)
         if (
             changed.services
-            or changed.traffic_routes
+            or changed.traffic_keys
             or changed.gateway_routes
             or self._gateway_replay is None
         ):
@@ -418,7 +397,7 @@ class ObjectStore:
             changed.slices.add(key)
         elif obj.type == manifests.TRAFFIC_ROUTE:
             self._traffic_items.pop(key, None)
-            changed.traffic_routes = True
+            changed.traffic_keys.add(key)
         elif obj.type in manifests.GATEWAY_ROUTES:
             self._gateway_items.pop(key, None)
             changed.gateway_routes = True
@@ -457,7 +436,7 @@ class ObjectStore:
                 changed.slices.add(key)
             elif obj.type == manifests.TRAFFIC_ROUTE:
                 self._traffic_items[key] = item
-                changed.traffic_routes = True
+                changed.traffic_keys.add(key)
             elif obj.type in manifests.GATEWAY_ROUTES:
                 self._gateway_items[key] = item
                 changed.gateway_routes = True
@@ -706,104 +685,150 @@ class ObjectStore:
 
     def _traffic_routes(
         self,
-        items: list[Sourced],
+        changed: _Changed,
         services: dict[mesh.ServiceKey, mesh.Service],
         routes: dict[mesh.ServiceKey, routing.ServiceRoute],
         found: list[problems.Problem],
         touched: set[mesh.ServiceKey],
     ) -> None:
-        """TrafficRoutes win over a Service's routing annotations (and say so)."""
-        taken: dict[mesh.ServiceKey, str] = {}
-        seen: set[tuple[str, str]] = set()
-        policied, self._policied = self._policied, {}
-        before = self._state
-        routed: set[mesh.ServiceKey] = set()
-        seen_keys = {i.obj.key for i in items}
-        applied: list[tuple[mesh.ServiceKey, routing.ServiceRoute, mesh.Service | None]] = []
-        said = len(found)
-        for item in sorted(items, key=lambda i: i.obj.key):
-            obj = item.obj
-            ident = (obj.namespace, obj.name)
-            seen.add(ident)
-            try:
-                parsed = self._traffic_parses.parse(trafficroute.parse, obj, services)
-            except manifests.ManifestError as err:
-                kept = self._good_traffic_routes.get(ident)
-                if kept is not None and not (
-                    kept.route.service in services and kept.route.backends() <= services.keys()
-                ):
-                    # Its Service or a backend is gone: it cannot stay.
-                    kept = None
-                found.append(
-                    problems.Problem(
-                        item.source,
-                        str(obj),
-                        _kept(err, kept),
-                        _route_code(err),
-                        err.field if isinstance(err, trafficroute.UnknownService) else "",
-                    )
-                )
-                if kept is None:
-                    continue
-                parsed = kept
-            self._good_traffic_routes[ident] = parsed
-            # The Service's own key: the maps below are keyed by that very
-            # object, so each lookup is by identity, not a comparison.
-            target = services[parsed.route.service].key
-            if target in taken:
-                found.append(
-                    problems.Problem(
-                        item.source,
-                        str(obj),
-                        f"{taken[target]} already routes Service {target} (the first by "
-                        "namespace and name wins); this one is ignored",
-                        "SHL0105",
-                        "spec.service",
-                    )
-                )
+        """TrafficRoutes win over a Service's routing annotations (and say so).
+
+        Redone for the routes put or removed, those that looked up a Service
+        that changed, and those that failed (few); then for each Service one
+        of those names, or whose annotations' route changed under it. The
+        rest stands as the last build left it: a mesh with a route on every
+        Service pays for what changed, not for every route."""
+        t = self._traffic
+        redo = set(changed.traffic_keys) | t.failing
+        for service_key in changed.services:
+            redo |= t.by_service.get(service_key, set())
+        targets: set[mesh.ServiceKey] = set()
+        for key in redo:
+            old = t.items.pop(key, None)
+            if old is not None:
+                t.unindex(key, old)
+                if old.target is not None:
+                    targets.add(old.target)
+            item = self._traffic_items.get(key)
+            if item is None:
+                self._good_traffic_routes.pop((key[1], key[2]), None)
+                self._traffic_parses.forget(key)
                 continue
-            taken[target] = str(obj)
-            if target in routes and routes[target].source == "annotations":
-                found.append(
-                    problems.Problem(
-                        item.source,
-                        str(obj),
-                        f"takes precedence over the routing annotations of Service {target} "
-                        f"({_routing_field(services[target])}), which are ignored",
-                        "SHL0105",
-                        "spec.service",
-                    )
-                )
-            routes[target] = parsed.route
-            routed.add(target)
-            svc = services[target]
-            outlier = parsed.outlier or svc.outlier
-            limits = parsed.limits or svc.limits
-            if outlier is not svc.outlier or limits is not svc.limits:
-                # The very Service of the last build when neither it nor the
-                # policy changed: translation finds what did not change by
-                # identity, and a copy per routed Service per build is work too.
-                last = policied.get(target)
-                if last is None or last[0] is not svc or last[1] is not parsed:
-                    last = (svc, parsed, dataclasses.replace(svc, outlier=outlier, limits=limits))
-                self._policied[target] = last
-                services[target] = last[2]
-                applied.append((target, parsed.route, last[2]))
-            else:
-                applied.append((target, parsed.route, None))
+            made = self._traffic_item(item, services)
+            t.items[key] = made
+            t.index(key, made)
+            if made.target is not None:
+                targets.add(made.target)
+        if changed.services:
+            # An annotations' route changes with its backends, and whether a
+            # TrafficRoute overrides one is reported.
+            targets.update(k for k, v in t.notes.items() if routes.get(k) is not v)
+        for target in targets:
+            self._traffic_target(target, services, routes)
+        before = self._state
+        for target in targets:
+            route = t.route_of.get(target) or routes.get(target)
+            service = t.service_of.get(target) or services.get(target)
             # Compared with the last state only where the route or the
             # Service is not the very object it holds.
-            if before.routes.get(target) is not parsed.route or (
-                before.services.get(target) is not services[target]
-            ):
+            if before.routes.get(target) is not route or before.services.get(target) is not service:
                 touched.add(target)
-        # A Service no longer routed by a TrafficRoute goes back to its own.
-        touched.update(self._traffic_routed - routed)
-        self._traffic_routed = routed
-        for gone in self._good_traffic_routes.keys() - seen:
-            del self._good_traffic_routes[gone]
-        self._traffic_parses.keep(seen_keys)
-        self._traffic_replay = (applied, found[said:])
+        routes.update(t.route_of)
+        services.update(t.service_of)
+        found.extend(p for k in t.failing if (p := t.items[k].problem) is not None)
+        for said in t.said.values():
+            found.extend(said)
+
+    def _traffic_item(
+        self, item: Sourced, services: Mapping[mesh.ServiceKey, mesh.Service]
+    ) -> _TrafficItem:
+        """One TrafficRoute parsed (or its last good form, where it broke and
+        what that names still exists), and the Service it routes."""
+        obj = item.obj
+        ident = (obj.namespace, obj.name)
+        try:
+            parsed = self._traffic_parses.parse(trafficroute.parse, obj, services)
+        except manifests.ManifestError as err:
+            kept = self._good_traffic_routes.get(ident)
+            if kept is not None and not (
+                kept.route.service in services and kept.route.backends() <= services.keys()
+            ):
+                # Its Service or a backend is gone: it cannot stay.
+                kept = None
+            problem = problems.Problem(
+                item.source,
+                str(obj),
+                _kept(err, kept),
+                _route_code(err),
+                err.field if isinstance(err, trafficroute.UnknownService) else "",
+            )
+            if kept is None:
+                return _TrafficItem(item, None, None, problem, ())
+            return _TrafficItem(item, kept, services[kept.route.service].key, problem, ())
+        self._good_traffic_routes[ident] = parsed
+        # The Service's own key: the maps are keyed by that very object, so
+        # each lookup is by identity, not a comparison.
+        target = services[parsed.route.service].key
+        return _TrafficItem(item, parsed, target, None, self._traffic_parses.looked(obj.key))
+
+    def _traffic_target(
+        self,
+        target: mesh.ServiceKey,
+        services: Mapping[mesh.ServiceKey, mesh.Service],
+        routes: Mapping[mesh.ServiceKey, routing.ServiceRoute],
+    ) -> None:
+        """Which TrafficRoute routes `target` (the first by namespace and
+        name), with its route and policy, and what is said of the others."""
+        t = self._traffic
+        keys = sorted(t.by_target.get(target, ()))
+        if not keys:
+            t.forget(target)
+            return
+        winner = t.items[keys[0]]
+        parsed = winner.parsed
+        assert parsed is not None
+        said = [
+            problems.Problem(
+                t.items[k].item.source,
+                str(t.items[k].item.obj),
+                f"{winner.item.obj} already routes Service {target} (the first by "
+                "namespace and name wins); this one is ignored",
+                "SHL0105",
+                "spec.service",
+            )
+            for k in keys[1:]
+        ]
+        note = t.notes[target] = routes.get(target)
+        if note is not None and note.source == "annotations":
+            said.append(
+                problems.Problem(
+                    winner.item.source,
+                    str(winner.item.obj),
+                    f"takes precedence over the routing annotations of Service {target} "
+                    f"({_routing_field(services[target])}), which are ignored",
+                    "SHL0105",
+                    "spec.service",
+                )
+            )
+        if said:
+            t.said[target] = said
+        else:
+            t.said.pop(target, None)
+        t.route_of[target] = parsed.route
+        svc = services[target]
+        outlier = parsed.outlier or svc.outlier
+        limits = parsed.limits or svc.limits
+        if outlier is svc.outlier and limits is svc.limits:
+            t.service_of.pop(target, None)
+            t.policied.pop(target, None)
+            return
+        # The very Service of the last build when neither it nor the policy
+        # changed: translation finds what did not change by identity.
+        last = t.policied.get(target)
+        if last is None or last[0] is not svc or last[1] is not parsed:
+            last = (svc, parsed, dataclasses.replace(svc, outlier=outlier, limits=limits))
+            t.policied[target] = last
+        t.service_of[target] = last[2]
 
     def _gateway_routes(
         self,
@@ -899,6 +924,64 @@ class ObjectStore:
         self.route_status = status
 
 
+@dataclass(frozen=True, slots=True)
+class _TrafficItem:
+    """What one TrafficRoute came to at its last redo."""
+
+    item: Sourced
+    parsed: trafficroute.Parsed | None  # None: refused, and nothing kept
+    target: mesh.ServiceKey | None
+    problem: problems.Problem | None  # set: redone at every build
+    # The Services its parse looked up: a change to one redoes it.
+    looked: tuple[mesh.ServiceKey, ...]
+
+
+class _TrafficRoutes:
+    """The TrafficRoutes' part of the mesh, with the indexes that say what a
+    change touches."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, str, str], _TrafficItem] = {}
+        self.failing: set[tuple[str, str, str]] = set()
+        self.by_target: dict[mesh.ServiceKey, set[tuple[str, str, str]]] = {}
+        self.by_service: dict[mesh.ServiceKey, set[tuple[str, str, str]]] = {}
+        # Per routed Service: its route; the Service with the route's policy
+        # where one changes it, and what it was made from; what is said of
+        # its routes; and the annotations' route it was checked against.
+        self.route_of: dict[mesh.ServiceKey, routing.ServiceRoute] = {}
+        self.service_of: dict[mesh.ServiceKey, mesh.Service] = {}
+        self.policied: dict[
+            mesh.ServiceKey, tuple[mesh.Service, trafficroute.Parsed, mesh.Service]
+        ] = {}
+        self.said: dict[mesh.ServiceKey, list[problems.Problem]] = {}
+        self.notes: dict[mesh.ServiceKey, routing.ServiceRoute | None] = {}
+
+    def forget(self, target: mesh.ServiceKey) -> None:
+        """`target` is routed by no TrafficRoute any more."""
+        for kept in (self.route_of, self.service_of, self.policied, self.said, self.notes):
+            kept.pop(target, None)
+
+    def index(self, key: tuple[str, str, str], made: _TrafficItem) -> None:
+        if made.problem is not None:
+            self.failing.add(key)
+        if made.target is not None:
+            self.by_target.setdefault(made.target, set()).add(key)
+        for looked in made.looked:
+            self.by_service.setdefault(looked, set()).add(key)
+
+    def unindex(self, key: tuple[str, str, str], made: _TrafficItem) -> None:
+        self.failing.discard(key)
+        at = [(self.by_service, s) for s in made.looked]
+        if made.target is not None:
+            at.append((self.by_target, made.target))
+        for index, service in at:
+            held = index.get(service)
+            if held is not None:
+                held.discard(key)
+                if not held:
+                    del index[service]
+
+
 class _Reparsed(Generic[P]):
     """The last parse of each route object that reads the mesh's Services,
     with each Service the parse looked up as it found it (None: not in the
@@ -932,6 +1015,14 @@ class _Reparsed(Generic[P]):
         if not looking.whole:
             self._last[obj.key] = (obj, tuple(looking.looked.items()), parsed)
         return parsed
+
+    def looked(self, key: tuple[str, str, str]) -> tuple[mesh.ServiceKey, ...]:
+        """The Services the last parse of `key` looked up."""
+        last = self._last.get(key)
+        return () if last is None else tuple(k for k, _ in last[1])
+
+    def forget(self, key: tuple[str, str, str]) -> None:
+        self._last.pop(key, None)
 
     def keep(self, keys: Collection[tuple[str, str, str]]) -> None:
         """Forget the objects not among `keys` (gone from the store)."""
@@ -1001,7 +1092,7 @@ class _Changed:
     namespaces: bool = False
     namespace_names: set[str] = field(default_factory=set)
     accounts: bool = False
-    traffic_routes: bool = False
+    traffic_keys: set[tuple[str, str, str]] = field(default_factory=set)
     gateway_routes: bool = False
 
 

@@ -596,3 +596,25 @@ def test_certificates_renewed_in_the_same_burst_are_generated_again() -> None:
     got = published.publish(state, burst)
     assert got == Published(certificates).publish(state)
     assert published.ctl.recent_pushes[-1].repointed == 0
+
+
+def test_what_a_traffic_route_overrides_follows_the_annotations_route() -> None:
+    """Service svc1's annotations route through svc2 and a TrafficRoute
+    overrides them, which is reported; svc2 goes, and with it what the
+    annotations said: nothing of svc1's TrafficRoute changed, yet what is
+    reported of it does."""
+    stores = Stores()
+    split = {"shoal.io/split": "svc1=90,svc2=10"}
+    stores.put("api", objects.service("ns0", "svc1", annotations=split))
+    stores.put("api", objects.service("ns0", "svc2"))
+    rules = [{"backends": [{"service": "svc1", "weight": 100}]}]
+    stores.put("api", objects.traffic_route("ns0", "r", {"service": "svc1", "rules": rules}))
+    for step in range(2):
+        if step:
+            stores.remove("api", ("Service", "ns0", "svc2"))
+        new_state, new_found = stores.new.build()
+        old_state, old_found = stores.old.build()
+        _same_state(new_state, old_state)
+        assert new_found == old_found
+        overrides = [p for p in new_found if "takes precedence" in p.reason]
+        assert len(overrides) == (0 if step else 1), new_found
