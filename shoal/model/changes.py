@@ -61,11 +61,11 @@ def between(before: mesh.MeshState, after: mesh.MeshState) -> ChangeSet:
             pods=differing_among(delta.pods, before.pods, after.pods),
         )
     return ChangeSet(
-        services=_differing(before.services, after.services),
-        endpoints=_differing(before.endpoints, after.endpoints),
-        routes=_differing(before.routes, after.routes),
-        namespaces=_differing(before.namespaces, after.namespaces),
-        pods=_differing(before.pods, after.pods),
+        services=differing(before.services, after.services),
+        endpoints=differing(before.endpoints, after.endpoints),
+        routes=differing(before.routes, after.routes),
+        namespaces=differing(before.namespaces, after.namespaces),
+        pods=differing(before.pods, after.pods),
     )
 
 
@@ -81,7 +81,9 @@ def differing_among(
     return frozenset(out)
 
 
-def _differing(before: Mapping[K, object], after: Mapping[K, object]) -> frozenset[K]:
+def differing(before: Mapping[K, object], after: Mapping[K, object]) -> frozenset[K]:
+    """The keys whose values differ (or that were added or removed), each
+    value compared only where it is not the very object of `before`."""
     if before is after:
         return frozenset()
     out: set[K] = set()

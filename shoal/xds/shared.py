@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from google.protobuf.message import Message
 
 from shoal import spiffe
-from shoal.model import mesh, proxy, routing, scope
+from shoal.model import changes, mesh, proxy, routing, scope
 from shoal.xds import cache, memo, resources
 from shoal.xds.translate import capture, clusters, endpoints, names, refs, routes
 
@@ -733,11 +733,9 @@ class Shared:
             changed = {k for k in was.keys() | now.keys() if was.get(k) is not now.get(k)}
         if changed is not None:
             if old_routes is not new_routes:
-                changed.update(
-                    k
-                    for k in old_routes.keys() | new_routes.keys()
-                    if old_routes.get(k) != new_routes.get(k)
-                )
+                # The registry keeps the very objects of routes that did not
+                # change: compared only where they are not.
+                changed.update(changes.differing(old_routes, new_routes))
             if changed:
                 # A route's hosts name its backends' ports.
                 changed.update(
@@ -895,7 +893,7 @@ def _moved(
     """`previous` with the moved Services' resources in place (itself if
     none of them is in the scope); None when a Service's resources are not
     the same names as before (a port or subset came or went)."""
-    changes: dict[str, cache.Resource] = {}
+    swapped: dict[str, cache.Resource] = {}
     for key, (before, after) in moves.items():
         if in_scope is not None and key not in in_scope:
             continue
@@ -904,10 +902,10 @@ def _moved(
         for b, a in zip(before, after, strict=True):
             if b.name != a.name:
                 return None
-            changes[a.name] = a
-    if not changes:
+            swapped[a.name] = a
+    if not swapped:
         return previous
-    return previous.replaced(changes)
+    return previous.replaced(swapped)
 
 
 # The Services in order, those whose translation may differ from the last
