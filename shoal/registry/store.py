@@ -694,12 +694,12 @@ class ObjectStore:
         """TrafficRoutes win over a Service's routing annotations (and say so).
 
         Redone for the routes put or removed, those that looked up a Service
-        that changed, and those that failed (few); then for each Service one
+        that changed, and those that failed or read every Service (few); then for each Service one
         of those names, or whose annotations' route changed under it. The
         rest stands as the last build left it: a mesh with a route on every
         Service pays for what changed, not for every route."""
         t = self._traffic
-        redo = set(changed.traffic_keys) | t.failing
+        redo = set(changed.traffic_keys) | t.every_build
         for service_key in changed.services:
             redo |= t.by_service.get(service_key, set())
         targets: set[mesh.ServiceKey] = set()
@@ -735,7 +735,7 @@ class ObjectStore:
                 touched.add(target)
         routes.update(t.route_of)
         services.update(t.service_of)
-        found.extend(p for k in t.failing if (p := t.items[k].problem) is not None)
+        found.extend(p for k in t.every_build if (p := t.items[k].problem) is not None)
         for said in t.said.values():
             found.extend(said)
 
@@ -931,9 +931,10 @@ class _TrafficItem:
     item: Sourced
     parsed: trafficroute.Parsed | None  # None: refused, and nothing kept
     target: mesh.ServiceKey | None
-    problem: problems.Problem | None  # set: redone at every build
-    # The Services its parse looked up: a change to one redoes it.
-    looked: tuple[mesh.ServiceKey, ...]
+    problem: problems.Problem | None
+    # The Services its parse looked up: a change to one redoes it. None: it
+    # is redone at every build (as it is when it has a problem).
+    looked: tuple[mesh.ServiceKey, ...] | None
 
 
 class _TrafficRoutes:
@@ -942,7 +943,7 @@ class _TrafficRoutes:
 
     def __init__(self) -> None:
         self.items: dict[tuple[str, str, str], _TrafficItem] = {}
-        self.failing: set[tuple[str, str, str]] = set()
+        self.every_build: set[tuple[str, str, str]] = set()
         self.by_target: dict[mesh.ServiceKey, set[tuple[str, str, str]]] = {}
         self.by_service: dict[mesh.ServiceKey, set[tuple[str, str, str]]] = {}
         # Per routed Service: its route; the Service with the route's policy
@@ -962,16 +963,16 @@ class _TrafficRoutes:
             kept.pop(target, None)
 
     def index(self, key: tuple[str, str, str], made: _TrafficItem) -> None:
-        if made.problem is not None:
-            self.failing.add(key)
+        if made.problem is not None or made.looked is None:
+            self.every_build.add(key)
         if made.target is not None:
             self.by_target.setdefault(made.target, set()).add(key)
-        for looked in made.looked:
+        for looked in made.looked or ():
             self.by_service.setdefault(looked, set()).add(key)
 
     def unindex(self, key: tuple[str, str, str], made: _TrafficItem) -> None:
-        self.failing.discard(key)
-        at = [(self.by_service, s) for s in made.looked]
+        self.every_build.discard(key)
+        at = [(self.by_service, s) for s in made.looked or ()]
         if made.target is not None:
             at.append((self.by_target, made.target))
         for index, service in at:
@@ -1016,10 +1017,11 @@ class _Reparsed(Generic[P]):
             self._last[obj.key] = (obj, tuple(looking.looked.items()), parsed)
         return parsed
 
-    def looked(self, key: tuple[str, str, str]) -> tuple[mesh.ServiceKey, ...]:
-        """The Services the last parse of `key` looked up."""
+    def looked(self, key: tuple[str, str, str]) -> tuple[mesh.ServiceKey, ...] | None:
+        """The Services the last parse of `key` looked up; None when none
+        is kept (it read the whole mesh: any change may change it)."""
         last = self._last.get(key)
-        return () if last is None else tuple(k for k, _ in last[1])
+        return None if last is None else tuple(k for k, _ in last[1])
 
     def forget(self, key: tuple[str, str, str]) -> None:
         self._last.pop(key, None)
