@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -151,38 +152,60 @@ def test_a_build_parses_a_traffic_route_again_only_when_it_or_a_service_it_names
 
     def build(*texts: str) -> list[str]:
         parsed.clear()
-        for text in texts:
-            objects.put("f", store.Sourced(_obj(text), "f"))
-        return [str(p) for p in objects.build()[1]]
+        return _put(objects, *texts)[1]
 
-    service = (
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: shop}}\n"
-        "spec: {{ports: [{{port: 80}}]}}\n"
-    )
-    build(*(service.format(n) for n in ("reviews", "shadow", "other")), FULL)
+    build(*(_service(n) for n in ("reviews", "shadow", "other")), FULL)
     assert parsed == ["TrafficRoute shop/reviews"]
-    assert build(service.format("other").replace("80", "81")) == [] and parsed == []
+    assert build(_service("other", 81)) == [] and parsed == []
     assert build(FULL) == [] and parsed == []
     # The mirror's Service goes: the route is refused, its last good form kept.
     objects.remove("f", ("Service", "shop", "shadow"))
     assert any("shop/shadow" in p for p in build()) and parsed == ["TrafficRoute shop/reviews"]
 
 
+def test_a_traffic_route_whose_parse_read_every_service_is_parsed_at_every_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Which Services a parse read is what says a change cannot touch it;
+    a parse that read them all says nothing, and is redone."""
+    objects = store.ObjectStore()
+    real_parse = trafficroute.parse
+    parsed: list[int] = []
+
+    def counting_every_service(obj: manifests.KubeObject, known: Any) -> trafficroute.Parsed:
+        parsed.append(len(known))
+        return real_parse(obj, known)
+
+    monkeypatch.setattr(trafficroute, "parse", counting_every_service)
+    _put(objects, *(_service(n) for n in ("reviews", "shadow")), FULL)
+    _put(objects, _service("other"))
+    assert parsed == [2, 3]
+
+
+def _service(name: str, port: int = 80) -> str:
+    return (
+        f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n"
+        f"spec: {{ports: [{{port: {port}}}]}}\n"
+    )
+
+
+def _put(objects: store.ObjectStore, *texts: str) -> tuple[mesh.MeshState, list[str]]:
+    """Objects put into the store (as a watch does), then a build."""
+    for text in texts:
+        objects.put("f", store.Sourced(_obj(text), "f"))
+    state, found = objects.build()
+    return state, [str(p) for p in found]
+
+
 def test_a_policy_follows_its_traffic_route_and_its_service_build_after_build() -> None:
     objects = store.ObjectStore()
 
     def build(*texts: str) -> mesh.Service:
-        for text in texts:
-            objects.put("f", store.Sourced(_obj(text), "f"))
-        state, found = objects.build()
+        state, found = _put(objects, *texts)
         assert found == []
         return state.services[mesh.ServiceKey("shop", "reviews")]
 
-    service = (
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: shop}}\n"
-        "spec: {{ports: [{{port: {}}}]}}\n"
-    )
-    first = build(service.format("reviews", 80), service.format("shadow", 80), FULL)
+    first = build(_service("reviews"), _service("shadow"), FULL)
     assert first.outlier == mesh.OutlierPolicy(3, 10.0, 30)
     # Nothing changed: the very Service of the last build.
     assert build() is first
@@ -190,6 +213,6 @@ def test_a_policy_follows_its_traffic_route_and_its_service_build_after_build() 
     changed = build(FULL.replace("consecutive5xx: 3", "consecutive5xx: 4"))
     assert changed.outlier == mesh.OutlierPolicy(4, 10.0, 30)
     # The Service changes, the route does not: both show.
-    moved = build(service.format("reviews", 81))
+    moved = build(_service("reviews", 81))
     assert [p.port for p in moved.ports] == [81]
     assert moved.outlier == changed.outlier and moved.limits == changed.limits
