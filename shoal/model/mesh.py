@@ -288,6 +288,25 @@ class MeshState:
             delta = delta.prior
         return None
 
+    def routes_changed_since(
+        self, routes: Mapping[ServiceKey, routing.ServiceRoute]
+    ) -> frozenset[ServiceKey] | None:
+        """The Services whose routes may differ from those of `routes`, a
+        mapping of an earlier state, if this state's deltas reach one that
+        held it; None when only a comparison of every key can tell."""
+        if self.routes is routes:
+            return frozenset()
+        delta = self.delta
+        if delta is None or delta.own != tuple(map(id, self.mappings())):
+            return None
+        found: list[frozenset[ServiceKey]] = []
+        while delta is not None:
+            found.append(delta.routes)
+            if delta.base[2] is routes:
+                return frozenset().union(*found)
+            delta = delta.prior
+        return None
+
     def endpoints_moved_since(self, before: MeshState) -> frozenset[ServiceKey] | None:
         """The Services whose endpoints may differ from `before`'s, when
         nothing else does; None when something else may (a Service, a
