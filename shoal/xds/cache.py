@@ -59,7 +59,10 @@ class Resource:
 
     type_url: str
     name: str
-    body: bytes
+    # Its encoded message, whole or in the pieces it was assembled from (a
+    # route table of every Service's virtual hosts): pieces are joined only
+    # into a response's field, once per version, and not into a body first.
+    content: bytes | tuple[bytes, ...]
     version: str
     # Resources this one names (type URL, name): a route's clusters, a
     # cluster's endpoints. Used to check a snapshot is whole and to order
@@ -78,20 +81,30 @@ class Resource:
         return cls(type_url, name, body, content_version(body), refs)
 
     @property
-    def any_bytes(self) -> bytes:
-        # Not kept: only the response fields made from it are sent.
-        return any_pb2.Any(type_url=self.type_url, value=self.body).SerializeToString()
+    def body(self) -> bytes:
+        """The encoded message (joined anew from pieces: for dumps and tests)."""
+        content = self.content
+        return content if isinstance(content, bytes) else b"".join(content)
+
+    @property
+    def size(self) -> int:
+        content = self.content
+        return len(content) if isinstance(content, bytes) else sum(map(len, content))
+
+    def _pieces(self) -> tuple[bytes, ...]:
+        content = self.content
+        return (content,) if isinstance(content, bytes) else content
 
     @cached_property
     def sotw_field(self) -> bytes:
         """`resources` (field 2) of a DiscoveryResponse, ready to concatenate."""
-        return wire.sotw_resource(self.any_bytes)
+        return wire.sotw_resource(self.type_url, self._pieces())
 
     @cached_property
     def delta_field(self) -> bytes:
         """`resources` (field 2) of a DeltaDiscoveryResponse: a Resource
         message with version (1), resource (2) and name (3)."""
-        return wire.delta_resource(self.version, self.any_bytes, self.name)
+        return wire.delta_resource(self.version, self.type_url, self._pieces(), self.name)
 
     def as_any(self) -> any_pb2.Any:
         """For config dumps and tests; never on the push path."""

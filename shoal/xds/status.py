@@ -170,7 +170,7 @@ def _resource_json(r: cache.Resource) -> object:
         return json_format.MessageToDict(r.as_any(), preserving_proto_field_name=True)
     except (TypeError, KeyError, json_format.Error):
         # A type this process never imported: still show that it is there.
-        return {"name": r.name, "version": r.version, "bytes": len(r.body)}
+        return {"name": r.name, "version": r.version, "bytes": r.size}
 
 
 def config_dump(conn: server.Connection) -> dict[str, object]:

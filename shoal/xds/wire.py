@@ -34,20 +34,37 @@ def length_delimited(field_number: int, payload: bytes) -> bytes:
     return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def sotw_resource(any_bytes: bytes) -> bytes:
-    """DiscoveryResponse.resources (2): the resource as an Any."""
-    return length_delimited(2, any_bytes)
+def _header(field_number: int, length: int) -> bytes:
+    """A length-delimited field's tag and length, its payload to follow."""
+    return _varint(field_number << 3 | 2) + _varint(length)
 
 
-def delta_resource(version: str, any_bytes: bytes, name: str) -> bytes:
+def _any(type_url: str, body: tuple[bytes, ...]) -> tuple[list[bytes], int]:
+    """An Any of the message `body` (in pieces) as protobuf encodes it:
+    type_url (1), then value (2) unless empty. The pieces, and their length."""
+    size = sum(map(len, body))
+    out = [length_delimited(1, type_url.encode())]
+    if size:
+        out.append(_header(2, size))
+        out.extend(body)
+    return out, sum(map(len, out[:2])) + size
+
+
+def sotw_resource(type_url: str, body: tuple[bytes, ...]) -> bytes:
+    """DiscoveryResponse.resources (2): the resource as an Any. Joined once
+    from its pieces: a route table is megabytes, and each concatenation
+    would copy all of it again."""
+    pieces, size = _any(type_url, body)
+    return b"".join((_header(2, size), *pieces))
+
+
+def delta_resource(version: str, type_url: str, body: tuple[bytes, ...], name: str) -> bytes:
     """DeltaDiscoveryResponse.resources (2): a Resource with version (1),
-    resource (2) and name (3)."""
-    inner = (
-        length_delimited(1, version.encode())
-        + length_delimited(2, any_bytes)
-        + length_delimited(3, name.encode())
-    )
-    return length_delimited(2, inner)
+    resource (2) and name (3), joined once from its pieces."""
+    pieces, size = _any(type_url, body)
+    head = length_delimited(1, version.encode()) + _header(2, size)
+    tail = length_delimited(3, name.encode())
+    return b"".join((_header(2, len(head) + size + len(tail)), head, *pieces, tail))
 
 
 def sotw_response(version: str, resources: Iterable[bytes], type_url: str, nonce: str) -> bytes:

@@ -7,6 +7,7 @@ import gc
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
 
 from shoal.xds import cache, memo, resources, wire
 
@@ -43,6 +44,26 @@ def test_preencoded_response_parses_as_a_discovery_response() -> None:
         nonce="7",
     )
     assert body == expected.SerializeToString()
+
+
+def test_a_resource_in_pieces_is_sent_as_protobuf_writes_it_whole() -> None:
+    """A route table is kept in the pieces it is assembled from; its
+    response fields are joined from them and must be the bytes protobuf
+    writes for the whole message (lengths of one to three varint bytes, and
+    an empty message, whose Any has no value field)."""
+    for pieces in [(), (b"",), (b"\x0a\x03abc",), (b"x" * 100, b"y" * 300), (b"z" * 70_000, b"w")]:
+        whole = b"".join(pieces)
+        resource = cache.Resource(resources.ROUTE, "outbound", pieces, "v1")
+        assert resource.body == whole
+        assert resource.size == len(whole)
+        expected = cache.Resource(resources.ROUTE, "outbound", whole, "v1")
+        message = any_pb2.Any(type_url=resources.ROUTE, value=whole)
+        sotw = discovery_pb2.DiscoveryResponse(resources=[message]).SerializeToString()
+        assert resource.sotw_field == expected.sotw_field == sotw
+        delta = discovery_pb2.DeltaDiscoveryResponse(
+            resources=[discovery_pb2.Resource(version="v1", resource=message, name="outbound")]
+        ).SerializeToString()
+        assert resource.delta_field == expected.delta_field == delta
 
 
 def test_versions_are_content_hashes() -> None:
