@@ -834,7 +834,8 @@ class Shared:
             changed = {k for k in was.keys() | now.keys() if was.get(k) is not now.get(k)}
         if changed is not None:
             index = self.routes
-            assert index.routes is new_routes
+            if index.routes is not new_routes:  # not this build's state: walked whole
+                index = route_index(None, dataclasses.replace(self.state, routes=new_routes))
             changed.update(index.changed_since(old_routes))
             # A route's hosts name its backends' ports.
             changed.update(index.naming_any(changed))
