@@ -63,8 +63,10 @@ def client_config(conn: server.Connection, *, with_contents: bool = True) -> csd
                 config_status=_CONFIG_STATUS[shown.status],
                 last_updated=_timestamp(state.acked_at or state.sent_at),
             )
-            if with_contents and r.body and type_url not in REDACTED_TYPES:
-                item.xds_config.CopyFrom(any_pb2.Any(type_url=type_url, value=r.body))
+            # A route table's body is joined from its pieces on each read.
+            body = r.body if with_contents and type_url not in REDACTED_TYPES else b""
+            if body:
+                item.xds_config.CopyFrom(any_pb2.Any(type_url=type_url, value=body))
             configs.append(item)
     return csds_pb2.ClientConfig(
         node=base_pb2.Node(id=conn.node_id, cluster=conn.cluster), generic_xds_configs=configs

@@ -199,7 +199,7 @@ def content_diff(held: cache.Resource, wanted: cache.Resource) -> tuple[tuple[st
     MAX_DIFF_LINES; or no lines and why not. Never for a secret."""
     if held.type_url == resources.SECRET:
         return (), "secrets are compared by version and certificate, never by content"
-    if not held.body:
+    if not held.size:
         # A delta proxy that reconnected names what it holds by version only.
         return (), "the proxy announced only this version when it reconnected: content unknown"
     before, after = _json_lines(held), _json_lines(wanted)

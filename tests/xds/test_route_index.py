@@ -8,6 +8,7 @@ import random
 
 from shoal.model import keys, mesh, routing
 from shoal.xds import shared
+from shoal.xds.translate import names
 
 SERVICES = [keys.ServiceKey("ns", f"s{i}") for i in range(12)]
 LABELS = [keys.FrozenMap({"version": v}) for v in ("v1", "v2", "v3")]
@@ -38,7 +39,7 @@ def _walked(routes: dict[keys.ServiceKey, routing.ServiceRoute]) -> shared.Route
         routes,
         {k: frozenset(v) for k, v in naming.items()},
         {},
-        {k: tuple(sorted(v, key=shared.names.subset_name)) for k, v in subsets.items()},
+        {k: tuple(sorted(v, key=names.subset_name)) for k, v in subsets.items()},
         None,
         frozenset(),
     )
